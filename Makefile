@@ -1,0 +1,31 @@
+# Everything a fresh machine needs: `make demo` (the main job) and `make test`.
+VENV   ?= .venv
+PYTHON ?= python3
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch and torchvision are pinned as a matching pair: a torchvision from PyPI beside another
+# torch build fails to import (operator torchvision::nms does not exist).
+TORCH  ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m pipelines.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check geoindex pipelines tests benchmarks
+	$(PY) -m mypy geoindex pipelines
+
+clean:
+	rm -rf $(VENV) indexes/demo

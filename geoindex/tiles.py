@@ -1,0 +1,210 @@
+"""Web-Mercator tile math (the paper's eq. 1-6): pure functions over mercantile tiles and numpy arrays.
+
+No I/O, no torch, no faiss. Scalar functions take and return ``mercantile.Tile``; the
+``*_array`` variants take and return numpy arrays for whole levels at once. Zoom is
+keyword-only everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mercantile
+import numpy as np
+import numpy.typing as npt
+
+from geoindex.errors import ConfigError
+
+__all__ = [
+    "MAX_LATITUDE",
+    "MAX_ZOOM",
+    "LevelSchedule",
+    "children",
+    "children_array",
+    "quadkey_int",
+    "quadkey_int_array",
+    "tile_bounds",
+    "tile_center",
+    "tile_center_array",
+    "tile_of",
+    "tile_of_array",
+]
+
+MAX_LATITUDE = 85.0511287798066  # Web-Mercator's limit: atan(sinh(pi)) in degrees.
+MAX_ZOOM = 30  # quadkeys of zoom <= 30 fit in 60 bits; deeper tiles make no sense for photos.
+
+# mercantile counts a point within this distance of a tile's right/bottom edge in the next tile,
+# so that tile -> centre -> tile round trips survive floating-point error. We do the same.
+_EPSILON = 1e-14
+
+
+def _check_zoom(zoom: int) -> None:
+    if not isinstance(zoom, (int, np.integer)) or not 0 <= zoom <= MAX_ZOOM:
+        raise ConfigError(f"zoom must be an integer in 0..{MAX_ZOOM}, got {zoom!r}")
+
+
+def _check_latitude(lat: npt.ArrayLike) -> None:
+    lat = np.asarray(lat, dtype=np.float64)
+    if lat.size and not (np.all(np.isfinite(lat)) and np.all(np.abs(lat) <= 90.0)):
+        bad = lat[~(np.isfinite(lat) & (np.abs(lat) <= 90.0))].ravel()[0]
+        raise ConfigError(f"latitude must be finite and within [-90, 90], got {bad!r}")
+
+
+def tile_center(tile: mercantile.Tile) -> tuple[float, float]:
+    """Centre of a tile as (lat, lon) in degrees: the paper's eq. 1-2 evaluated at x + 1/2, y + 1/2."""
+    n = 2.0**tile.z
+    lon = (tile.x + 0.5) / n * 360.0 - 180.0
+    lat = math.degrees(math.atan(math.sinh(math.pi * (1.0 - 2.0 * (tile.y + 0.5) / n))))
+    return lat, lon
+
+
+def tile_center_array(
+    x: npt.ArrayLike, y: npt.ArrayLike, *, zoom: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Vectorised :func:`tile_center`: integer arrays x, y at one zoom -> float64 (lat, lon)."""
+    _check_zoom(zoom)
+    n = 2.0**zoom
+    xf = np.asarray(x, dtype=np.float64)
+    yf = np.asarray(y, dtype=np.float64)
+    lon = (xf + 0.5) / n * 360.0 - 180.0
+    lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (yf + 0.5) / n))))
+    return lat, lon
+
+
+def tile_of_array(
+    lat: npt.ArrayLike, lon: npt.ArrayLike, *, zoom: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The tile containing each point (the paper's eq. 3-6), as int64 arrays (x, y).
+
+    Eq. 3-6 use ``ln(tan(lat) + sec(lat))``; we evaluate the identical
+    ``0.5 * ln((1 + sin lat) / (1 - sin lat))`` as mercantile does, so both agree to the bit.
+    Latitudes beyond +-85.0511 clamp to the first/last row, longitudes wrap at the antimeridian
+    (180 is the same meridian as -180).
+    """
+    _check_zoom(zoom)
+    _check_latitude(lat)
+    lat_r = np.radians(np.clip(np.asarray(lat, dtype=np.float64), -MAX_LATITUDE, MAX_LATITUDE))
+    lon_a = np.asarray(lon, dtype=np.float64)
+    if lon_a.size and not np.all(np.isfinite(lon_a)):
+        raise ConfigError(f"longitude must be finite, got {lon_a[~np.isfinite(lon_a)].ravel()[0]!r}")
+    lon_a = (lon_a + 180.0) % 360.0 - 180.0
+    n = 2**zoom
+    fx = lon_a / 360.0 + 0.5
+    sin = np.sin(lat_r)
+    fy = 0.5 - 0.25 * np.log((1.0 + sin) / (1.0 - sin)) / math.pi
+    tx = np.floor((fx + _EPSILON) * n).astype(np.int64)
+    ty = np.floor((fy + _EPSILON) * n).astype(np.int64)
+    return np.clip(tx, 0, n - 1), np.clip(ty, 0, n - 1)
+
+
+def tile_of(lat: float, lon: float, *, zoom: int) -> mercantile.Tile:
+    """The tile at ``zoom`` that contains the point (lat, lon) in degrees (eq. 3-6)."""
+    x, y = tile_of_array(lat, lon, zoom=zoom)
+    return mercantile.Tile(int(x), int(y), zoom)
+
+
+def tile_bounds(tile: mercantile.Tile) -> mercantile.LngLatBbox:
+    """Bounding box (west, south, east, north) of a tile in degrees."""
+    return mercantile.bounds(tile)
+
+
+def quadkey_int_array(x: npt.ArrayLike, y: npt.ArrayLike, *, zoom: int) -> npt.NDArray[np.uint64]:
+    """Quadkeys as integers: the base-4 quadkey string read as a number (Z-order / Morton code).
+
+    At one zoom, sorting by this integer is sorting by the quadkey string, and the children of a
+    parent occupy one contiguous run.
+    """
+    _check_zoom(zoom)
+    xa = np.asarray(x, dtype=np.uint64)
+    ya = np.asarray(y, dtype=np.uint64)
+    key = np.zeros(np.broadcast(xa, ya).shape, dtype=np.uint64)
+    for bit in range(zoom):
+        b = np.uint64(bit)
+        key |= ((xa >> b) & np.uint64(1)) << np.uint64(2 * bit)
+        key |= ((ya >> b) & np.uint64(1)) << np.uint64(2 * bit + 1)
+    return key
+
+
+def quadkey_int(tile: mercantile.Tile) -> int:
+    """Integer quadkey of one tile (see :func:`quadkey_int_array`)."""
+    return int(quadkey_int_array(tile.x, tile.y, zoom=tile.z))
+
+
+def _child_offsets(step: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(dx, dy) of the 4**step descendants step zooms down, in quadkey order."""
+    code = np.arange(4**step, dtype=np.int64)
+    dx = np.zeros_like(code)
+    dy = np.zeros_like(code)
+    for bit in range(step):
+        dx |= ((code >> (2 * bit)) & 1) << bit
+        dy |= ((code >> (2 * bit + 1)) & 1) << bit
+    return dx, dy
+
+
+def children_array(
+    x: npt.ArrayLike, y: npt.ArrayLike, *, zoom: int, step: int = 2
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Descendants ``step`` zooms below tiles (x, y) at ``zoom``: arrays of shape (n, 4**step).
+
+    Row i holds the children of tile i in quadkey order.
+    """
+    _check_zoom(zoom)
+    _check_zoom(zoom + step)
+    dx, dy = _child_offsets(step)
+    xa = np.asarray(x, dtype=np.int64).reshape(-1, 1)
+    ya = np.asarray(y, dtype=np.int64).reshape(-1, 1)
+    return (xa << step) + dx, (ya << step) + dy
+
+
+def children(tile: mercantile.Tile, *, zoom: int) -> list[mercantile.Tile]:
+    """The tiles at ``zoom`` (> tile.z) inside ``tile``, in quadkey order (16 for zoom = z + 2)."""
+    if zoom <= tile.z:
+        raise ConfigError(f"children need a deeper zoom than the tile's {tile.z}, got zoom={zoom}")
+    cx, cy = children_array(tile.x, tile.y, zoom=tile.z, step=zoom - tile.z)
+    return [mercantile.Tile(int(a), int(b), zoom) for a, b in zip(cx[0], cy[0])]
+
+
+@dataclass(frozen=True)
+class LevelSchedule:
+    """The zoom levels of the hierarchy: start, start + step, ..., stop (the paper: 4..16 step 2).
+
+    Each level's tiles are the ``4**step`` children of the kept tiles of the level above.
+    """
+
+    start: int = 4
+    stop: int = 16
+    step: int = 2
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.start <= self.stop <= MAX_ZOOM):
+            raise ConfigError(
+                f"level schedule needs 0 <= start <= stop <= {MAX_ZOOM}, "
+                f"got start={self.start} stop={self.stop}"
+            )
+        if self.step < 1 or (self.stop - self.start) % self.step:
+            raise ConfigError(
+                f"level schedule step must be >= 1 and divide stop - start = "
+                f"{self.stop - self.start}, got step={self.step}"
+            )
+
+    @property
+    def zooms(self) -> tuple[int, ...]:
+        """All zooms of the schedule, coarsest first."""
+        return tuple(range(self.start, self.stop + 1, self.step))
+
+    @property
+    def fanout(self) -> int:
+        """Children per parent tile: 4**step (16 for the paper's step of 2)."""
+        return 4**self.step
+
+    def index_of(self, zoom: int) -> int:
+        """Position of ``zoom`` in the schedule; a ConfigError naming the valid zooms otherwise."""
+        if zoom not in self.zooms:
+            raise ConfigError(f"zoom {zoom} is not in the level schedule {list(self.zooms)}")
+        return self.zooms.index(zoom)
+
+    def parent_zoom(self, zoom: int) -> int | None:
+        """The zoom above ``zoom`` in the schedule, or None for the first level."""
+        i = self.index_of(zoom)
+        return None if i == 0 else self.zooms[i - 1]
