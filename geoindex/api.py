@@ -1,0 +1,250 @@
+"""The public entry points: open an index and geolocate photos, or run the paper's on-the-fly search."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
+from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
+from geoindex.imagery import ImageInput, TileSource
+from geoindex.search import FaissLevel, Level, OnTheFlyLevel, SearchResult, beam_search, check_k, make_results
+from geoindex.store import Manifest, StoredLevel, open_store
+from geoindex.tiles import LevelSchedule
+
+__all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "open_index", "search"]
+
+INDEX_ENV = "GEOINDEX_INDEX"
+DEFAULT_INDEX = Path("indexes") / "default"
+OnError = Literal["raise", "return"]
+
+
+def _name(image: ImageInput) -> str | None:
+    return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+
+
+class _Searcher:
+    """Embeds photos with the photo encoder and runs the beam search over ``self.levels``."""
+
+    photo_encoder: ImageEncoder
+    levels: Sequence[Level]
+
+    def embed(self, images: Sequence[ImageInput], *, batch_size: int = 64) -> npt.NDArray[np.float32]:
+        """Photo embeddings (n, d) float32, L2-normalised."""
+        return self.photo_encoder.encode(images, batch_size=batch_size)
+
+    def search_embeddings(
+        self, xq: npt.ArrayLike, k: int = 64, *, top_n: int = 5, names: Sequence[str | None] | None = None
+    ) -> list[SearchResult]:
+        """Beam search for precomputed photo embeddings ``xq`` (n, d); one result per row."""
+        xq = np.atleast_2d(np.asarray(xq, dtype=np.float32))
+        if xq.shape[1] != self.photo_encoder.dim:
+            raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
+        return make_results(beam_search(xq, self.levels, check_k(k)), top_n=top_n, names=names)
+
+    def search(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        k: int = 64,
+        *,
+        top_n: int = 5,
+        on_error: OnError = "raise",
+    ) -> list[SearchResult | GeoIndexError]:
+        """Geolocate a batch of photos: one encoder batch, then one FAISS call per level.
+
+        Args:
+            images: one image or a sequence (paths, bytes, PIL images, HxWxC uint8 arrays).
+            k: beam width, as in the paper: tiles kept per level (each level scores up to
+                16 * k children).
+            top_n: final candidates reported per photo.
+            on_error: ``raise`` the first unreadable image's ImageError, or ``return`` it in that
+                image's place so that the rest of the batch is still answered.
+
+        Returns:
+            One SearchResult per image, in order (or the error, with ``on_error="return"``).
+        """
+        check_k(k)
+        batch = [images] if not isinstance(images, (list, tuple)) else list(images)
+        pixels: list[torch.Tensor | GeoIndexError] = []
+        for image in batch:
+            try:
+                pixels.append(self.photo_encoder.preprocess_images([image])[0])
+            except GeoIndexError as e:
+                if on_error == "raise":
+                    raise
+                pixels.append(e)
+        good = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
+        out: list[SearchResult | GeoIndexError | None] = [
+            p if isinstance(p, GeoIndexError) else None for p in pixels
+        ]
+        if good:
+            xq = self.photo_encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
+            results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good])
+            for i, r in zip(good, results):
+                out[i] = r
+        return out  # type: ignore[return-value]  # every None was filled above
+
+
+class GeoIndex(_Searcher):
+    """An index opened for search: manifest checked, FAISS files memory-mapped, photo encoder loaded.
+
+    Thread-safe for concurrent searches. Use :func:`open_index` to create one.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+                 download: bool = False, device: str = "cpu", verify: bool = False) -> None:
+        self.path = Path(path)
+        self.manifest: Manifest
+        self.stored: list[StoredLevel]
+        self.manifest, self.stored = open_store(self.path, verify=verify)
+        spec = self.manifest.photo_encoder
+        self.photo_encoder = create_encoder(spec["name"], weights=weights, download=download, device=device)
+        if self.photo_encoder.base_fingerprint != spec["base_fingerprint"]:
+            raise EncoderMismatchError(
+                f"{self.path}: built for photo encoder {spec['name']!r} with weights "
+                f"{spec['base_fingerprint'][:12]}, but the loaded weights are "
+                f"{self.photo_encoder.base_fingerprint[:12]}; pass the weights the index was built with"
+            )
+        self.levels = [FaissLevel(s) for s in self.stored]
+
+    @property
+    def zooms(self) -> tuple[int, ...]:
+        return tuple(s.zoom for s in self.stored)
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"z{s.zoom}: {s.rows}" for s in self.stored)
+        return f"GeoIndex({str(self.path)!r}, encoder={self.manifest.photo_encoder['name']!r}, rows={{{rows}}})"
+
+
+def open_index(path: str | os.PathLike | None = None, **kwargs: object) -> GeoIndex:
+    """Open an index directory (default: ``$GEOINDEX_INDEX``, else ``indexes/default``).
+
+    Keyword arguments go to :class:`GeoIndex`: ``weights``, ``download``, ``device``, ``verify``.
+    """
+    return GeoIndex(path or os.environ.get(INDEX_ENV) or DEFAULT_INDEX, **kwargs)  # type: ignore[arg-type]
+
+
+_opened: dict[Path, GeoIndex] = {}
+_opened_lock = threading.Lock()
+
+
+def search(
+    image: ImageInput | Sequence[ImageInput],
+    k: int = 64,
+    *,
+    index: str | os.PathLike | GeoIndex | None = None,
+    top_n: int = 5,
+) -> SearchResult | list[SearchResult]:
+    """Geolocate one photo (or a list of photos) by hierarchical retrieval over a map-tile index.
+
+    Args:
+        image: a path, bytes, PIL image or HxWxC uint8 array; or a list of them.
+        k: beam width, as in the paper: the number of tiles kept at each zoom level. Each
+            deeper level scores only the 16 children of each kept tile (up to 16 * k), so cost
+            grows linearly with k and recall with it. Must be in 1..2048.
+        index: an opened GeoIndex or an index directory; default ``$GEOINDEX_INDEX``, else
+            ``indexes/default``. Directories are opened once and cached.
+        top_n: number of final candidates to report.
+
+    Returns:
+        A SearchResult (a list of them for a list input) with fields:
+        ``lat``, ``lon`` (centre of the best final tile, degrees), ``tile`` (z, x, y),
+        ``bbox`` (west, south, east, north), ``score`` (cosine similarity), ``candidates``
+        (top-n final tiles with ``probability``, a softmax over the final scores), ``trace``
+        (per level: the kept tiles and their scores), ``image`` (the path, if any).
+
+    Raises:
+        ImageError: an image cannot be read. IndexNotFoundError / IndexFormatError: no usable
+        index. EncoderMismatchError: the index was built for other encoder weights.
+        ConfigError: k or top_n out of range.
+    """
+    check_k(k)
+    if isinstance(index, GeoIndex):
+        opened = index
+    else:
+        key = Path(index or os.environ.get(INDEX_ENV) or DEFAULT_INDEX).resolve()
+        with _opened_lock:
+            if key not in _opened:
+                _opened[key] = GeoIndex(key)
+            opened = _opened[key]
+    results = opened.search(image, k, top_n=top_n)
+    return results if isinstance(image, (list, tuple)) else results[0]  # type: ignore[return-value]
+
+
+class OnTheFlySearcher(_Searcher):
+    """The paper's inference: the same beam search, encoding candidate tiles at query time.
+
+    With the same encoders, imagery and coverage it returns the tiles an fp16 index returns.
+
+    Args:
+        source: the tile source to encode from.
+        photo_encoder: the photo encoder.
+        map_encoders: zoom -> map encoder; a missing zoom uses ``photo_encoder`` (untrained).
+        schedule: the zoom levels.
+        first_tiles: (x, y) arrays of the first level's candidate tiles; default all tiles.
+        keep: optional coverage filter (x, y, zoom) -> bool array for later levels.
+    """
+
+    def __init__(
+        self,
+        source: TileSource,
+        photo_encoder: ImageEncoder,
+        *,
+        map_encoders: dict[int, ImageEncoder] | None = None,
+        schedule: LevelSchedule = LevelSchedule(),
+        first_tiles: tuple[np.ndarray, np.ndarray] | None = None,
+        keep=None,  # type: ignore[no-untyped-def]
+        round_to: type[np.floating] | None = np.float16,
+        batch_size: int = 64,
+    ) -> None:
+        self.photo_encoder = photo_encoder
+        map_encoders = map_encoders or {}
+        if first_tiles is None:
+            side = np.arange(1 << schedule.start, dtype=np.int64)
+            gx, gy = np.meshgrid(side, side, indexing="ij")
+            first_tiles = (gx.ravel(), gy.ravel())
+        self.levels = [
+            OnTheFlyLevel(
+                z,
+                map_encoders.get(z, photo_encoder),
+                source,
+                step=schedule.step,
+                first_tiles=first_tiles if i == 0 else None,
+                keep=(lambda x, y, z=z: keep(x, y, z)) if keep is not None else None,
+                round_to=round_to,
+                batch_size=batch_size,
+            )
+            for i, z in enumerate(schedule.zooms)
+        ]
+
+    @property
+    def tiles_encoded(self) -> int:
+        """Tiles encoded so far, over all levels and queries."""
+        return sum(lv.tiles_encoded for lv in self.levels)  # type: ignore[attr-defined]
+
+    @classmethod
+    def for_index(cls, index: GeoIndex, source: TileSource, **kwargs: object) -> OnTheFlySearcher:
+        """An on-the-fly searcher over exactly an index's tiles, encoders and schedule."""
+        first = index.stored[0]
+        map_encoders = {}
+        for level in index.manifest.levels:
+            map_encoders[level.zoom] = load_map_encoder(index.photo_encoder, level.encoder.get("checkpoint"))
+        zooms = index.zooms
+        schedule = LevelSchedule(zooms[0], zooms[-1], index.manifest.schedule.step)
+        rows = {s.zoom: set(zip(s.x.tolist(), s.y.tolist())) for s in index.stored}
+
+        def keep(x: np.ndarray, y: np.ndarray, zoom: int) -> np.ndarray:
+            have = rows[zoom]
+            return np.fromiter(((a, b) in have for a, b in zip(x.ravel().tolist(), y.ravel().tolist())),
+                               dtype=bool, count=x.size).reshape(x.shape)
+
+        return cls(source, index.photo_encoder, map_encoders=map_encoders, schedule=schedule,
+                   first_tiles=(first.x.astype(np.int64), first.y.astype(np.int64)), keep=keep,
+                   **kwargs)  # type: ignore[arg-type]

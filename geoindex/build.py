@@ -1,0 +1,295 @@
+"""Encode one zoom level of tiles into an index: planned rows, resumable shards, FAISS file, manifest.
+
+The rows of level z are known before any tile is read: the first level is every covered tile in
+quadkey order; a later level is, for each row of the level above in row order, its covered
+children in quadkey order. That plan is cut into shards of ``shard_size`` planned tiles; each
+shard is written atomically once all its tiles are encoded (tiles the source does not have are
+left out), so a killed build resumes at the first missing shard and ends with the same rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import mercantile
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from geoindex.encoders import ImageEncoder
+from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, TileNotFoundError
+from geoindex.imagery import TileSource
+from geoindex.store import (
+    CODECS,
+    LevelInfo,
+    Manifest,
+    atomic_write_bytes,
+    finish_level,
+    level_dir,
+    list_shards,
+    read_level_columns,
+    shard_path,
+    write_shard,
+)
+from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array
+
+__all__ = ["BuildIncompleteError", "BuildSummary", "Coverage", "build_level", "plan_level"]
+
+log = logging.getLogger(__name__)
+PLAN_FILE = "_build.json"
+
+
+class Coverage(Protocol):
+    """The part of the world an index covers (see ``geoindex.coverage``)."""
+
+    def tiles(self, *, zoom: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def intersects(self, x: np.ndarray, y: np.ndarray, *, zoom: int) -> np.ndarray: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class BuildIncompleteError(GeoIndexError, RuntimeError):
+    """Some tiles failed to load; their shards were not written. Fix the source and rerun to resume."""
+
+
+@dataclass(frozen=True)
+class BuildSummary:
+    """What one ``build_level`` call did."""
+
+    zoom: int
+    rows: int
+    planned: int
+    missing: int
+    shards_written: int
+    shards_reused: int
+    seconds: float
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.planned / self.seconds if self.seconds > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class LevelPlan:
+    """Planned rows of a level, in final order: tile (x, y) and parent row, each shape (n,)."""
+
+    zoom: int
+    x: npt.NDArray[np.int64]
+    y: npt.NDArray[np.int64]
+    parent_row: npt.NDArray[np.int64]
+    n_parents: int | None
+
+
+def plan_level(index_dir: Path, manifest: Manifest, zoom: int, coverage: Coverage) -> LevelPlan:
+    """The candidate tiles of ``zoom`` in (parent_row, quadkey) order."""
+    parent_zoom = manifest.schedule.parent_zoom(zoom)
+    if parent_zoom is None:
+        x, y = (np.asarray(a, dtype=np.int64) for a in coverage.tiles(zoom=zoom))
+        order = np.argsort(quadkey_int_array(x, y, zoom=zoom), kind="stable")
+        return LevelPlan(zoom, x[order], y[order], np.full(len(x), -1, dtype=np.int64), None)
+    if manifest.level(parent_zoom) is None:
+        raise ConfigError(
+            f"level z{zoom} is built from the rows of z{parent_zoom}, which {index_dir} does not have yet; "
+            f"build it first (`--zoom {parent_zoom}`) or build every level with `--all`"
+        )
+    cols = read_level_columns(index_dir, parent_zoom, ("x", "y"))
+    n_parents = len(cols["x"])
+    step = manifest.schedule.step
+    cx, cy = children_array(cols["x"], cols["y"], zoom=parent_zoom, step=step)
+    parents = np.repeat(np.arange(n_parents, dtype=np.int64)[:, None], 4**step, axis=1)
+    keep = coverage.intersects(cx, cy, zoom=zoom)
+    return LevelPlan(zoom, cx[keep], cy[keep], parents[keep], n_parents)
+
+
+def _plan_identity(plan: LevelPlan, encoder: ImageEncoder, imagery: str, shard_size: int) -> dict[str, Any]:
+    """Everything that decides a shard's content; shards from a different identity are stale."""
+    digest = hashlib.sha256()
+    for a in (plan.x, plan.y, plan.parent_row):
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return {
+        "zoom": plan.zoom,
+        "encoder": encoder.identity,
+        "imagery": imagery,
+        "shard_size": shard_size,
+        "plan_sha256": digest.hexdigest(),
+    }
+
+
+def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool) -> None:
+    """Keep finished shards of an interrupted build of the same plan; refuse or clear anything else."""
+    plan_file = ldir / PLAN_FILE
+    if plan_file.is_file():
+        old = json.loads(plan_file.read_text())
+        if old == identity:
+            return
+        if old.get("encoder") != identity["encoder"] and not overwrite:
+            raise EncoderMismatchError(
+                f"{ldir} holds shards encoded with {old.get('encoder', {}).get('name')!r} "
+                f"(weights {str(old.get('encoder', {}).get('checkpoint_sha256') or old.get('encoder', {}).get('base_fingerprint'))[:12]}), "
+                "not with this map encoder; one index never mixes encoders. "
+                "Use another --index, or --overwrite to re-encode this level"
+            )
+        log.info("%s: the plan changed (new parent rows, imagery or shard size); re-encoding", ldir)
+        shutil.rmtree(ldir)
+    elif ldir.exists():
+        shutil.rmtree(ldir)
+    ldir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(plan_file, json.dumps(identity, indent=2).encode())
+
+
+def _load_tile(source: TileSource, encoder: ImageEncoder, x: int, y: int, zoom: int) -> torch.Tensor | None:
+    try:
+        return encoder.preprocess(source.get(mercantile.Tile(x, y, zoom)))
+    except TileNotFoundError:
+        return None
+
+
+def _encode_shard(
+    plan: LevelPlan, lo: int, hi: int, source: TileSource, encoder: ImageEncoder,
+    pool: ThreadPoolExecutor, batch_size: int, progress: Callable[[int], None],
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
+    """Encode planned rows lo..hi; tiles are read and preprocessed in threads ahead of the model."""
+    found = np.zeros(hi - lo, dtype=bool)
+    emb = np.zeros((hi - lo, encoder.dim), dtype=np.float32)
+
+    def batches() -> Iterator[tuple[int, list[torch.Tensor | None]]]:
+        starts = range(lo, hi, batch_size)
+        futures = [
+            [pool.submit(_load_tile, source, encoder, int(plan.x[i]), int(plan.y[i]), plan.zoom)
+             for i in range(s, min(s + batch_size, hi))]
+            for s in starts
+        ]
+        for s, fs in zip(starts, futures):
+            yield s, [f.result() for f in fs]
+
+    for start, tensors in batches():
+        ok = [i for i, t in enumerate(tensors) if t is not None]
+        if ok:
+            out = encoder.encode_tensor(torch.stack([tensors[i] for i in ok]))  # type: ignore[misc]
+            rows = np.asarray(ok) + (start - lo)
+            emb[rows] = out
+            found[rows] = True
+        progress(len(tensors))
+    return found, emb
+
+
+def build_level(
+    index_dir: str | os.PathLike,
+    zoom: int,
+    *,
+    source: TileSource,
+    encoder: ImageEncoder,
+    coverage: Coverage,
+    schedule: LevelSchedule = LevelSchedule(),
+    codec: str = "fp16",
+    checkpoint: str | None = None,
+    shard_size: int = 8192,
+    batch_size: int = 64,
+    workers: int = 4,
+    overwrite: bool = False,
+    build_args: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+    on_plan: Callable[[int, int], None] | None = None,
+) -> BuildSummary:
+    """Encode level ``zoom`` of an index with its map encoder; resume where a killed run stopped.
+
+    Args:
+        index_dir: the index folder (created if needed).
+        source: tile images. encoder: this zoom's map encoder (its base is the photo encoder).
+        coverage: which tiles to index. schedule, codec: fixed by the first level built.
+        checkpoint: path of the map-encoder checkpoint, recorded in the manifest.
+        shard_size: planned tiles per parquet shard (the unit of resumption).
+        progress: called with the number of tiles handled after each batch.
+        on_plan: called once with (planned tiles, tiles already done in reused shards).
+
+    Raises:
+        EncoderMismatchError: the index was built with another photo encoder / codec / schedule,
+            or this level holds shards of another map encoder (without ``overwrite``).
+        BuildIncompleteError: some tiles failed to load (not just missing); rerun to resume.
+    """
+    started = time.perf_counter()
+    index_dir = Path(index_dir)
+    if codec not in CODECS:
+        raise ConfigError(f"unknown codec {codec!r}; choose one of {list(CODECS)}")
+    if shard_size < 1 or batch_size < 1:
+        raise ConfigError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
+    schedule.index_of(zoom)
+    photo = {"name": encoder.spec.name, "base_fingerprint": encoder.base_fingerprint, "checkpoint_sha256": None}
+    fresh = Manifest(schedule=schedule, dim=encoder.dim, codec=codec, photo_encoder=photo,
+                     imagery=source.name, coverage=coverage.to_json())
+    manifest = Manifest.load(index_dir) if (index_dir / "manifest.json").is_file() else fresh
+    _check_compatible(index_dir, manifest, fresh)
+
+    plan = plan_level(index_dir, manifest, zoom, coverage)
+    ldir = level_dir(index_dir, zoom)
+    _prepare_level_dir(ldir, _plan_identity(plan, encoder, source.name, shard_size), overwrite=overwrite)
+    n_shards = max(1, -(-len(plan.x) // shard_size))
+    done = {p.name for p in list_shards(index_dir, zoom)}
+    todo = [s for s in range(n_shards) if shard_path(index_dir, zoom, s).name not in done]
+    reused_tiles = sum(min(shard_size, len(plan.x) - s * shard_size) for s in range(n_shards) if s not in todo)
+    if on_plan:
+        on_plan(len(plan.x), max(reused_tiles, 0))
+
+    failures: list[str] = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for s in todo:
+            lo, hi = s * shard_size, min((s + 1) * shard_size, len(plan.x))
+            try:
+                found, emb = _encode_shard(plan, lo, hi, source, encoder, pool, batch_size, progress or (lambda n: None))
+            except GeoIndexError as e:
+                failures.append(f"shard {s}: {e}")
+                log.warning("level z%d shard %d not written: %s", zoom, s, e)
+                continue
+            sl = slice(lo, hi)
+            write_shard(
+                shard_path(index_dir, zoom, s), zoom=zoom, x=plan.x[sl][found], y=plan.y[sl][found],
+                parent_row=plan.parent_row[sl][found], embeddings=emb[found],
+            )
+    if failures:
+        raise BuildIncompleteError(
+            f"level z{zoom}: {len(failures)} of {n_shards} shards could not be encoded "
+            f"({failures[0]}{'; ...' if len(failures) > 1 else ''}). Finished shards are kept: "
+            "fix the tile source and rerun the same command to resume"
+        )
+
+    info = finish_level(index_dir, zoom, n_parents=plan.n_parents, codec=codec, dim=encoder.dim)
+    info = dataclasses.replace(info, encoder={**encoder.identity, "checkpoint": checkpoint})
+    manifest = manifest.with_level(info)
+    if build_args:
+        manifest = dataclasses.replace(manifest, build_args={**manifest.build_args, f"z{zoom}": build_args})
+    manifest.save(index_dir)
+    return BuildSummary(zoom, info.rows, len(plan.x), len(plan.x) - info.rows, len(todo),
+                        n_shards - len(todo), time.perf_counter() - started)
+
+
+def _check_compatible(index_dir: Path, have: Manifest, want: Manifest) -> None:
+    problems = []
+    if have.photo_encoder != want.photo_encoder:
+        problems.append(f"photo encoder {have.photo_encoder['name']!r} "
+                        f"({have.photo_encoder['base_fingerprint'][:12]}) vs {want.photo_encoder['name']!r} "
+                        f"({want.photo_encoder['base_fingerprint'][:12]})")
+    if have.codec != want.codec:
+        problems.append(f"codec {have.codec!r} vs {want.codec!r}")
+    if have.schedule != want.schedule:
+        problems.append(f"schedule {list(have.schedule.zooms)} vs {list(want.schedule.zooms)}")
+    if have.imagery != want.imagery:
+        problems.append(f"imagery {have.imagery!r} vs {want.imagery!r}")
+    if have.coverage != want.coverage:
+        problems.append("coverage differs")
+    if problems:
+        raise EncoderMismatchError(
+            f"{index_dir} was built with different settings: {'; '.join(problems)}. "
+            "One index never mixes them: build into another --index folder"
+        )

@@ -1,0 +1,437 @@
+"""The on-disk index: per zoom level, parquet shards (the truth) and a FAISS file derived from them.
+
+Layout (see DESIGN.md)::
+
+    <index>/manifest.json        written last, atomically; lists only complete levels
+    <index>/z04/part-00000.parquet  z, x, y, quadkey, parent_row, embedding (fixed_size_list<halffloat>[d])
+    <index>/z04/index.faiss      IndexFlatIP over all rows (first level)
+    <index>/z06/index.faiss      IVF: inverted list p = children of previous-level row p
+
+Rows of a level are sorted by (parent_row, quadkey) and row i is FAISS id i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
+from faiss.contrib.ivf_tools import add_preassigned
+
+from geoindex.errors import ConfigError, IndexFormatError, IndexNotFoundError
+from geoindex.tiles import LevelSchedule, quadkey_int_array
+
+__all__ = [
+    "CODECS",
+    "FORMAT_VERSION",
+    "FileInfo",
+    "LevelInfo",
+    "Manifest",
+    "StoredLevel",
+    "atomic_write_bytes",
+    "build_faiss_level",
+    "level_dir",
+    "list_shards",
+    "open_store",
+    "read_embeddings",
+    "read_level_columns",
+    "shard_path",
+    "write_shard",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FAISS_FILE = "index.faiss"
+CODECS = ("fp16", "flat", "sq8")
+SQ8_TRAIN_SAMPLE = 65_536  # rows used to fit the 8-bit quantizer's per-dimension ranges
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_info(path: Path) -> FileInfo:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return FileInfo(path.name, path.stat().st_size, h.hexdigest())
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """A file of a level, as the manifest records it: name, size in bytes, sha256."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One complete level: its zoom, row count, the map encoder that embedded it, and its files."""
+
+    zoom: int
+    rows: int
+    encoder: dict[str, Any]
+    files: tuple[FileInfo, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "files", tuple(FileInfo(**f) if isinstance(f, dict) else f for f in self.files))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What an index holds; written last, checked before any search.
+
+    Attributes:
+        schedule: the zoom levels the index is built for (not all need to be built yet).
+        dim: embedding dimension d. codec: FAISS codec of levels after the first.
+        photo_encoder: identity of the photo encoder queries must be embedded with.
+        imagery: the tile source the levels were encoded from. coverage: the covered area.
+        levels: complete levels, coarsest first, contiguous from ``schedule.start``.
+        build_args: the arguments of the build, for reproduction.
+    """
+
+    schedule: LevelSchedule
+    dim: int
+    codec: str
+    photo_encoder: dict[str, Any]
+    imagery: str
+    coverage: dict[str, Any] = field(default_factory=dict)
+    levels: tuple[LevelInfo, ...] = ()
+    build_args: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.codec not in CODECS:
+            raise ConfigError(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
+        if self.dim < 1:
+            raise ConfigError(f"embedding dimension must be positive, got {self.dim}")
+        zooms = tuple(level.zoom for level in self.levels)
+        if zooms != self.schedule.zooms[: len(zooms)]:
+            raise IndexFormatError(
+                f"levels {list(zooms)} are not a prefix of the schedule {list(self.schedule.zooms)}"
+            )
+
+    def level(self, zoom: int) -> LevelInfo | None:
+        return next((lv for lv in self.levels if lv.zoom == zoom), None)
+
+    def with_level(self, info: LevelInfo) -> Manifest:
+        """A copy with ``info`` added, replacing any level of the same zoom and dropping deeper ones."""
+        kept = tuple(lv for lv in self.levels if lv.zoom < info.zoom)
+        return dataclasses.replace(self, levels=kept + (info,))
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["schedule"] = {"start": self.schedule.start, "stop": self.schedule.stop, "step": self.schedule.step}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], *, where: str = "manifest") -> Manifest:
+        version = d.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{where}: format version {version!r} is newer than this geoindex reads "
+                f"({FORMAT_VERSION}); upgrade geoindex or rebuild the index"
+            )
+        try:
+            return cls(
+                schedule=LevelSchedule(**d["schedule"]),
+                dim=int(d["dim"]),
+                codec=d["codec"],
+                photo_encoder=dict(d["photo_encoder"]),
+                imagery=d["imagery"],
+                coverage=dict(d.get("coverage", {})),
+                levels=tuple(LevelInfo(**lv) for lv in d["levels"]),
+                build_args=dict(d.get("build_args", {})),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ConfigError) as e:
+            raise IndexFormatError(f"{where}: malformed manifest ({e})") from e
+
+    def save(self, index_dir: Path) -> None:
+        atomic_write_bytes(Path(index_dir) / MANIFEST, json.dumps(self.to_json(), indent=2).encode())
+
+    @classmethod
+    def load(cls, index_dir: Path) -> Manifest:
+        path = Path(index_dir) / MANIFEST
+        if not path.is_file():
+            raise IndexNotFoundError(
+                f"no index at {index_dir} ({MANIFEST} missing); build one with "
+                f"`python -m pipelines.build_index --index {index_dir} --all`"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise IndexFormatError(f"{path}: unreadable manifest ({e})") from e
+        return cls.from_json(data, where=str(path))
+
+
+def level_dir(index_dir: Path, zoom: int) -> Path:
+    return Path(index_dir) / f"z{zoom:02d}"
+
+
+def shard_path(index_dir: Path, zoom: int, shard: int) -> Path:
+    return level_dir(index_dir, zoom) / f"part-{shard:05d}.parquet"
+
+
+def list_shards(index_dir: Path, zoom: int) -> list[Path]:
+    """Finished shard files of a level, in shard order (temporary files are ignored)."""
+    return sorted(level_dir(index_dir, zoom).glob("part-*.parquet"))
+
+
+def _schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            ("z", pa.int8()),
+            ("x", pa.int32()),
+            ("y", pa.int32()),
+            ("quadkey", pa.uint64()),
+            ("parent_row", pa.int64()),
+            ("embedding", pa.list_(pa.float16(), dim)),
+        ]
+    )
+
+
+def write_shard(
+    path: Path,
+    *,
+    zoom: int,
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    parent_row: npt.ArrayLike,
+    embeddings: npt.ArrayLike,
+) -> None:
+    """Write one parquet shard atomically. Rows must already be in (parent_row, quadkey) order.
+
+    Args:
+        x, y: int tile coordinates at ``zoom``, shape (n,).
+        parent_row: row of the parent in the previous level, int64 (n,); -1 on the first level.
+        embeddings: (n, d) float array; stored as float16.
+    """
+    xa = np.asarray(x, dtype=np.int32)
+    ya = np.asarray(y, dtype=np.int32)
+    pr = np.asarray(parent_row, dtype=np.int64)
+    emb = np.ascontiguousarray(np.asarray(embeddings), dtype=np.float16)
+    n = len(xa)
+    if not (len(ya) == len(pr) == n and emb.ndim == 2 and emb.shape[0] == n):
+        raise ConfigError(f"shard columns disagree in length: x {n}, y {len(ya)}, parent_row {len(pr)}, embeddings {emb.shape}")
+    dim = emb.shape[1]
+    table = pa.table(
+        [
+            pa.array(np.full(n, zoom, dtype=np.int8)),
+            pa.array(xa),
+            pa.array(ya),
+            pa.array(quadkey_int_array(xa, ya, zoom=zoom)),
+            pa.array(pr),
+            pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+        ],
+        schema=_schema(dim),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_shard(path: Path, columns: list[str]) -> pa.Table:
+    try:
+        return pq.read_table(path, columns=columns, memory_map=True)
+    except (OSError, pa.ArrowException) as e:
+        raise IndexFormatError(f"{path}: damaged parquet shard ({e}); rebuild this level") from e
+
+
+def read_level_columns(
+    index_dir: Path, zoom: int, columns: tuple[str, ...] = ("x", "y", "parent_row")
+) -> dict[str, np.ndarray]:
+    """Scalar columns of a whole level as numpy arrays, in row order."""
+    shards = list_shards(index_dir, zoom)
+    parts = [_read_shard(p, list(columns)) for p in shards]
+    if not parts:
+        return {c: np.empty(0, dtype=np.int64) for c in columns}
+    table = pa.concat_tables(parts)
+    return {c: table.column(c).to_numpy() for c in columns}
+
+
+def read_embeddings(shard: Path) -> npt.NDArray[np.float16]:
+    """The (n, d) float16 embeddings of one shard."""
+    col = _read_shard(shard, ["embedding"]).column("embedding").combine_chunks()
+    dim = col.type.list_size
+    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+
+
+def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.float32], np.ndarray]]:
+    for shard in list_shards(index_dir, zoom):
+        emb = read_embeddings(shard).astype(np.float32)
+        parents = _read_shard(shard, ["parent_row"]).column("parent_row").to_numpy()
+        yield emb, parents
+
+
+def build_faiss_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: str, dim: int) -> faiss.Index:
+    """Build a level's FAISS index from its parquet shards, streaming one shard at a time.
+
+    The first level (``n_parents`` None) is an ``IndexFlatIP``. Later levels are IVF indexes with
+    ``nlist = n_parents`` whose list p holds the children of previous-level row p, added with
+    precomputed assignments; the coarse quantizer stays empty because it is never used.
+    """
+    if codec not in CODECS:
+        raise ConfigError(f"unknown codec {codec!r}; choose one of {list(CODECS)}")
+    if n_parents is None:
+        index: faiss.Index = faiss.IndexFlatIP(dim)
+        for emb, _ in _iter_level(index_dir, zoom):
+            index.add(emb)
+        return index
+    quantizer = faiss.IndexFlatIP(dim)
+    if codec == "flat":
+        ivf = faiss.IndexIVFFlat(quantizer, dim, max(n_parents, 1), faiss.METRIC_INNER_PRODUCT)
+    else:
+        qtype = faiss.ScalarQuantizer.QT_fp16 if codec == "fp16" else faiss.ScalarQuantizer.QT_8bit
+        ivf = faiss.IndexIVFScalarQuantizer(
+            quantizer, dim, max(n_parents, 1), qtype, faiss.METRIC_INNER_PRODUCT, False
+        )
+        if codec == "sq8":
+            # Fit only the scalar quantizer's ranges: index.train would k-means the empty quantizer.
+            ivf.sq.train(_sample_rows(index_dir, zoom, SQ8_TRAIN_SAMPLE))
+    ivf.own_fields = True
+    quantizer.this.disown()
+    ivf.is_trained = True
+    offset = 0
+    for emb, parents in _iter_level(index_dir, zoom):
+        if len(parents) and (parents.min() < 0 or parents.max() >= n_parents):
+            raise IndexFormatError(f"level z{zoom}: parent_row out of range 0..{n_parents - 1}")
+        ids = np.arange(offset, offset + len(emb), dtype=np.int64)
+        add_preassigned(ivf, emb, parents.astype(np.int64), ids)
+        offset += len(emb)
+    return ivf
+
+
+def _sample_rows(index_dir: Path, zoom: int, limit: int) -> npt.NDArray[np.float32]:
+    out: list[np.ndarray] = []
+    have = 0
+    for emb, _ in _iter_level(index_dir, zoom):
+        out.append(emb[: limit - have])
+        have += len(out[-1])
+        if have >= limit:
+            break
+    if not have:
+        raise IndexFormatError(f"level z{zoom} has no rows to train the sq8 codec on")
+    return np.concatenate(out)
+
+
+def write_faiss(index: faiss.Index, path: Path) -> None:
+    """Serialise a FAISS index atomically."""
+    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+
+
+def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: str, dim: int) -> LevelInfo:
+    """Build and write a level's FAISS file from its shards; return its manifest entry (encoder unset)."""
+    index = build_faiss_level(index_dir, zoom, n_parents=n_parents, codec=codec, dim=dim)
+    ldir = level_dir(index_dir, zoom)
+    write_faiss(index, ldir / FAISS_FILE)
+    files = tuple(_file_info(p) for p in list_shards(index_dir, zoom)) + (_file_info(ldir / FAISS_FILE),)
+    return LevelInfo(zoom=zoom, rows=int(index.ntotal), encoder={}, files=files)
+
+
+@dataclass
+class StoredLevel:
+    """A level opened for search: its FAISS index (memory-mapped) and tile coordinates per row."""
+
+    zoom: int
+    index: faiss.Index
+    x: npt.NDArray[np.int32]
+    y: npt.NDArray[np.int32]
+    info: LevelInfo
+
+    @property
+    def rows(self) -> int:
+        return len(self.x)
+
+    @property
+    def is_ivf(self) -> bool:
+        return isinstance(self.index, faiss.IndexIVF)
+
+
+def _check_files(index_dir: Path, info: LevelInfo, *, verify: bool) -> None:
+    ldir = level_dir(index_dir, info.zoom)
+    for f in info.files:
+        path = ldir / f.name
+        if not path.is_file():
+            raise IndexFormatError(f"{path}: listed in the manifest but missing; rebuild level z{info.zoom}")
+        size = path.stat().st_size
+        if size != f.size:
+            raise IndexFormatError(
+                f"{path}: {size} bytes, the manifest says {f.size}; the file is partial or was "
+                f"changed. Rebuild level z{info.zoom} with `python -m pipelines.build_index --zoom {info.zoom}`"
+            )
+        if verify and _file_info(path).sha256 != f.sha256:
+            raise IndexFormatError(f"{path}: checksum differs from the manifest; rebuild level z{info.zoom}")
+
+
+def open_store(index_dir: str | os.PathLike, *, verify: bool = False) -> tuple[Manifest, list[StoredLevel]]:
+    """Open an index for search: check the manifest and files, memory-map every level's FAISS file.
+
+    Args:
+        verify: also compare every file's sha256 with the manifest (reads all data once).
+
+    Raises:
+        IndexNotFoundError: no manifest. IndexFormatError: missing, partial or damaged files,
+            a newer format version, or row counts that disagree.
+    """
+    index_dir = Path(index_dir)
+    manifest = Manifest.load(index_dir)
+    if not manifest.levels:
+        raise IndexFormatError(f"{index_dir}: the manifest lists no complete level yet; finish the build")
+    levels = []
+    for info in manifest.levels:
+        _check_files(index_dir, info, verify=verify)
+        path = level_dir(index_dir, info.zoom) / FAISS_FILE
+        try:
+            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError as e:
+            raise IndexFormatError(f"{path}: damaged FAISS file ({e}); rebuild it from parquet") from e
+        cols = read_level_columns(index_dir, info.zoom, ("x", "y"))
+        if index.ntotal != info.rows or len(cols["x"]) != info.rows:
+            raise IndexFormatError(
+                f"level z{info.zoom}: manifest says {info.rows} rows, FAISS has {index.ntotal}, "
+                f"parquet has {len(cols['x'])}; rebuild this level"
+            )
+        if index.d != manifest.dim:
+            raise IndexFormatError(f"{path}: dimension {index.d}, the manifest says {manifest.dim}")
+        levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info))
+    for parent, child in zip(levels, levels[1:]):
+        if not child.is_ivf or child.index.nlist != max(parent.rows, 1):
+            raise IndexFormatError(
+                f"level z{child.zoom}: expected an IVF index with {parent.rows} lists (rows of z{parent.zoom})"
+            )
+    return manifest, levels
