@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random-init encoder, rendered tiles, small built indexes. No network."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def render_tile(tile: mercantile.Tile, size: int = 64) -> Image.Image:
+    """A deterministic, distinct image per tile: a 4x4 block pattern seeded by (z, x, y)."""
+    seed = int.from_bytes(hashlib.sha256(f"{tile.z}/{tile.x}/{tile.y}".encode()).digest()[:4], "little")
+    blocks = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_open_clip(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="root")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder():
+    from geoindex.encoders import create_encoder
+
+    return create_encoder("tiny")
+
+
+@pytest.fixture(scope="session")
+def rendered_source():
+    from geoindex.imagery import MemorySource
+
+    return MemorySource(render_tile, name="rendered")
+
+
+@pytest.fixture(scope="session")
+def world():
+    from geoindex.coverage import Coverage
+
+    return Coverage.world()
+
+
+@pytest.fixture(scope="session")
+def small_index(tmp_path_factory, tiny_encoder, rendered_source, world) -> Path:
+    """An index over the whole world at zoom 1, 2, 3 (step 1: 4, 16, 64 tiles), fp16 codec."""
+    from geoindex.build import build_level
+    from geoindex.tiles import LevelSchedule
+
+    path = tmp_path_factory.mktemp("small_index")
+    schedule = LevelSchedule(1, 3, 1)
+    for zoom in schedule.zooms:
+        build_level(path, zoom, source=rendered_source, encoder=tiny_encoder, coverage=world,
+                    schedule=schedule, shard_size=16)
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not present at {SHARED_DATA} (only on the project's dev machines)")
+    return SHARED_DATA

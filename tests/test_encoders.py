@@ -1,0 +1,143 @@
+"""Encoder registry, factory, map-encoder checkpoints and weight resolution (no network)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import http.server
+import threading
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from geoindex import encoders
+from geoindex.encoders import (
+    ENCODERS,
+    create_encoder,
+    load_map_encoder,
+    mark_trainable,
+    save_map_checkpoint,
+)
+from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
+
+
+def test_unknown_encoder_names_choices():
+    with pytest.raises(ConfigError, match="clip-vit-b-32"):
+        create_encoder("vit-huge")
+
+
+def test_tiny_is_deterministic_and_normalised(tiny_encoder):
+    again = create_encoder("tiny")
+    assert again.base_fingerprint == tiny_encoder.base_fingerprint
+    images = [np.full((40, 30, 3), v, dtype=np.uint8) for v in (0, 128, 255)]
+    emb = tiny_encoder.encode(images)
+    assert emb.shape == (3, tiny_encoder.dim) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(again.encode(images), emb, rtol=1e-6)
+
+
+def test_only_last_two_blocks_ln_post_proj_train(tiny_encoder):
+    enc = create_encoder("tiny")
+    names = mark_trainable(enc)
+    blocks = len(enc.visual.transformer.resblocks)
+    assert "proj" in names and "ln_post.weight" in names
+    assert {n.split(".")[2] for n in names if n.startswith("transformer.resblocks.")} == {
+        str(blocks - 2), str(blocks - 1)}
+    frozen = [n for n, p in enc.visual.named_parameters() if not p.requires_grad]
+    assert any(n.startswith("conv1") for n in frozen)
+    assert any(n.startswith("transformer.resblocks.0.") for n in frozen)
+
+
+def test_checkpoint_round_trip(tmp_path, tiny_encoder):
+    enc = create_encoder("tiny")
+    mark_trainable(enc)
+    with torch.no_grad():
+        for p in enc.visual.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    sha = save_map_checkpoint(enc, tmp_path / "z6.pt", zoom=6)
+    payload = torch.load(tmp_path / "z6.pt", weights_only=True)
+    assert set(payload["state_dict"]) == set(mark_trainable(create_encoder("tiny")))
+    full = sum(p.numel() for p in enc.visual.parameters())
+    stored = sum(t.numel() for t in payload["state_dict"].values())
+    assert stored < full
+    loaded = load_map_encoder(tiny_encoder, tmp_path / "z6.pt")
+    assert loaded.checkpoint_sha256 == sha and loaded.zoom == 6
+    x = [np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)]
+    np.testing.assert_allclose(loaded.encode(x), enc.encode(x), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(loaded.encode(x), tiny_encoder.encode(x))
+    assert load_map_encoder(tiny_encoder, None) is tiny_encoder
+
+
+def test_checkpoint_on_other_base_is_refused(tmp_path, monkeypatch, tiny_encoder):
+    monkeypatch.setitem(ENCODERS, "tiny-seed1", dataclasses.replace(ENCODERS["tiny"], name="tiny-seed1", seed=1))
+    other = create_encoder("tiny-seed1")
+    save_map_checkpoint(other, tmp_path / "other.pt", zoom=4)
+    with pytest.raises(EncoderMismatchError, match="trained on base"):
+        load_map_encoder(tiny_encoder, tmp_path / "other.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(EncoderMismatchError, match="not a geoindex"):
+        load_map_encoder(tiny_encoder, tmp_path / "junk.pt")
+    with pytest.raises(WeightsNotFoundError):
+        load_map_encoder(tiny_encoder, tmp_path / "absent.pt")
+
+
+def test_offline_openai_fails_fast_naming_the_option(monkeypatch):
+    monkeypatch.setattr(encoders, "find_cached_weights", lambda spec: None)
+    monkeypatch.delenv(encoders.WEIGHTS_ENV, raising=False)
+    with pytest.raises(WeightsNotFoundError, match="--weights PATH"):
+        create_encoder("clip-vit-b-32")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError, match="HF_HUB_OFFLINE"):
+        create_encoder("clip-vit-b-32", download=True)
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        create_encoder("clip-vit-b-32", weights="/nonexistent/ViT-B-32.pt")
+
+
+@pytest.fixture
+def weights_server(tmp_path):
+    """Serves a full tiny CLIP state dict over HTTP on 127.0.0.1, counting requests."""
+    torch.manual_seed(3)
+    model = open_clip.create_model("geoindex-tiny")
+    served = tmp_path / "srv"
+    served.mkdir()
+    torch.save(model.state_dict(), served / "tiny.pt")
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=served))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/tiny.pt", hits, model
+    server.shutdown()
+
+
+def test_download_only_when_asked(weights_server, monkeypatch, tmp_path):
+    url, hits, model = weights_server
+    create_encoder("tiny")  # registers geoindex's model configs with open_clip
+    spec = dataclasses.replace(ENCODERS["tiny"], name="tiny-hub", pretrained="hubtag")
+    monkeypatch.setitem(ENCODERS, "tiny-hub", spec)
+    monkeypatch.setenv("HOME", str(tmp_path))  # open_clip caches URL downloads in ~/.cache/clip
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv(encoders.WEIGHTS_ENV, raising=False)
+    real_cfg = open_clip.pretrained.get_pretrained_cfg
+    monkeypatch.setattr(open_clip.pretrained, "get_pretrained_cfg",
+                        lambda m, t: {"url": url} if t == "hubtag" else real_cfg(m, t))
+
+    with pytest.raises(WeightsNotFoundError, match="download=True"):
+        create_encoder("tiny-hub")
+    assert hits == []  # nothing was fetched without asking
+    enc = create_encoder("tiny-hub", download=True)
+    assert hits == ["/tiny.pt"]
+    expected = encoders._state_fingerprint(model.visual)
+    assert enc.base_fingerprint == expected
+    again = create_encoder("tiny-hub")  # now found in the cache, no request
+    assert again.base_fingerprint == expected and hits == ["/tiny.pt"]

@@ -1,0 +1,170 @@
+"""The hierarchical search: indexed equals on-the-fly, a wide beam equals exhaustive search, edge cases."""
+
+from __future__ import annotations
+
+import mercantile
+import numpy as np
+import pytest
+
+import geoindex
+from geoindex.api import OnTheFlySearcher
+from geoindex.build import build_level
+from geoindex.errors import ConfigError
+from geoindex.imagery import MemorySource
+from geoindex.tiles import LevelSchedule
+from tests.conftest import render_tile
+
+
+def _queries(n: int, zoom: int, seed: int = 0) -> list:
+    """Rendered tiles of the deepest level, lightly perturbed so that no query is an exact copy."""
+    rng = np.random.default_rng(seed)
+    side = 1 << zoom
+    out = []
+    for code in rng.choice(side * side, size=n, replace=False):
+        img = np.asarray(render_tile(mercantile.Tile(int(code % side), int(code // side), zoom)), dtype=np.int16)
+        out.append(np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8))
+    return out
+
+
+def _trace_tiles(result: geoindex.SearchResult) -> list[tuple[mercantile.Tile, ...]]:
+    return [level.tiles for level in result.trace]
+
+
+def _brute_force(index: geoindex.GeoIndex, encoder, source, xq: np.ndarray, zoom: int) -> list[mercantile.Tile]:
+    """Best tile of the whole level by exact inner product over fp16-rounded tile embeddings."""
+    level = next(s for s in index.stored if s.zoom == zoom)
+    tiles = [mercantile.Tile(int(x), int(y), zoom) for x, y in zip(level.x, level.y)]
+    emb = encoder.encode([source.get(t) for t in tiles]).astype(np.float16).astype(np.float32)
+    return [tiles[i] for i in np.argmax(xq @ emb.T, axis=1)]
+
+
+def test_indexed_equals_on_the_fly(small_index, rendered_source):
+    index = geoindex.open_index(small_index)
+    otf = OnTheFlySearcher.for_index(index, rendered_source)
+    queries = _queries(24, zoom=3)
+    indexed = index.search(queries, k=3)
+    onthefly = otf.search(queries, k=3)
+    assert len(indexed) == len(onthefly) == 24
+    for a, b in zip(indexed, onthefly):
+        assert _trace_tiles(a) == _trace_tiles(b)
+        for la, lb in zip(a.trace, b.trace):
+            np.testing.assert_allclose(la.scores, lb.scores, atol=2e-3)  # fp16 storage tolerance
+    assert otf.tiles_encoded > 0
+
+
+def test_indexed_equals_on_the_fly_with_paper_step(tmp_path, tiny_encoder, rendered_source, world):
+    """Step 2 (16 children per tile, as in the paper) over zoom 0, 2, 4."""
+    schedule = LevelSchedule(0, 4, 2)
+    for zoom in schedule.zooms:
+        build_level(tmp_path, zoom, source=rendered_source, encoder=tiny_encoder, coverage=world,
+                    schedule=schedule, shard_size=100)
+    index = geoindex.open_index(tmp_path)
+    assert [s.rows for s in index.stored] == [1, 16, 256]
+    queries = _queries(20, zoom=4, seed=1)
+    otf = OnTheFlySearcher.for_index(index, rendered_source)
+    for a, b in zip(index.search(queries, k=2), otf.search(queries, k=2)):
+        assert _trace_tiles(a) == _trace_tiles(b)
+
+
+def test_wide_beam_equals_exhaustive(small_index, tiny_encoder, rendered_source):
+    index = geoindex.open_index(small_index)
+    queries = _queries(20, zoom=3, seed=2)
+    xq = index.embed(queries)
+    results = index.search_embeddings(xq, k=64)  # 64 >= rows of every level
+    assert [r.tile for r in results] == _brute_force(index, tiny_encoder, rendered_source, xq, 3)
+
+
+def test_narrow_beam_scores_fewer_candidates_but_stays_consistent(small_index):
+    index = geoindex.open_index(small_index)
+    xq = index.embed(_queries(5, zoom=3, seed=3))
+    for result in index.search_embeddings(xq, k=1):
+        first, second, third = result.trace
+        assert len(first.tiles) == len(second.tiles) == len(third.tiles) == 1
+        # every kept tile descends from the tile kept above it
+        assert mercantile.parent(second.tiles[0]) == first.tiles[0]
+        assert mercantile.parent(third.tiles[0]) == second.tiles[0]
+
+
+def test_padding_when_beam_exceeds_level(small_index):
+    """k = 10 > 4 rows at zoom 1: FAISS pads with -1; the trace holds only real tiles."""
+    index = geoindex.open_index(small_index)
+    result = index.search(_queries(1, zoom=3, seed=4), k=10)[0]
+    assert len(result.trace[0].tiles) == 4
+    assert len(result.trace[1].tiles) == 10
+    assert all(t.x >= 0 and t.y >= 0 for level in result.trace for t in level.tiles)
+    assert len(set(result.trace[1].tiles)) == 10
+
+
+def test_empty_child_lists(tmp_path, tiny_encoder, world):
+    """A parent whose children are all missing has an empty inverted list: search skips it."""
+    hole = mercantile.Tile(1, 0, 1)
+
+    def render(tile: mercantile.Tile):
+        if tile.z > 1 and mercantile.parent(tile, zoom=1) == hole:
+            return None
+        return render_tile(tile)
+
+    source = MemorySource(render, name="with-hole")
+    schedule = LevelSchedule(1, 3, 1)
+    for zoom in schedule.zooms:
+        build_level(tmp_path, zoom, source=source, encoder=tiny_encoder, coverage=world, schedule=schedule)
+    index = geoindex.open_index(tmp_path)
+    assert [s.rows for s in index.stored] == [4, 12, 48]
+    queries = _queries(10, zoom=3, seed=5)
+    xq = index.embed(queries)
+    results = index.search_embeddings(xq, k=4)
+    for r in results:
+        assert hole in r.trace[0].tiles  # the hole's parent is kept (k = all 4) but has no children
+        assert all(mercantile.parent(t, zoom=1) != hole for t in r.trace[2].tiles)
+    otf = OnTheFlySearcher.for_index(index, source)
+    assert [_trace_tiles(r) for r in results] == [_trace_tiles(r) for r in otf.search(queries, k=4)]
+    wide = index.search_embeddings(xq, k=64)
+    assert [r.tile for r in wide] == _brute_force(index, tiny_encoder, source, xq, 3)
+
+
+def test_batch_equals_one_by_one(small_index):
+    index = geoindex.open_index(small_index)
+    queries = _queries(8, zoom=3, seed=6)
+    batch = index.search(queries, k=3)
+    for q, r in zip(queries, batch):
+        single = index.search(q, k=3)[0]
+        assert _trace_tiles(single) == _trace_tiles(r)
+        np.testing.assert_allclose(single.score, r.score, rtol=1e-5)
+
+
+def test_result_fields(small_index, tmp_path):
+    path = tmp_path / "q.png"
+    render_tile(mercantile.Tile(5, 2, 3)).save(path)
+    result = geoindex.search(path, k=4, index=small_index, top_n=3)
+    assert isinstance(result, geoindex.SearchResult)
+    assert result.image == str(path)
+    assert result.tile.z == 3 and len(result.candidates) == 3
+    assert result.candidates[0].tile == result.tile
+    lat, lon = result.lat, result.lon
+    west, south, east, north = result.bbox
+    assert west < lon < east and south < lat < north
+    probs = [c.probability for c in result.candidates]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-9
+    scores = [c.score for c in result.candidates]
+    assert scores == sorted(scores, reverse=True) and result.score == scores[0]
+    assert [t.zoom for t in result.trace] == [1, 2, 3]
+    # an exact copy of an indexed tile is found (its own embedding is the best match)
+    assert result.tile == mercantile.Tile(5, 2, 3)
+
+
+def test_list_input_returns_list(small_index):
+    results = geoindex.search(_queries(2, zoom=3), k=2, index=small_index)
+    assert isinstance(results, list) and len(results) == 2
+
+
+@pytest.mark.parametrize("k", [0, -1, 2049, 1.5, True])
+def test_bad_k(small_index, k):
+    with pytest.raises(ConfigError, match="1..2048"):
+        geoindex.search(_queries(1, zoom=3)[0], k=k, index=small_index)
+
+
+def test_search_docstring_documents_k_and_fields():
+    doc = geoindex.search.__doc__ or ""
+    assert "beam width" in doc
+    for field in ("lat", "lon", "tile", "bbox", "score", "candidates", "probability", "trace"):
+        assert field in doc

@@ -1,0 +1,146 @@
+"""The level store: parquet round trip, FAISS built from parquet, codecs against exact search, manifest checks."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from geoindex.errors import IndexFormatError, IndexNotFoundError
+from geoindex.search import FaissLevel, beam_search
+from geoindex.store import (
+    FAISS_FILE,
+    LevelInfo,
+    Manifest,
+    build_faiss_level,
+    finish_level,
+    level_dir,
+    open_store,
+    read_embeddings,
+    read_level_columns,
+    shard_path,
+    write_shard,
+)
+from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _write_two_levels(root, rng, d=16, shard=20):
+    """Zoom 1 (4 rows) and zoom 2 (16 rows, 4 per parent) with random embeddings, in row order."""
+    x1, y1 = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
+    order = np.argsort(quadkey_int_array(x1, y1, zoom=1))
+    x1, y1 = x1[order], y1[order]
+    e1 = _unit(rng, 4, d)
+    write_shard(shard_path(root, 1, 0), zoom=1, x=x1, y=y1, parent_row=np.full(4, -1), embeddings=e1)
+    cx, cy = children_array(x1, y1, zoom=1, step=1)
+    parents = np.repeat(np.arange(4), 4)
+    e2 = _unit(rng, 16, d)
+    for s, lo in enumerate(range(0, 16, shard)):
+        sl = slice(lo, lo + shard)
+        write_shard(shard_path(root, 2, s), zoom=2, x=cx.ravel()[sl], y=cy.ravel()[sl],
+                    parent_row=parents[sl], embeddings=e2[sl])
+    return e1, e2, parents
+
+
+def test_shard_round_trip_and_schema(tmp_path):
+    rng = np.random.default_rng(0)
+    e1, e2, parents = _write_two_levels(tmp_path, rng, shard=6)
+    schema = pq.read_schema(shard_path(tmp_path, 2, 0))
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: halffloat>[16]"
+    cols = read_level_columns(tmp_path, 2, ("x", "y", "parent_row", "quadkey"))
+    assert list(cols["parent_row"]) == list(parents)
+    # rows sorted by (parent_row, quadkey)
+    keys = list(zip(cols["parent_row"], cols["quadkey"]))
+    assert keys == sorted(keys)
+    emb = np.concatenate([read_embeddings(p) for p in sorted(level_dir(tmp_path, 2).glob("part-*.parquet"))])
+    np.testing.assert_array_equal(emb, e2.astype(np.float16))
+
+
+@pytest.mark.parametrize("codec,atol", [("flat", 1e-6), ("fp16", 1e-6), ("sq8", 2e-2)])
+def test_ivf_level_matches_exact_search(tmp_path, codec, atol):
+    rng = np.random.default_rng(1)
+    _, e2, parents = _write_two_levels(tmp_path, rng, d=32)
+    stored = e2.astype(np.float16).astype(np.float32)
+    index = build_faiss_level(tmp_path, 2, n_parents=4, codec=codec, dim=32)
+    assert isinstance(index, faiss.IndexIVF) and index.nlist == 4 and index.ntotal == 16
+    assert index.quantizer.ntotal == 0  # the coarse quantizer is never filled
+    for p in range(4):
+        assert index.invlists.list_size(p) == 4
+    xq = _unit(rng, 5, 32)
+    lists = np.array([[2, 0], [1, -1], [3, 2], [0, 1], [-1, -1]], dtype=np.int64)
+    level = FaissLevel(type("S", (), {"zoom": 2, "index": index})())  # type: ignore[arg-type]
+    D, I = level.search(xq, 3, lists)
+    for q in range(5):
+        allowed = np.flatnonzero(np.isin(parents, lists[q][lists[q] >= 0]))
+        exact = stored[allowed] @ xq[q]
+        best = allowed[np.argsort(-exact)[:3]]
+        got = I[q][I[q] >= 0]
+        if codec != "sq8":
+            assert list(got) == list(best)
+        np.testing.assert_allclose(D[q][: len(got)], stored[got] @ xq[q], atol=atol)
+        assert len(got) == min(3, len(allowed))
+    assert list(I[4]) == [-1, -1, -1]
+
+
+def test_open_store_and_manifest_checks(tmp_path, tiny_encoder):
+    rng = np.random.default_rng(2)
+    _write_two_levels(tmp_path, rng)
+    info1 = finish_level(tmp_path, 1, n_parents=None, codec="fp16", dim=16)
+    info2 = finish_level(tmp_path, 2, n_parents=4, codec="fp16", dim=16)
+    manifest = Manifest(schedule=LevelSchedule(1, 2, 1), dim=16, codec="fp16",
+                        photo_encoder={"name": "x", "base_fingerprint": "y"}, imagery="test",
+                        levels=(info1, info2))
+    manifest.save(tmp_path)
+    assert Manifest.load(tmp_path) == manifest
+    m, levels = open_store(tmp_path, verify=True)
+    assert [lv.rows for lv in levels] == [4, 16]
+    assert isinstance(levels[0].index, faiss.IndexFlatIP) and levels[1].is_ivf
+    hits = beam_search(_unit(rng, 2, 16), [FaissLevel(s) for s in levels], k=2)
+    assert hits[1].I.shape == (2, 2) and (hits[1].I >= 0).all()
+
+    # a partial FAISS file: refused before FAISS reads it
+    faiss_path = level_dir(tmp_path, 2) / FAISS_FILE
+    data = faiss_path.read_bytes()
+    faiss_path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexFormatError, match="partial"):
+        open_store(tmp_path)
+    # same size, different bytes: caught by verify
+    faiss_path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    with pytest.raises(IndexFormatError, match="checksum"):
+        open_store(tmp_path, verify=True)
+    faiss_path.write_bytes(data)
+    # a missing shard
+    shard_path(tmp_path, 2, 0).rename(tmp_path / "elsewhere.parquet")
+    with pytest.raises(IndexFormatError, match="missing"):
+        open_store(tmp_path)
+
+
+def test_manifest_newer_version_and_missing(tmp_path):
+    with pytest.raises(IndexNotFoundError, match="build_index"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(IndexFormatError, match="newer"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexFormatError, match="unreadable"):
+        Manifest.load(tmp_path)
+
+
+def test_manifest_levels_must_follow_schedule():
+    level = LevelInfo(zoom=6, rows=1, encoder={}, files=())
+    with pytest.raises(IndexFormatError, match="prefix"):
+        Manifest(schedule=LevelSchedule(), dim=4, codec="fp16", photo_encoder={}, imagery="x", levels=(level,))
+
+
+def test_with_level_drops_deeper_levels():
+    infos = [LevelInfo(zoom=z, rows=1, encoder={}, files=()) for z in (4, 6, 8)]
+    m = Manifest(schedule=LevelSchedule(), dim=4, codec="fp16", photo_encoder={}, imagery="x", levels=tuple(infos))
+    rebuilt = m.with_level(LevelInfo(zoom=6, rows=2, encoder={}, files=()))
+    assert [lv.zoom for lv in rebuilt.levels] == [4, 6] and rebuilt.levels[1].rows == 2
