@@ -107,9 +107,9 @@ def plan_level(index_dir: Path, manifest: Manifest, zoom: int, coverage: Coverag
     cols = read_level_columns(index_dir, parent_zoom, ("x", "y"))
     n_parents = len(cols["x"])
     step = manifest.schedule.step
-    cx, cy = children_array(cols["x"], cols["y"], zoom=parent_zoom, step=step)
-    parents = np.repeat(np.arange(n_parents, dtype=np.int64)[:, None], 4**step, axis=1)
-    keep = coverage.intersects(cx, cy, zoom=zoom)
+    cx, cy = (a.ravel() for a in children_array(cols["x"], cols["y"], zoom=parent_zoom, step=step))
+    parents = np.repeat(np.arange(n_parents, dtype=np.int64), 4**step)
+    keep = np.asarray(coverage.intersects(cx, cy, zoom=zoom), dtype=bool)
     return LevelPlan(zoom, cx[keep], cy[keep], parents[keep], n_parents)
 
 

@@ -1,0 +1,158 @@
+"""Encode map tiles into an index, one zoom level at a time: `python -m pipelines.build_index --zoom 12`.
+
+Level z holds the tiles of zoom z under the rows of the level above (every covered tile for the
+first level), encoded with zoom z's map encoder. Interrupted builds resume at shard granularity;
+an index never mixes encoders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from geoindex.build import BuildSummary, build_level
+from geoindex.coverage import Coverage
+from geoindex.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
+from geoindex.errors import ConfigError
+from geoindex.sources import open_source
+from geoindex.store import CODECS, Manifest
+from geoindex.tiles import LevelSchedule
+from pipelines._cli import progress_bar, run_main, setup_logging
+
+log = logging.getLogger("pipelines.build_index")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Arguments of a build; see ``parse_args`` for their meaning."""
+
+    zooms: tuple[int, ...]
+    index: Path = Path("indexes/default")
+    source: str = "bluemarble"
+    encoder: str = "clip-vit-b-32"
+    weights: str | None = None
+    download: bool = False
+    map_checkpoints: Path | None = None
+    device: str = "cpu"
+    batch_size: int = 64
+    codec: str = "fp16"
+    shard_size: int = 8192
+    workers: int = 4
+    schedule: LevelSchedule = LevelSchedule()
+    bbox: tuple[float, float, float, float] | None = None
+    geojson: Path | None = None
+    overwrite: bool = False
+    quiet: bool = False
+
+    def coverage(self) -> Coverage:
+        if self.bbox and self.geojson:
+            raise ConfigError("give either --bbox or --geojson, not both")
+        if self.bbox:
+            return Coverage.from_bbox(*self.bbox)
+        if self.geojson:
+            return Coverage.from_geojson(self.geojson)
+        return Coverage.world()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="python -m pipelines.build_index", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--zoom", type=int, nargs="+", help="zoom level(s) to build, in order (e.g. 12)")
+    which.add_argument("--all", action="store_true", help="build every level of the schedule, coarsest first")
+    p.add_argument("--index", type=Path, default=Path(os.environ.get("GEOINDEX_INDEX", "indexes/default")),
+                   help="index folder (default: $GEOINDEX_INDEX or indexes/default)")
+    p.add_argument("--source", default="bluemarble",
+                   help="tile source: bluemarble (embedded, offline), a tile folder, .mbtiles, "
+                        "an XYZ URL template or an xyzservices name (default: bluemarble)")
+    p.add_argument("--encoder", default="clip-vit-b-32", choices=sorted(ENCODERS),
+                   help="base encoder of photos and maps (default: clip-vit-b-32, the paper's)")
+    p.add_argument("--weights", help="local weights file for the encoder (else the local model caches)")
+    p.add_argument("--download", action="store_true", help="download missing encoder weights")
+    p.add_argument("--map-checkpoints", type=Path,
+                   help="folder of fine-tuned map encoders zNN.pt (from pipelines.train); "
+                        "a zoom without one uses the untrained base")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, auto (default: cpu)")
+    p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch (default: 64)")
+    p.add_argument("--codec", default="fp16", choices=CODECS, help="FAISS codec of levels after the first")
+    p.add_argument("--shard-size", type=int, default=8192, help="tiles per parquet shard, the unit of resumption")
+    p.add_argument("--workers", type=int, default=4, help="threads reading and preprocessing tiles")
+    p.add_argument("--schedule", type=int, nargs=3, metavar=("START", "STOP", "STEP"), default=(4, 16, 2),
+                   help="zoom levels of the hierarchy (default: 4 16 2, the paper's)")
+    p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="index only this area")
+    p.add_argument("--geojson", type=Path, help="index only the polygons of this GeoJSON file")
+    p.add_argument("--overwrite", action="store_true", help="re-encode a level that holds another encoder's shards")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    a = p.parse_args(argv)
+    schedule = LevelSchedule(*a.schedule)
+    device = a.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Config(
+        zooms=schedule.zooms if a.all else tuple(a.zoom), index=a.index, source=a.source, encoder=a.encoder,
+        weights=a.weights, download=a.download, map_checkpoints=a.map_checkpoints, device=device,
+        batch_size=a.batch_size, codec=a.codec, shard_size=a.shard_size, workers=a.workers,
+        schedule=schedule, bbox=tuple(a.bbox) if a.bbox else None, geojson=a.geojson,
+        overwrite=a.overwrite, quiet=a.quiet,
+    )
+
+
+def _map_encoder(cfg: Config, base: ImageEncoder, zoom: int) -> tuple[ImageEncoder, str | None]:
+    if cfg.map_checkpoints is None:
+        return base, None
+    path = cfg.map_checkpoints / f"z{zoom:02d}.pt"
+    if not path.is_file():
+        log.warning("no map encoder %s: zoom %d uses the untrained base encoder", path, zoom)
+        return base, None
+    return load_map_encoder(base, path), str(path.resolve())
+
+
+def run(cfg: Config) -> list[BuildSummary]:
+    """Build the requested levels in order; returns one summary per level."""
+    for zoom in cfg.zooms:
+        cfg.schedule.index_of(zoom)
+    coverage = cfg.coverage()
+    source = open_source(cfg.source)
+    base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device)
+    summaries = []
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "zooms"}
+    args["schedule"] = list(cfg.schedule.zooms)
+    for zoom in cfg.zooms:
+        encoder, checkpoint = _map_encoder(cfg, base, zoom)
+        with progress_bar(f"z{zoom:02d}", quiet=cfg.quiet) as bar:
+            def on_plan(total: int, done: int, bar=bar) -> None:  # noqa: B023 - bound per level
+                bar.reset(total=total)
+                bar.update(done)
+
+            summary = build_level(
+                cfg.index, zoom, source=source, encoder=encoder, coverage=coverage, schedule=cfg.schedule,
+                codec=cfg.codec, checkpoint=checkpoint, shard_size=cfg.shard_size, batch_size=cfg.batch_size,
+                workers=cfg.workers, overwrite=cfg.overwrite, build_args=args, progress=bar.update,
+                on_plan=on_plan,
+            )
+        log.info(
+            "z%02d: %d rows (%d of %d planned tiles missing from the source) in %.1f s, %.0f tiles/s; "
+            "%d shards written, %d reused -> %s",
+            zoom, summary.rows, summary.missing, summary.planned, summary.seconds, summary.tiles_per_s,
+            summary.shards_written, summary.shards_reused, cfg.index,
+        )
+        summaries.append(summary)
+    manifest = Manifest.load(cfg.index)
+    log.info("index %s now holds levels %s", cfg.index, [lv.zoom for lv in manifest.levels])
+    return summaries
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    setup_logging(cfg.quiet)
+    return run_main(lambda: (run(cfg), 0)[1])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
