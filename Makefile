@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m pipelines.demo
+	$(PY) -m pipelines.demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
+from geoindex.tiles import MAX_LATITUDE
 
 __all__ = [
     "DirectorySource",
@@ -146,10 +147,11 @@ def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Im
 
 
 def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
+    shape = arr.shape  # report the caller's shape, not the expanded one
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise ImageError(f"{name}: array of shape {arr.shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4)")
+        raise ImageError(f"{name}: array of shape {shape} is not an image; expected (H, W), (H, W, 3) or (H, W, 4)")
     if arr.dtype != np.uint8:
         if np.issubdtype(arr.dtype, np.floating) and arr.size and float(np.nanmax(arr)) <= 1.0:
             arr = arr * 255.0
@@ -295,6 +297,33 @@ class RasterSource:
         return Image.fromarray(out, "RGB")
 
 
+    def render_view(
+        self, lat: float, lon: float, *, zoom: float, size: int = 256, rotation_deg: float = 0.0
+    ) -> Image.Image:
+        """A Web-Mercator view centred on (lat, lon) that need not align with any tile.
+
+        ``zoom`` may be fractional: the view spans 2**-zoom of the world's width, like a tile of
+        that zoom, and is rotated by ``rotation_deg`` counter-clockwise about its centre. Used to
+        make query images with known coordinates that differ from the indexed tiles.
+        """
+        height, width = self._pixels.shape[:2]
+        west, south, east, north = self.bounds
+        lat = float(np.clip(lat, -MAX_LATITUDE, MAX_LATITUDE))
+        cx = (lon + 180.0) / 360.0
+        cy = (1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0
+        t = (np.arange(size, dtype=np.float64) + 0.5) / size - 0.5
+        u, v = np.meshgrid(t, t)  # u: right, v: down, in units of the view's side
+        a = math.radians(rotation_deg)
+        span = 2.0**-zoom
+        fx = cx + span * (u * math.cos(a) + v * math.sin(a))
+        fy = cy + span * (-u * math.sin(a) + v * math.cos(a))
+        lons = (fx % 1.0) * 360.0 - 180.0
+        lats = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * np.clip(fy, 0.0, 1.0)))))
+        cols = (lons - west) / (east - west) * width - 0.5
+        rows = (north - lats) / (north - south) * height - 0.5
+        return Image.fromarray(_bilinear_points(self._pixels, rows, cols), "RGB")
+
+
 def _bilinear(pixels: npt.NDArray[np.uint8], rows: np.ndarray, cols: np.ndarray) -> npt.NDArray[np.uint8]:
     """Sample an HxWx3 image on the separable grid rows x cols (edge-clamped bilinear)."""
     height, width = pixels.shape[:2]
@@ -304,10 +333,26 @@ def _bilinear(pixels: npt.NDArray[np.uint8], rows: np.ndarray, cols: np.ndarray)
     c0 = np.floor(c).astype(np.intp)
     r1 = np.minimum(r0 + 1, height - 1)
     c1 = np.minimum(c0 + 1, width - 1)
-    fr = (r - r0)[:, None, None]
-    fc = (c - c0)[None, :, None]
-    top = pixels[r0][:, c0] * (1 - fc) + pixels[r0][:, c1] * fc
-    bottom = pixels[r1][:, c0] * (1 - fc) + pixels[r1][:, c1] * fc
+    fr = (r - r0).astype(np.float32)[:, None, None]
+    fc = (c - c0).astype(np.float32)[None, :, None]
+    top = pixels[np.ix_(r0, c0)] + (pixels[np.ix_(r0, c1)] - pixels[np.ix_(r0, c0)].astype(np.float32)) * fc
+    bottom = pixels[np.ix_(r1, c0)] + (pixels[np.ix_(r1, c1)] - pixels[np.ix_(r1, c0)].astype(np.float32)) * fc
+    return np.clip(top + (bottom - top) * fr + 0.5, 0, 255).astype(np.uint8)
+
+
+
+
+def _bilinear_points(pixels: npt.NDArray[np.uint8], rows: np.ndarray, cols: np.ndarray) -> npt.NDArray[np.uint8]:
+    """Sample an HxWx3 image at arbitrary points (rows, cols of equal shape), edge-clamped bilinear."""
+    height, width = pixels.shape[:2]
+    r = np.clip(rows, 0, height - 1)
+    c = np.clip(cols, 0, width - 1)
+    r0 = np.floor(r).astype(np.intp)
+    c0 = np.floor(c).astype(np.intp)
+    r1 = np.minimum(r0 + 1, height - 1)
+    c1 = np.minimum(c0 + 1, width - 1)
+    fr = (r - r0)[..., None]
+    fc = (c - c0)[..., None]
+    top = pixels[r0, c0] * (1 - fc) + pixels[r0, c1] * fc
+    bottom = pixels[r1, c0] * (1 - fc) + pixels[r1, c1] * fc
     return np.clip(top * (1 - fr) + bottom * fr + 0.5, 0, 255).astype(np.uint8)
-
-

@@ -57,7 +57,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 CODECS = ("fp16", "flat", "sq8")
-SQ8_TRAIN_SAMPLE = 65_536  # rows used to fit the 8-bit quantizer's per-dimension ranges
+SQ8_TRAIN_SAMPLE = 65_536
+_FILE_MODE = 0o644  # rows used to fit the 8-bit quantizer's per-dimension ranges
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -69,6 +70,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; indexes are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -259,6 +261,7 @@ def write_shard(
     os.close(fd)
     try:
         pq.write_table(table, tmp)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
