@@ -84,15 +84,25 @@ def tile_of_array(
     """
     _check_zoom(zoom)
     _check_latitude(lat)
-    lat_r = np.radians(np.clip(np.asarray(lat, dtype=np.float64), -MAX_LATITUDE, MAX_LATITUDE))
+    lat_d = np.asarray(np.clip(np.asarray(lat, dtype=np.float64), -MAX_LATITUDE, MAX_LATITUDE))
+    lat_r = np.radians(lat_d)
     lon_a = np.asarray(lon, dtype=np.float64)
     if lon_a.size and not np.all(np.isfinite(lon_a)):
         raise ConfigError(f"longitude must be finite, got {lon_a[~np.isfinite(lon_a)].ravel()[0]!r}")
-    lon_a = (lon_a + 180.0) % 360.0 - 180.0
+    # Wrap only what is outside [-180, 180): (lon + 180) % 360 - 180 rounds in-range values, which
+    # moves points lying within EPSILON of a tile edge into the other tile than mercantile's.
+    outside = (lon_a < -180.0) | (lon_a >= 180.0)
+    lon_a = np.where(outside, (lon_a + 180.0) % 360.0 - 180.0, lon_a)
     n = 2**zoom
     fx = lon_a / 360.0 + 0.5
     sin = np.sin(lat_r)
-    fy = 0.5 - 0.25 * np.log((1.0 + sin) / (1.0 - sin)) / math.pi
+    fy = np.array(0.5 - 0.25 * np.log((1.0 + sin) / (1.0 - sin)) / math.pi, dtype=np.float64)
+    # numpy's SIMD sin/log may differ from libm's by an ulp; where that could decide the row,
+    # recompute with math exactly as mercantile does.
+    fy_n = (fy + _EPSILON) * n
+    for i in np.flatnonzero(np.abs(fy_n - np.rint(fy_n)) < n * 5e-15):
+        s = math.sin(math.radians(float(lat_d.flat[i])))
+        fy.flat[i] = 0.5 - 0.25 * math.log((1.0 + s) / (1.0 - s)) / math.pi
     tx = np.floor((fx + _EPSILON) * n).astype(np.int64)
     ty = np.floor((fy + _EPSILON) * n).astype(np.int64)
     return np.clip(tx, 0, n - 1), np.clip(ty, 0, n - 1)
