@@ -173,7 +173,10 @@ def _raise_empty(what: str) -> Image.Image:
 class TileSource(Protocol):
     """Anything that returns the RGB image of a tile, or raises TileNotFoundError."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """Identifies the imagery in manifests; equal names must mean equal tiles."""
+        ...
 
     def get(self, tile: mercantile.Tile) -> Image.Image:
         """The tile's RGB image; TileNotFoundError if the source has no such tile."""
@@ -182,10 +185,16 @@ class TileSource(Protocol):
 
 @dataclass(frozen=True)
 class DirectorySource:
-    """Tiles stored as ``root/{z}/{x}/{y}.{ext}`` (XYZ, y from the north), e.g. by fetch_tiles."""
+    """Tiles stored as ``root/{z}/{x}/{y}.{ext}`` (XYZ, y from the north), e.g. by fetch_tiles.
+
+    With ``ext`` None any of the usual extensions is accepted, so a store that mixes PNG and
+    JPEG tiles (as servers sometimes do) reads completely.
+    """
 
     root: Path
-    ext: str = "jpeg"
+    ext: str | None = None
+
+    EXTENSIONS = ("jpeg", "jpg", "png", "webp")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
@@ -196,13 +205,20 @@ class DirectorySource:
     def name(self) -> str:
         return f"dir:{self.root}"
 
-    def path(self, tile: mercantile.Tile) -> Path:
-        return self.root / str(tile.z) / str(tile.x) / f"{tile.y}.{self.ext}"
+    def path(self, tile: mercantile.Tile) -> Path | None:
+        """The file holding ``tile``, or None if there is none."""
+        folder = self.root / str(tile.z) / str(tile.x)
+        for ext in (self.ext,) if self.ext else self.EXTENSIONS:
+            candidate = folder / f"{tile.y}.{ext}"
+            if candidate.is_file():
+                return candidate
+        return None
 
     def get(self, tile: mercantile.Tile) -> Image.Image:
         path = self.path(tile)
-        if not path.is_file():
-            raise TileNotFoundError(f"{path}: no such tile")
+        if path is None:
+            pattern = f"{tile.y}.{self.ext or '{' + ','.join(self.EXTENSIONS) + '}'}"
+            raise TileNotFoundError(f"{self.root / str(tile.z) / str(tile.x) / pattern}: no such tile")
         try:
             return load_image(path, max_side=4096)
         except ImageError as e:

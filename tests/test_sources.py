@@ -1,0 +1,325 @@
+"""Tests for geoindex.sources: URL templates and providers, HTTP retry rules, MBTiles, open_source."""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from geoindex.errors import ConfigError, TileNotFoundError, TileSourceError
+from geoindex.imagery import DirectorySource, RasterSource
+from geoindex.sources import USER_AGENT, HttpSource, MBTilesSource, open_source, write_mbtiles
+
+TILE = mercantile.Tile(3, 5, 4)
+
+
+def encode_tile(tile: mercantile.Tile, fmt: str = "PNG") -> bytes:
+    """A small image whose pixels depend on (z, x, y)."""
+    ramp = np.arange(16, dtype=np.int64)[:, None] * 8
+    arr = np.zeros((16, 16, 3), dtype=np.uint8)
+    arr[..., 0] = (tile.z * 40 + ramp) % 256
+    arr[..., 1] = (tile.x * 13) % 256
+    arr[..., 2] = (tile.y * 29 + ramp.T) % 256
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def response(status: int = 200, body: bytes = b"", content_type: str | None = "image/png", **headers: str):
+    resp = requests.Response()
+    resp.status_code = status
+    resp.reason = "test"
+    resp._content = body
+    if content_type is not None:
+        resp.headers["Content-Type"] = content_type
+    resp.headers.update({k.replace("_", "-"): v for k, v in headers.items()})
+    return resp
+
+
+class ScriptedSession:
+    """Stands in for requests.Session: returns (or raises) the scripted items in order, the last forever."""
+
+    def __init__(self, *script: requests.Response | Exception) -> None:
+        self.script = list(script)
+        self.urls: list[str] = []
+        self.headers: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def get(self, url: str, timeout: float) -> requests.Response:
+        with self.lock:
+            self.urls.append(url)
+            item = self.script.pop(0) if len(self.script) > 1 else self.script[0]
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        pass
+
+
+def http_source(session: ScriptedSession, sleeps: list[float], **kwargs) -> HttpSource:
+    kwargs.setdefault("max_retries", 3)
+    return HttpSource(
+        "http://tiles.test/{z}/{x}/{y}.png",
+        session=session,
+        sleep=sleeps.append,
+        backoff=1.0,
+        seed=0,
+        **kwargs,
+    )
+
+
+GOOD = encode_tile(TILE)
+
+
+# --- URL templates and providers ------------------------------------------------------------------
+
+
+def test_template_fills_zxy_subdomains_and_quadkey():
+    src = HttpSource("https://{s}.tiles.test/{z}/{x}/{y}.png?v={q}", subdomains=["a", "b", "c"])
+    urls = {t: src.url(t) for t in mercantile.tiles(-10, -10, 10, 10, 3)}
+    for t, url in urls.items():
+        assert (
+            url
+            == f"https://{'abc'[(t.x + t.y) % 3]}.tiles.test/{t.z}/{t.x}/{t.y}.png?v={mercantile.quadkey(t)}"
+        )
+        assert src.url(t) == url  # deterministic per tile
+    assert {u.split(".")[0] for u in urls.values()} == {"https://a", "https://b", "https://c"}
+
+
+def test_quadkey_only_template():
+    assert (
+        HttpSource("https://t.test/{q}.jpeg").url(TILE) == f"https://t.test/{mercantile.quadkey(TILE)}.jpeg"
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "kwargs", "match"),
+    [
+        ("https://t.test/tiles.png", {}, r"needs \{z\}, \{x\} and \{y\}"),
+        ("https://t.test/{z}/{x}.png", {}, r"needs \{z\}"),
+        ("https://{s}.t.test/{z}/{x}/{y}.png", {"subdomains": []}, "no subdomains"),
+        ("https://t.test/{z}/{x}/{y}.png", {"max_rps": 0}, "--max-rps"),
+        ("https://t.test/{z}/{x}/{y}.png", {"timeout": 0}, "--timeout"),
+    ],
+)
+def test_bad_template_or_options_raise_config_error(template, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        HttpSource(template, **kwargs)
+
+
+def test_name_hides_api_keys_and_session_has_user_agent():
+    session = ScriptedSession(response(body=GOOD))
+    src = HttpSource("https://t.test/{z}/{x}/{y}.png?apikey=SECRET&style=sat", session=session)
+    assert "SECRET" not in src.name and "style=sat" in src.name
+    assert session.headers["User-Agent"] == USER_AGENT
+    assert USER_AGENT.startswith("geoindex/") and "(+https://github.com/geoindex/geoindex)" in USER_AGENT
+
+
+def test_provider_resolution_builds_urls_without_requests():
+    src = HttpSource.from_provider("Esri.WorldImagery")
+    assert src.name == "xyz:Esri.WorldImagery"
+    assert src.url(mercantile.Tile(1, 2, 3)) == (
+        "https://server.arcgisonline.com/ArcGIS/rest/services/World_Imagery/MapServer/tile/3/2/1"
+    )
+    assert HttpSource.from_provider("esri.worldimagery").template == src.template
+
+
+def test_provider_with_subdomains_gets_them():
+    src = HttpSource.from_provider("OpenTopoMap")
+    assert "{s}" in src.template and "{s}" not in src.url(TILE)
+
+
+def test_provider_needing_a_key_names_the_option():
+    with pytest.raises(ConfigError, match=r"'apikey'.*xyz:Thunderforest\.OpenCycleMap\?apikey=YOUR_APIKEY"):
+        HttpSource.from_provider("Thunderforest.OpenCycleMap")
+    src = HttpSource.from_provider("Thunderforest.OpenCycleMap", provider_options={"apikey": "K123"})
+    assert "apikey=K123" in src.url(TILE) and "K123" not in src.name
+
+
+def test_unknown_provider():
+    with pytest.raises(ConfigError, match="unknown xyzservices provider 'Nope.Nothing'"):
+        HttpSource.from_provider("Nope.Nothing")
+
+
+# --- retry rules ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        response(429, b"slow down", "text/plain"),
+        response(500, b"oops", "text/plain"),
+        response(502),
+        response(503),
+        response(504),
+        requests.ConnectionError("connection reset by peer"),
+        requests.ReadTimeout("read timed out"),
+        requests.exceptions.ChunkedEncodingError("IncompleteRead"),
+        response(200, GOOD[: len(GOOD) // 2]),  # truncated body
+        response(200, b"<html><body>Service unavailable</body></html>", "text/html"),
+        response(200, b'{"error": "quota"}', "application/json"),
+        response(200, GOOD, "text/html; charset=utf-8"),  # wrong content type, even with image bytes
+        response(200, b""),
+    ],
+    ids=lambda f: getattr(f, "status_code", None) or type(f).__name__,
+)
+def test_transient_failure_is_retried_after_backoff(failure):
+    session, sleeps = ScriptedSession(failure, response(body=GOOD)), []
+    assert http_source(session, sleeps).fetch_bytes(TILE) == GOOD
+    assert len(session.urls) == 2 and session.urls[0] == "http://tiles.test/4/3/5.png"
+    assert len(sleeps) == 1 and 0.5 <= sleeps[0] <= 1.0  # backoff=1.0 with "equal jitter"
+
+
+@pytest.mark.parametrize("content_type", ["image/png", "application/octet-stream", None])
+def test_image_bytes_accepted_with_image_or_generic_content_type(content_type):
+    session, sleeps = ScriptedSession(response(body=GOOD, content_type=content_type)), []
+    assert http_source(session, sleeps).fetch_bytes(TILE) == GOOD and not sleeps
+
+
+def test_retry_after_seconds_and_http_date_are_honoured_and_capped():
+    future = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    past = email.utils.formatdate(time.time() - 3600, usegmt=True)
+    session = ScriptedSession(
+        response(429, Retry_After="7"),
+        response(503, Retry_After=future),
+        response(429, Retry_After=past),
+        response(429, Retry_After="soon"),  # unparsable: ordinary backoff
+        response(body=GOOD),
+    )
+    sleeps: list[float] = []
+    assert http_source(session, sleeps, max_retries=4, max_retry_after=30.0).fetch_bytes(TILE) == GOOD
+    assert sleeps[:3] == [7.0, 30.0, 0.0]
+    assert 4.0 <= sleeps[3] <= 8.0  # fourth retry: backoff 1.0 * 2**3, jittered
+
+
+def test_backoff_grows_exponentially_then_gives_up_naming_url_and_option():
+    session, sleeps = ScriptedSession(response(503)), []
+    with pytest.raises(
+        TileSourceError, match=r"http://tiles.test/4/3/5.png: gave up after 4 attempts.*--retries"
+    ):
+        http_source(session, sleeps, max_backoff=3.0).fetch_bytes(TILE)
+    assert len(session.urls) == 4
+    assert 0.5 <= sleeps[0] <= 1.0 and 1.0 <= sleeps[1] <= 2.0 and 1.5 <= sleeps[2] <= 3.0  # capped at 3
+
+
+@pytest.mark.parametrize("status", [404, 204])
+def test_missing_tile_is_not_retried(status):
+    session, sleeps = ScriptedSession(response(status, b"", "text/plain")), []
+    with pytest.raises(TileNotFoundError, match=f"HTTP {status}"):
+        http_source(session, sleeps).fetch_bytes(TILE)
+    assert len(session.urls) == 1 and not sleeps
+
+
+def test_forbidden_is_not_retried_and_hints_at_the_key():
+    session, sleeps = ScriptedSession(response(403, b"denied", "text/plain")), []
+    with pytest.raises(TileSourceError, match=r"tiles.test/4/3/5.png: HTTP 403.*API key"):
+        http_source(session, sleeps).fetch_bytes(TILE)
+    assert len(session.urls) == 1
+
+
+def test_get_returns_rgb_image():
+    session = ScriptedSession(response(body=encode_tile(TILE, "JPEG"), content_type="image/jpeg"))
+    img = http_source(session, []).get(TILE)
+    assert img.mode == "RGB" and img.size == (16, 16)
+
+
+def test_rate_limit_is_shared_across_threads():
+    # A frozen clock: every request after the burst must wait one more 1/rate slot than the last.
+    session, sleeps = ScriptedSession(response(body=GOOD)), []
+    src = http_source(session, sleeps, max_rps=2.0, clock=lambda: 100.0)
+    threads = [threading.Thread(target=lambda: [src.fetch_bytes(TILE) for _ in range(5)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(session.urls) == 20
+    assert sorted(sleeps) == [k / 2.0 for k in range(1, 19)]  # burst of 2, then 0.5 s, 1.0 s, ...
+
+
+# --- MBTiles --------------------------------------------------------------------------------------
+
+
+def test_mbtiles_round_trip_flips_rows_to_tms(tmp_path):
+    tiles = {t: encode_tile(t) for z in range(3) for t in mercantile.tiles(-180, -85, 180, 85, z)}
+    path = write_mbtiles(tmp_path / "world.mbtiles", tiles, {"attribution": "test"})
+    assert not list(tmp_path.glob("*.tmp"))
+    with sqlite3.connect(path) as db:
+        row = db.execute("SELECT tile_row FROM tiles WHERE zoom_level = 2 AND tile_column = 1").fetchall()
+        data = db.execute(
+            "SELECT tile_data FROM tiles WHERE zoom_level=2 AND tile_column=1 AND tile_row=3"
+        ).fetchone()
+    assert sorted(r[0] for r in row) == [0, 1, 2, 3]
+    assert bytes(data[0]) == tiles[mercantile.Tile(1, 0, 2)]  # XYZ y=0 is TMS row 2**2 - 1 - 0
+    with MBTilesSource(path) as src:
+        assert src.metadata == {"name": "world", "format": "png", "attribution": "test"}
+        for tile, data in tiles.items():
+            assert src.fetch_bytes(tile) == data
+            assert np.array_equal(np.asarray(src.get(tile)), np.asarray(Image.open(io.BytesIO(data))))
+        with pytest.raises(TileNotFoundError, match="no tile"):
+            src.get(mercantile.Tile(0, 0, 5))
+
+
+def test_mbtiles_damaged_tile_and_bad_files(tmp_path):
+    path = write_mbtiles(tmp_path / "bad.mbtiles", {TILE: b"not an image"}, {"format": "png"})
+    with MBTilesSource(path) as src, pytest.raises(TileSourceError, match="archive is damaged"):
+        src.get(TILE)
+    with pytest.raises(ConfigError, match="does not exist"):
+        MBTilesSource(tmp_path / "absent.mbtiles")
+    (tmp_path / "text.mbtiles").write_text("hello")
+    with pytest.raises(ConfigError, match="not an MBTiles file"):
+        MBTilesSource(tmp_path / "text.mbtiles")
+
+
+# --- open_source ----------------------------------------------------------------------------------
+
+
+def test_open_source_dispatch(tmp_path):
+    http = open_source("http://127.0.0.1:9/{z}/{x}/{y}.png", timeout=3.0, max_retries=1)
+    assert isinstance(http, HttpSource) and http.timeout == 3.0 and http.max_retries == 1
+    for spec in ("xyz:Esri.WorldImagery", "Esri.WorldImagery"):
+        src = open_source(spec)
+        assert isinstance(src, HttpSource) and src.name == "xyz:Esri.WorldImagery"
+    keyed = open_source("xyz:Thunderforest.OpenCycleMap?apikey=K9")
+    assert isinstance(keyed, HttpSource) and "apikey=K9" in keyed.url(TILE)
+
+    mb = write_mbtiles(tmp_path / "t.mbtiles", {TILE: GOOD})
+    assert isinstance(open_source(str(mb)), MBTilesSource)
+
+    store = tmp_path / "store"
+    (store / "4" / "3").mkdir(parents=True)
+    (store / "4" / "3" / "5.png").write_bytes(GOOD)
+    directory = open_source(str(store))
+    assert isinstance(directory, DirectorySource) and directory.ext is None
+    assert directory.get(TILE).size == (16, 16)
+
+    raster = tmp_path / "world.png"
+    Image.new("RGB", (64, 32), (0, 90, 200)).save(raster)
+    assert isinstance(open_source(f"raster:{raster}"), RasterSource)
+
+
+def test_open_source_bluemarble():
+    src = open_source("bluemarble")
+    assert isinstance(src, RasterSource) and src.get(mercantile.Tile(0, 0, 1)).size == (256, 256)
+
+
+def test_open_source_errors(tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"cannot use --source 'nonsense'.*URL template.*\.mbtiles.*bluemarble"
+    ):
+        open_source("nonsense")
+    with pytest.raises(ConfigError, match="holds no"):
+        open_source(str(tmp_path))
+    with pytest.raises(ConfigError, match="apikey"):
+        open_source("Thunderforest.OpenCycleMap")
+    with pytest.raises(ConfigError, match="does not exist"):
+        open_source(str(Path(tmp_path) / "missing.mbtiles"))
