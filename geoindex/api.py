@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
 from geoindex.imagery import ImageInput, TileSource
@@ -19,7 +20,7 @@ from geoindex.search import FaissLevel, Level, OnTheFlyLevel, SearchResult, beam
 from geoindex.store import Manifest, StoredLevel, open_store
 from geoindex.tiles import LevelSchedule
 
-__all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "open_index", "search"]
+__all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "RegionSearcher", "open_index", "search"]
 
 INDEX_ENV = "GEOINDEX_INDEX"
 DEFAULT_INDEX = Path("indexes") / "default"
@@ -99,7 +100,7 @@ class GeoIndex(_Searcher):
     """
 
     def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
-                 download: bool = False, device: str = "cpu", verify: bool = False) -> None:
+                 download: bool = False, device: str = "cpu", verify: bool | None = None) -> None:
         self.path = Path(path)
         self.manifest: Manifest
         self.stored: list[StoredLevel]
@@ -118,9 +119,38 @@ class GeoIndex(_Searcher):
     def zooms(self) -> tuple[int, ...]:
         return tuple(s.zoom for s in self.stored)
 
+    def within(self, region: Coverage) -> RegionSearcher:
+        """This index restricted, at query time, to the tiles that meet ``region`` (bbox or polygons).
+
+        The result searches exactly as this index would if it held only those tiles.
+        """
+        return RegionSearcher(self, region)
+
     def __repr__(self) -> str:
         rows = ", ".join(f"z{s.zoom}: {s.rows}" for s in self.stored)
         return f"GeoIndex({str(self.path)!r}, encoder={self.manifest.photo_encoder['name']!r}, rows={{{rows}}})"
+
+
+class RegionSearcher(_Searcher):
+    """A GeoIndex seen through a region: each level returns only rows whose tile meets the region.
+
+    Raises:
+        ConfigError: no tile of the first level meets the region.
+    """
+
+    def __init__(self, index: GeoIndex, region: Coverage) -> None:
+        self.index = index
+        self.region = region
+        self.photo_encoder = index.photo_encoder
+        masks = [region.intersects(s.x, s.y, zoom=s.zoom) for s in index.stored]
+        if not masks[0].any():
+            raise ConfigError(
+                f"the region (bboxes {[list(b) for b in region.bboxes]}, {len(region.polygons)} polygons) "
+                f"contains no tile of the index {index.path}; "
+                "check the --bbox W S E N order or the index's coverage"
+            )
+        self.levels = [FaissLevel(s, allowed=m) for s, m in zip(index.stored, masks, strict=True)]
+        self.tiles_per_level = {s.zoom: int(m.sum()) for s, m in zip(index.stored, masks, strict=True)}
 
 
 def open_index(path: str | os.PathLike | None = None, **kwargs: object) -> GeoIndex:

@@ -58,7 +58,8 @@ MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 CODECS = ("fp16", "flat", "sq8")
 SQ8_TRAIN_SAMPLE = 65_536
-_FILE_MODE = 0o644  # rows used to fit the 8-bit quantizer's per-dimension ranges
+_FILE_MODE = 0o644
+VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total size (about 1 s)  # rows used to fit the 8-bit quantizer's per-dimension ranges
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -401,11 +402,14 @@ def _check_files(index_dir: Path, info: LevelInfo, *, verify: bool) -> None:
             raise IndexFormatError(f"{path}: checksum differs from the manifest; rebuild level z{info.zoom}")
 
 
-def open_store(index_dir: str | os.PathLike, *, verify: bool = False) -> tuple[Manifest, list[StoredLevel]]:
+def open_store(
+    index_dir: str | os.PathLike, *, verify: bool | None = None
+) -> tuple[Manifest, list[StoredLevel]]:
     """Open an index for search: check the manifest and files, memory-map every level's FAISS file.
 
     Args:
         verify: also compare every file's sha256 with the manifest (reads all data once).
+            None (default) verifies indexes up to ``VERIFY_AUTO_BYTES`` and checks only sizes above.
 
     Raises:
         IndexNotFoundError: no manifest. IndexFormatError: missing, partial or damaged files,
@@ -415,6 +419,8 @@ def open_store(index_dir: str | os.PathLike, *, verify: bool = False) -> tuple[M
     manifest = Manifest.load(index_dir)
     if not manifest.levels:
         raise IndexFormatError(f"{index_dir}: the manifest lists no complete level yet; finish the build")
+    if verify is None:
+        verify = sum(f.size for lv in manifest.levels for f in lv.files) <= VERIFY_AUTO_BYTES
     levels = []
     for info in manifest.levels:
         _check_files(index_dir, info, verify=verify)
