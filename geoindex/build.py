@@ -32,7 +32,6 @@ from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, Ti
 from geoindex.imagery import TileSource
 from geoindex.store import (
     CODECS,
-    LevelInfo,
     Manifest,
     atomic_write_bytes,
     finish_level,
@@ -135,9 +134,10 @@ def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool)
         if old == identity:
             return
         if old.get("encoder") != identity["encoder"] and not overwrite:
+            was = old.get("encoder", {})
+            weights = str(was.get("checkpoint_sha256") or was.get("base_fingerprint"))[:12]
             raise EncoderMismatchError(
-                f"{ldir} holds shards encoded with {old.get('encoder', {}).get('name')!r} "
-                f"(weights {str(old.get('encoder', {}).get('checkpoint_sha256') or old.get('encoder', {}).get('base_fingerprint'))[:12]}), "
+                f"{ldir} holds shards encoded with {was.get('name')!r} (weights {weights}), "
                 "not with this map encoder; one index never mixes encoders. "
                 "Use another --index, or --overwrite to re-encode this level"
             )
@@ -247,7 +247,7 @@ def build_level(
         for s in todo:
             lo, hi = s * shard_size, min((s + 1) * shard_size, len(plan.x))
             try:
-                found, emb = _encode_shard(plan, lo, hi, source, encoder, pool, batch_size, progress or (lambda n: None))
+                found, emb = _encode_shard(plan, lo, hi, source, encoder, pool, batch_size, progress or _ignore)
             except GeoIndexError as e:
                 failures.append(f"shard {s}: {e}")
                 log.warning("level z%d shard %d not written: %s", zoom, s, e)
@@ -272,6 +272,10 @@ def build_level(
     manifest.save(index_dir)
     return BuildSummary(zoom, info.rows, len(plan.x), len(plan.x) - info.rows, len(todo),
                         n_shards - len(todo), time.perf_counter() - started)
+
+
+def _ignore(_: int) -> None:
+    pass
 
 
 def _check_compatible(index_dir: Path, have: Manifest, want: Manifest) -> None:

@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import mercantile
 import numpy as np
@@ -39,7 +39,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 """What the public API accepts as one image: a path, encoded bytes, a PIL image or an HxWxC array."""
 
 DEFAULT_MAX_SIDE = 1024  # encoders see 224 px; decoding more only costs memory.
@@ -275,7 +275,9 @@ class RasterSource:
         self.path = Path(path) if path is not None else embedded_world_raster()
         west, south, east, north = bounds
         if not (west < east and south < north):
-            raise ConfigError(f"raster bounds must be (west, south, east, north) with west<east, south<north; got {bounds}")
+            raise ConfigError(
+                f"raster bounds must be (west, south, east, north) with west < east and south < north; got {bounds}"
+            )
         self.bounds = bounds
         self.tile_size = tile_size
         self.name = f"raster:{self.path.name}"

@@ -57,9 +57,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
 CODECS = ("fp16", "flat", "sq8")
-SQ8_TRAIN_SAMPLE = 65_536
+SQ8_TRAIN_SAMPLE = 65_536  # rows used to fit the 8-bit quantizer's per-dimension ranges
 _FILE_MODE = 0o644
-VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total size (about 1 s)  # rows used to fit the 8-bit quantizer's per-dimension ranges
+VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total size (about 1 s)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -244,7 +244,9 @@ def write_shard(
     emb = np.ascontiguousarray(np.asarray(embeddings), dtype=np.float16)
     n = len(xa)
     if not (len(ya) == len(pr) == n and emb.ndim == 2 and emb.shape[0] == n):
-        raise ConfigError(f"shard columns disagree in length: x {n}, y {len(ya)}, parent_row {len(pr)}, embeddings {emb.shape}")
+        raise ConfigError(
+            f"shard columns disagree in length: x {n}, y {len(ya)}, parent_row {len(pr)}, embeddings {emb.shape}"
+        )
     dim = emb.shape[1]
     table = pa.table(
         [
@@ -354,8 +356,23 @@ def _sample_rows(index_dir: Path, zoom: int, limit: int) -> npt.NDArray[np.float
 
 
 def write_faiss(index: faiss.Index, path: Path) -> None:
-    """Serialise a FAISS index atomically."""
-    atomic_write_bytes(path, faiss.serialize_index(index).tobytes())
+    """Write a FAISS index atomically, streaming it to a temporary file.
+
+    ``faiss.serialize_index(index).tobytes()`` would hold two more copies of the index in memory
+    (a 10 GB level needs 30 GB); ``faiss.write_index`` writes straight to the file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        faiss.write_index(index, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: str, dim: int) -> LevelInfo:

@@ -104,7 +104,7 @@ def test_bad_images_in_a_batch_are_reported_and_the_rest_answered(small_index, t
             assert isinstance(result, ImageError), name
             assert str(path) in str(result)
     # one by one through the public function: good ones work, bad ones raise a typed error
-    for name, path in bad.items():
+    for path in bad.values():
         with pytest.raises(GeoIndexError, match=str(path).replace(".", r"\.")):
             geoindex.search(path, k=4, index=small_index)
     assert geoindex.search(good["portrait_exif.jpg"], k=4, index=small_index).tile.z == 3
