@@ -15,8 +15,20 @@ import torch
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
-from geoindex.imagery import ImageInput, TileSource
-from geoindex.search import FaissLevel, Level, OnTheFlyLevel, SearchResult, beam_search, check_k, make_results
+from geoindex.imagery import ImageInput, TileSource, load_image
+from geoindex.prior import GeoCLIPPrior, get_prior
+from geoindex.search import (
+    FaissLevel,
+    Level,
+    OnTheFlyLevel,
+    PriorMode,
+    PriorOptions,
+    SearchResult,
+    TilePrior,
+    beam_search,
+    check_k,
+    make_results,
+)
 from geoindex.store import Manifest, StoredLevel, open_store
 from geoindex.tiles import LevelSchedule
 
@@ -42,13 +54,24 @@ class _Searcher:
         return self.photo_encoder.encode(images, batch_size=batch_size)
 
     def search_embeddings(
-        self, xq: npt.ArrayLike, k: int = 64, *, top_n: int = 5, names: Sequence[str | None] | None = None
+        self,
+        xq: npt.ArrayLike,
+        k: int = 64,
+        *,
+        top_n: int = 5,
+        names: Sequence[str | None] | None = None,
+        prior: TilePrior | None = None,
+        prior_options: PriorOptions | None = None,
     ) -> list[SearchResult]:
-        """Beam search for precomputed photo embeddings ``xq`` (n, d); one result per row."""
+        """Beam search for precomputed photo embeddings ``xq`` (n, d); one result per row.
+
+        ``prior`` is a belief for the same n photos (``GeoCLIPPrior.predict`` or ``.belief``).
+        """
         xq = np.atleast_2d(np.asarray(xq, dtype=np.float32))
         if xq.shape[1] != self.photo_encoder.dim:
             raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
-        return make_results(beam_search(xq, self.levels, check_k(k)), top_n=top_n, names=names)
+        hits = beam_search(xq, self.levels, check_k(k), prior=prior, prior_options=prior_options)
+        return make_results(hits, top_n=top_n, names=names)
 
     def search(
         self,
@@ -57,6 +80,9 @@ class _Searcher:
         *,
         top_n: int = 5,
         on_error: OnError = "raise",
+        prior: str | GeoCLIPPrior | None = None,
+        prior_mode: PriorMode = "inject",
+        prior_weight: float = 0.5,
     ) -> list[SearchResult | GeoIndexError]:
         """Geolocate a batch of photos: one encoder batch, then one FAISS call per level.
 
@@ -67,14 +93,32 @@ class _Searcher:
             top_n: final candidates reported per photo.
             on_error: ``raise`` the first unreadable image's ImageError, or ``return`` it in that
                 image's place so that the rest of the batch is still answered.
+            prior: ``"geoclip"`` or a loaded ``GeoCLIPPrior``: GeoCLIP's belief joins the search.
+            prior_mode, prior_weight: how (:class:`geoindex.search.PriorOptions`).
 
         Returns:
             One SearchResult per image, in order (or the error, with ``on_error="return"``).
         """
         check_k(k)
+        options = PriorOptions(prior_mode, prior_weight) if prior is not None else None
+        loaded = get_prior(prior) if prior is not None else None
         batch = [images] if not isinstance(images, (list, tuple)) else list(images)
+        if loaded is not None:  # decode once; both encoders preprocess the same PIL image
+            batch_in: list[ImageInput | GeoIndexError] = []
+            for image in batch:
+                try:
+                    batch_in.append(load_image(image))
+                except GeoIndexError as e:
+                    if on_error == "raise":
+                        raise
+                    batch_in.append(e)
+        else:
+            batch_in = list(batch)
         pixels: list[torch.Tensor | GeoIndexError] = []
-        for image in batch:
+        for image in batch_in:
+            if isinstance(image, GeoIndexError):
+                pixels.append(image)
+                continue
             try:
                 pixels.append(self.photo_encoder.preprocess_images([image])[0])
             except GeoIndexError as e:
@@ -87,7 +131,9 @@ class _Searcher:
         ]
         if good:
             xq = self.photo_encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
-            results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good])
+            belief = loaded.predict([batch_in[i] for i in good]) if loaded is not None else None  # type: ignore[misc]
+            results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
+                                             prior=belief, prior_options=options)
             for i, r in zip(good, results):
                 out[i] = r
         return out  # type: ignore[return-value]  # every None was filled above
@@ -171,6 +217,9 @@ def search(
     *,
     index: str | os.PathLike | GeoIndex | None = None,
     top_n: int = 5,
+    prior: str | GeoCLIPPrior | None = None,
+    prior_mode: PriorMode = "inject",
+    prior_weight: float = 0.5,
 ) -> SearchResult | list[SearchResult]:
     """Geolocate one photo (or a list of photos) by hierarchical retrieval over a map-tile index.
 
@@ -182,6 +231,15 @@ def search(
         index: an opened GeoIndex or an index directory; default ``$GEOINDEX_INDEX``, else
             ``indexes/default``. Directories are opened once and cached.
         top_n: number of final candidates to report.
+        prior: ``"geoclip"`` (needs ``pip install geoindex[geoclip]`` and a local CLIP ViT-L/14,
+            see ``geoindex.prior.load_geoclip_prior``) or a loaded ``GeoCLIPPrior``: GeoCLIP's
+            belief about the photo's location joins the search. None: retrieval only.
+        prior_mode: ``inject`` (the paper's Table 3: the tile holding GeoCLIP's top-1 location
+            joins the k kept tiles at every level, so up to k + 1 descend) or ``rerank`` (each
+            level ranks its candidates by ``(1 - w) * score + w * 0.01 * log(mass + 1e-6)``,
+            ``mass`` = GeoCLIP's probability of the tile's area; scores in the result are then
+            these combined scores). See ``geoindex.search.PriorOptions``.
+        prior_weight: ``w`` of ``rerank`` in [0, 1]; 0 equals no prior. Untuned default 0.5.
 
     Returns:
         A SearchResult (a list of them for a list input) with fields:
@@ -193,9 +251,12 @@ def search(
     Raises:
         ImageError: an image cannot be read. IndexNotFoundError / IndexFormatError: no usable
         index. EncoderMismatchError: the index was built for other encoder weights.
-        ConfigError: k or top_n out of range.
+        ConfigError: k or top_n out of range, an unknown prior or mode, or the geoclip package
+        is missing. WeightsNotFoundError: ``prior="geoclip"`` without a local ViT-L/14.
     """
     check_k(k)
+    if prior is not None:
+        PriorOptions(prior_mode, prior_weight)  # fail on bad options before loading anything
     if isinstance(index, GeoIndex):
         opened = index
     else:
@@ -204,7 +265,7 @@ def search(
             if key not in _opened:
                 _opened[key] = GeoIndex(key)
             opened = _opened[key]
-    results = opened.search(image, k, top_n=top_n)
+    results = opened.search(image, k, top_n=top_n, prior=prior, prior_mode=prior_mode, prior_weight=prior_weight)
     return results if isinstance(image, (list, tuple)) else results[0]  # type: ignore[return-value]
 
 

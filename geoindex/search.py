@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol, get_args
 
 import faiss
 import mercantile
@@ -24,6 +24,7 @@ from geoindex.store import StoredLevel
 from geoindex.tiles import children_array, tile_center
 
 __all__ = [
+    "DEFAULT_TEMPERATURE",
     "MAX_K",
     "Candidate",
     "FaissLevel",
@@ -31,7 +32,10 @@ __all__ = [
     "LevelHits",
     "LevelTrace",
     "OnTheFlyLevel",
+    "PriorMode",
+    "PriorOptions",
     "SearchResult",
+    "TilePrior",
     "beam_search",
     "check_k",
     "make_results",
@@ -39,6 +43,7 @@ __all__ = [
 
 MAX_K = 2048  # FAISS GPU's top-k limit; keeps CPU and GPU builds interchangeable
 NEG = np.float32(-np.finfo(np.float32).max)  # what FAISS reports for an empty result slot
+DEFAULT_TEMPERATURE = 0.01  # softmax temperature of final probabilities: CLIP's logit scale of 100
 
 
 def check_k(k: int) -> int:
@@ -78,23 +83,134 @@ class LevelHits:
     y: npt.NDArray[np.int64]
 
 
-def beam_search(xq: npt.NDArray[np.float32], levels: Sequence[Level], k: int) -> list[LevelHits]:
+class TilePrior(Protocol):
+    """A per-query belief about where each of n photos was taken (GeoCLIP's: ``geoindex.prior.GalleryBelief``)."""
+
+    def __len__(self) -> int: ...
+
+    def top_tile(self, *, zoom: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Tile (x (n,), y (n,)) at ``zoom`` holding each query's most probable location."""
+        ...
+
+    def tile_mass(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], *, zoom: int) -> npt.NDArray[np.float64]:
+        """Probability (n, m) that query i lies inside tile (x[i, j], y[i, j]); 0 where x is -1."""
+        ...
+
+
+PriorMode = Literal["inject", "rerank"]
+
+
+@dataclass(frozen=True)
+class PriorOptions:
+    """How a location prior joins the beam search.
+
+    Modes:
+        ``inject`` (the paper's Table 3): at every level the tile holding the prior's top-1
+            location joins the k kept tiles, so up to k + 1 tiles descend. It is appended, not
+            swapped for the k-th tile: the paper says it "joins" the kept tiles, and appending
+            never evicts a tile the retrieval chose (cost grows by 1/k). It carries its own
+            similarity score and is sorted in by it; it is skipped where the index lacks it
+            (coverage, region filter) or its parent did not descend.
+        ``rerank``: every level fetches the top ``k * pool`` tiles by similarity ``s``, scores
+            each ``s' = (1 - weight) * s + weight * temperature * log(mass + eps)``, where
+            ``mass`` is the prior's probability of the tile's area, and keeps the top k by
+            ``s'``. With the result's softmax at the same ``temperature`` the final
+            probabilities are the log-linear pool ``p_tiles**(1 - weight) * p_prior**weight``.
+            ``weight`` 0 is plain search; 1 ranks by the prior alone (ties by order of ``s``).
+            ``pool`` 16 (= 4**step for the paper's step 2) reranks every child of every kept tile.
+
+    Attributes:
+        mode: ``inject`` or ``rerank``.
+        weight: rerank weight in [0, 1]; unused by inject. Untuned: 0.5 trusts both equally.
+        pool: rerank candidates per kept tile, >= 1.
+        eps: probability floor for tiles that hold no prior mass, > 0.
+        temperature: converts log-probabilities to score units; the results' softmax temperature.
+    """
+
+    mode: PriorMode = "inject"
+    weight: float = 0.5
+    pool: int = 16
+    eps: float = 1e-6
+    temperature: float = DEFAULT_TEMPERATURE
+
+    def __post_init__(self) -> None:
+        if self.mode not in get_args(PriorMode):
+            raise ConfigError(f"prior mode must be one of {list(get_args(PriorMode))}, got {self.mode!r}")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ConfigError(f"prior weight must be in [0, 1], got {self.weight!r}")
+        if isinstance(self.pool, bool) or not isinstance(self.pool, (int, np.integer)) or self.pool < 1:
+            raise ConfigError(f"prior pool must be an integer >= 1, got {self.pool!r}")
+        if not self.eps > 0 or not self.temperature > 0:
+            raise ConfigError(f"prior eps and temperature must be > 0, got {self.eps!r} and {self.temperature!r}")
+
+
+def _inject(
+    level: Level, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None, prior: TilePrior
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """The level's top k plus, where missing, the tile holding the prior's top-1 location: (n, k + 1)."""
+    D, I = level.search(xq, k, parents)
+    ids_of = getattr(level, "ids_of", None)
+    score_ids = getattr(level, "score_ids", None)
+    if ids_of is None or score_ids is None:
+        raise ConfigError(f"{type(level).__name__} cannot take an injected prior tile (needs ids_of and score_ids)")
+    tx, ty = prior.top_tile(zoom=level.zoom)
+    ids = np.asarray(ids_of(tx, ty), dtype=np.int64)
+    ids = np.where((I == ids[:, None]).any(axis=1), -1, ids)  # already kept: nothing to add
+    scores = np.asarray(score_ids(xq, ids, parents), dtype=np.float32)
+    return _top_k(np.concatenate([D, scores[:, None]], axis=1), np.concatenate([I, ids[:, None]], axis=1), k + 1)
+
+
+def _rerank(
+    level: Level,
+    xq: npt.NDArray[np.float32],
+    k: int,
+    parents: npt.NDArray[np.int64] | None,
+    prior: TilePrior,
+    options: PriorOptions,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Top k of the level's top ``k * pool`` by the combined score of :class:`PriorOptions`."""
+    D, I = level.search(xq, k * options.pool, parents)
+    x, y = level.tiles(I)
+    mass = prior.tile_mass(x, y, zoom=level.zoom)
+    w = options.weight
+    combined = (1.0 - w) * D.astype(np.float64) + w * options.temperature * np.log(mass + options.eps)
+    return _top_k(combined.astype(np.float32), I, k)
+
+
+def beam_search(
+    xq: npt.NDArray[np.float32],
+    levels: Sequence[Level],
+    k: int,
+    *,
+    prior: TilePrior | None = None,
+    prior_options: PriorOptions | None = None,
+) -> list[LevelHits]:
     """Coarse-to-fine search: keep the top ``k`` of each level, look only at their children next.
 
     Args:
         xq: query embeddings (n, d), float32, L2-normalised.
         levels: coarsest first.
         k: beam width (tiles kept per level and query).
+        prior: optional per-query location belief (n queries) that joins the search.
+        prior_options: how it joins (:class:`PriorOptions`; default ``inject``).
 
     Returns:
-        One LevelHits per level, coarsest first.
+        One LevelHits per level, coarsest first; (n, k + 1) per level with ``inject``.
     """
     k = check_k(k)
     xq = np.ascontiguousarray(xq, dtype=np.float32)
+    options = prior_options or PriorOptions()
+    if prior is not None and len(prior) != len(xq):
+        raise ConfigError(f"the prior covers {len(prior)} queries, the batch has {len(xq)}")
     hits: list[LevelHits] = []
     parents: npt.NDArray[np.int64] | None = None
     for level in levels:
-        D, I = level.search(xq, k, parents)
+        if prior is None:
+            D, I = level.search(xq, k, parents)
+        elif options.mode == "inject":
+            D, I = _inject(level, xq, k, parents, prior)
+        else:
+            D, I = _rerank(level, xq, k, parents, prior, options)
         x, y = level.tiles(I)
         hits.append(LevelHits(level.zoom, D, I, x, y))
         parents = I
@@ -102,11 +218,29 @@ def beam_search(xq: npt.NDArray[np.float32], levels: Sequence[Level], k: int) ->
 
 
 class FaissLevel:
-    """An indexed level: exhaustive IndexFlatIP on the first level, restricted IVF search after it."""
+    """An indexed level: exhaustive IndexFlatIP on the first level, restricted IVF search after it.
 
-    def __init__(self, stored: StoredLevel) -> None:
+    Args:
+        stored: the opened level.
+        allowed: optional bool mask over the level's rows, shape (rows,): only rows where it is
+            True can be returned (a region filter). FAISS skips the other ids while scanning
+            (an ``IDSelectorBitmap``), so the result equals exact search over the allowed rows.
+    """
+
+    def __init__(self, stored: StoredLevel, *, allowed: npt.NDArray[np.bool_] | None = None) -> None:
         self.zoom = stored.zoom
         self.stored = stored
+        self._selector: faiss.IDSelector | None = None
+        self._allowed: npt.NDArray[np.bool_] | None = None
+        self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted tile codes, their rows), for priors
+        if allowed is not None:
+            allowed = self._allowed = np.asarray(allowed, dtype=bool)
+            if allowed.shape != (stored.rows,):
+                raise ConfigError(f"level z{stored.zoom}: allowed mask has shape {allowed.shape}, "
+                                  f"expected ({stored.rows},)")
+            # The selector keeps a raw pointer into the bitmap: keep the array alive with it.
+            self._bitmap = np.packbits(allowed, bitorder="little")
+            self._selector = faiss.IDSelectorBitmap(stored.rows, faiss.swig_ptr(self._bitmap))
 
     def search(
         self, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None
@@ -114,13 +248,19 @@ class FaissLevel:
         index = self.stored.index
         n = len(xq)
         if parents is None:
-            return index.search(xq, k)
+            if self._selector is None:
+                return index.search(xq, k)
+            flat_params = faiss.SearchParameters()
+            flat_params.sel = self._selector
+            return index.search(xq, k, params=flat_params)
         # Valid ids come first in each row (FAISS pads with -1 at the end), and a row cannot hold
         # more distinct lists than exist, so trimming to nlist loses nothing.
         lists = np.ascontiguousarray(parents[:, : min(parents.shape[1], index.nlist)], dtype=np.int64)
         # Per-call parameters instead of index.nprobe: one opened index is shared across threads.
         params = faiss.SearchParametersIVF()
         params.nprobe = lists.shape[1]
+        if self._selector is not None:
+            params.sel = self._selector
         D = np.empty((n, k), dtype=np.float32)
         I = np.empty((n, k), dtype=np.int64)  # noqa: E741
         coarse = np.zeros(lists.shape, dtype=np.float32)  # unused: by_residual is off
@@ -136,6 +276,51 @@ class FaissLevel:
         x = np.where(valid, self.stored.x[safe], -1).astype(np.int64)
         y = np.where(valid, self.stored.y[safe], -1).astype(np.int64)
         return x, y
+
+    def ids_of(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Row id of each tile (x, y) of this level, -1 where the index (or the region) lacks it."""
+        if self._lookup is None:  # built on first use: two int64 arrays of the level's size
+            codes = (self.stored.y.astype(np.int64) << self.zoom) | self.stored.x.astype(np.int64)
+            order = np.argsort(codes, kind="stable")
+            self._lookup = (codes[order], order)
+        codes, rows = self._lookup
+        x = np.asarray(x, dtype=np.int64)
+        query = (np.asarray(y, dtype=np.int64) << self.zoom) | x
+        pos = np.clip(np.searchsorted(codes, query), 0, max(len(codes) - 1, 0))
+        found = (x >= 0) & (codes[pos] == query) if len(codes) else np.zeros(query.shape, bool)
+        ids = np.where(found, rows[pos] if len(codes) else -1, -1).astype(np.int64)
+        if self._allowed is not None:
+            ids = np.where((ids >= 0) & self._allowed[np.maximum(ids, 0)], ids, -1)
+        return ids
+
+    def score_ids(
+        self, xq: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], parents: npt.NDArray[np.int64] | None
+    ) -> npt.NDArray[np.float32]:
+        """Score (n,) of one given row per query, as ``search`` would report it; NEG where the row is
+        -1 or not among the children of that query's ``parents``."""
+        index = self.stored.index
+        out = np.full(len(xq), NEG, dtype=np.float32)
+        for q in np.flatnonzero(ids >= 0).tolist():
+            row = int(ids[q])
+            sel = faiss.IDSelectorRange(row, row + 1)
+            x1 = np.ascontiguousarray(xq[q : q + 1])
+            if parents is None:
+                D, I = index.search(x1, 1, params=faiss.SearchParameters(sel=sel))
+            else:
+                lists = np.ascontiguousarray(parents[q : q + 1, : min(parents.shape[1], index.nlist)], dtype=np.int64)
+                params = faiss.SearchParametersIVF()
+                params.nprobe = lists.shape[1]
+                params.sel = sel
+                D = np.empty((1, 1), dtype=np.float32)
+                I = np.empty((1, 1), dtype=np.int64)  # noqa: E741
+                coarse = np.zeros(lists.shape, dtype=np.float32)
+                index.search_preassigned_c(
+                    1, faiss.swig_ptr(x1), 1, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
+                    faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
+                )
+            if I[0, 0] == row:
+                out[q] = D[0, 0]
+        return out
 
 
 def _top_k(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +433,33 @@ class OnTheFlyLevel:
         n = 1 << self.zoom
         return np.where(valid, ids % n, -1), np.where(valid, ids // n, -1)
 
+    def ids_of(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Tile code of each tile (x, y), -1 where the coverage filter drops it."""
+        x = np.asarray(x, dtype=np.int64)
+        y = np.asarray(y, dtype=np.int64)
+        ok = x >= 0
+        if self.keep is not None:
+            ok &= np.asarray(self.keep(x, y), dtype=bool)
+        return np.where(ok, (y << self.zoom) + x, -1)
+
+    def score_ids(
+        self, xq: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], parents: npt.NDArray[np.int64] | None
+    ) -> npt.NDArray[np.float32]:
+        """Score (n,) of one given tile code per query; NEG where it is -1, not a candidate under
+        ``parents``, or missing from the source."""
+        out = np.full(len(xq), NEG, dtype=np.float32)
+        cand = self._candidates(parents, len(xq))
+        ok = (ids >= 0) & (cand == ids[:, None]).any(axis=1)
+        if not ok.any():
+            return out
+        unique = np.unique(ids[ok])
+        emb, found = self._encode(unique)
+        pos = np.searchsorted(unique, ids[ok])
+        rows = np.flatnonzero(ok)
+        scores = np.einsum("qd,qd->q", emb[pos], xq[rows]).astype(np.float32)
+        out[rows] = np.where(found[pos], scores, NEG)
+        return out
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -294,8 +506,16 @@ class SearchResult:
     image: str | None = None
 
 
+def _new_tile(xyz: tuple[int, int, int]) -> mercantile.Tile:
+    return tuple.__new__(mercantile.Tile, xyz)
+
+
 def make_results(
-    hits: Sequence[LevelHits], *, top_n: int = 5, temperature: float = 0.01, names: Sequence[str | None] | None = None
+    hits: Sequence[LevelHits],
+    *,
+    top_n: int = 5,
+    temperature: float = DEFAULT_TEMPERATURE,
+    names: Sequence[str | None] | None = None,
 ) -> list[SearchResult]:
     """Turn per-level hits for a batch into one SearchResult per query.
 
@@ -308,13 +528,16 @@ def make_results(
     n = hits[0].D.shape[0]
     results = []
     for q in range(n):
+        # tolist() first, and tuple.__new__ for tiles the index holds (valid by construction):
+        # numpy scalars and mercantile's validating Tile() were most of a query's search time
         trace = tuple(
             LevelTrace(
                 h.zoom,
-                tuple(mercantile.Tile(int(a), int(b), h.zoom) for a, b, i in zip(h.x[q], h.y[q], h.I[q]) if i >= 0),
-                tuple(float(d) for d, i in zip(h.D[q], h.I[q]) if i >= 0),
+                tuple(_new_tile((a, b, h.zoom)) for a, b in zip(h.x[q][ok].tolist(), h.y[q][ok].tolist())),
+                tuple(h.D[q][ok].tolist()),
             )
             for h in hits
+            for ok in (h.I[q] >= 0,)
         )
         final = next((t for t in reversed(trace) if t.tiles), None)
         if final is None:

@@ -1,0 +1,10 @@
+"""``python -m geoindex`` and the ``geoindex`` console script: see :mod:`geoindex.cli`."""
+
+from __future__ import annotations
+
+from geoindex.cli import main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""The ``geoindex`` command: ``geoindex locate PHOTO...`` and ``geoindex serve``.
+
+Exit status of ``locate``: 0 when every image was located, 1 when some could not be read
+(each is named on stderr; the others are still answered), 2 when nothing could run (bad
+arguments, no index, no input images). Results go to stdout; progress, errors and the closing
+summary go to stderr, so ``--format json`` and ``--format csv`` stay machine-readable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, RegionSearcher, open_index
+from geoindex.coverage import Coverage
+from geoindex.errors import ConfigError, GeoIndexError, ImageError
+from geoindex.exif import read_gps
+from geoindex.imagery import TileSource
+from geoindex.render import areas, draw_map, result_to_dict, to_geojson
+from geoindex.search import SearchResult, check_k
+
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
+FORMATS = ("table", "json", "csv")
+LOCATE_HELP = """Geolocate photos: the centre of the best map tile, the top candidates with probabilities,
+and the photos' own EXIF GPS with the distance to it. Results go to stdout; progress, errors and a
+closing summary (device, images/s) go to stderr.
+
+exit status: 0 every image located; 1 some images could not be read (each is named on stderr,
+the others are still answered); 2 nothing could run (bad arguments, no index, no input images)."""
+RESPONSIBLE_USE = (
+    "Geolocating other people's photos can reveal where they live, work or travel. Locate only photos "
+    "you own or have permission to analyse, and never to find or follow a person."
+)
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """An input that produced no result, and why."""
+
+    image: str
+    reason: str
+
+
+def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[_Failed]]:
+    """Files, folders (searched recursively for image files) and glob patterns -> image paths.
+
+    Paths given explicitly are kept whatever their extension (the decoder decides); folder and
+    glob matches are filtered by extension. Order is the order given, folders sorted; no
+    duplicates. Arguments that match nothing are returned as failures.
+    """
+    found: list[str] = []
+    failed: list[_Failed] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            hits = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not hits:
+                failed.append(_Failed(arg, f"folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
+            found += hits
+        elif path.exists() or not glob.has_magic(arg):
+            found.append(arg)  # a missing file fails later, with the decoder's message
+        else:
+            hits = sorted(p for p in glob.glob(arg, recursive=True)
+                          if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+            if not hits:
+                failed.append(_Failed(arg, "no image file matches this pattern"))
+            found += hits
+    return list(dict.fromkeys(found)), failed
+
+
+def _region(args: argparse.Namespace) -> Coverage | None:
+    if args.bbox is not None:
+        return Coverage.from_bbox(*args.bbox)
+    if args.region is not None:
+        return Coverage.from_geojson(args.region)
+    return None
+
+
+def _device(name: str) -> str:
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _map_source(index: GeoIndex, spec: str | None) -> TileSource:
+    """The tile source for ``--map``: ``--map-source``, else the index's own imagery when local."""
+    from geoindex.imagery import RasterSource
+    from geoindex.sources import open_source
+
+    if spec:
+        return open_source(spec)
+    imagery = index.manifest.imagery
+    kind, _, where = imagery.partition(":")
+    if kind in ("dir", "mbtiles") and Path(where).exists():
+        return open_source(where)
+    if imagery == "raster:bmng.jpg":
+        return RasterSource()
+    log.info("the index's imagery %r is not local; drawing over the embedded Blue Marble "
+             "(choose another with --map-source)", imagery)
+    return RasterSource()
+
+
+class _Writer:
+    """Streams results to stdout in one of FORMATS."""
+
+    def __init__(self, fmt: str, out: TextIO, *, top_n: int, trace: bool) -> None:
+        self.fmt, self.out, self.top_n, self.trace = fmt, out, top_n, trace
+        self.json_items: list[dict[str, Any]] = []
+        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
+        if self._csv is not None:
+            self._csv.writerow(["image", "rank", "lat", "lon", "zoom", "x", "y", "score", "probability",
+                                "area_probability", "exif_lat", "exif_lon", "error_km", "error"])
+        elif fmt == "table":
+            out.write(f"{'image':<32} {'#':>2} {'lat':>9} {'lon':>10} {'tile z/x/y':>14} {'score':>6} "
+                      f"{'prob':>5} {'area':>5}  {'EXIF lat,lon':<20} {'error km':>9}\n")
+
+    def result(self, result: SearchResult, gps: tuple[float, float] | None) -> None:
+        d = result_to_dict(result, exif=gps, top_n=self.top_n, trace=self.trace)
+        area_of = {t: a.probability for a in areas(result) for t in a.tiles}
+        if self.fmt == "json":
+            self.json_items.append(d)
+            return
+        exif = d.get("exif")
+        for rank, c in enumerate(result.candidates[: self.top_n], start=1):
+            first = rank == 1
+            area_p = area_of.get(c.tile, c.probability)
+            if self._csv is not None:
+                e = exif if first and exif else {}
+                self._csv.writerow([result.image, rank, f"{c.lat:.6f}", f"{c.lon:.6f}", c.tile.z, c.tile.x,
+                                    c.tile.y, f"{c.score:.5f}", f"{c.probability:.5f}", f"{area_p:.5f}",
+                                    e.get("lat", ""), e.get("lon", ""),
+                                    f"{e['error_km']:.3f}" if e else "", ""])
+                continue
+            name = _clip(result.image or "", 32) if first else ""
+            gps_text = f"{exif['lat']:.5f},{exif['lon']:.5f}" if first and exif else ""
+            err = f"{exif['error_km']:9,.1f}" if first and exif else ""
+            tile = f"{c.tile.z}/{c.tile.x}/{c.tile.y}"
+            row = (f"{name:<32} {rank:>2} {c.lat:>9.5f} {c.lon:>10.5f} {tile:>14} {c.score:>6.3f} "
+                   f"{c.probability:>5.2f} {area_p:>5.2f}  {gps_text:<20} {err:>9}")
+            self.out.write(row.rstrip() + "\n")
+        self.out.flush()
+
+    def failure(self, failed: _Failed) -> None:
+        if self.fmt == "json":
+            self.json_items.append({"image": failed.image, "error": failed.reason})
+        elif self._csv is not None:
+            self._csv.writerow([failed.image] + [""] * 12 + [failed.reason])
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            json.dump(self.json_items, self.out, indent=2)
+            self.out.write("\n")
+        self.out.flush()
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def _locate(args: argparse.Namespace) -> int:
+    k = check_k(args.k)
+    if args.top_n < 1:
+        raise ConfigError(f"--top-n must be >= 1, got {args.top_n}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    images, failed = expand_inputs(args.paths)
+    for f in failed:
+        print(f"error: {f.image}: {f.reason}", file=sys.stderr)
+    if not images:
+        raise ConfigError("no input images (give files, folders or glob patterns)")
+    if args.map is not None and len(images) != 1:
+        raise ConfigError(f"--map draws one image; {len(images)} were given (use --geojson for many)")
+    region = _region(args)
+
+    index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device))
+    searcher = index.within(region) if region is not None else index
+    writer = _Writer(args.format, sys.stdout, top_n=args.top_n, trace=args.trace)
+    for f in failed:
+        writer.failure(f)
+    located: list[tuple[SearchResult, tuple[float, float] | None]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=len(images), unit="img", file=sys.stderr, dynamic_ncols=True,
+               disable=args.quiet or len(images) < 2 or not sys.stderr.isatty())
+    try:
+        for batch in _batches(images, args.batch_size):
+            for path, item in zip(batch, searcher.search(batch, k, top_n=args.top_n, on_error="return"),
+                                  strict=True):
+                if isinstance(item, GeoIndexError):
+                    failed.append(_Failed(path, str(item)))
+                    bar.write(f"error: {item}", file=sys.stderr)
+                    writer.failure(failed[-1])
+                    continue
+                gps = None
+                if not args.ignore_exif:
+                    try:
+                        gps = read_gps(path)
+                    except ImageError:
+                        gps = None
+                located.append((item, gps))
+                writer.result(item, gps)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        writer.close()
+    seconds = time.perf_counter() - started
+
+    if args.geojson is not None and located:
+        collection = to_geojson([r for r, _ in located], exif=[g for _, g in located])
+        args.geojson.write_text(json.dumps(collection))
+        print(f"wrote {args.geojson} ({len(collection['features'])} features)", file=sys.stderr)
+    if args.map is not None and located:
+        result, gps = located[0]
+        picture = draw_map(result, _map_source(index, args.map_source), truth=gps, photo=images[0])
+        picture.save(args.map)
+        print(f"wrote {args.map} ({picture.width}x{picture.height})", file=sys.stderr)
+
+    n = len(located) + len(failed)
+    rate = len(images) / seconds if seconds > 0 else float("inf")
+    where = ""
+    if isinstance(searcher, RegionSearcher):
+        deepest = max(searcher.tiles_per_level)
+        where = f" within the region ({searcher.tiles_per_level[deepest]} tiles at zoom {deepest})"
+    print(f"{len(located)} of {n} images located{where} in {seconds:.2f} s on {index.photo_encoder.device} "
+          f"({rate:.1f} images/s, k={k}); {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from geoindex.service import create_app
+
+    app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k,
+                     weights=args.weights, download=args.download, device=_device(args.device))
+    index = app.state.index
+    print(f"serving {index.path} ({index.manifest.photo_encoder['name']} on {index.photo_encoder.device}) at "
+          f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
+    print(f"note: {RESPONSIBLE_USE}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def _bbox_arg(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"),
+                       help="search only tiles meeting this box (degrees; W > E crosses the antimeridian)")
+    where.add_argument("--region", type=Path, metavar="GEOJSON",
+                       help="search only tiles meeting the polygons of this GeoJSON file")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", type=Path, default=Path(os.environ.get(INDEX_ENV) or DEFAULT_INDEX),
+                        help=f"index folder (default: ${INDEX_ENV} or {DEFAULT_INDEX})")
+    parser.add_argument("-k", type=int, default=64, help="beam width: tiles kept per zoom level (default: 64)")
+    parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--weights", help="local CLIP weights file (else $GEOINDEX_CLIP_WEIGHTS or the caches)")
+    parser.add_argument("--download", action="store_true", help="download missing encoder weights")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="geoindex", description="Photo geolocation by hierarchical retrieval over map-tile indexes.",
+        epilog=RESPONSIBLE_USE,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    loc = sub.add_parser("locate", help="geolocate photos", description=LOCATE_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RESPONSIBLE_USE)
+    loc.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    _common(loc)
+    loc.add_argument("--top-n", type=int, default=5, help="candidates per image (default: 5)")
+    loc.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
+    loc.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
+    _bbox_arg(loc)
+    loc.add_argument("--ignore-exif", action="store_true", help="do not read or show the photos' EXIF GPS")
+    loc.add_argument("--trace", action="store_true", help="include the per-level trace in --format json")
+    loc.add_argument("--map", type=Path, metavar="PNG", help="draw the answer and its per-level trace (one image)")
+    loc.add_argument("--map-source", metavar="SOURCE",
+                     help="imagery for --map: bluemarble, a tile folder, .mbtiles, a URL template "
+                          "(default: the index's own imagery when local, else bluemarble)")
+    loc.add_argument("--geojson", type=Path, metavar="FILE",
+                     help="write the candidates with probabilities as GeoJSON (open in any GIS or geojson.io)")
+    loc.set_defaults(func=_locate)
+
+    srv = sub.add_parser("serve", help="HTTP service: POST /locate, GET /health, docs at /docs",
+                         epilog=RESPONSIBLE_USE)
+    _common(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: 20)")
+    srv.set_defaults(func=_serve)
+    return parser
+
+
+def _version() -> str:
+    from geoindex import __version__
+
+    return __version__
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("geoindex").setLevel(logging.WARNING if quiet else logging.INFO)
+    # open_clip announces random init through the root logger; the encoder's name already says so.
+    logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``geoindex`` console script and ``python -m geoindex``."""
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        return int(args.func(args))
+    except GeoIndexError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `geoindex locate ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

@@ -1,0 +1,489 @@
+"""What a search result looks like to people and tools: JSON dicts, area probabilities, GeoJSON, PNG maps.
+
+Probabilities are a softmax over the scores of all k tiles the final level kept. Neighbouring
+tiles of the final level often look alike (the same forest, the same sea) and split the
+probability between them; :func:`areas` merges tiles that touch (8-neighbourhood, wrapping at
+the antimeridian) into areas and sums their probability, which is the confidence a user wants.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import mercantile
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+
+from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
+from geoindex.imagery import ImageInput, TileSource, load_image
+from geoindex.metrics import great_circle_km
+from geoindex.search import DEFAULT_TEMPERATURE, LevelTrace, SearchResult
+from geoindex.tiles import MAX_LATITUDE, tile_center
+
+__all__ = [
+    "Area",
+    "areas",
+    "draw_map",
+    "final_level",
+    "result_to_dict",
+    "tile_probabilities",
+    "to_geojson",
+]
+
+log = logging.getLogger(__name__)
+
+LatLon = tuple[float, float]
+
+
+def final_level(result: SearchResult) -> LevelTrace:
+    """The trace level the prediction comes from (the deepest level that kept any tile)."""
+    return next(t for t in reversed(result.trace) if t.zoom == result.tile.z)
+
+
+def _softmax(scores: Sequence[float], temperature: float) -> npt.NDArray[np.float64]:
+    s = np.asarray(scores, dtype=np.float64)
+    if not s.size:
+        return s
+    e = np.exp((s - s.max()) / temperature)
+    return np.asarray(e / e.sum())
+
+
+def tile_probabilities(
+    result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE
+) -> list[tuple[mercantile.Tile, float, float]]:
+    """Every tile the final level kept, best first, as (tile, score, probability).
+
+    The probabilities are the same softmax as ``result.candidates`` (over all kept tiles, not just
+    the top-n), so they sum to 1.
+    """
+    level = final_level(result)
+    probs = _softmax(level.scores, temperature)
+    return [(t, float(s), float(p)) for t, s, p in zip(level.tiles, level.scores, probs, strict=True)]
+
+
+@dataclass(frozen=True)
+class Area:
+    """Touching final-level tiles merged into one area, with their summed probability.
+
+    Attributes:
+        tiles: the member tiles, most probable first.
+        probability: the sum of the members' probabilities.
+        best: the most probable member; lat, lon: its centre (degrees).
+        bbox: (west, south, east, north) of the members' union, degrees.
+    """
+
+    tiles: tuple[mercantile.Tile, ...]
+    probability: float
+    best: mercantile.Tile
+    lat: float
+    lon: float
+    bbox: tuple[float, float, float, float]
+
+
+def areas(result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE) -> list[Area]:
+    """Group the final level's kept tiles into areas of touching tiles; most probable area first."""
+    scored = tile_probabilities(result, temperature=temperature)
+    if not scored:
+        return []
+    index = {(t.x, t.y): i for i, (t, _, _) in enumerate(scored)}
+    parent = list(range(len(scored)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    n = 1 << scored[0][0].z
+    for (x, y), i in index.items():
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                j = index.get(((x + dx) % n, y + dy))
+                if j is not None:
+                    parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(scored)):  # scored is best first, so each group's members are too
+        groups.setdefault(root(i), []).append(i)
+    out = []
+    for members in groups.values():
+        tiles = tuple(scored[i][0] for i in members)
+        bounds = np.array([mercantile.bounds(t) for t in tiles])
+        bbox = (float(bounds[:, 0].min()), float(bounds[:, 1].min()),
+                float(bounds[:, 2].max()), float(bounds[:, 3].max()))
+        lat, lon = tile_center(tiles[0])
+        out.append(Area(tiles, float(sum(scored[i][2] for i in members)), tiles[0], lat, lon, bbox))
+    return sorted(out, key=lambda a: -a.probability)
+
+
+def _tile_json(t: mercantile.Tile) -> list[int]:
+    return [t.z, t.x, t.y]
+
+
+def result_to_dict(
+    result: SearchResult,
+    *,
+    exif: LatLon | None = None,
+    top_n: int | None = None,
+    trace: bool = False,
+) -> dict[str, Any]:
+    """A JSON-ready dict of a result: prediction, candidates, areas, optionally the trace and EXIF GPS.
+
+    Args:
+        exif: the photo's own GPS position, if known and wanted: adds ``exif`` with the
+            great-circle distance to the prediction.
+        top_n: candidates and areas to include (default: as many candidates as the result has).
+        trace: include the per-level kept tiles and scores.
+    """
+    n = top_n or len(result.candidates)
+    best_area = areas(result)
+    out: dict[str, Any] = {
+        "image": result.image,
+        "lat": result.lat,
+        "lon": result.lon,
+        "tile": _tile_json(result.tile),
+        "bbox": list(result.bbox),
+        "score": result.score,
+        "probability": result.candidates[0].probability,
+        "area_probability": next(a.probability for a in best_area if result.tile in a.tiles),
+        "candidates": [
+            {"lat": c.lat, "lon": c.lon, "tile": _tile_json(c.tile), "score": c.score,
+             "probability": c.probability}
+            for c in result.candidates[:n]
+        ],
+        "areas": [
+            {"lat": a.lat, "lon": a.lon, "tile": _tile_json(a.best), "bbox": list(a.bbox),
+             "tiles": len(a.tiles), "probability": a.probability}
+            for a in best_area[:n]
+        ],
+    }
+    if exif is not None:
+        out["exif"] = {
+            "lat": exif[0],
+            "lon": exif[1],
+            "error_km": float(great_circle_km(exif[0], exif[1], result.lat, result.lon)),
+        }
+    if trace:
+        out["trace"] = [
+            {"zoom": lv.zoom, "tiles": [_tile_json(t) for t in lv.tiles], "scores": list(lv.scores)}
+            for lv in result.trace
+        ]
+    return out
+
+
+# -- GeoJSON -----------------------------------------------------------------------------------
+
+
+def _polygon(bbox: Sequence[float]) -> dict[str, Any]:
+    w, s, e, n = (round(float(v), 7) for v in bbox)
+    return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+
+
+def _point(lat: float, lon: float) -> dict[str, Any]:
+    return {"type": "Point", "coordinates": [round(lon, 7), round(lat, 7)]}
+
+
+def _heat_hex(w: float) -> str:
+    r, g, b = _colormap(w)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def to_geojson(
+    results: Sequence[SearchResult],
+    *,
+    exif: Sequence[LatLon | None] | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection of results: a heat map of candidates with probabilities.
+
+    Per result: one Polygon per kept final tile (``kind: candidate``, ``probability``, ``score``,
+    ``rank``), one Polygon per area (``kind: area``, summed ``probability``), the prediction
+    (``kind: prediction``, a Point) and, when given, the EXIF position (``kind: exif``). Fill
+    colours and opacities follow the simplestyle spec, so geojson.io shows them as a heat map.
+    """
+    features: list[dict[str, Any]] = []
+    for i, result in enumerate(results):
+        base = {"image": result.image}
+        scored = tile_probabilities(result, temperature=temperature)
+        pmax = max(p for _, _, p in scored)
+        for rank, (t, s, p) in enumerate(scored, start=1):
+            w = p / pmax
+            features.append({"type": "Feature", "geometry": _polygon(mercantile.bounds(t)), "properties": {
+                **base, "kind": "candidate", "rank": rank, "tile": _tile_json(t), "score": s,
+                "probability": p, "fill": _heat_hex(w), "fill-opacity": round(0.15 + 0.6 * w, 3),
+                "stroke": _heat_hex(w), "stroke-width": 1,
+            }})
+        for rank, a in enumerate(areas(result, temperature=temperature), start=1):
+            features.append({"type": "Feature", "geometry": _polygon(a.bbox), "properties": {
+                **base, "kind": "area", "rank": rank, "tiles": len(a.tiles), "probability": a.probability,
+                "fill-opacity": 0.0, "stroke": "#ffffff", "stroke-width": 2,
+            }})
+        features.append({"type": "Feature", "geometry": _point(result.lat, result.lon), "properties": {
+            **base, "kind": "prediction", "tile": _tile_json(result.tile), "score": result.score,
+            "probability": result.candidates[0].probability, "marker-color": "#e41a1c",
+        }})
+        truth = exif[i] if exif is not None else None
+        if truth is not None:
+            features.append({"type": "Feature", "geometry": _point(*truth), "properties": {
+                **base, "kind": "exif", "error_km": float(great_circle_km(*truth, result.lat, result.lon)),
+                "marker-color": "#4daf4a",
+            }})
+    return {"type": "FeatureCollection", "features": features}
+
+
+# -- PNG map -----------------------------------------------------------------------------------
+
+# A perceptual dark-blue -> yellow ramp (viridis, 5 stops), so that no plotting library is needed.
+_RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
+
+
+def _colormap(w: float) -> tuple[int, int, int]:
+    """w in [0, 1] -> an RGB colour of the ramp."""
+    pos = min(max(w, 0.0), 1.0) * (len(_RAMP) - 1)
+    i = min(int(pos), len(_RAMP) - 2)
+    c = _RAMP[i] + (_RAMP[i + 1] - _RAMP[i]) * (pos - i)
+    return int(c[0]), int(c[1]), int(c[2])
+
+
+def _merc(lat: float, lon: float) -> tuple[float, float]:
+    """(lat, lon) -> normalised Web-Mercator (fx, fy) in [0, 1], y from the north."""
+    lat = min(max(lat, -MAX_LATITUDE), MAX_LATITUDE)
+    return (lon + 180.0) / 360.0, (1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0
+
+
+@dataclass(frozen=True)
+class _View:
+    """A square window of the normalised Mercator plane drawn on ``size`` x ``size`` pixels."""
+
+    fx0: float
+    fy0: float
+    span: float
+    size: int
+
+    @classmethod
+    def around(cls, boxes: list[tuple[float, float, float, float]], size: int, margin: float = 0.15) -> _View:
+        x0 = min(b[0] for b in boxes)
+        y0 = min(b[1] for b in boxes)
+        x1 = max(b[2] for b in boxes)
+        y1 = max(b[3] for b in boxes)
+        span = min(max(x1 - x0, y1 - y0) * (1 + 2 * margin), 1.0)
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        fx0 = min(max(cx - span / 2, 0.0), 1.0 - span)
+        fy0 = min(max(cy - span / 2, 0.0), 1.0 - span)
+        return cls(fx0, fy0, span, size)
+
+    def px(self, fx: float, fy: float) -> tuple[float, float]:
+        return (fx - self.fx0) / self.span * self.size, (fy - self.fy0) / self.span * self.size
+
+    def tile_box(self, t: mercantile.Tile) -> tuple[float, float, float, float]:
+        n = float(1 << t.z)
+        x0, y0 = self.px(t.x / n, t.y / n)
+        x1, y1 = self.px((t.x + 1) / n, (t.y + 1) / n)
+        return x0, y0, x1, y1
+
+
+_NEIGHBOURHOOD = 4  # tiles either side of the path tile that a deeper panel frames
+
+
+def _tile_norm_box(t: mercantile.Tile) -> tuple[float, float, float, float]:
+    n = float(1 << t.z)
+    return t.x / n, t.y / n, (t.x + 1) / n, (t.y + 1) / n
+
+
+def _fetch(source: TileSource, tile: mercantile.Tile, tile_px: int, fallback: int = 6) -> Image.Image | None:
+    """A tile image; where the source lacks it, the matching part of an ancestor, upscaled."""
+    for up in range(0, min(fallback, tile.z) + 1):
+        anc = mercantile.parent(tile, zoom=tile.z - up) if up else tile
+        try:
+            img = source.get(anc).convert("RGB")
+        except (TileNotFoundError, TileSourceError):
+            continue
+        if up:
+            f = 1 << up
+            w, h = img.size
+            ox, oy = tile.x - (anc.x << up), tile.y - (anc.y << up)
+            img = img.crop((ox * w // f, oy * h // f, (ox + 1) * w // f, (oy + 1) * h // f))
+        return img.resize((tile_px, tile_px), Image.Resampling.BILINEAR)
+    return None
+
+
+def _basemap(source: TileSource, view: _View, max_zoom: int) -> Image.Image:
+    """The view's area rendered from tiles of the zoom whose pixels best match the panel's."""
+    zoom = int(min(max(math.ceil(math.log2(view.size / (256.0 * view.span))), 0), max_zoom))
+    n = 1 << zoom
+    tile_px = 256
+    tx0, ty0 = int(view.fx0 * n), int(view.fy0 * n)
+    tx1 = min(int(math.ceil((view.fx0 + view.span) * n)), n)
+    ty1 = min(int(math.ceil((view.fy0 + view.span) * n)), n)
+    canvas = Image.new("RGB", ((tx1 - tx0) * tile_px, (ty1 - ty0) * tile_px), (90, 90, 90))
+    for tx in range(tx0, tx1):
+        for ty in range(ty0, ty1):
+            img = _fetch(source, mercantile.Tile(tx, ty, zoom), tile_px)
+            if img is not None:
+                canvas.paste(img, ((tx - tx0) * tile_px, (ty - ty0) * tile_px))
+    left = (view.fx0 * n - tx0) * tile_px
+    top = (view.fy0 * n - ty0) * tile_px
+    side = view.span * n * tile_px
+    return canvas.resize((view.size, view.size), Image.Resampling.BILINEAR,
+                         box=(left, top, left + side, top + side))
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _marker(draw: ImageDraw.ImageDraw, xy: tuple[float, float], colour: tuple[int, int, int]) -> None:
+    r = 7
+    x, y = xy
+    draw.ellipse((x - r, y - r, x + r, y + r), outline=(255, 255, 255), width=4)
+    draw.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=2)
+    draw.line((x - r - 4, y, x + r + 4, y), fill=colour, width=1)
+    draw.line((x, y - r - 4, x, y + r + 4), fill=colour, width=1)
+
+
+def _panel(
+    source: TileSource,
+    level: LevelTrace,
+    view: _View,
+    *,
+    max_zoom: int,
+    temperature: float,
+    next_box: tuple[float, float, float, float] | None,
+    points: list[tuple[LatLon, tuple[int, int, int]]],
+    path: mercantile.Tile,
+) -> Image.Image:
+    base = _basemap(source, view, max_zoom).convert("RGBA")
+    overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    probs = _softmax(level.scores, temperature)
+    pmax = float(probs.max()) if probs.size else 1.0
+    for t, p in reversed(list(zip(level.tiles, probs, strict=True))):  # best drawn last, on top
+        w = float(p) / pmax
+        colour = _colormap(w)
+        draw.rectangle(view.tile_box(t), fill=(*colour, int(50 + 120 * w)), outline=(*colour, 255), width=1)
+    if level.tiles and level.tiles[0] != path:
+        draw.rectangle(view.tile_box(level.tiles[0]), outline=(255, 150, 0, 255), width=2)
+    draw.rectangle(view.tile_box(path), outline=(228, 26, 28, 255), width=3)
+    if next_box is not None:
+        x0, y0 = view.px(next_box[0], next_box[1])
+        x1, y1 = view.px(next_box[2], next_box[3])
+        draw.rectangle((x0, y0, x1, y1), outline=(255, 255, 255, 230), width=2)
+    for (lat, lon), colour in points:
+        _marker(draw, view.px(*_merc(lat, lon)), colour)
+    return Image.alpha_composite(base, overlay).convert("RGB")
+
+
+def draw_map(
+    result: SearchResult,
+    source: TileSource,
+    *,
+    truth: LatLon | None = None,
+    photo: ImageInput | None = None,
+    panel_size: int = 360,
+    max_zoom: int = 18,
+    temperature: float = DEFAULT_TEMPERATURE,
+    attribution: str | None = None,
+) -> Image.Image:
+    """A picture of one result: per level, the kept tiles coloured by probability over the imagery.
+
+    Panels run coarse to fine; each shows its level's kept tiles (yellow = most probable,
+    the best outlined in red) and, as a white frame, the area the next panel zooms into. The
+    prediction is a red marker, the EXIF position (``truth``) a green one. An optional thumbnail
+    of the photo comes first.
+
+    Args:
+        source: tiles for the background (the index's own imagery or ``RasterSource()``); tiles it
+            lacks are drawn from coarser tiles, else left grey.
+        truth: the photo's known (lat, lon), drawn and used for the error in the caption.
+        photo: the query image, shown as a thumbnail.
+        panel_size: side of each panel in pixels.
+        max_zoom: the deepest zoom requested from ``source``.
+
+    Returns:
+        An RGB ``PIL.Image``.
+    """
+    levels = [lv for lv in result.trace if lv.tiles and lv.zoom <= result.tile.z]
+    # The prediction's ancestor at each level was necessarily kept there (only children of kept
+    # tiles are searched), so following it gives panels that zoom into one another.
+    paths = [mercantile.parent(result.tile, zoom=lv.zoom) if lv.zoom < result.tile.z else result.tile
+             for lv in levels]
+    views = []
+    for i, lv in enumerate(levels):
+        if i == 0:  # the first panel gives the context: every kept tile, and the truth
+            boxes = [_tile_norm_box(t) for t in lv.tiles]
+            if truth is not None:
+                fx, fy = _merc(*truth)
+                boxes.append((fx, fy, fx, fy))
+        else:  # deeper kept tiles may lie far apart: frame the path tile's neighbourhood
+            p = paths[i]
+            boxes = [_tile_norm_box(p)] + [_tile_norm_box(t) for t in lv.tiles
+                                           if abs(t.x - p.x) <= _NEIGHBOURHOOD and abs(t.y - p.y) <= _NEIGHBOURHOOD]
+        views.append(_View.around(boxes, panel_size))
+    predicted = ((result.lat, result.lon), (228, 26, 28))
+    marks = [predicted] + ([(truth, (77, 175, 74))] if truth is not None else [])
+    panels = []
+    for i, (lv, view) in enumerate(zip(levels, views, strict=True)):
+        nxt = views[i + 1] if i + 1 < len(views) else None
+        next_box = (nxt.fx0, nxt.fy0, nxt.fx0 + nxt.span, nxt.fy0 + nxt.span) if nxt else None
+        panels.append(_panel(source, lv, view, max_zoom=max_zoom, temperature=temperature,
+                             next_box=next_box, points=marks, path=paths[i]))
+    return _compose(result, levels, panels, truth=truth, photo=photo, panel_size=panel_size,
+                    attribution=attribution or str(getattr(source, "name", "")))
+
+
+def _compose(
+    result: SearchResult,
+    levels: list[LevelTrace],
+    panels: list[Image.Image],
+    *,
+    truth: LatLon | None,
+    photo: ImageInput | None,
+    panel_size: int,
+    attribution: str,
+) -> Image.Image:
+    gap, header, caption, footer = 8, 54, 36, 22
+    thumb = None
+    if photo is not None:
+        try:
+            thumb = load_image(photo, max_side=panel_size)
+        except GeoIndexError as e:  # the map is still useful without the thumbnail
+            log.warning("no thumbnail in the map: %s", e)
+    cols = len(panels) + (thumb is not None)
+    width = gap + cols * (panel_size + gap)
+    height = header + panel_size + caption + footer
+    out = Image.new("RGB", (width, height), (24, 24, 28))
+    draw = ImageDraw.Draw(out)
+    big, small = _font(16), _font(12)
+    p = result.candidates[0].probability
+    t = result.tile
+    title = (f"{result.image or 'photo'}: {result.lat:.5f}, {result.lon:.5f}  tile {t.z}/{t.x}/{t.y}  "
+             f"score {result.score:.3f}  p {p:.2f}")
+    draw.text((gap, 8), title, fill=(240, 240, 240), font=big)
+    sub = "red: prediction and its tile at each zoom"
+    if truth is not None:
+        err = float(great_circle_km(truth[0], truth[1], result.lat, result.lon))
+        sub += f"   green: EXIF GPS {truth[0]:.5f}, {truth[1]:.5f} ({err:,.1f} km away)"
+    sub += "   tiles: kept per level, yellow = most probable, orange = level's best   white frame: next panel"
+    draw.text((gap, 30), sub, fill=(190, 190, 190), font=small)
+    x = gap
+    if thumb is not None:
+        out.paste(thumb, (x + (panel_size - thumb.width) // 2, header + (panel_size - thumb.height) // 2))
+        draw.text((x, header + panel_size + 6), "query photo", fill=(220, 220, 220), font=small)
+        x += panel_size + gap
+    for lv, panel in zip(levels, panels, strict=True):
+        out.paste(panel, (x, header))
+        lo, hi = min(lv.scores), max(lv.scores)
+        draw.text((x, header + panel_size + 6), f"zoom {lv.zoom}: {len(lv.tiles)} kept tiles",
+                  fill=(220, 220, 220), font=small)
+        draw.text((x, header + panel_size + 20), f"scores {lo:.3f} .. {hi:.3f}",
+                  fill=(170, 170, 170), font=small)
+        x += panel_size + gap
+    draw.text((gap, height - footer + 4), f"imagery: {attribution}", fill=(150, 150, 150), font=small)
+    return out

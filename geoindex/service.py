@@ -1,0 +1,216 @@
+"""An HTTP service over one opened index (FastAPI): ``POST /locate`` a photo, ``GET /health``, docs at ``/docs``.
+
+The index and the photo encoder are loaded once, when the app is created. Uploads are capped
+(413 beyond ``max_upload_bytes``, checked on the declared length and again while reading), and
+every problem with the request (unreadable image, bad bbox, k out of range) is a 4xx whose
+``detail`` says what is wrong; a 500 would be a bug. Run it with ``geoindex serve`` or any ASGI
+server: ``uvicorn --factory 'geoindex.service:app_from_env'`` reads ``GEOINDEX_INDEX``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import threading
+import time
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi.responses import RedirectResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, open_index
+from geoindex.coverage import Coverage
+from geoindex.errors import ConfigError, GeoIndexError, ImageError
+from geoindex.exif import read_gps
+from geoindex.render import result_to_dict
+from geoindex.search import MAX_K, check_k
+
+__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "MAX_TOP_N", "app_from_env", "create_app"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # phone photos are 2-12 MB; leave room for RAW-ish JPEGs
+MAX_TOP_N = 100
+_REGION_CACHE = 32  # regions whose per-level row masks are kept between requests
+
+
+class _TooLarge(StarletteHTTPException):
+    """Raised from inside the body stream; an HTTPException so that FastAPI passes it through as 413."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"upload exceeds the {limit} byte limit (--max-upload-mb)")
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse request bodies over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            body = json.dumps({"detail": _TooLarge(self.limit).detail}).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge(self.limit)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _parse_bbox(text: str) -> Coverage:
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        values = []
+    if len(values) != 4:
+        raise ConfigError(f"bbox must be 4 numbers 'W,S,E,N' in degrees, got {text!r}")
+    return Coverage.from_bbox(*values)
+
+
+def create_app(
+    index: GeoIndex | str | os.PathLike[str],
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    default_k: int = 64,
+    **open_kwargs: Any,
+) -> FastAPI:
+    """The FastAPI app serving one index.
+
+    Args:
+        index: an opened GeoIndex, or a directory to open now (with ``open_kwargs``: weights,
+            download, device, verify).
+        max_upload_bytes: largest accepted request body.
+        default_k: beam width when a request does not give ``k``.
+
+    Raises:
+        IndexNotFoundError, IndexFormatError, WeightsNotFoundError: the index cannot be opened.
+    """
+    check_k(default_k)
+    opened = index if isinstance(index, GeoIndex) else open_index(index, **open_kwargs)
+    app = FastAPI(
+        title="geoindex",
+        summary="Photo geolocation by hierarchical retrieval over map-tile indexes",
+        description=(
+            "Upload a photo to `POST /locate`; the answer is the centre of the best map tile, the "
+            "top candidates with probabilities, probability summed over touching tiles (areas), the "
+            "per-level trace and timings. Geolocating other people's photos can expose where they live "
+            "or go: locate only photos you have the right to."
+        ),
+        version=_version(),
+    )
+    app.state.index = opened
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes)
+    lock = threading.Lock()
+
+    @functools.lru_cache(maxsize=_REGION_CACHE)
+    def region_searcher(region: Coverage) -> Any:
+        return opened.within(region)
+
+    def searcher_for(region: Coverage | None) -> Any:
+        if region is None:
+            return opened
+        with lock:  # lru_cache is thread-safe, but would compute the same masks twice under a race
+            return region_searcher(region)
+
+    @app.get("/", include_in_schema=False)
+    def root() -> RedirectResponse:
+        return RedirectResponse("/docs")
+
+    @app.get("/health", summary="Liveness and what is being served")
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "index": str(opened.path),
+            "encoder": opened.manifest.photo_encoder["name"],
+            "device": str(opened.photo_encoder.device),
+            "levels": [{"zoom": s.zoom, "tiles": s.rows} for s in opened.stored],
+            "imagery": opened.manifest.imagery,
+            "max_upload_bytes": max_upload_bytes,
+        }
+
+    @app.post(
+        "/locate",
+        summary="Geolocate one photo",
+        responses={400: {"description": "unreadable image"}, 413: {"description": "upload too large"},
+                   422: {"description": "invalid parameter (k, top_n, bbox)"}},
+    )
+    def locate(
+        image: Annotated[UploadFile, File(description="the photo (JPEG, PNG, WebP, TIFF, ...)")],
+        k: Annotated[int, Form(ge=1, le=MAX_K, description="beam width: tiles kept per level")] = default_k,
+        top_n: Annotated[int, Form(ge=1, le=MAX_TOP_N, description="candidates and areas returned")] = 5,
+        bbox: Annotated[str | None, Form(description="restrict to this area: 'W,S,E,N' in degrees")] = None,
+        ignore_exif: Annotated[bool, Form(description="do not read or report the photo's EXIF GPS")] = False,
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        name = image.filename or "upload"
+        data = image.file.read(max_upload_bytes + 1)
+        if not data:
+            raise HTTPException(400, f"{name}: the uploaded file is empty")
+        read_s = time.perf_counter()
+        try:
+            searcher = searcher_for(_parse_bbox(bbox) if bbox else None)
+        except ConfigError as e:
+            raise HTTPException(422, str(e)) from e
+        try:
+            xq = searcher.embed([data])
+        except ImageError as e:
+            # Pillow names the in-memory buffer by its address; that says nothing to the client.
+            reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(e))
+            raise HTTPException(400, f"{name}: {reason}") from e
+        encoded_s = time.perf_counter()
+        try:
+            result = searcher.search_embeddings(xq, k, top_n=top_n, names=[name])[0]
+        except ConfigError as e:  # e.g. the region holds tiles at no level for this query
+            raise HTTPException(422, str(e)) from e
+        searched_s = time.perf_counter()
+        gps = None
+        if not ignore_exif:
+            try:
+                gps = read_gps(data)
+            except GeoIndexError:  # the image decoded above; a second failure only loses the GPS
+                gps = None
+        out = result_to_dict(result, exif=gps, top_n=top_n, trace=True)
+        out["k"] = k
+        out["timings"] = {
+            "read_ms": (read_s - started) * 1e3,
+            "encode_ms": (encoded_s - read_s) * 1e3,
+            "search_ms": (searched_s - encoded_s) * 1e3,
+            "total_ms": (time.perf_counter() - started) * 1e3,
+        }
+        log.info("located %s in %.0f ms", name, out["timings"]["total_ms"])
+        return out
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """An app over ``$GEOINDEX_INDEX`` (else ``indexes/default``), for ``uvicorn --factory``."""
+    return create_app(os.environ.get(INDEX_ENV) or DEFAULT_INDEX)
+
+
+def _version() -> str:
+    from geoindex import __version__
+
+    return __version__

@@ -1,0 +1,193 @@
+"""The HTTP service, exercised through a real uvicorn server on 127.0.0.1 (a free port, stopped after the tests)."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import mercantile
+import pytest
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+
+from PIL import ExifTags, Image  # noqa: E402
+from PIL.TiffImagePlugin import IFDRational as R  # noqa: E402
+
+from geoindex.coverage import Coverage  # noqa: E402
+from geoindex.errors import ConfigError  # noqa: E402
+from geoindex.service import create_app  # noqa: E402
+from tests.conftest import render_tile  # noqa: E402
+
+T = mercantile.Tile
+LIMIT = 200_000  # bytes: small, so that the 413 tests send little
+TIMEOUT = 30.0
+
+
+@pytest.fixture(scope="module")
+def server(small_index) -> Iterator[str]:
+    app = create_app(small_index, max_upload_bytes=LIMIT, default_k=8, device="cpu")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; no race with other tests
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start within 30 s")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def _png(tile: mercantile.Tile) -> bytes:
+    buf = io.BytesIO()
+    render_tile(tile, size=64).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _locate(base: str, data: bytes, name: str = "photo.png", **form: object) -> httpx.Response:
+    return httpx.post(f"{base}/locate", files={"image": (name, data, "application/octet-stream")},
+                      data={k: str(v) for k, v in form.items()}, timeout=TIMEOUT)
+
+
+def test_health(server):
+    r = httpx.get(f"{server}/health", timeout=TIMEOUT)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["status"] == "ok" and body["encoder"] == "tiny" and body["device"] == "cpu"
+    assert body["levels"] == [{"zoom": 1, "tiles": 4}, {"zoom": 2, "tiles": 16}, {"zoom": 3, "tiles": 64}]
+    assert body["max_upload_bytes"] == LIMIT
+
+
+def test_openapi_and_docs(server):
+    spec = httpx.get(f"{server}/openapi.json", timeout=TIMEOUT).json()
+    assert {"/locate", "/health"} <= set(spec["paths"])
+    assert "post" in spec["paths"]["/locate"]
+    docs = httpx.get(f"{server}/docs", timeout=TIMEOUT)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+def test_locate(server):
+    r = _locate(server, _png(T(5, 2, 3)), k=6, top_n=3)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["tile"] == [3, 5, 2] and d["image"] == "photo.png" and d["k"] == 6
+    assert len(d["candidates"]) == 3 and len(d["areas"]) <= 3
+    assert [lv["zoom"] for lv in d["trace"]] == [1, 2, 3] and len(d["trace"][2]["tiles"]) == 6
+    assert set(d["timings"]) == {"read_ms", "encode_ms", "search_ms", "total_ms"}
+    assert "exif" not in d  # a PNG without GPS
+
+
+def test_default_k_is_the_apps(server):
+    d = _locate(server, _png(T(5, 2, 3))).json()
+    assert d["k"] == 8 and len(d["trace"][2]["tiles"]) == 8
+
+
+def test_exif_gps_is_reported_unless_ignored(server):
+    exif = Image.Exif()
+    exif[ExifTags.IFD.GPSInfo] = {1: "N", 2: (R(48, 1), R(51, 1), R(24, 1)), 3: "E", 4: (R(2, 1), R(21, 1), R(3, 1))}
+    buf = io.BytesIO()
+    render_tile(T(5, 2, 3)).save(buf, "JPEG", exif=exif)
+    d = _locate(server, buf.getvalue(), name="paris.jpg").json()
+    assert d["exif"]["lat"] == pytest.approx(48.85667, abs=1e-4) and d["exif"]["error_km"] > 0
+    assert "exif" not in _locate(server, buf.getvalue(), ignore_exif="true").json()
+
+
+def test_bbox_restricts_the_search(server):
+    bbox = (-100.0, -10.0, 60.0, 70.0)
+    r = _locate(server, _png(T(1, 6, 3)), k=4, bbox=",".join(map(str, bbox)))
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["tile"] != [3, 1, 6]  # that tile lies outside the box
+    region = Coverage.from_bbox(*bbox)
+    for level in d["trace"]:
+        assert region.intersects([t[1] for t in level["tiles"]], [t[2] for t in level["tiles"]],
+                                 zoom=level["zoom"]).all()
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "message"),
+    [
+        (b"this is not an image", 400, "bad.png: <20 bytes>: not a readable image"),
+        (b"", 400, "bad.png: the uploaded file is empty"),
+        (None, 400, "bad.png: <"),  # a truncated PNG: the header is fine, the pixels are missing
+    ],
+    ids=["garbage", "empty", "truncated"],
+)
+def test_bad_images_are_4xx_with_the_reason(server, data, status, message):
+    if data is None:
+        data = _png(T(5, 2, 3))[:60]
+    r = _locate(server, data, name="bad.png")
+    assert r.status_code == status, r.text
+    assert message in r.json()["detail"] and "BytesIO" not in r.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [
+        ({"k": 0}, "greater than or equal to 1"),
+        ({"k": 5000}, "less than or equal to 2048"),
+        ({"top_n": 0}, "greater than or equal to 1"),
+        ({"k": "many"}, "valid integer"),
+        ({"bbox": "1,2,3"}, "bbox must be 4 numbers"),
+        ({"bbox": "10,50,5,40"}, "must be less than north"),
+    ],
+)
+def test_bad_parameters_are_422(server, form, message):
+    r = _locate(server, _png(T(5, 2, 3)), **form)
+    assert r.status_code == 422, r.text
+    assert message in str(r.json()["detail"])
+
+
+def test_missing_image_field_is_422(server):
+    r = httpx.post(f"{server}/locate", data={"k": "4"}, timeout=TIMEOUT)
+    assert r.status_code == 422
+
+
+def test_upload_limit_declared_length(server):
+    r = _locate(server, b"\0" * (LIMIT + 1000), name="huge.jpg")
+    assert r.status_code == 413 and "byte limit" in r.json()["detail"]
+
+
+def test_upload_limit_streamed_without_length(server):
+    def body() -> Iterator[bytes]:  # chunked transfer encoding: no Content-Length to check up front
+        yield b"--xyz\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n\r\n"
+        for _ in range(LIMIT // 10_000 + 2):
+            yield b"\0" * 10_000
+
+    r = httpx.post(f"{server}/locate", content=body(), timeout=TIMEOUT,
+                   headers={"content-type": "multipart/form-data; boundary=xyz"})
+    assert r.status_code == 413 and "byte limit" in r.json()["detail"]
+
+
+def test_concurrent_requests_share_one_index(server):
+    tiles = [T(5, 2, 3), T(1, 6, 3), T(7, 7, 3), T(0, 0, 3)] * 2
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(lambda t: _locate(server, _png(t), k=8), tiles))
+    assert all(r.status_code == 200 for r in responses)
+    got = [tuple(r.json()["tile"]) for r in responses]
+    assert got[:4] == got[4:]
+    assert got[0] == (3, 5, 2)
+
+
+def test_create_app_checks_its_arguments(small_index, tmp_path):
+    with pytest.raises(ConfigError, match="1..2048"):
+        create_app(small_index, default_k=0)
+    from geoindex.errors import IndexNotFoundError
+
+    with pytest.raises(IndexNotFoundError):
+        create_app(tmp_path / "nothing")
