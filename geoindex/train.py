@@ -1,0 +1,550 @@
+"""The paper's recipe for the per-zoom map encoders: contrastive, in-batch negatives, finest to coarsest.
+
+For every photo and zoom level the target is the tile that contains the photo. A batch holds
+photos; its tiles are the distinct tiles of those photos, each encoded once by the level's map
+encoder. Each photo's (frozen, cached) embedding is scored against every tile of the batch by
+cosine similarity times a fixed logit scale, and cross-entropy takes the photo's own tile as the
+class. Because tiles are deduplicated, a tile shared by two photos of a batch is the positive of
+both and a negative of neither. Only the last two blocks, ``ln_post`` and ``proj`` train.
+
+Levels train from the finest zoom to the coarsest: the finest starts from the base encoder,
+each coarser one from the checkpoint of the level before. A level's state (weights, optimizer,
+epoch and step) is saved atomically every few steps and at each epoch's end, so a killed run
+resumes where it stopped; the finished level is ``<out>/zNN.pt`` (``save_map_checkpoint``),
+which ``build_index --map-checkpoints <out>`` reads.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mercantile
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+
+from geoindex.dataset import tile_codes
+from geoindex.encoders import (
+    ImageEncoder,
+    load_map_encoder,
+    mark_trainable,
+    save_map_checkpoint,
+)
+from geoindex.errors import ConfigError, TileNotFoundError
+from geoindex.imagery import TileSource
+from geoindex.store import atomic_write_bytes
+
+__all__ = [
+    "EpochRecord",
+    "LevelResult",
+    "TrainConfig",
+    "batch_targets",
+    "contrastive_loss",
+    "init_map_encoder",
+    "tile_accuracy",
+    "train_level",
+    "train_step",
+    "train_levels",
+]
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "geoindex-train-state/1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of the recipe; the defaults are the paper's.
+
+    Attributes:
+        epochs: passes over the training photos per level (paper: 5).
+        batch_size: photos per batch (paper: 64).
+        lr: Adam learning rate (paper: 1e-4).
+        logit_scale: multiplies cosine similarities before the softmax (CLIP's trained value, 100).
+        seed: seeds the photo order of every (level, epoch); a resumed run replays it exactly.
+        device: torch device. amp: float16 autocast + gradient scaling, used only on CUDA.
+        workers: DataLoader worker processes that read and preprocess tiles (0: in-process).
+        checkpoint_every: steps between saved states (and at every epoch's end).
+        max_val_photos: validation photos scored per epoch (a seeded subset); None for all.
+        val_batch_size: tiles per forward pass during validation.
+    """
+
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-4
+    logit_scale: float = 100.0
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True
+    workers: int = 0
+    checkpoint_every: int = 200
+    max_val_photos: int | None = 10_000
+    val_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 2 or self.lr <= 0 or self.logit_scale <= 0:
+            raise ConfigError(
+                f"need epochs >= 0, batch_size >= 2 (in-batch negatives), lr > 0 and logit_scale > 0; "
+                f"got epochs={self.epochs} batch_size={self.batch_size} lr={self.lr} "
+                f"logit_scale={self.logit_scale}"
+            )
+        if self.checkpoint_every < 1 or self.workers < 0 or self.val_batch_size < 1:
+            raise ConfigError("checkpoint_every and val_batch_size must be >= 1 and workers >= 0")
+        if self.max_val_photos is not None and self.max_val_photos < 1:
+            raise ConfigError(f"max_val_photos must be >= 1 or None, got {self.max_val_photos}")
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the trained weights; a resumed state must match it."""
+        return {"batch_size": self.batch_size, "lr": self.lr, "logit_scale": self.logit_scale,
+                "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of a level: mean loss, validation tile accuracy, seconds (epoch 0: before training)."""
+
+    zoom: int
+    epoch: int
+    loss: float | None
+    val_top1: float | None
+    val_top5: float | None
+    val_photos: int
+    val_tiles: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """A trained level: its checkpoint, where it started from, and its per-epoch history."""
+
+    zoom: int
+    checkpoint: Path
+    init_from: str
+    history: tuple[EpochRecord, ...] = field(default_factory=tuple)
+    skipped: bool = False
+    dropped_photos: int = 0
+
+
+# ------------------------------------------------------------------------------------- the loss
+
+
+def batch_targets(codes: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """The distinct tiles of a batch and each photo's class: ``unique[target[i]] == codes[i]``.
+
+    Args:
+        codes: tile code of each photo of the batch, shape (B,).
+
+    Returns:
+        unique tile codes (U,) and target (B,) int64 indices into them.
+    """
+    unique, target = np.unique(np.asarray(codes, dtype=np.int64), return_inverse=True)
+    return unique, target.reshape(-1).astype(np.int64)
+
+
+def contrastive_loss(
+    photo: torch.Tensor, tiles: torch.Tensor, target: torch.Tensor, *, logit_scale: float = 100.0
+) -> torch.Tensor:
+    """Cross-entropy of each photo over the batch's distinct tiles, its own tile being the class.
+
+    Args:
+        photo: photo embeddings (B, d), L2-normalised.
+        tiles: map-encoder outputs of the distinct tiles (U, d); normalised here.
+        target: (B,) int64, the row of ``tiles`` that contains each photo. Photos sharing a
+            tile share a row, so that tile is never a negative for them.
+        logit_scale: similarity scale before the softmax.
+
+    Returns:
+        The mean loss, a scalar tensor.
+    """
+    tiles = F.normalize(tiles.float(), dim=-1)
+    logits = logit_scale * photo.float() @ tiles.T
+    return F.cross_entropy(logits, target)
+
+
+# --------------------------------------------------------------------------------------- data
+
+
+def _tile(code: int, zoom: int) -> mercantile.Tile:
+    return mercantile.Tile(code % (1 << zoom), code // (1 << zoom), zoom)
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Batch i of an epoch: photo rows, the preprocessed distinct tiles, each photo's class.
+
+    Photos whose tile the source lacks are left out of their batch (and counted).
+    """
+
+    def __init__(self, batches: list[npt.NDArray[np.int64]], codes: npt.NDArray[np.int64],
+                 source: TileSource, preprocess: Callable[[Any], torch.Tensor], zoom: int) -> None:
+        self.batches = batches
+        self.codes = codes
+        self.source = source
+        self.preprocess = preprocess
+        self.zoom = zoom
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        rows = self.batches[i]
+        unique, target = batch_targets(self.codes[rows])
+        pixels, found = [], np.ones(len(unique), dtype=bool)
+        for j, c in enumerate(unique.tolist()):
+            try:
+                pixels.append(self.preprocess(self.source.get(_tile(c, self.zoom))))
+            except TileNotFoundError:
+                found[j] = False
+        if not found.all():
+            keep = found[target]
+            rows, target = rows[keep], (np.cumsum(found) - 1)[target[keep]]
+        stacked = torch.stack(pixels) if pixels else torch.zeros(0)
+        return torch.from_numpy(rows), stacked, torch.from_numpy(target), int((~found).sum())
+
+
+def _epoch_batches(n: int, codes: npt.NDArray[np.int64], cfg: TrainConfig, zoom: int, epoch: int
+                   ) -> list[npt.NDArray[np.int64]]:
+    """The seeded photo order of one epoch cut into batches; batches with one distinct tile are dropped
+    (they have no negative, so their loss is 0 and Adam's momentum would still move the weights)."""
+    order = np.random.default_rng([cfg.seed, zoom, epoch]).permutation(n)
+    batches = [order[s : s + cfg.batch_size] for s in range(0, n, cfg.batch_size)]
+    return [b for b in batches if len(np.unique(codes[b])) >= 2]
+
+
+# --------------------------------------------------------------------------------- validation
+
+
+@torch.inference_mode()
+def _encode_tiles(encoder: ImageEncoder, source: TileSource, codes: Sequence[int], zoom: int,
+                  batch_size: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Embeddings (m, d) of the tiles the source has, and which of ``codes`` those are (m = found.sum())."""
+    out, found = [], np.zeros(len(codes), dtype=bool)
+    for s in range(0, len(codes), batch_size):
+        pixels = []
+        for j, c in enumerate(codes[s : s + batch_size]):
+            try:
+                pixels.append(encoder.preprocess(source.get(_tile(c, zoom))))
+                found[s + j] = True
+            except TileNotFoundError:
+                continue
+        if pixels:
+            out.append(encoder.encode_tensor(torch.stack(pixels)))
+    return (np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)), found
+
+
+def tile_accuracy(
+    encoder: ImageEncoder, photo_emb: npt.NDArray[np.float32], codes: npt.NDArray[np.int64], *,
+    source: TileSource, zoom: int, batch_size: int = 256,
+) -> tuple[float, float, int, int]:
+    """Top-1 and top-5 tile accuracy of photos among the distinct tiles of the same photos.
+
+    Photos whose tile the source lacks are left out.
+
+    Args:
+        encoder: the level's map encoder. photo_emb: (n, d) photo embeddings.
+        codes: (n,) true tile code of each photo at ``zoom``.
+
+    Returns:
+        (top-1, top-5, photos scored, candidate tiles).
+    """
+    unique, target = batch_targets(codes)
+    was_training = encoder.visual.training
+    encoder.visual.eval()
+    tiles, found = _encode_tiles(encoder, source, unique.tolist(), zoom, batch_size)
+    encoder.visual.train(was_training)
+    keep = found[target]
+    if not keep.any():
+        return float("nan"), float("nan"), 0, int(found.sum())
+    target = (np.cumsum(found) - 1)[target[keep]]
+    scores = photo_emb[keep] @ tiles.T
+    own = scores[np.arange(len(target)), target]
+    rank = (scores > own[:, None]).sum(axis=1)  # ties count in the photo's favour
+    return float(np.mean(rank < 1)), float(np.mean(rank < 5)), int(keep.sum()), int(found.sum())
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def init_map_encoder(base: ImageEncoder, previous: str | os.PathLike | None) -> ImageEncoder:
+    """A trainable map encoder: a copy of ``base``, or of the previous (finer) level's checkpoint."""
+    if previous is None:
+        enc = ImageEncoder(base.spec, copy.deepcopy(base.visual), base.preprocess, base.base_fingerprint)
+    else:
+        enc = load_map_encoder(base, previous)
+    enc.to(base.device)
+    mark_trainable(enc)
+    return enc
+
+
+def train_step(
+    encoder: ImageEncoder,
+    optimizer: torch.optim.Optimizer,
+    photo: torch.Tensor,
+    pixels: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    logit_scale: float = 100.0,
+    scaler: torch.amp.GradScaler | None = None,
+) -> float:
+    """One optimizer step of the recipe on one batch; returns the batch's loss before the step.
+
+    Args:
+        encoder: the trainable map encoder. optimizer: over its trainable parameters.
+        photo: (B, d) float32 photo embeddings. pixels: (U, 3, S, S) the batch's distinct tiles,
+            preprocessed. target: (B,) int64, each photo's row in ``pixels``.
+        scaler: a CUDA GradScaler for mixed precision; autocast is on when it is enabled.
+    """
+    device = encoder.device
+    amp = scaler is not None and scaler.is_enabled()
+    with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+        tiles = encoder.visual(pixels.to(device, non_blocking=True))
+    loss = contrastive_loss(photo.to(device), tiles, target.to(device), logit_scale=logit_scale)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None and amp:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
+def _state_path(out_dir: Path, zoom: int) -> Path:
+    return out_dir / f"z{zoom:02d}.state.pt"
+
+
+def checkpoint_path(out_dir: str | os.PathLike, zoom: int) -> Path:
+    """Where level ``zoom``'s finished map encoder goes: ``<out>/zNN.pt`` (build_index reads it)."""
+    return Path(out_dir) / f"z{zoom:02d}.pt"
+
+
+def _save_state(path: Path, payload: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _trainable_state(encoder: ImageEncoder) -> dict[str, torch.Tensor]:
+    names = {n for n, p in encoder.visual.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in encoder.visual.state_dict().items() if k in names}
+
+
+def train_level(
+    base: ImageEncoder,
+    zoom: int,
+    *,
+    photo_emb: npt.NDArray[np.float32],
+    lat: npt.ArrayLike,
+    lon: npt.ArrayLike,
+    train_rows: npt.ArrayLike,
+    val_rows: npt.ArrayLike | None,
+    source: TileSource,
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig = TrainConfig(),
+    init_from: str | os.PathLike | None = None,
+    run_key: str = "",
+    on_epoch: Callable[[int, int, int, int], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> LevelResult:
+    """Train the map encoder of one zoom level; resume from ``<out>/zNN.state.pt`` if present.
+
+    Args:
+        base: the frozen photo encoder; its weights are never changed.
+        photo_emb: (n, d) float32 photo embeddings from ``base`` (see ``dataset.photo_embeddings``).
+        lat, lon: (n,) true coordinates of the photos, degrees.
+        train_rows, val_rows: rows of ``photo_emb`` to train and to validate on.
+        source: tile images.
+        out_dir: where the state and the finished checkpoint ``zNN.pt`` are written.
+        init_from: the finer level's checkpoint to start from; None starts from ``base``.
+        run_key: identifies the photos and split; a state from another run is refused.
+        on_epoch: called as (zoom, epoch, steps in epoch, steps already done) when an epoch starts.
+        on_step: called with the loss after every optimizer step.
+
+    Raises:
+        ConfigError: ``out_dir`` holds a state of another run, or no photo has a tile.
+    """
+    out = Path(out_dir)
+    final = checkpoint_path(out, zoom)
+    state_file = _state_path(out, zoom)
+    init_name = (f"base:{base.spec.name}" if init_from is None
+                 else f"{Path(init_from).name}:{_sha256(init_from)}")
+    identity = {"zoom": zoom, "config": cfg.identity(), "run": run_key, "init": init_name,
+                "base_fingerprint": base.base_fingerprint}
+    state: dict[str, Any] | None = None
+    if state_file.is_file():
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
+        if state.get("format") != STATE_FORMAT or state.get("identity") != identity:
+            raise ConfigError(
+                f"{state_file} belongs to a run with other photos, split, settings or starting point; "
+                "use another --out folder, or delete it (and its zNN.pt) to start this level again"
+            )
+        if state.get("done") and final.is_file():
+            finished = tuple(EpochRecord(**r) for r in state["history"])
+            log.info("z%02d already trained (%s); skipping", zoom, final)
+            return LevelResult(zoom, final, init_name, finished, skipped=True,
+                               dropped_photos=int(state.get("dropped", 0)))
+
+    lat = np.asarray(lat, dtype=np.float64)
+    lon = np.asarray(lon, dtype=np.float64)
+    codes = tile_codes(lat, lon, zoom=zoom)
+    train_rows = np.asarray(train_rows, dtype=np.int64)
+    if len(np.unique(codes[train_rows])) < 2:
+        raise ConfigError(
+            f"z{zoom}: training needs photos in at least 2 distinct tiles, got {len(train_rows)} photos")
+    val = np.asarray(val_rows if val_rows is not None else [], dtype=np.int64)
+    if len(val):
+        if cfg.max_val_photos is not None and len(val) > cfg.max_val_photos:
+            pick = np.random.default_rng([cfg.seed, zoom]).choice(val, cfg.max_val_photos, replace=False)
+            val = np.sort(pick)
+
+    dropped = 0  # training photos whose tile the source lacks (counted in the first epoch)
+    device = torch.device(cfg.device)
+    encoder = init_map_encoder(base, init_from)
+    encoder.to(device)
+    params = [p for p in encoder.visual.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: list[EpochRecord] = []
+    epoch, step = 0, 0
+    if state is not None:
+        encoder.visual.load_state_dict(state["weights"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        epoch, step = int(state["epoch"]), int(state["step"])
+        dropped = int(state.get("dropped", 0))
+        history = [EpochRecord(**r) for r in state["history"]]
+        log.info("z%02d: resuming at epoch %d, step %d from %s", zoom, epoch + 1, step, state_file)
+
+    def validate(ep: int, loss: float | None, seconds: float) -> None:
+        top1 = top5 = None
+        n_photos = n_tiles = 0
+        if len(val):
+            top1, top5, n_photos, n_tiles = tile_accuracy(
+                encoder, photo_emb[val], codes[val], source=source, zoom=zoom, batch_size=cfg.val_batch_size)
+        history.append(EpochRecord(zoom, ep, loss, top1, top5, n_photos, n_tiles, seconds))
+        log.info("z%02d epoch %d/%d: loss %s, val tile top-1 %s top-5 %s (%d photos, %d tiles), %.1f s",
+                 zoom, ep, cfg.epochs, f"{loss:.4f}" if loss is not None else "-",
+                 f"{top1:.3f}" if top1 is not None else "-", f"{top5:.3f}" if top5 is not None else "-",
+                 n_photos, n_tiles, seconds)
+
+    def save(done: bool = False) -> None:
+        _save_state(state_file, {
+            "format": STATE_FORMAT, "identity": identity, "weights": _trainable_state(encoder),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "step": step, "history": [dataclasses.asdict(r) for r in history], "done": done,
+            "dropped": dropped, "loss_sum": loss_sum, "loss_n": loss_n,
+        })
+
+    loss_sum = float(state["loss_sum"]) if state is not None else 0.0
+    loss_n = int(state["loss_n"]) if state is not None else 0
+    if not history:  # epoch 0: the starting point, before any step
+        t0 = time.perf_counter()
+        validate(0, None, 0.0)
+        history[-1] = dataclasses.replace(history[-1], seconds=time.perf_counter() - t0)
+        save()
+
+    photo_all = torch.from_numpy(np.ascontiguousarray(photo_emb, dtype=np.float32))
+    while epoch < cfg.epochs:
+        started = time.perf_counter()
+        batches = _epoch_batches(len(train_rows), codes[train_rows], cfg, zoom, epoch)
+        batches = [train_rows[b] for b in batches]
+        if on_epoch:
+            on_epoch(zoom, epoch + 1, len(batches), step)
+        loader = torch.utils.data.DataLoader(
+            _Batches(batches[step:], codes, source, encoder.preprocess, zoom),
+            batch_size=None, shuffle=False, num_workers=cfg.workers,
+        )
+        encoder.visual.train()
+        for rows, pixels, target, _missing in loader:
+            if epoch == 0:
+                dropped += len(batches[step]) - len(rows)
+            if len(torch.unique(target)) < 2:  # its tiles are missing from the source
+                step += 1
+                continue
+            value = train_step(encoder, optimizer, photo_all[rows], pixels, target,
+                               logit_scale=cfg.logit_scale, scaler=scaler)
+            step += 1
+            loss_sum += value
+            loss_n += 1
+            if on_step:
+                on_step(value)
+            if step % cfg.checkpoint_every == 0 and step < len(batches):
+                save()
+        encoder.visual.eval()
+        epoch, step = epoch + 1, 0
+        mean_loss = loss_sum / loss_n if loss_n else None
+        loss_sum, loss_n = 0.0, 0
+        validate(epoch, mean_loss, time.perf_counter() - started)
+        save()
+    save_map_checkpoint(encoder, final, zoom=zoom)
+    save(done=True)
+    return LevelResult(zoom, final, init_name, tuple(history), dropped_photos=dropped)
+
+
+def train_levels(
+    base: ImageEncoder,
+    zooms: Sequence[int],
+    *,
+    photo_emb: npt.NDArray[np.float32],
+    lat: npt.ArrayLike,
+    lon: npt.ArrayLike,
+    train_rows: npt.ArrayLike,
+    val_rows: npt.ArrayLike | None,
+    source: TileSource,
+    out_dir: str | os.PathLike,
+    cfg: TrainConfig = TrainConfig(),
+    run_key: str = "",
+    on_epoch: Callable[[int, int, int, int], None] | None = None,
+    on_step: Callable[[float], None] | None = None,
+) -> list[LevelResult]:
+    """Train every level, finest zoom first; each coarser level starts from the finer one's checkpoint.
+
+    Writes ``<out>/zNN.pt`` per level and ``<out>/train.json`` (settings and history) after each level.
+    Arguments are those of :func:`train_level`.
+    """
+    if not zooms:
+        raise ConfigError("no zoom levels to train")
+    if len(set(zooms)) != len(zooms):
+        raise ConfigError(f"zoom levels repeat: {list(zooms)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[LevelResult] = []
+    previous: Path | None = None
+    for zoom in sorted(zooms, reverse=True):
+        result = train_level(
+            base, zoom, photo_emb=photo_emb, lat=lat, lon=lon, train_rows=train_rows, val_rows=val_rows,
+            source=source, out_dir=out, cfg=cfg, init_from=previous, run_key=run_key,
+            on_epoch=on_epoch, on_step=on_step,
+        )
+        results.append(result)
+        previous = result.checkpoint
+        summary = {
+            "config": dataclasses.asdict(cfg),
+            "base": {"name": base.spec.name, "base_fingerprint": base.base_fingerprint},
+            "run": run_key,
+            "levels": [
+                {"zoom": r.zoom, "checkpoint": r.checkpoint.name, "init_from": r.init_from,
+                 "dropped_photos": r.dropped_photos, "history": [dataclasses.asdict(h) for h in r.history]}
+                for r in results
+            ],
+        }
+        atomic_write_bytes(out / "train.json", json.dumps(summary, indent=2).encode())
+    return results

@@ -1,0 +1,358 @@
+"""End-to-end experiment on real imagery: views -> train map encoders -> build index -> evaluate, before and after.
+
+`python -m pipelines.experiment` (about 5-15 minutes on a 2-core CPU with the tiny encoder):
+
+1. picks the most textured zoom-6 tiles of the imagery (Blue Marble: ../shared/data/bluemarble, else the
+   embedded raster) and renders views of them with known centres: off-grid crops at other scales
+   (zoom 5.4-6.6) and rotations, with colour and blur changes; the views of each tile are split
+   into train / val / held-out (test) sets;
+2. builds an index (zoom 4 and 6, whole world) with the untrained encoders and evaluates both the
+   training views and the held-out views with pipelines.evaluate;
+3. trains the zoom-6 then the zoom-4 map encoder with pipelines.train (the paper's recipe);
+4. builds the index again with the trained map encoders and evaluates the same views;
+5. appends a dated section to benchmarks/RESULTS.md (append only) with the command and the figures.
+
+The tiny encoder is random-init, so no accuracy bar applies: the recipe presumes a pretrained photo
+encoder such as CLIP. With CLIP weights, pass --encoder clip-vit-b-32 --weights FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import numpy.typing as npt
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+
+from geoindex.dataset import PhotoTable, write_photo_csv
+from geoindex.encoders import ENCODERS
+from geoindex.errors import ConfigError, TileNotFoundError
+from geoindex.evaluate import EvalReport
+from geoindex.imagery import TileSource
+from geoindex.sources import open_source
+from geoindex.tiles import MAX_LATITUDE
+from pipelines import build_index, evaluate, train
+from pipelines._cli import progress_bar, run_main, setup_logging
+
+log = logging.getLogger("pipelines.experiment")
+
+SHARED_BLUEMARBLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "bluemarble"
+RESULTS_MD = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
+VIEW_ZOOM = 6
+
+
+@dataclass(frozen=True)
+class Config:
+    """Arguments of the experiment; see ``parse_args``."""
+
+    out: Path = Path("indexes/experiment-bluemarble")
+    source: str | None = None
+    encoder: str = "tiny"
+    weights: str | None = None
+    tiles: int = 128
+    candidates: int = 1024
+    views: int = 16
+    val_views: int = 2
+    test_views: int = 2
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-4
+    ks: tuple[int, ...] = (16, 256)
+    seed: int = 0
+    threads: int = 1
+    results_md: Path | None = RESULTS_MD
+    quiet: bool = False
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.views - self.val_views - self.test_views < 1:
+            raise ConfigError(f"--views {self.views} leaves no training view after --val-views and --test-views")
+        if not 2 <= self.tiles <= self.candidates:
+            raise ConfigError(f"need 2 <= --tiles <= --candidates, got {self.tiles} and {self.candidates}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="python -m pipelines.experiment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Config.out,
+                   help="working folder (default: indexes/experiment-bluemarble)")
+    p.add_argument("--source", help=f"tile source with zoom 4 and 6 (default: {SHARED_BLUEMARBLE} if present, "
+                                    "else the embedded Blue Marble raster)")
+    p.add_argument("--encoder", default=Config.encoder, choices=sorted(ENCODERS), help="base encoder (default: tiny)")
+    p.add_argument("--weights", help="local weights file for the encoder")
+    p.add_argument("--tiles", type=int, default=Config.tiles, help="zoom-6 tiles to make views of")
+    p.add_argument("--candidates", type=int, default=Config.candidates,
+                   help="random zoom-6 tiles (|lat| < 70) the most textured --tiles are chosen from")
+    p.add_argument("--views", type=int, default=Config.views, help="views per tile")
+    p.add_argument("--val-views", type=int, default=Config.val_views, help="of which validation views")
+    p.add_argument("--test-views", type=int, default=Config.test_views, help="of which held-out views")
+    p.add_argument("--epochs", type=int, default=Config.epochs, help="epochs per level")
+    p.add_argument("--batch-size", type=int, default=Config.batch_size)
+    p.add_argument("--lr", type=float, default=Config.lr)
+    p.add_argument("--k", type=int, nargs="+", default=list(Config.ks), help="beam widths to evaluate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=Config.threads,
+                   help="torch threads (default 1: tiny models, shared CPU)")
+    p.add_argument("--results-md", type=Path, default=RESULTS_MD, help="the RESULTS.md to append to")
+    p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    command = "python -m pipelines.experiment " + " ".join(
+        shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    return Config(
+        out=a.out, source=a.source, encoder=a.encoder, weights=a.weights, tiles=a.tiles, candidates=a.candidates,
+        views=a.views, val_views=a.val_views, test_views=a.test_views, epochs=a.epochs, batch_size=a.batch_size,
+        lr=a.lr, ks=tuple(a.k), seed=a.seed, threads=a.threads,
+        results_md=None if a.no_record else a.results_md, quiet=a.quiet, command=command.strip(),
+    )
+
+
+# ------------------------------------------------------------------------------------------ views
+
+
+class _Mosaic:
+    """Samples the imagery of one zoom level of a tile source at arbitrary Web-Mercator points."""
+
+    def __init__(self, source: TileSource, zoom: int) -> None:
+        self.source = source
+        self.zoom = zoom
+        self._tiles: dict[tuple[int, int], npt.NDArray[np.uint8]] = {}
+
+    def _tile(self, x: int, y: int) -> npt.NDArray[np.uint8]:
+        key = (x % (1 << self.zoom), min(max(y, 0), (1 << self.zoom) - 1))
+        if key not in self._tiles:
+            try:
+                img = self.source.get(mercantile.Tile(key[0], key[1], self.zoom)).resize((256, 256))
+                self._tiles[key] = np.asarray(img, dtype=np.uint8)
+            except TileNotFoundError:
+                self._tiles[key] = np.zeros((256, 256, 3), np.uint8)
+        return self._tiles[key]
+
+    def view(self, lat: float, lon: float, *, zoom: float, rotation_deg: float, size: int = 256) -> Image.Image:
+        """Like ``RasterSource.render_view``: a view spanning 2**-zoom of the world, rotated about its centre."""
+        world = 256 * (1 << self.zoom)
+        lat = float(np.clip(lat, -MAX_LATITUDE, MAX_LATITUDE))
+        cx = (lon + 180.0) / 360.0 * world
+        cy = (1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * world
+        t = (np.arange(size) + 0.5) / size - 0.5
+        u, v = np.meshgrid(t, t)
+        a = math.radians(rotation_deg)
+        span = world * 2.0**-zoom
+        px = cx + span * (u * math.cos(a) + v * math.sin(a)) - 0.5
+        py = np.clip(cy + span * (-u * math.sin(a) + v * math.cos(a)) - 0.5, 0, world - 1)
+        x0, y0 = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
+        fx, fy = (px - x0)[..., None], (py - y0)[..., None]
+
+        def sample(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+            xs = xs % world
+            ys = np.clip(ys, 0, world - 1)
+            out = np.empty(xs.shape + (3,), np.float32)
+            tx, ty = xs // 256, ys // 256
+            for kx, ky in set(zip(tx.ravel().tolist(), ty.ravel().tolist())):
+                m = (tx == kx) & (ty == ky)
+                out[m] = self._tile(kx, ky)[ys[m] % 256, xs[m] % 256]
+            return out
+
+        top = sample(x0, y0) * (1 - fx) + sample(x0 + 1, y0) * fx
+        bottom = sample(x0, y0 + 1) * (1 - fx) + sample(x0 + 1, y0 + 1) * fx
+        return Image.fromarray(np.clip(top * (1 - fy) + bottom * fy + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def _texture(source: TileSource, tile: mercantile.Tile) -> float:
+    try:
+        grey = np.asarray(source.get(tile).convert("L").resize((64, 64)), dtype=np.float32)
+    except TileNotFoundError:
+        return -1.0
+    return float(grey.std())
+
+
+def make_views(cfg: Config, source: TileSource) -> PhotoTable:
+    """Views of the most textured zoom-6 tiles with known centres, split by view; written under <out>/views."""
+    rng = np.random.default_rng(cfg.seed)
+    n = 1 << VIEW_ZOOM
+    lim = mercantile.tile(0, 70.0, VIEW_ZOOM).y, mercantile.tile(0, -70.0, VIEW_ZOOM).y
+    pool = [(x, y) for x in range(n) for y in range(lim[0], lim[1] + 1)]
+    picks = rng.choice(len(pool), size=min(cfg.candidates, len(pool)), replace=False)
+    candidates = [mercantile.Tile(*pool[i], VIEW_ZOOM) for i in picks]
+    texture = np.array([_texture(source, t) for t in candidates])
+    chosen = [candidates[i] for i in np.argsort(-texture, kind="stable")[: cfg.tiles]]
+    mosaic = _Mosaic(source, VIEW_ZOOM)
+    folder = cfg.out / "views"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, lats, lons, splits = [], [], [], []
+    n_train = cfg.views - cfg.val_views - cfg.test_views
+    roles = ["train"] * n_train + ["val"] * cfg.val_views + ["test"] * cfg.test_views
+    with progress_bar("views", quiet=cfg.quiet, unit="view") as bar:
+        bar.reset(total=len(chosen) * cfg.views)
+        for tile in chosen:
+            b = mercantile.bounds(tile)
+            for j, role in enumerate(rng.permutation(roles).tolist()):
+                # A centre anywhere in the tile (its Mercator square), so the true tile is this one.
+                fx, fy = rng.uniform(0.02, 0.98, size=2)
+                lon = b.west + fx * (b.east - b.west)
+                lat = mercantile.lnglat(*(np.array(mercantile.xy(b.west, b.north)) + fy * (
+                    np.array(mercantile.xy(b.east, b.south)) - np.array(mercantile.xy(b.west, b.north))))).lat
+                img = mosaic.view(lat, lon, zoom=float(rng.uniform(5.4, 6.6)),
+                                  rotation_deg=float(rng.uniform(-180.0, 180.0)))
+                img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.75, 1.25)))
+                img = ImageEnhance.Color(img).enhance(float(rng.uniform(0.6, 1.4)))
+                img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.8, 1.2)))
+                img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.5))))
+                path = folder / f"{tile.x}_{tile.y}_{j:02d}.jpg"
+                img.save(path, quality=90)
+                paths.append(str(path))
+                lats.append(lat)
+                lons.append(lon)
+                splits.append(role)
+                bar.update(1)
+    table = PhotoTable(tuple(paths), np.array(lats), np.array(lons), tuple(splits), source="views")
+    write_photo_csv(cfg.out / "views.csv", table, relative_to=cfg.out)
+    for role in ("train", "test"):
+        write_photo_csv(cfg.out / f"views-{role}.csv", table.subset(
+            [i for i, s in enumerate(splits) if s == role]), relative_to=cfg.out)
+    return table
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def _build(cfg: Config, source_spec: str, index: Path, checkpoints: Path | None) -> None:
+    args = ["--all", "--schedule", "4", "6", "2", "--index", str(index), "--source", source_spec,
+            "--encoder", cfg.encoder, "--shard-size", "4096", "--workers", "2"]
+    args += ["--weights", cfg.weights] if cfg.weights else []
+    args += ["--map-checkpoints", str(checkpoints)] if checkpoints else []
+    args += ["--quiet"] if cfg.quiet else []
+    build_index.run(build_index.parse_args(args))
+
+
+def _evaluate(cfg: Config, index: Path, split: str, name: str) -> EvalReport:
+    args = ["--photos", str(cfg.out / f"views-{split}.csv"), "--index", str(index), "--k", *map(str, cfg.ks),
+            "--out", str(cfg.out / "eval" / name), "--quiet"]
+    args += ["--weights", cfg.weights] if cfg.weights else []
+    return evaluate.run(evaluate.parse_args(args))
+
+
+def run(cfg: Config) -> dict[str, EvalReport]:
+    started = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    source_spec = cfg.source or (str(SHARED_BLUEMARBLE) if SHARED_BLUEMARBLE.is_dir() else "bluemarble")
+    source = open_source(source_spec)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    table = make_views(cfg, source)
+    timings = {"views": time.perf_counter() - t0}
+    log.info("%d views of %d tiles in %.0f s", len(table), cfg.tiles, timings["views"])
+
+    reports: dict[str, EvalReport] = {}
+    t0 = time.perf_counter()
+    _build(cfg, source_spec, cfg.out / "index-untrained", None)
+    for split in ("train", "test"):
+        reports[f"before-{split}"] = _evaluate(cfg, cfg.out / "index-untrained", split, f"before-{split}")
+    timings["build + evaluate (untrained)"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    train_args = ["--photos", str(cfg.out / "views.csv"), "--source", source_spec, "--out",
+                  str(cfg.out / "checkpoints"), "--zooms", "4", "6", "--encoder", cfg.encoder, "--epochs",
+                  str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed",
+                  str(cfg.seed), "--device", "cpu", "--workers", "0", "--max-val-photos", "0"]
+    train_args += ["--weights", cfg.weights] if cfg.weights else []
+    train_args += ["--quiet"] if cfg.quiet else []
+    results = train.run(train.parse_args(train_args))
+    timings["train"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    _build(cfg, source_spec, cfg.out / "index-trained", cfg.out / "checkpoints")
+    for split in ("train", "test"):
+        reports[f"after-{split}"] = _evaluate(cfg, cfg.out / "index-trained", split, f"after-{split}")
+    timings["build + evaluate (trained)"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - started
+
+    history = {r.zoom: [(h.epoch, h.loss, h.val_top1, h.val_top5) for h in r.history] for r in results}
+    section = _section(cfg, source_spec, table, reports, history, timings)
+    (cfg.out / "experiment.md").write_text(section)
+    (cfg.out / "experiment.json").write_text(json.dumps(
+        {"command": cfg.command, "timings_s": timings, "history": history,
+         "reports": {k: v.to_json() for k, v in reports.items()}}, indent=2))
+    if cfg.results_md is not None:
+        with open(cfg.results_md, "a", encoding="utf-8") as f:  # append only: others write here too
+            f.write("\n" + section)
+    r = reports
+    log.info("experiment done in %.0f s: held-out z06 top-1 (k=%d) %.1f %% -> %.1f %%, median error %.0f -> %.0f km;"
+             " report %s", timings["total"], cfg.ks[-1], 100 * r["before-test"].results[-1].tile_top1[6],
+             100 * r["after-test"].results[-1].tile_top1[6], r["before-test"].results[-1].median_km,
+             r["after-test"].results[-1].median_km, cfg.results_md or cfg.out / "experiment.md")
+    return reports
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.1f} %"
+
+
+def _section(cfg: Config, source: str, table: PhotoTable, reports: dict[str, EvalReport],
+             history: dict[int, list[tuple[int, float | None, float | None, float | None]]],
+             timings: dict[str, float]) -> str:
+    split = np.asarray(table.split)
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    lines = [
+        f"## training experiment: map encoders on Blue Marble views, before and after: {now}",
+        "",
+        f"- command: `{cfg.command}`",
+        f"- machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}"
+        f" ({cfg.threads} thread{'s' if cfg.threads > 1 else ''}), load avg {os.getloadavg()[0]:.2f} at end",
+        f"- imagery: `{source}` (zoom 4 and 6); index: whole world, levels z4 (256 tiles) and z6 (4,096 tiles)",
+        f"- encoder: `{cfg.encoder}` (photo encoder frozen; map encoders trained z6 then z4, "
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr:g})",
+        f"- queries: {len(table)} views of the {cfg.tiles} most textured of {cfg.candidates} random zoom-6 tiles "
+        f"(|lat| < 70): centre anywhere in the tile, zoom 5.4-6.6, any rotation, brightness/colour/contrast "
+        f"changes, Gaussian blur 0-1.5 px; split by view: {int((split == 'train').sum())} train, "
+        f"{int((split == 'val').sum())} val, {int((split == 'test').sum())} held-out",
+        "- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
+        "",
+        "Tile top-1 = the true tile ranked first at that level; k = beam width (k=256 keeps every z4 tile, "
+        "so its z6 figure is exhaustive retrieval over all 4,096 z6 tiles).",
+        "",
+        "| split | encoders | k | z4 tile top-1 | z4 beam recall | z6 tile top-1 | z6 beam recall "
+        "| median error km | 200 km | 750 km | 2500 km |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for split_name, label in (("train", "training views"), ("test", "held-out views")):
+        for when in ("before", "after"):
+            rep = reports[f"{when}-{split_name}"]
+            for r in rep.results:
+                lines.append(
+                    f"| {label} | {'untrained' if when == 'before' else 'trained'} | {r.k} | {_pct(r.tile_top1[4])} "
+                    f"| {_pct(r.beam_recall[4])} | {_pct(r.tile_top1[6])} | {_pct(r.beam_recall[6])} "
+                    f"| {r.median_km:,.0f} "
+                    f"| {_pct(r.accuracy[200.0])} | {_pct(r.accuracy[750.0])} | {_pct(r.accuracy[2500.0])} |")
+    lines += ["", "Training (validation = the val views, tile top-1/top-5 among the val views' own tiles):", "",
+              "| level | epoch | mean loss | val top-1 | val top-5 |", "|---|---:|---:|---:|---:|"]
+    for zoom in sorted(history, reverse=True):
+        for epoch, loss, top1, top5 in history[zoom]:
+            lines.append(f"| z{zoom} | {epoch} | {'-' if loss is None else f'{loss:.3f}'} | {_pct(top1)} "
+                         f"| {_pct(top5)} |")
+    lines += ["", ""]  # a blank line after the table, so that notes appended below stay out of it
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    setup_logging(cfg.quiet)
+    return run_main(lambda: (run(cfg), 0)[1])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

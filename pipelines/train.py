@@ -1,0 +1,177 @@
+"""Train the per-zoom map encoders with the paper's recipe: `python -m pipelines.train --photos photos.csv`.
+
+Input: a CSV of photos (path, lat, lon; MP-16 / YFCC layout, see geoindex.dataset) and a tile
+source. The photos are split 10:1:1 into train/val/test (seeded, by photo; a `split` column in
+the CSV overrides it) and embedded once with the frozen photo encoder (cached under --out).
+Each level's map encoder is then trained contrastively, finest zoom first, each coarser level
+starting from the finer one; per epoch it reports validation tile top-1/top-5 accuracy.
+Output: <out>/zNN.pt per level (read by `build_index --map-checkpoints <out>`), <out>/train.json,
+and <out>/splits/{train,val,test}.csv (evaluate on test.csv). Rerun the same command to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from geoindex.dataset import SPLITS, photo_embeddings, read_photo_csv, table_splits, write_photo_csv
+from geoindex.encoders import ENCODERS, create_encoder
+from geoindex.errors import ConfigError
+from geoindex.sources import open_source
+from geoindex.tiles import LevelSchedule
+from geoindex.train import LevelResult, TrainConfig, train_levels
+from pipelines._cli import progress_bar, run_main, setup_logging
+
+log = logging.getLogger("pipelines.train")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Arguments of a training run; see ``parse_args`` for their meaning."""
+
+    photos: Path
+    source: str = "bluemarble"
+    out: Path = Path("checkpoints")
+    image_root: Path | None = None
+    zooms: tuple[int, ...] = LevelSchedule().zooms
+    encoder: str = "clip-vit-b-32"
+    weights: str | None = None
+    download: bool = False
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-4
+    split: tuple[float, float, float] = (10, 1, 1)
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = 4
+    max_val_photos: int | None = 10_000
+    checkpoint_every: int = 200
+    threads: int | None = None
+    quiet: bool = False
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+                           device=self.device, workers=self.workers, checkpoint_every=self.checkpoint_every,
+                           max_val_photos=self.max_val_photos)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    p = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--photos", type=Path, required=True, help="CSV of photos: path, lat, lon (MP-16: IMG_ID, LAT, LON)")
+    p.add_argument("--image-root", type=Path, help="folder relative photo paths start from (default: the CSV's)")
+    p.add_argument("--source", default="bluemarble",
+                   help="tile source: a tile folder, .mbtiles, URL template, xyzservices name or bluemarble")
+    p.add_argument("--out", type=Path, default=Config.out, help="output folder (default: checkpoints)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--zooms", type=int, nargs="+", help="zoom levels to train (trained finest first)")
+    which.add_argument("--schedule", type=int, nargs=3, metavar=("START", "STOP", "STEP"),
+                       help="train every level of this schedule (default: 4 16 2, the paper's)")
+    p.add_argument("--encoder", default=Config.encoder, choices=sorted(ENCODERS),
+                   help="base encoder: the frozen photo encoder and every map encoder's start")
+    p.add_argument("--weights", help="local weights file for the encoder (else the local model caches)")
+    p.add_argument("--download", action="store_true", help="download missing encoder weights")
+    p.add_argument("--epochs", type=int, default=Config.epochs, help="epochs per level (paper: 5)")
+    p.add_argument("--batch-size", type=int, default=Config.batch_size, help="photos per batch (paper: 64)")
+    p.add_argument("--lr", type=float, default=Config.lr, help="Adam learning rate (paper: 1e-4)")
+    p.add_argument("--split", type=float, nargs=3, default=Config.split, metavar=("TRAIN", "VAL", "TEST"),
+                   help="train:val:test ratio, by photo (paper: 10 1 1); a `split` column overrides it")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the batch order")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda")
+    p.add_argument("--workers", type=int, default=Config.workers, help="tile-loading worker processes")
+    p.add_argument("--max-val-photos", type=int, default=Config.max_val_photos,
+                   help="validation photos scored per epoch (seeded subset; 0 = all)")
+    p.add_argument("--checkpoint-every", type=int, default=Config.checkpoint_every,
+                   help="steps between saved states (the unit of resumption)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    a = p.parse_args(argv)
+    zooms = tuple(a.zooms) if a.zooms else LevelSchedule(*(a.schedule or (4, 16, 2))).zooms
+    device = a.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Config(
+        photos=a.photos, source=a.source, out=a.out, image_root=a.image_root, zooms=zooms, encoder=a.encoder,
+        weights=a.weights, download=a.download, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+        split=tuple(a.split), seed=a.seed, device=device, workers=a.workers,
+        max_val_photos=a.max_val_photos or None, checkpoint_every=a.checkpoint_every, threads=a.threads,
+        quiet=a.quiet,
+    )
+
+
+def run(cfg: Config) -> list[LevelResult]:
+    """Split, embed the photos (cached), train every level; returns one result per level, finest first."""
+    started = time.perf_counter()
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    train_cfg = cfg.train_config()
+    table = read_photo_csv(cfg.photos, image_root=cfg.image_root)
+    splits = table_splits(table, ratios=cfg.split, seed=cfg.seed)
+    if len(splits["train"]) == 0:
+        raise ConfigError(f"{cfg.photos}: no training photos after the split {cfg.split}")
+    for name in SPLITS:
+        write_photo_csv(cfg.out / "splits" / f"{name}.csv", table.subset(splits[name]),
+                        relative_to=cfg.out / "splits")
+    log.info("%d photos: %s -> %s", len(table), ", ".join(f"{len(splits[s])} {s}" for s in SPLITS),
+             cfg.out / "splits")
+    source = open_source(cfg.source)
+    base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device)
+
+    with progress_bar("photo embeddings", quiet=cfg.quiet, unit="photo") as bar:
+        def on_plan(total: int, done: int) -> None:
+            bar.reset(total=total)
+            bar.update(done)
+
+        emb, ok = photo_embeddings(table, base, cfg.out / "cache", batch_size=cfg.batch_size,
+                                   workers=max(1, cfg.workers), progress=bar.update, on_plan=on_plan)
+    train_rows, val_rows = splits["train"][ok[splits["train"]]], splits["val"][ok[splits["val"]]]
+
+    key = hashlib.sha256(table.key().encode())
+    for name in SPLITS:
+        key.update(splits[name].tobytes())
+    with progress_bar("train", quiet=cfg.quiet, unit="step") as bar:
+        def on_epoch(zoom: int, epoch: int, steps: int, done: int) -> None:
+            bar.set_description(f"z{zoom:02d} epoch {epoch}/{cfg.epochs}")
+            bar.reset(total=steps)
+            bar.update(done)
+
+        def on_step(loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        results = train_levels(
+            base, cfg.zooms, photo_emb=emb, lat=table.lat, lon=table.lon, train_rows=train_rows,
+            val_rows=val_rows, source=source, out_dir=cfg.out, cfg=train_cfg, run_key=key.hexdigest(),
+            on_epoch=on_epoch, on_step=on_step,
+        )
+    levels = "; ".join(
+        f"z{r.zoom:02d} val top-1 {_fmt(r.history[0].val_top1)} -> {_fmt(r.history[-1].val_top1)}"
+        + (" (already trained)" if r.skipped else "")
+        for r in results
+    )
+    log.info("trained %d levels on %d photos in %.0f s: %s; checkpoints in %s",
+             len(results), len(train_rows), time.perf_counter() - started, levels, cfg.out)
+    return results
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    setup_logging(cfg.quiet)
+    return run_main(lambda: (run(cfg), 0)[1])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

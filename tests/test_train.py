@@ -1,0 +1,269 @@
+"""The training recipe on tiny encoders and generated photo/tile pairs: loss, overfitting, negatives, resume."""
+
+from __future__ import annotations
+
+import mercantile
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from geoindex.dataset import tile_codes
+from geoindex.encoders import load_map_encoder, mark_trainable
+from geoindex.errors import ConfigError
+from geoindex.tiles import tile_center
+from geoindex.train import (
+    TrainConfig,
+    batch_targets,
+    contrastive_loss,
+    init_map_encoder,
+    tile_accuracy,
+    train_levels,
+    train_step,
+)
+from tests.conftest import render_tile
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread; two oversubscribe a shared 2-core machine badly."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _photo(tile: mercantile.Tile) -> np.ndarray:
+    """A 'photo' of a tile that looks nothing like it: another pattern, so the mapping must be learnt."""
+    return np.asarray(render_tile(mercantile.Tile(tile.x + 7, tile.y + 3, 9)))
+
+
+def _pairs(tiny_encoder, tiles):
+    photos = tiny_encoder.encode([_photo(t) for t in tiles])
+    pixels = torch.stack([tiny_encoder.preprocess(render_tile(t)) for t in tiles])
+    return torch.from_numpy(photos), pixels
+
+
+def _batch_loss(encoder, photo, pixels, target):
+    with torch.no_grad():
+        return float(contrastive_loss(photo, encoder.visual(pixels), target))
+
+
+@pytest.fixture(scope="module")
+def tiles8():
+    return [mercantile.Tile(x, y, 2) for x, y in [(0, 0), (1, 0), (2, 1), (3, 1), (0, 2), (1, 3), (2, 2), (3, 3)]]
+
+
+def test_one_step_lowers_the_loss(tiny_encoder, tiles8):
+    photo, pixels = _pairs(tiny_encoder, tiles8)
+    target = torch.arange(len(tiles8))
+    enc = init_map_encoder(tiny_encoder, None)
+    opt = torch.optim.Adam([p for p in enc.visual.parameters() if p.requires_grad], lr=1e-4)
+    before = _batch_loss(enc, photo, pixels, target)
+    reported = train_step(enc, opt, photo, pixels, target)
+    assert reported == pytest.approx(before, rel=1e-5)
+    assert _batch_loss(enc, photo, pixels, target) < before
+
+
+def test_recipe_overfits_one_fixed_batch(tiny_encoder, tiles8):
+    photo, pixels = _pairs(tiny_encoder, tiles8)
+    target = torch.arange(len(tiles8))
+    enc = init_map_encoder(tiny_encoder, None)
+    opt = torch.optim.Adam([p for p in enc.visual.parameters() if p.requires_grad], lr=1e-3)
+    losses = [train_step(enc, opt, photo, pixels, target) for _ in range(60)]
+    final = _batch_loss(enc, photo, pixels, target)
+    assert final < 0.1 * losses[0]
+    with torch.no_grad():
+        scores = photo @ torch.nn.functional.normalize(enc.visual(pixels), dim=-1).T
+    assert scores.argmax(dim=1).tolist() == list(range(len(tiles8)))
+
+
+def test_a_shared_tile_is_not_a_negative():
+    unique, target = batch_targets([7, 3, 7, 9])
+    assert unique.tolist() == [3, 7, 9] and target.tolist() == [1, 0, 1, 2]
+    torch.manual_seed(0)
+    photo = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    tiles = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    loss = contrastive_loss(photo, tiles, torch.from_numpy(target), logit_scale=10.0)
+    # Hand computation: each photo's softmax runs over the three distinct tiles only.
+    logits = 10.0 * photo @ tiles.T
+    expected = -np.mean([float(torch.log_softmax(logits[i], 0)[t]) for i, t in enumerate(target)])
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # Had tile 7 appeared twice as a column, it would have been a negative for its own photos.
+    dup = torch.cat([tiles, tiles[1:2]])
+    naive = torch.nn.functional.cross_entropy(10.0 * photo @ dup.T, torch.tensor([1, 0, 3, 2]))
+    assert float(naive) > float(loss) + 1e-4
+    # Two photos of one tile: each is scored exactly as it would be alone.
+    def alone(i: int, t: int) -> float:
+        return float(contrastive_loss(photo[i : i + 1], tiles, torch.tensor([t]), logit_scale=10.0))
+
+    pair = contrastive_loss(photo[[0, 0, 1]], tiles, torch.tensor([1, 1, 0]), logit_scale=10.0)
+    assert float(pair) == pytest.approx((2 * alone(0, 1) + alone(1, 0)) / 3, rel=1e-5)
+
+
+def test_batch_loader_dedupes_tiles(tiny_encoder, rendered_source):
+    from geoindex.train import _Batches
+
+    codes = np.array([5, 5, 6, 9], dtype=np.int64)
+    ds = _Batches([np.arange(4)], codes, rendered_source, tiny_encoder.preprocess, zoom=2)
+    rows, pixels, target, missing = ds[0]
+    assert pixels.shape[0] == 3 and target.tolist() == [0, 0, 1, 2] and missing == 0
+
+
+# ----------------------------------------------------------------------------- whole levels
+
+
+def _dataset(tiny_encoder, zoom=3, per_tile=2):
+    """Photos at random points of 16 zoom-3 tiles, each a pattern unlike its tile."""
+    rng = np.random.default_rng(0)
+    tiles = [mercantile.Tile(x, y, zoom) for x in range(2, 6) for y in range(2, 6)]
+    lat, lon, images = [], [], []
+    for t in tiles:
+        b = mercantile.bounds(t)
+        for _ in range(per_tile):
+            lat.append(rng.uniform(b.south + 0.1, b.north - 0.1))
+            lon.append(rng.uniform(b.west + 0.1, b.east - 0.1))
+            images.append(_photo(t))
+    return tiny_encoder.encode(images), np.array(lat), np.array(lon)
+
+
+def _train(tmp_path, tiny_encoder, rendered_source, data, *, zooms=(3,), cfg=None, **kw):
+    emb, lat, lon = data
+    n = len(lat)
+    return train_levels(
+        tiny_encoder, zooms, photo_emb=emb, lat=lat, lon=lon, train_rows=np.arange(n),
+        val_rows=np.arange(0, n, 2), source=rendered_source, out_dir=tmp_path,
+        cfg=cfg or TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=1), run_key="t", **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def data(tiny_encoder):
+    return _dataset(tiny_encoder)
+
+
+def test_only_intended_parameters_change(tmp_path, tiny_encoder, rendered_source, data):
+    fingerprint = tiny_encoder.base_fingerprint
+    base_state = {k: v.clone() for k, v in tiny_encoder.visual.state_dict().items()}
+    (result,) = _train(tmp_path, tiny_encoder, rendered_source, data)
+    trained = load_map_encoder(tiny_encoder, result.checkpoint)
+    intended = set(mark_trainable(init_map_encoder(tiny_encoder, None)))
+    changed = {k for k, v in trained.visual.state_dict().items() if not torch.equal(v, base_state[k])}
+    assert changed and changed <= intended
+    assert any(k.startswith("transformer.resblocks.") for k in changed) and "proj" in changed
+    # The photo encoder is frozen: untouched by training.
+    from geoindex.encoders import _state_fingerprint
+
+    assert _state_fingerprint(tiny_encoder.visual) == fingerprint
+    assert all(torch.equal(v, base_state[k]) for k, v in tiny_encoder.visual.state_dict().items())
+    hist = result.history
+    assert [h.epoch for h in hist] == [0, 1, 2] and hist[0].loss is None and hist[1].loss is not None
+    assert all(0.0 <= h.val_top1 <= h.val_top5 <= 1.0 for h in hist)
+
+
+def test_levels_train_finest_first_each_from_the_previous(tmp_path, tiny_encoder, rendered_source, data):
+    results = _train(tmp_path, tiny_encoder, rendered_source, data, zooms=(2, 3),
+                     cfg=TrainConfig(epochs=1, batch_size=8, lr=1e-3))
+    assert [r.zoom for r in results] == [3, 2]
+    assert results[0].init_from == "base:tiny" and results[1].init_from.startswith("z03.pt:")
+    assert (tmp_path / "z03.pt").is_file() and (tmp_path / "z02.pt").is_file()
+    assert (tmp_path / "train.json").is_file()
+    # z02 started from z03: had it started from the base with the same steps it would differ.
+    fresh = tmp_path / "fresh"
+    (other,) = _train(fresh, tiny_encoder, rendered_source, data, zooms=(2,),
+                      cfg=TrainConfig(epochs=1, batch_size=8, lr=1e-3))
+    a = load_map_encoder(tiny_encoder, results[1].checkpoint).visual.state_dict()
+    b = load_map_encoder(tiny_encoder, other.checkpoint).visual.state_dict()
+    assert not torch.equal(a["proj"], b["proj"])
+    # A finished run is skipped when started again.
+    again = _train(tmp_path, tiny_encoder, rendered_source, data, zooms=(2, 3),
+                   cfg=TrainConfig(epochs=1, batch_size=8, lr=1e-3))
+    assert all(r.skipped for r in again)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumed_run_continues_from_its_checkpoint(tmp_path, tiny_encoder, rendered_source, data, caplog):
+    whole = _train(tmp_path / "whole", tiny_encoder, rendered_source, data)[0]
+    steps = []
+
+    def interrupt(loss: float) -> None:
+        steps.append(loss)
+        if len(steps) == 5:  # mid second epoch (4 batches per epoch); state saved after step 4
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        _train(tmp_path / "cut", tiny_encoder, rendered_source, data, on_step=interrupt)
+    assert not (tmp_path / "cut" / "z03.pt").exists()
+    resumed_steps = []
+    caplog.set_level("INFO", logger="geoindex")
+    (resumed,) = _train(tmp_path / "cut", tiny_encoder, rendered_source, data, on_step=resumed_steps.append)
+    assert "resuming at epoch 2, step 0" in caplog.text
+    assert len(resumed_steps) == 4  # only the second epoch's 4 steps, not all 8
+    assert resumed_steps[0] == pytest.approx(steps[4], rel=1e-5)
+    a = load_map_encoder(tiny_encoder, whole.checkpoint).visual.state_dict()
+    b = load_map_encoder(tiny_encoder, resumed.checkpoint).visual.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    assert [h.epoch for h in resumed.history] == [0, 1, 2]
+
+
+def test_state_of_another_run_is_refused(tmp_path, tiny_encoder, rendered_source, data):
+    with pytest.raises(_Stop):
+        _train(tmp_path, tiny_encoder, rendered_source, data, on_step=lambda loss: (_ for _ in ()).throw(_Stop))
+    with pytest.raises(ConfigError, match="another --out"):
+        _train(tmp_path, tiny_encoder, rendered_source, data, cfg=TrainConfig(epochs=2, batch_size=4, lr=1e-3))
+
+
+def test_tile_accuracy_counts_ties_and_missing_tiles(tiny_encoder, rendered_source):
+    tiles = [mercantile.Tile(x, 1, 2) for x in range(4)]
+    emb = tiny_encoder.encode([render_tile(t) for t in tiles])
+    lat, lon = zip(*(tile_center(t) for t in tiles))
+    codes = tile_codes(lat, lon, zoom=2)
+    top1, top5, n, m = tile_accuracy(tiny_encoder, emb, codes, source=rendered_source, zoom=2)
+    assert (top1, top5, n, m) == (1.0, 1.0, 4, 4)
+
+
+def test_config_is_validated():
+    with pytest.raises(ConfigError, match="batch_size >= 2"):
+        TrainConfig(batch_size=1)
+    assert TrainConfig() == TrainConfig(epochs=5, batch_size=64, lr=1e-4)
+
+
+def test_train_pipeline_end_to_end(tmp_path, tiny_encoder, caplog):
+    from geoindex.dataset import PhotoTable, read_photo_csv, write_photo_csv
+    from pipelines import train as train_pipeline
+
+    tiles_dir = tmp_path / "tiles"
+    for z in (1, 2):
+        for x in range(2**z):
+            for y in range(2**z):
+                (tiles_dir / str(z) / str(x)).mkdir(parents=True, exist_ok=True)
+                render_tile(mercantile.Tile(x, y, z)).save(tiles_dir / str(z) / str(x) / f"{y}.png")
+    rng = np.random.default_rng(1)
+    paths, lat, lon = [], [], []
+    for i in range(36):
+        t = mercantile.Tile(int(rng.integers(4)), int(rng.integers(4)), 2)
+        b = mercantile.bounds(t)
+        p = tmp_path / "photos" / f"{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(_photo(t)).save(p)
+        paths.append(str(p))
+        lat.append((b.south + b.north) / 2)
+        lon.append((b.west + b.east) / 2)
+    write_photo_csv(tmp_path / "photos.csv", PhotoTable(tuple(paths), np.array(lat), np.array(lon)),
+                    relative_to=tmp_path)
+    out = tmp_path / "run"
+    argv = ["--photos", str(tmp_path / "photos.csv"), "--source", str(tiles_dir), "--out", str(out),
+            "--zooms", "1", "2", "--encoder", "tiny", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+            "--quiet"]
+    assert train_pipeline.main(argv) == 0
+    assert (out / "z02.pt").is_file() and (out / "z01.pt").is_file()
+    splits = {s: read_photo_csv(out / "splits" / f"{s}.csv") for s in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [30, 3, 3]
+    assert sorted(sum((list(t.paths) for t in splits.values()), [])) == sorted(paths)
+    caplog.set_level("INFO", logger="geoindex")
+    assert train_pipeline.main(argv[:-1]) == 0  # a rerun resumes: nothing left to train
+    assert "z02 already trained" in caplog.text
