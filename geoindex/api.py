@@ -6,7 +6,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -102,7 +102,7 @@ class _Searcher:
         check_k(k)
         options = PriorOptions(prior_mode, prior_weight) if prior is not None else None
         loaded = get_prior(prior) if prior is not None else None
-        batch = [images] if not isinstance(images, (list, tuple)) else list(images)
+        batch = cast(list[ImageInput], [images] if not isinstance(images, (list, tuple)) else list(images))
         if loaded is not None:  # decode once; both encoders preprocess the same PIL image
             batch_in: list[ImageInput | GeoIndexError] = []
             for image in batch:
@@ -115,12 +115,12 @@ class _Searcher:
         else:
             batch_in = list(batch)
         pixels: list[torch.Tensor | GeoIndexError] = []
-        for image in batch_in:
-            if isinstance(image, GeoIndexError):
-                pixels.append(image)
+        for item in batch_in:
+            if isinstance(item, GeoIndexError):
+                pixels.append(item)
                 continue
             try:
-                pixels.append(self.photo_encoder.preprocess_images([image])[0])
+                pixels.append(self.photo_encoder.preprocess_images([item])[0])
             except GeoIndexError as e:
                 if on_error == "raise":
                     raise
@@ -131,7 +131,7 @@ class _Searcher:
         ]
         if good:
             xq = self.photo_encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
-            belief = loaded.predict([batch_in[i] for i in good]) if loaded is not None else None  # type: ignore[misc]
+            belief = loaded.predict([cast(ImageInput, batch_in[i]) for i in good]) if loaded is not None else None
             results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
                                              prior=belief, prior_options=options)
             for i, r in zip(good, results):

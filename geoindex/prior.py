@@ -143,6 +143,10 @@ class GalleryBelief:
     def __len__(self) -> int:
         return self.prob.shape[0]
 
+    def __getitem__(self, rows: slice | npt.NDArray[np.int64] | Sequence[int]) -> GalleryBelief:
+        """The belief of some photos (a slice or row indices), e.g. one query batch of an evaluation."""
+        return GalleryBelief(self.gallery, np.atleast_2d(self.prob[rows]))
+
     def top_location(self) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         """GeoCLIP's own answer per photo: the most probable gallery point, (lat (n,), lon (n,))."""
         best = np.argmax(self.prob, axis=1)

@@ -305,7 +305,9 @@ class FaissLevel:
             sel = faiss.IDSelectorRange(row, row + 1)
             x1 = np.ascontiguousarray(xq[q : q + 1])
             if parents is None:
-                D, I = index.search(x1, 1, params=faiss.SearchParameters(sel=sel))
+                flat_params = faiss.SearchParameters()
+                flat_params.sel = sel
+                D, I = index.search(x1, 1, params=flat_params)
             else:
                 lists = np.ascontiguousarray(parents[q : q + 1, : min(parents.shape[1], index.nlist)], dtype=np.int64)
                 params = faiss.SearchParametersIVF()
