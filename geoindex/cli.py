@@ -197,6 +197,7 @@ def _locate(args: argparse.Namespace) -> int:
 
     index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device))
     searcher = index.within(region) if region is not None else index
+    prior_kwargs = _prior(args, str(index.photo_encoder.device))
     writer = _Writer(args.format, sys.stdout, top_n=args.top_n, trace=args.trace)
     for f in failed:
         writer.failure(f)
@@ -206,7 +207,8 @@ def _locate(args: argparse.Namespace) -> int:
                disable=args.quiet or len(images) < 2 or not sys.stderr.isatty())
     try:
         for batch in _batches(images, args.batch_size):
-            for path, item in zip(batch, searcher.search(batch, k, top_n=args.top_n, on_error="return"),
+            for path, item in zip(batch, searcher.search(batch, k, top_n=args.top_n, on_error="return",
+                                                                 **prior_kwargs),
                                   strict=True):
                 if isinstance(item, GeoIndexError):
                     failed.append(_Failed(path, str(item)))
@@ -263,6 +265,16 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prior(args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """Keyword arguments for ``search`` that attach GeoCLIP as a prior (none without --prior)."""
+    if args.prior is None:
+        return {}
+    from geoindex.prior import load_geoclip_prior
+
+    prior = load_geoclip_prior(args.geoclip_backbone, download=args.download, device=device)
+    return {"prior": prior, "prior_mode": args.prior_mode, "prior_weight": args.prior_weight}
+
+
 def _bbox_arg(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"),
@@ -299,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     _bbox_arg(loc)
     loc.add_argument("--ignore-exif", action="store_true", help="do not read or show the photos' EXIF GPS")
     loc.add_argument("--trace", action="store_true", help="include the per-level trace in --format json")
+    loc.add_argument("--prior", choices=["geoclip"],
+                     help="add GeoCLIP's belief to the search (pip install 'geoindex[geoclip]')")
+    loc.add_argument("--prior-mode", choices=["inject", "rerank"], default="inject",
+                     help="inject: GeoCLIP's top tile joins the beam at every level (the paper); "
+                          "rerank: tile scores are combined with GeoCLIP's probability (default: inject)")
+    loc.add_argument("--prior-weight", type=float, default=0.5, help="rerank weight in [0, 1] (default: 0.5)")
+    loc.add_argument("--geoclip-backbone", metavar="PATH",
+                     help="local folder of openai/clip-vit-large-patch14 (else $GEOINDEX_GEOCLIP_BACKBONE)")
     loc.add_argument("--map", type=Path, metavar="PNG", help="draw the answer and its per-level trace (one image)")
     loc.add_argument("--map-source", metavar="SOURCE",
                      help="imagery for --map: bluemarble, a tile folder, .mbtiles, a URL template "

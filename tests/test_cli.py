@@ -268,3 +268,17 @@ def test_locate_with_bbox_and_region_file(capsys, small_index, photos, tmp_path)
         assert "within the region" in err
         outputs.append(d["tile"])
     assert outputs[0] == outputs[1]
+
+
+def test_prior_without_geoclip_backbone_fails_clearly(small_index, tmp_path, capsys, monkeypatch):
+    """--prior geoclip offline: exit 2 and a message naming how to supply GeoCLIP or its backbone."""
+    from geoindex.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("GEOINDEX_GEOCLIP_BACKBONE", raising=False)
+    image = tmp_path / "q.png"
+    render_tile(mercantile.Tile(1, 2, 3)).save(image)
+    code = main(["locate", str(image), "--index", str(small_index), "-k", "4", "--prior", "geoclip", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "geoindex[geoclip]" in err or "--geoclip-backbone" in err
