@@ -22,7 +22,7 @@ from geoindex.dataset import PhotoTable
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, GeoIndexError
 from geoindex.metrics import THRESHOLDS_KM, accuracy_at, great_circle_km
-from geoindex.search import Level, LevelHits, beam_search, check_k
+from geoindex.search import Level, LevelHits, PriorOptions, beam_search, check_k
 from geoindex.tiles import tile_center_array, tile_of_array
 
 __all__ = [
@@ -228,6 +228,8 @@ def evaluate(
     on_predictions: Callable[[int, npt.NDArray[np.int64], Predictions, npt.NDArray[np.float64]], None] | None = None,
     mode: str = "indexed",
     index: str = "",
+    prior: Any = None,
+    prior_options: PriorOptions | None = None,
 ) -> EvalReport:
     """Geolocate every photo at each beam width k and score against the true coordinates.
 
@@ -238,6 +240,8 @@ def evaluate(
         query_batch: photos per beam-search call (on the fly, 1 gives the paper's per-photo cost).
         progress: called with the number of photos handled (embedding, then each k's search).
         on_predictions: called per k with (k, rows of the readable photos, predictions, errors km).
+        prior, prior_options: a loaded ``geoindex.prior.GeoCLIPPrior`` and how it joins the search
+            (inject or rerank); its image features are computed once and reused for every k.
 
     Returns:
         An EvalReport; time per image = embedding time + search time, divided by readable photos.
@@ -250,6 +254,10 @@ def evaluate(
     if not len(rows):
         raise ConfigError(f"none of the {len(photos)} photos could be read")
     xq, lat, lon = emb[rows], photos.lat[rows], photos.lon[rows]
+    if prior is not None:
+        started = time.perf_counter()
+        prior_features = prior.embed([photos.paths[i] for i in rows])
+        embed_s += time.perf_counter() - started  # part of each photo's cost, like the photo embedding
     results = []
     for k in ks:
         encoded_before = getattr(searcher, "tiles_encoded", None)
@@ -257,7 +265,9 @@ def evaluate(
         per_batch: list[list[LevelHits]] = []
         for s in range(0, len(rows), query_batch):
             t0 = time.perf_counter()
-            per_batch.append(beam_search(xq[s : s + query_batch], searcher.levels, k))
+            belief = prior.belief(prior_features[s : s + query_batch]) if prior is not None else None
+            per_batch.append(beam_search(xq[s : s + query_batch], searcher.levels, k, prior=belief,
+                                         prior_options=prior_options))
             search_s += time.perf_counter() - t0
             if progress:
                 progress(min(s + query_batch, len(rows)) - s)

@@ -28,6 +28,7 @@ from geoindex.api import OnTheFlySearcher, open_index
 from geoindex.dataset import read_photo_csv
 from geoindex.errors import ConfigError
 from geoindex.evaluate import EvalReport, Predictions, evaluate
+from geoindex.search import PriorOptions
 from geoindex.sources import open_source
 from geoindex.store import atomic_write_bytes
 from pipelines._cli import progress_bar, run_main, setup_logging
@@ -54,6 +55,10 @@ class Config:
     threads: int | None = None
     quiet: bool = False
     command: str = ""
+    prior: str | None = None
+    prior_mode: str = "inject"
+    prior_weight: float = 0.5
+    geoclip_backbone: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("indexed", "onthefly"):
@@ -82,6 +87,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--predictions", action="store_true", help="also write <out>.predictions.csv")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--prior", choices=["geoclip"], help="add GeoCLIP's belief (pip install 'geoindex[geoclip]')")
+    p.add_argument("--prior-mode", choices=["inject", "rerank"], default="inject",
+                   help="inject: GeoCLIP's top tile joins the beam (the paper's Table 3); rerank: combined scores")
+    p.add_argument("--prior-weight", type=float, default=0.5, help="rerank weight in [0, 1] (default: 0.5)")
+    p.add_argument("--geoclip-backbone", help="local folder of openai/clip-vit-large-patch14")
     a = p.parse_args(argv)
     if a.mode == "onthefly" and not a.source:
         p.error("--mode onthefly encodes tiles at query time: give their --source")
@@ -90,7 +100,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     return Config(
         photos=a.photos, index=a.index, ks=tuple(a.k), mode=a.mode, source=a.source, image_root=a.image_root,
         out=a.out, weights=a.weights, device=a.device, limit=a.limit, query_batch=a.query_batch,
-        predictions=a.predictions, threads=a.threads, quiet=a.quiet, command=command,
+        predictions=a.predictions, threads=a.threads, quiet=a.quiet, command=command, prior=a.prior,
+        prior_mode=a.prior_mode, prior_weight=a.prior_weight, geoclip_backbone=a.geoclip_backbone,
     )
 
 
@@ -107,6 +118,12 @@ def run(cfg: Config) -> EvalReport:
     index = open_index(cfg.index, weights=cfg.weights, device=cfg.device)
     searcher = index if cfg.mode == "indexed" else OnTheFlySearcher.for_index(index, open_source(cfg.source or ""))
     query_batch = cfg.query_batch or (256 if cfg.mode == "indexed" else 1)
+    prior, prior_options = None, None
+    if cfg.prior is not None:
+        from geoindex.prior import load_geoclip_prior
+
+        prior = load_geoclip_prior(cfg.geoclip_backbone, device=cfg.device)
+        prior_options = PriorOptions(cfg.prior_mode, cfg.prior_weight)  # type: ignore[arg-type]
     rows_out: list[list[object]] = []
 
     def on_predictions(k: int, rows: np.ndarray, pred: Predictions, errors: np.ndarray) -> None:
@@ -119,10 +136,12 @@ def run(cfg: Config) -> EvalReport:
     with progress_bar("evaluate", quiet=cfg.quiet, unit="photo") as bar:
         bar.reset(total=len(table) * (1 + len(cfg.ks)))
         report = evaluate(searcher, table, cfg.ks, query_batch=query_batch, progress=bar.update,
-                          on_predictions=on_predictions, mode=cfg.mode, index=str(cfg.index))
+                          on_predictions=on_predictions, mode=cfg.mode, index=str(cfg.index),
+                          prior=prior, prior_options=prior_options)
     report = EvalReport(report.mode, report.index, report.photos, report.unreadable, report.zooms, report.results,
                         meta={"photos_csv": str(cfg.photos), "command": cfg.command,
                               "encoder": index.manifest.photo_encoder["name"],
+                              "prior": f"{cfg.prior} ({cfg.prior_mode}, w={cfg.prior_weight})" if cfg.prior else None,
                               "map_checkpoints": {f"z{lv.zoom:02d}": lv.encoder.get("checkpoint")
                                                   for lv in index.manifest.levels}})
     cfg.out.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ import mercantile
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import geoindex
 from geoindex import prior as gp
@@ -332,3 +333,44 @@ def test_search_api_with_a_loaded_prior(small_index, pooled_prior, tmp_path):
     with pytest.raises(ConfigError, match="covers 2 queries"):
         geoindex.open_index(small_index).search_embeddings(
             np.zeros((1, 64), np.float32), k=1, prior=TilePriorAt(mercantile.Tile(0, 0, 1), 2))
+
+
+# --------------------------------------------------------------------------- evaluation with a prior
+
+
+def test_evaluate_with_prior(small_index, pooled_prior, tmp_path):
+    """evaluate(prior=...): rerank with weight 0 scores exactly like no prior; inject runs every k."""
+    from geoindex.dataset import PhotoTable
+    from geoindex.evaluate import evaluate
+    from geoindex.search import PriorOptions
+    from geoindex.tiles import tile_center
+
+    paths, lat, lon = [], [], []
+    for i, img in enumerate(_queries(6, zoom=3, seed=11)):
+        p = tmp_path / f"q{i}.png"
+        Image.fromarray(img).save(p)
+        paths.append(str(p))
+        c = tile_center(mercantile.Tile(i, i, 3))
+        lat.append(c[0])
+        lon.append(c[1])
+    photos = PhotoTable(tuple(paths), np.array(lat), np.array(lon))
+    index = geoindex.open_index(small_index)
+    plain = evaluate(index, photos, (2, 4))
+    zero = evaluate(index, photos, (2, 4), prior=pooled_prior, prior_options=PriorOptions("rerank", 0.0))
+    for a, b in zip(plain.results, zero.results):
+        assert (a.accuracy, a.median_km, a.tile_top1, a.beam_recall) == (b.accuracy, b.median_km, b.tile_top1,
+                                                                          b.beam_recall)
+    injected = evaluate(index, photos, (2, 4), prior=pooled_prior, prior_options=PriorOptions("inject"))
+    assert [r.n for r in injected.results] == [6, 6]
+
+
+def test_evaluate_pipeline_prior_offline_fails_clearly(small_index, tmp_path, capsys):
+    from pipelines import evaluate as evaluate_pipeline
+
+    csv = tmp_path / "p.csv"
+    csv.write_text("path,lat,lon\nq.png,0,0\n")
+    code = evaluate_pipeline.main(["--photos", str(csv), "--index", str(small_index), "--prior", "geoclip",
+                                   "--out", str(tmp_path / "r"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "geoindex[geoclip]" in err or "--geoclip-backbone" in err
