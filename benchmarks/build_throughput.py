@@ -1,0 +1,155 @@
+"""Build throughput: tiles/s of ``build_index`` end to end vs the bare encoder forward pass, same tiles, batch, device.
+
+The encode-only pass runs before and after the build (the machine drifts); its tiles are
+rendered and preprocessed beforehand, untimed. The build is ``pipelines.build_index.run``:
+encoder creation, Blue Marble tiles rendered on the fly, preprocessing threads, parquet shards,
+FAISS file and manifest. Run: ``.venv/bin/python benchmarks/build_throughput.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mercantile
+import torch
+
+from benchmarks._common import Report, add_common_args, command_line, machine_info, markdown_table, resolve_encoder
+
+NAME = "build_throughput"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="benchmarks/build_throughput.py", description=__doc__)
+    add_common_args(p)
+    p.add_argument("--zooms", type=int, nargs="+", help="levels to build (default: 4, the world's 256 tiles)")
+    p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="coverage (default: world)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4, help="build_index's tile-loading threads (its default: 4)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", action="store_true", help="cProfile the build and print the top functions")
+    a = p.parse_args(argv)
+    if a.smoke:
+        b = mercantile.bounds(mercantile.Tile(8, 5, 4))
+        a.zooms, a.bbox = a.zooms or [4, 6], a.bbox or [b.west + 1e-6, b.south + 1e-6, b.east - 1e-6, b.north - 1e-6]
+    a.zooms = a.zooms or [4]
+    return a
+
+
+def _tiles(a: argparse.Namespace) -> list[mercantile.Tile]:
+    from geoindex.coverage import Coverage
+
+    cov = Coverage.from_bbox(*a.bbox) if a.bbox else Coverage.world()
+    out = []
+    for z in a.zooms:
+        x, y = cov.tiles(zoom=z)
+        out += [mercantile.Tile(int(i), int(j), z) for i, j in zip(x, y)]
+    return out
+
+
+def encode_only(encoder, pixels: torch.Tensor, batch_size: int) -> float:  # type: ignore[no-untyped-def]
+    """Seconds for the bare forward pass over preprocessed pixels, in batches."""
+    t = time.perf_counter()
+    for s in range(0, len(pixels), batch_size):
+        encoder.encode_tensor(pixels[s : s + batch_size])
+    return time.perf_counter() - t
+
+
+def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
+    from geoindex.encoders import create_encoder
+    from geoindex.imagery import RasterSource
+    from pipelines import build_index
+
+    machine = machine_info()
+    enc_name = resolve_encoder(a)
+    tiles = _tiles(a)
+    source = RasterSource()
+    encoder = create_encoder(enc_name, device=a.device)
+    pixels = torch.stack([encoder.preprocess(source.get(t)) for t in tiles])
+    # warm up with the batch shapes the passes use: first calls per shape are many times slower
+    for _ in range(2):
+        encoder.encode_tensor(pixels[: a.batch_size])
+    if len(pixels) % a.batch_size:
+        encoder.encode_tensor(pixels[: len(pixels) % a.batch_size])
+    print(f"{len(tiles)} tiles; encode-only pass 1...", file=sys.stderr)
+    before = encode_only(encoder, pixels, a.batch_size)
+
+    work = Path(tempfile.mkdtemp(prefix="geoindex-bench-build-"))
+    argv_build = ["--zoom", *map(str, a.zooms), "--index", str(work / "index"), "--source", "bluemarble",
+                  "--encoder", enc_name, "--batch-size", str(a.batch_size), "--workers", str(a.workers),
+                  "--device", a.device, "--quiet"]
+    if a.bbox:
+        argv_build += ["--bbox", *map(str, a.bbox)]
+    cfg = build_index.parse_args(argv_build)
+    print("build...", file=sys.stderr)
+    prof = cProfile.Profile() if a.profile else None
+    t = time.perf_counter()
+    if prof:
+        prof.enable()
+    summaries = build_index.run(cfg)
+    if prof:
+        prof.disable()
+    build_s = time.perf_counter() - t
+    print("encode-only pass 2...", file=sys.stderr)
+    after = encode_only(encoder, pixels, a.batch_size)
+    shutil.rmtree(work, ignore_errors=True)
+
+    n = len(tiles)
+    built = sum(s.planned for s in summaries)
+    level_s = sum(s.seconds for s in summaries)
+    encode_s = (before + after) / 2
+    res = {
+        "tiles": n, "tiles_built": built, "batch_size": a.batch_size, "device": a.device, "workers": a.workers,
+        "encode_only_s": [before, after],
+        "encode_only_tiles_per_s": n / encode_s,
+        "build_s": build_s, "build_tiles_per_s": built / build_s,
+        "build_level_s": level_s, "build_level_tiles_per_s": built / level_s,
+        "setup_s": build_s - level_s,
+    }
+    res["efficiency"] = res["build_tiles_per_s"] / res["encode_only_tiles_per_s"]
+    res["efficiency_build_level"] = res["build_level_tiles_per_s"] / res["encode_only_tiles_per_s"]
+    table = markdown_table(
+        ["tiles", "batch", "encode-only tiles/s (before, after)", "build_index tiles/s", "efficiency",
+         "build_level only tiles/s", "efficiency (build_level)", "setup s (encoder, raster, manifest)"],
+        [[n, a.batch_size, f"{n / before:.2f}, {n / after:.2f}", res["build_tiles_per_s"], res["efficiency"],
+          res["build_level_tiles_per_s"], res["efficiency_build_level"], res["setup_s"]]],
+    )
+    notes = [
+        f"Tiles: zoom(s) {a.zooms} of {'bbox ' + str(a.bbox) if a.bbox else 'the world'}, from the embedded Blue "
+        f"Marble raster (RasterSource renders each tile); device {a.device}, batch {a.batch_size}, "
+        f"{a.workers} loader threads, torch {torch.get_num_threads()} threads.",
+        "encode-only = encode_tensor over the same tiles' preprocessed pixels (rendering and preprocessing "
+        "untimed); mean of the passes before and after the build is the reference. build_index = "
+        "pipelines.build_index.run end to end; build_level only = the sum of BuildSummary.seconds "
+        "(excludes encoder creation and opening the raster).",
+    ]
+    if prof:
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(25)
+        print(s.getvalue(), file=sys.stderr)
+    targets = (("build efficiency >= 0.9", f"{res['efficiency']:.3f} end to end; "
+                f"{res['efficiency_build_level']:.3f} for build_level alone", res["efficiency"] >= 0.9),)
+    return Report(NAME, "build throughput", command_line(NAME, argv), enc_name, machine, res, (table,),
+                  tuple(notes), targets)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = parse_args(argv)
+    report = run(a, argv)
+    report.emit(results_dir=a.results_dir, results_md=a.results_md, record=not a.no_record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Smoke tests of benchmarks/: each script runs at its smallest sizes and writes sane JSON and RESULTS.md.
+
+No timing is asserted: the machine is shared and benchmarks measure, they do not judge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("benchmarks._common")
+
+
+def _run(module: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    import importlib
+
+    mod = importlib.import_module(f"benchmarks.{module}")
+    md = tmp_path / "RESULTS.md"
+    rc = mod.main(["--smoke", "--results-dir", str(tmp_path), "--results-md", str(md), *extra])
+    assert rc == 0
+    data = json.loads((tmp_path / f"{mod.NAME}.json").read_text())
+    text = md.read_text()
+    assert text.startswith("# Benchmark results")
+    assert f"benchmarks/{mod.NAME}.py --smoke" in text  # the exact command is recorded
+    for key in ("date", "cpu", "gpu", "faiss", "torch"):
+        assert data["machine"][key]
+    assert data["encoder"] == "tiny" or module == "scale"
+    return data["results"], text
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_latency(tmp_path):
+    res, text = _run("latency", tmp_path)
+    assert "extrapolated" in text.lower() and "measured" in text
+    for k in ("16", "64"):
+        r = res["per_k"][k]
+        for key in ("indexed_ms_p50", "indexed_ms_p95", "search_ms_p50", "photo_encode_ms_p50",
+                    "onthefly_ms_p50", "speedup", "per_tile_ms", "measured_onthefly_ms_p50"):
+            assert _positive(r[key]), key
+        assert r["indexed_ms_p95"] >= r["indexed_ms_p50"]
+        assert r["measured_final_tile_agreement"] == 1.0  # indexed and on-the-fly return the same tile
+    # 256 first-level tiles, then 16 k children per later level (z6..z16)
+    assert res["per_k"]["16"]["onthefly_tiles_7_levels"] == 256 + 6 * 16 * 16
+    assert res["per_k"]["64"]["onthefly_tiles_7_levels"] == 256 + 6 * 16 * 64
+
+
+def test_scale(tmp_path):
+    res, _ = _run("scale", tmp_path)
+    assert [r["tiles"] for r in res] == [1000, 10000]
+    for r in res:
+        for key in ("search_ms_p50", "search_ms_p95", "index_bytes", "rss_mb", "build_s"):
+            assert _positive(r[key]), key
+        assert r["search_ms_p95"] >= r["search_ms_p50"]
+        assert r["recall_at_1"] > 0.5  # the structured embeddings make the beam find the source leaf
+    assert res[1]["index_bytes"] > res[0]["index_bytes"]
+
+
+def test_build_throughput(tmp_path):
+    res, _ = _run("build_throughput", tmp_path)
+    for key in ("encode_only_tiles_per_s", "build_tiles_per_s", "efficiency"):
+        assert _positive(res[key]), key
+    assert res["tiles"] == res["tiles_built"] == 17
+    assert res["efficiency"] == pytest.approx(res["build_tiles_per_s"] / res["encode_only_tiles_per_s"])
+
+
+def test_codecs(tmp_path):
+    res, _ = _run("codecs", tmp_path)
+    assert set(res) == {"flat", "fp16", "sq8"}
+    for r in res.values():
+        assert _positive(r["bytes_per_tile"])
+        assert 0.0 <= r["final_tile_agreement"] <= 1.0
+    assert res["flat"]["final_tile_agreement"] == 1.0
+    assert res["fp16"]["final_tile_agreement"] == 1.0  # parquet holds fp16: the same values as flat
+    assert res["flat"]["bytes_per_tile"] > res["fp16"]["bytes_per_tile"] > res["sq8"]["bytes_per_tile"]
