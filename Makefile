@@ -6,13 +6,15 @@ STAMP  := $(VENV)/.installed
 # torch and torchvision are pinned as a matching pair: a torchvision from PyPI beside another
 # torch build fails to import (operator torchvision::nms does not exist).
 TORCH  ?= torch==2.14.1 torchvision==0.29.1
+# The optional features are installed too, so that their tests run rather than skip.
+EXTRAS ?= dev,serve,ray,geoclip
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean bench-quick
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,serve]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench-quick: $(STAMP)
+	for s in latency scale build_throughput codecs; do $(PY) benchmarks/$$s.py --quick || exit 1; done
 
 lint: $(STAMP)
 	$(PY) -m ruff check geoindex pipelines tests benchmarks

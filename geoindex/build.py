@@ -43,7 +43,19 @@ from geoindex.store import (
 )
 from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array
 
-__all__ = ["BuildIncompleteError", "BuildSummary", "Coverage", "build_level", "plan_level"]
+__all__ = [
+    "BuildIncompleteError",
+    "BuildSummary",
+    "Coverage",
+    "LevelJob",
+    "LevelPlan",
+    "build_level",
+    "build_shard",
+    "complete_level",
+    "encode_tiles",
+    "plan_level",
+    "start_level",
+]
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "_build.json"
@@ -156,19 +168,29 @@ def _load_tile(source: TileSource, encoder: ImageEncoder, x: int, y: int, zoom: 
         return None
 
 
-def _encode_shard(
-    plan: LevelPlan, lo: int, hi: int, source: TileSource, encoder: ImageEncoder,
-    pool: ThreadPoolExecutor, batch_size: int, progress: Callable[[int], None],
+def encode_tiles(
+    x: npt.NDArray[np.integer], y: npt.NDArray[np.integer], *, zoom: int, source: TileSource, encoder: ImageEncoder,
+    pool: ThreadPoolExecutor, batch_size: int, progress: Callable[[int], None] | None = None,
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
-    """Encode planned rows lo..hi; tiles are read and preprocessed in threads ahead of the model."""
-    found = np.zeros(hi - lo, dtype=bool)
-    emb = np.zeros((hi - lo, encoder.dim), dtype=np.float32)
+    """Encode tiles (x, y) of one shard, shape (n,) each, in batches of ``batch_size`` from the first.
+
+    Tiles are read and preprocessed in ``pool``'s threads ahead of the model. Tiles the source does
+    not have are left out of their batch, so a batch's content depends only on the shard's tiles:
+    every engine that calls this gets the same embeddings for the same shard.
+
+    Returns:
+        found: bool (n,), False where the source has no such tile. emb: float32 (n, d), zero where not found.
+    """
+    progress = progress or _ignore
+    n = len(x)
+    found = np.zeros(n, dtype=bool)
+    emb = np.zeros((n, encoder.dim), dtype=np.float32)
 
     def batches() -> Iterator[tuple[int, list[torch.Tensor | None]]]:
-        starts = range(lo, hi, batch_size)
+        starts = range(0, n, batch_size)
         futures = [
-            [pool.submit(_load_tile, source, encoder, int(plan.x[i]), int(plan.y[i]), plan.zoom)
-             for i in range(s, min(s + batch_size, hi))]
+            [pool.submit(_load_tile, source, encoder, int(x[i]), int(y[i]), zoom)
+             for i in range(s, min(s + batch_size, n))]
             for s in starts
         ]
         for s, fs in zip(starts, futures):
@@ -178,11 +200,130 @@ def _encode_shard(
         ok = [i for i, t in enumerate(tensors) if t is not None]
         if ok:
             out = encoder.encode_tensor(torch.stack([tensors[i] for i in ok]))  # type: ignore[misc]
-            rows = np.asarray(ok) + (start - lo)
+            rows = np.asarray(ok) + start
             emb[rows] = out
             found[rows] = True
         progress(len(tensors))
     return found, emb
+
+
+def build_shard(
+    index_dir: Path, zoom: int, shard: int, x: npt.NDArray[np.integer], y: npt.NDArray[np.integer],
+    parent_row: npt.NDArray[np.integer], *, source: TileSource, encoder: ImageEncoder, pool: ThreadPoolExecutor,
+    batch_size: int, progress: Callable[[int], None] | None = None,
+) -> int:
+    """Encode the planned tiles of one shard and write ``part-<shard>.parquet`` atomically; returns its rows.
+
+    Both build engines (local and Ray) write every shard through this function.
+
+    Raises:
+        GeoIndexError: a tile failed to load; nothing is written and a rerun retries the shard.
+    """
+    found, emb = encode_tiles(x, y, zoom=zoom, source=source, encoder=encoder, pool=pool,
+                              batch_size=batch_size, progress=progress)
+    write_shard(shard_path(index_dir, zoom, shard), zoom=zoom, x=np.asarray(x)[found], y=np.asarray(y)[found],
+                parent_row=np.asarray(parent_row)[found], embeddings=emb[found])
+    return int(found.sum())
+
+
+@dataclass(frozen=True)
+class LevelJob:
+    """A level build after planning: the plan, the shards still to encode, and what finishing needs.
+
+    Shard s holds planned rows ``[s * shard_size, (s + 1) * shard_size)`` less the tiles the source lacks.
+    """
+
+    index_dir: Path
+    manifest: Manifest
+    plan: LevelPlan
+    identity: dict[str, Any]
+    codec: str
+    dim: int
+    shard_size: int
+    n_shards: int
+    todo: tuple[int, ...]
+    started: float
+
+    @property
+    def zoom(self) -> int:
+        return self.plan.zoom
+
+    @property
+    def planned(self) -> int:
+        return len(self.plan.x)
+
+    def rows(self, shard: int) -> slice:
+        """The planned rows of ``shard``."""
+        return slice(shard * self.shard_size, min((shard + 1) * self.shard_size, self.planned))
+
+    @property
+    def reused_tiles(self) -> int:
+        """Planned tiles covered by shards finished before this run."""
+        todo = set(self.todo)
+        return sum(self.rows(s).stop - self.rows(s).start for s in range(self.n_shards) if s not in todo)
+
+
+def start_level(
+    index_dir: str | os.PathLike, zoom: int, *, encoder: ImageEncoder, imagery: str, coverage: Coverage,
+    schedule: LevelSchedule = LevelSchedule(), codec: str = "fp16", shard_size: int = 8192, batch_size: int = 64,
+    overwrite: bool = False,
+) -> LevelJob:
+    """Check the index, plan level ``zoom``, prepare its folder and list the shards still to encode.
+
+    Raises:
+        ConfigError: bad arguments, or the level above is not built yet.
+        EncoderMismatchError: see ``build_level``.
+    """
+    started = time.perf_counter()
+    index_dir = Path(index_dir)
+    if codec not in CODECS:
+        raise ConfigError(f"unknown codec {codec!r}; choose one of {list(CODECS)}")
+    if shard_size < 1 or batch_size < 1:
+        raise ConfigError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
+    schedule.index_of(zoom)
+    photo = {"name": encoder.spec.name, "base_fingerprint": encoder.base_fingerprint, "checkpoint_sha256": None}
+    fresh = Manifest(schedule=schedule, dim=encoder.dim, codec=codec, photo_encoder=photo,
+                     imagery=imagery, coverage=coverage.to_json())
+    manifest = Manifest.load(index_dir) if (index_dir / "manifest.json").is_file() else fresh
+    _check_compatible(index_dir, manifest, fresh)
+
+    plan = plan_level(index_dir, manifest, zoom, coverage)
+    identity = _plan_identity(plan, encoder, imagery, shard_size)
+    _prepare_level_dir(level_dir(index_dir, zoom), identity, overwrite=overwrite)
+    n_shards = max(1, -(-len(plan.x) // shard_size))
+    done = {p.name for p in list_shards(index_dir, zoom)}
+    todo = tuple(s for s in range(n_shards) if shard_path(index_dir, zoom, s).name not in done)
+    return LevelJob(index_dir, manifest, plan, identity, codec, encoder.dim, shard_size, n_shards, todo, started)
+
+
+def complete_level(
+    job: LevelJob, *, encoder: dict[str, Any], checkpoint: str | None = None,
+    build_args: dict[str, Any] | None = None, failures: list[str] | None = None,
+) -> BuildSummary:
+    """Build the FAISS file from the level's parquet shards and record the level in the manifest.
+
+    Args:
+        encoder: the map encoder's identity (``ImageEncoder.identity``), recorded in the manifest.
+        failures: one line per shard that could not be encoded; if any, nothing is finished.
+
+    Raises:
+        BuildIncompleteError: ``failures`` is not empty (finished shards are kept for a rerun).
+    """
+    zoom = job.zoom
+    if failures:
+        raise BuildIncompleteError(
+            f"level z{zoom}: {len(failures)} of {job.n_shards} shards could not be encoded "
+            f"({failures[0]}{'; ...' if len(failures) > 1 else ''}). Finished shards are kept: "
+            "fix the tile source and rerun the same command to resume"
+        )
+    info = finish_level(job.index_dir, zoom, n_parents=job.plan.n_parents, codec=job.codec, dim=job.dim)
+    info = dataclasses.replace(info, encoder={**encoder, "checkpoint": checkpoint})
+    manifest = job.manifest.with_level(info)
+    if build_args:
+        manifest = dataclasses.replace(manifest, build_args={**manifest.build_args, f"z{zoom}": build_args})
+    manifest.save(job.index_dir)
+    return BuildSummary(zoom, info.rows, job.planned, job.planned - info.rows, len(job.todo),
+                        job.n_shards - len(job.todo), time.perf_counter() - job.started)
 
 
 def build_level(
@@ -219,59 +360,24 @@ def build_level(
             or this level holds shards of another map encoder (without ``overwrite``).
         BuildIncompleteError: some tiles failed to load (not just missing); rerun to resume.
     """
-    started = time.perf_counter()
-    index_dir = Path(index_dir)
-    if codec not in CODECS:
-        raise ConfigError(f"unknown codec {codec!r}; choose one of {list(CODECS)}")
-    if shard_size < 1 or batch_size < 1:
-        raise ConfigError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
-    schedule.index_of(zoom)
-    photo = {"name": encoder.spec.name, "base_fingerprint": encoder.base_fingerprint, "checkpoint_sha256": None}
-    fresh = Manifest(schedule=schedule, dim=encoder.dim, codec=codec, photo_encoder=photo,
-                     imagery=source.name, coverage=coverage.to_json())
-    manifest = Manifest.load(index_dir) if (index_dir / "manifest.json").is_file() else fresh
-    _check_compatible(index_dir, manifest, fresh)
-
-    plan = plan_level(index_dir, manifest, zoom, coverage)
-    ldir = level_dir(index_dir, zoom)
-    _prepare_level_dir(ldir, _plan_identity(plan, encoder, source.name, shard_size), overwrite=overwrite)
-    n_shards = max(1, -(-len(plan.x) // shard_size))
-    done = {p.name for p in list_shards(index_dir, zoom)}
-    todo = [s for s in range(n_shards) if shard_path(index_dir, zoom, s).name not in done]
-    reused_tiles = sum(min(shard_size, len(plan.x) - s * shard_size) for s in range(n_shards) if s not in todo)
+    job = start_level(index_dir, zoom, encoder=encoder, imagery=source.name, coverage=coverage, schedule=schedule,
+                      codec=codec, shard_size=shard_size, batch_size=batch_size, overwrite=overwrite)
     if on_plan:
-        on_plan(len(plan.x), max(reused_tiles, 0))
+        on_plan(job.planned, job.reused_tiles)
 
     failures: list[str] = []
+    plan = job.plan
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for s in todo:
-            lo, hi = s * shard_size, min((s + 1) * shard_size, len(plan.x))
+        for s in job.todo:
+            sl = job.rows(s)
             try:
-                found, emb = _encode_shard(plan, lo, hi, source, encoder, pool, batch_size, progress or _ignore)
+                build_shard(job.index_dir, zoom, s, plan.x[sl], plan.y[sl], plan.parent_row[sl], source=source,
+                            encoder=encoder, pool=pool, batch_size=batch_size, progress=progress)
             except GeoIndexError as e:
                 failures.append(f"shard {s}: {e}")
                 log.warning("level z%d shard %d not written: %s", zoom, s, e)
-                continue
-            sl = slice(lo, hi)
-            write_shard(
-                shard_path(index_dir, zoom, s), zoom=zoom, x=plan.x[sl][found], y=plan.y[sl][found],
-                parent_row=plan.parent_row[sl][found], embeddings=emb[found],
-            )
-    if failures:
-        raise BuildIncompleteError(
-            f"level z{zoom}: {len(failures)} of {n_shards} shards could not be encoded "
-            f"({failures[0]}{'; ...' if len(failures) > 1 else ''}). Finished shards are kept: "
-            "fix the tile source and rerun the same command to resume"
-        )
-
-    info = finish_level(index_dir, zoom, n_parents=plan.n_parents, codec=codec, dim=encoder.dim)
-    info = dataclasses.replace(info, encoder={**encoder.identity, "checkpoint": checkpoint})
-    manifest = manifest.with_level(info)
-    if build_args:
-        manifest = dataclasses.replace(manifest, build_args={**manifest.build_args, f"z{zoom}": build_args})
-    manifest.save(index_dir)
-    return BuildSummary(zoom, info.rows, len(plan.x), len(plan.x) - info.rows, len(todo),
-                        n_shards - len(todo), time.perf_counter() - started)
+    return complete_level(job, encoder=encoder.identity, checkpoint=checkpoint, build_args=build_args,
+                          failures=failures)
 
 
 def _ignore(_: int) -> None:

@@ -2,7 +2,8 @@
 
 Level z holds the tiles of zoom z under the rows of the level above (every covered tile for the
 first level), encoded with zoom z's map encoder. Interrupted builds resume at shard granularity;
-an index never mixes encoders.
+an index never mixes encoders. `--engine ray` encodes the shards on a Ray cluster (an optional
+extra: pip install geoindex[ray]) and writes the same shards as the default local engine.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from geoindex.build import BuildSummary, build_level
 from geoindex.coverage import Coverage
-from geoindex.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
+from geoindex.encoders import ENCODERS, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError
 from geoindex.sources import open_source
 from geoindex.store import CODECS, Manifest
@@ -24,6 +26,7 @@ from geoindex.tiles import LevelSchedule
 from pipelines._cli import progress_bar, run_main, setup_logging
 
 log = logging.getLogger("pipelines.build_index")
+ENGINES = ("local", "ray")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,20 @@ class Config:
     geojson: Path | None = None
     overwrite: bool = False
     quiet: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_actors: int | None = None
+    ray_gpus_per_actor: float = 0.0
+    ray_cpus_per_actor: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown --engine {self.engine!r}; choose one of {list(ENGINES)}")
+        if self.engine == "ray" and self.device != "cpu":
+            raise ConfigError(
+                f"--device {self.device} applies to --engine local only; Ray actors use GPUs when "
+                "--ray-gpus-per-actor is above 0"
+            )
 
     def coverage(self) -> Coverage:
         if self.bbox and self.geojson:
@@ -87,6 +104,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--geojson", type=Path, help="index only the polygons of this GeoJSON file")
     p.add_argument("--overwrite", action="store_true", help="re-encode a level that holds another encoder's shards")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    ray = p.add_argument_group("distributed builds (--engine ray; --batch-size and --workers apply per actor)")
+    ray.add_argument("--engine", choices=ENGINES, default="local",
+                     help="local: this process (default); ray: an actor pool on a Ray cluster (pip install "
+                          "geoindex[ray]); the index folder must be on a filesystem every node mounts")
+    ray.add_argument("--ray-address", help="Ray cluster address, e.g. auto or ray://head:10001 "
+                                           "(default: $RAY_ADDRESS, else a local Ray instance)")
+    ray.add_argument("--ray-actors", type=int, help="encoder actors (default: as many as the cluster's GPUs "
+                                                    "or CPUs allow)")
+    ray.add_argument("--ray-gpus-per-actor", type=float, default=0.0,
+                     help="GPUs per actor; fractions share a GPU (default: 0, encode on CPU)")
+    ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
+                     help="CPUs per actor, also its torch threads on CPU (default: 1)")
     a = p.parse_args(argv)
     schedule = LevelSchedule(*a.schedule)
     device = a.device
@@ -99,18 +128,20 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         weights=a.weights, download=a.download, map_checkpoints=a.map_checkpoints, device=device,
         batch_size=a.batch_size, codec=a.codec, shard_size=a.shard_size, workers=a.workers,
         schedule=schedule, bbox=tuple(a.bbox) if a.bbox else None, geojson=a.geojson,
-        overwrite=a.overwrite, quiet=a.quiet,
+        overwrite=a.overwrite, quiet=a.quiet, engine=a.engine, ray_address=a.ray_address, ray_actors=a.ray_actors,
+        ray_gpus_per_actor=a.ray_gpus_per_actor, ray_cpus_per_actor=a.ray_cpus_per_actor,
     )
 
 
-def _map_encoder(cfg: Config, base: ImageEncoder, zoom: int) -> tuple[ImageEncoder, str | None]:
+def _checkpoint(cfg: Config, zoom: int) -> str | None:
+    """The map-encoder checkpoint of ``zoom``, or None (the untrained base) if there is none."""
     if cfg.map_checkpoints is None:
-        return base, None
+        return None
     path = cfg.map_checkpoints / f"z{zoom:02d}.pt"
     if not path.is_file():
         log.warning("no map encoder %s: zoom %d uses the untrained base encoder", path, zoom)
-        return base, None
-    return load_map_encoder(base, path), str(path.resolve())
+        return None
+    return str(path.resolve())
 
 
 def run(cfg: Config) -> list[BuildSummary]:
@@ -118,24 +149,60 @@ def run(cfg: Config) -> list[BuildSummary]:
     for zoom in cfg.zooms:
         cfg.schedule.index_of(zoom)
     coverage = cfg.coverage()
+    if cfg.engine == "ray":
+        return _run_levels(cfg, _ray_engine(cfg, coverage))
     source = open_source(cfg.source)
     base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device)
+
+    def local(zoom: int, **kw: Any) -> BuildSummary:
+        checkpoint = _checkpoint(cfg, zoom)
+        return build_level(cfg.index, zoom, source=source, encoder=load_map_encoder(base, checkpoint),
+                           coverage=coverage, schedule=cfg.schedule, codec=cfg.codec, checkpoint=checkpoint,
+                           shard_size=cfg.shard_size, batch_size=cfg.batch_size, workers=cfg.workers,
+                           overwrite=cfg.overwrite, **kw)
+
+    return _run_levels(cfg, local)
+
+
+def _ray_engine(cfg: Config, coverage: Coverage) -> Callable[..., BuildSummary]:
+    from geoindex.distributed import EncoderRecipe, RayOptions, build_level_ray
+
+    options = RayOptions(cfg.ray_address, cfg.ray_actors, cfg.ray_gpus_per_actor, cfg.ray_cpus_per_actor)
+
+    def ray(zoom: int, **kw: Any) -> BuildSummary:
+        recipe = EncoderRecipe(cfg.encoder, cfg.weights, cfg.download, _checkpoint(cfg, zoom))
+        return build_level_ray(cfg.index, zoom, source=cfg.source, encoder=recipe, coverage=coverage,
+                               schedule=cfg.schedule, codec=cfg.codec, shard_size=cfg.shard_size,
+                               batch_size=cfg.batch_size, workers=cfg.workers, overwrite=cfg.overwrite,
+                               options=options, **kw)
+
+    return ray
+
+
+def _run_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[BuildSummary]:
+    started_ray = False
+    if cfg.engine == "ray":
+        from geoindex.distributed import init_ray, shutdown_ray
+
+        started_ray = init_ray(cfg.ray_address, quiet=cfg.quiet)
+    try:
+        return _build_levels(cfg, build)
+    finally:
+        if started_ray:
+            shutdown_ray()
+
+
+def _build_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[BuildSummary]:
     summaries = []
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "zooms"}
     args["schedule"] = list(cfg.schedule.zooms)
     for zoom in cfg.zooms:
-        encoder, checkpoint = _map_encoder(cfg, base, zoom)
         with progress_bar(f"z{zoom:02d}", quiet=cfg.quiet) as bar:
             def on_plan(total: int, done: int, bar=bar) -> None:  # noqa: B023 - bound per level
                 bar.reset(total=total)
                 bar.update(done)
 
-            summary = build_level(
-                cfg.index, zoom, source=source, encoder=encoder, coverage=coverage, schedule=cfg.schedule,
-                codec=cfg.codec, checkpoint=checkpoint, shard_size=cfg.shard_size, batch_size=cfg.batch_size,
-                workers=cfg.workers, overwrite=cfg.overwrite, build_args=args, progress=bar.update,
-                on_plan=on_plan,
-            )
+            summary = build(zoom, build_args=args, progress=bar.update, on_plan=on_plan)
         log.info(
             "z%02d: %d rows (%d of %d planned tiles missing from the source) in %.1f s, %.0f tiles/s; "
             "%d shards written, %d reused -> %s",
