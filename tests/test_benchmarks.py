@@ -51,7 +51,7 @@ def test_latency(tmp_path):
 
 
 def test_scale(tmp_path):
-    res, _ = _run("scale", tmp_path)
+    res, _ = _run("scale", tmp_path, "--workdir", str(tmp_path / "work"))
     assert [r["tiles"] for r in res] == [1000, 10000]
     for r in res:
         for key in ("search_ms_p50", "search_ms_p95", "index_bytes", "rss_mb", "build_s"):
