@@ -241,6 +241,19 @@ class Coverage:
         return cls(bboxes=((west, south, east, north),))
 
     @classmethod
+    def from_options(
+        cls, bbox: Sequence[float] | None = None, geojson: str | os.PathLike[str] | None = None
+    ) -> Coverage:
+        """The coverage a command line asked for: ``--bbox W S E N``, ``--geojson FILE``, or the world."""
+        if bbox and geojson:
+            raise ConfigError("give either --bbox or --geojson, not both")
+        if bbox:
+            return cls.from_bbox(*bbox)
+        if geojson:
+            return cls.from_geojson(geojson)
+        return cls.world()
+
+    @classmethod
     def from_geojson(cls, path: str | os.PathLike[str]) -> Coverage:
         """The polygons of a GeoJSON file (Polygon/MultiPolygon, bare or in Features).
 

@@ -311,7 +311,7 @@ class RasterSource:
             raise TileNotFoundError(f"{self.name}: tile {tuple(tile)} lies outside the raster's bounds {self.bounds}")
         cols = (lon - west) / (east - west) * width - 0.5
         rows = (north - lat) / (north - south) * height - 0.5
-        out = _bilinear(self._pixels, rows, cols)
+        out = _bilinear_points(self._pixels, rows[:, None], cols[None, :])  # separable grid
         return Image.fromarray(out, "RGB")
 
 
@@ -342,26 +342,8 @@ class RasterSource:
         return Image.fromarray(_bilinear_points(self._pixels, rows, cols), "RGB")
 
 
-def _bilinear(pixels: npt.NDArray[np.uint8], rows: np.ndarray, cols: np.ndarray) -> npt.NDArray[np.uint8]:
-    """Sample an HxWx3 image on the separable grid rows x cols (edge-clamped bilinear)."""
-    height, width = pixels.shape[:2]
-    r = np.clip(rows, 0, height - 1)
-    c = np.clip(cols, 0, width - 1)
-    r0 = np.floor(r).astype(np.intp)
-    c0 = np.floor(c).astype(np.intp)
-    r1 = np.minimum(r0 + 1, height - 1)
-    c1 = np.minimum(c0 + 1, width - 1)
-    fr = (r - r0).astype(np.float32)[:, None, None]
-    fc = (c - c0).astype(np.float32)[None, :, None]
-    top = pixels[np.ix_(r0, c0)] + (pixels[np.ix_(r0, c1)] - pixels[np.ix_(r0, c0)].astype(np.float32)) * fc
-    bottom = pixels[np.ix_(r1, c0)] + (pixels[np.ix_(r1, c1)] - pixels[np.ix_(r1, c0)].astype(np.float32)) * fc
-    return np.clip(top + (bottom - top) * fr + 0.5, 0, 255).astype(np.uint8)
-
-
-
-
 def _bilinear_points(pixels: npt.NDArray[np.uint8], rows: np.ndarray, cols: np.ndarray) -> npt.NDArray[np.uint8]:
-    """Sample an HxWx3 image at arbitrary points (rows, cols of equal shape), edge-clamped bilinear."""
+    """Sample an HxWx3 image at points (rows, cols broadcast together), edge-clamped bilinear."""
     height, width = pixels.shape[:2]
     r = np.clip(rows, 0, height - 1)
     c = np.clip(cols, 0, width - 1)
@@ -369,8 +351,8 @@ def _bilinear_points(pixels: npt.NDArray[np.uint8], rows: np.ndarray, cols: np.n
     c0 = np.floor(c).astype(np.intp)
     r1 = np.minimum(r0 + 1, height - 1)
     c1 = np.minimum(c0 + 1, width - 1)
-    fr = (r - r0)[..., None]
-    fc = (c - c0)[..., None]
-    top = pixels[r0, c0] * (1 - fc) + pixels[r0, c1] * fc
-    bottom = pixels[r1, c0] * (1 - fc) + pixels[r1, c1] * fc
-    return np.clip(top * (1 - fr) + bottom * fr + 0.5, 0, 255).astype(np.uint8)
+    fr = (r - r0).astype(np.float32)[..., None]
+    fc = (c - c0).astype(np.float32)[..., None]
+    top = pixels[r0, c0] + (pixels[r0, c1] - pixels[r0, c0].astype(np.float32)) * fc
+    bottom = pixels[r1, c0] + (pixels[r1, c1] - pixels[r1, c0].astype(np.float32)) * fc
+    return np.clip(top + (bottom - top) * fr + 0.5, 0, 255).astype(np.uint8)

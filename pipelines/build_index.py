@@ -66,13 +66,7 @@ class Config:
             )
 
     def coverage(self) -> Coverage:
-        if self.bbox and self.geojson:
-            raise ConfigError("give either --bbox or --geojson, not both")
-        if self.bbox:
-            return Coverage.from_bbox(*self.bbox)
-        if self.geojson:
-            return Coverage.from_geojson(self.geojson)
-        return Coverage.world()
+        return Coverage.from_options(self.bbox, self.geojson)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:

@@ -51,11 +51,7 @@ class Config:
 
     def coverage(self) -> Coverage:
         """The area to fetch: --bbox, --geojson, or the whole world."""
-        if self.bbox:
-            return Coverage.from_bbox(*self.bbox)
-        if self.geojson:
-            return Coverage.from_geojson(self.geojson)
-        return Coverage.world()
+        return Coverage.from_options(self.bbox, self.geojson)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:

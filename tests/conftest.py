@@ -62,6 +62,21 @@ def small_index(tmp_path_factory, tiny_encoder, rendered_source, world) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tile_dir(tmp_path_factory) -> Path:
+    """Rendered tiles of zoom 1..3 as {z}/{x}/{y}.png; tile (3, 5, 3) is absent (a gap in coverage)."""
+    root = tmp_path_factory.mktemp("tiles")
+    for z in (1, 2, 3):
+        for x in range(1 << z):
+            for y in range(1 << z):
+                if (x, y, z) == (3, 5, 3):
+                    continue
+                path = root / str(z) / str(x) / f"{y}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                render_tile(mercantile.Tile(x, y, z)).save(path)
+    return root
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not present at {SHARED_DATA} (only on the project's dev machines)")

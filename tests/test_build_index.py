@@ -28,21 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE = ["--schedule", "1", "3", "1"]
 
 
-@pytest.fixture(scope="module")
-def tile_dir(tmp_path_factory) -> Path:
-    """Rendered tiles of zoom 1..3 as {z}/{x}/{y}.png; tile (3, 5, 3) is absent (a gap in coverage)."""
-    root = tmp_path_factory.mktemp("tiles")
-    for z in (1, 2, 3):
-        for x in range(1 << z):
-            for y in range(1 << z):
-                if (x, y, z) == (3, 5, 3):
-                    continue
-                path = root / str(z) / str(x) / f"{y}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                render_tile(mercantile.Tile(x, y, z)).save(path)
-    return root
-
-
 def _build(argv: list[str]) -> list:
     return build_index.run(build_index.parse_args(argv + ["--encoder", "tiny", "--quiet"] + SCHEDULE))
 
@@ -50,9 +35,7 @@ def _build(argv: list[str]) -> list:
 def _level_rows(index: Path) -> dict[int, list]:
     out = {}
     for level in geoindex.open_index(index).manifest.levels:
-        tables = [pq.read_table(p) for p in list_shards(index, level.zoom)]
-        out[level.zoom] = [t.to_pylist() for t in tables]
-        out[level.zoom] = [row for rows in out[level.zoom] for row in rows]
+        out[level.zoom] = [row for p in list_shards(index, level.zoom) for row in pq.read_table(p).to_pylist()]
     return out
 
 

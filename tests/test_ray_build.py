@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mercantile
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -24,7 +23,6 @@ from geoindex.build import BuildIncompleteError
 from geoindex.errors import ConfigError
 from geoindex.store import list_shards
 from pipelines import build_index
-from tests.conftest import render_tile
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE = ["--schedule", "1", "3", "1"]
@@ -47,21 +45,6 @@ def ray_local():
     init_ray(quiet=True)  # connected already: only quiets Ray Data's logging and progress bars
     yield ray
     ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tile_dir(tmp_path_factory) -> Path:
-    """Rendered tiles of zoom 1..3 as {z}/{x}/{y}.png; tile (3, 5, 3) is absent (a gap in coverage)."""
-    root = tmp_path_factory.mktemp("tiles")
-    for z in (1, 2, 3):
-        for x in range(1 << z):
-            for y in range(1 << z):
-                if (x, y, z) == (3, 5, 3):
-                    continue
-                path = root / str(z) / str(x) / f"{y}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                render_tile(mercantile.Tile(x, y, z)).save(path)
-    return root
 
 
 def _build(argv: list[str]) -> list:
