@@ -6,7 +6,7 @@ import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -209,6 +209,21 @@ def open_index(path: str | os.PathLike | None = None, **kwargs: object) -> GeoIn
 
 _opened: dict[Path, GeoIndex] = {}
 _opened_lock = threading.Lock()
+
+
+@overload
+def search(
+    image: ImageInput, k: int = 64, *, index: str | os.PathLike | GeoIndex | None = None, top_n: int = 5,
+    prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+) -> SearchResult: ...
+
+
+@overload
+def search(
+    image: list[ImageInput] | tuple[ImageInput, ...], k: int = 64, *,
+    index: str | os.PathLike | GeoIndex | None = None, top_n: int = 5,
+    prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+) -> list[SearchResult]: ...
 
 
 def search(

@@ -246,29 +246,13 @@ class FaissLevel:
         self, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         index = self.stored.index
-        n = len(xq)
         if parents is None:
             if self._selector is None:
                 return index.search(xq, k)
             flat_params = faiss.SearchParameters()
             flat_params.sel = self._selector
             return index.search(xq, k, params=flat_params)
-        # Valid ids come first in each row (FAISS pads with -1 at the end), and a row cannot hold
-        # more distinct lists than exist, so trimming to nlist loses nothing.
-        lists = np.ascontiguousarray(parents[:, : min(parents.shape[1], index.nlist)], dtype=np.int64)
-        # Per-call parameters instead of index.nprobe: one opened index is shared across threads.
-        params = faiss.SearchParametersIVF()
-        params.nprobe = lists.shape[1]
-        if self._selector is not None:
-            params.sel = self._selector
-        D = np.empty((n, k), dtype=np.float32)
-        I = np.empty((n, k), dtype=np.int64)  # noqa: E741
-        coarse = np.zeros(lists.shape, dtype=np.float32)  # unused: by_residual is off
-        index.search_preassigned_c(
-            n, faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
-            faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
-        )
-        return D, I
+        return _search_lists(index, xq, k, parents, self._selector)
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         valid = ids >= 0
@@ -309,20 +293,38 @@ class FaissLevel:
                 flat_params.sel = sel
                 D, I = index.search(x1, 1, params=flat_params)
             else:
-                lists = np.ascontiguousarray(parents[q : q + 1, : min(parents.shape[1], index.nlist)], dtype=np.int64)
-                params = faiss.SearchParametersIVF()
-                params.nprobe = lists.shape[1]
-                params.sel = sel
-                D = np.empty((1, 1), dtype=np.float32)
-                I = np.empty((1, 1), dtype=np.int64)  # noqa: E741
-                coarse = np.zeros(lists.shape, dtype=np.float32)
-                index.search_preassigned_c(
-                    1, faiss.swig_ptr(x1), 1, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
-                    faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
-                )
+                D, I = _search_lists(index, x1, 1, parents[q : q + 1], sel)
             if I[0, 0] == row:
                 out[q] = D[0, 0]
         return out
+
+
+def _search_lists(
+    index: faiss.IndexIVF,
+    xq: npt.NDArray[np.float32],
+    k: int,
+    parents: npt.NDArray[np.int64],
+    selector: faiss.IDSelector | None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+    """Top k of each query (n, d) among the inverted lists ``parents`` (n, w; -1 pads) of an IVF index."""
+    n = len(xq)
+    # Valid ids come first in each row (FAISS pads with -1 at the end), and a row cannot hold
+    # more distinct lists than exist, so trimming to nlist loses nothing.
+    lists = np.ascontiguousarray(parents[:, : min(parents.shape[1], index.nlist)], dtype=np.int64)
+    # Per-call parameters instead of index.nprobe: one opened index is shared across threads
+    # (the Python wrapper of search_preassigned rejects params=, so call the C++ entry point).
+    params = faiss.SearchParametersIVF()
+    params.nprobe = lists.shape[1]
+    if selector is not None:
+        params.sel = selector
+    D = np.empty((n, k), dtype=np.float32)
+    I = np.empty((n, k), dtype=np.int64)  # noqa: E741
+    coarse = np.zeros(lists.shape, dtype=np.float32)  # unused: by_residual is off
+    index.search_preassigned_c(
+        n, faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
+        faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
+    )
+    return D, I
 
 
 def _top_k(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int) -> tuple[np.ndarray, np.ndarray]:
