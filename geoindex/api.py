@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal, cast, overload
 
@@ -284,6 +284,14 @@ def search(
     return results if isinstance(image, (list, tuple)) else results[0]  # type: ignore[return-value]
 
 
+KeepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _at_zoom(keep: Callable[[np.ndarray, np.ndarray, int], np.ndarray], zoom: int) -> KeepFn:
+    """A coverage filter (x, y, zoom) -> bool bound to one zoom."""
+    return lambda x, y: keep(x, y, zoom)
+
+
 class OnTheFlySearcher(_Searcher):
     """The paper's inference: the same beam search, encoding candidate tiles at query time.
 
@@ -306,7 +314,7 @@ class OnTheFlySearcher(_Searcher):
         map_encoders: dict[int, ImageEncoder] | None = None,
         schedule: LevelSchedule = LevelSchedule(),
         first_tiles: tuple[np.ndarray, np.ndarray] | None = None,
-        keep=None,  # type: ignore[no-untyped-def]
+        keep: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None,
         round_to: type[np.floating] | None = np.float16,
         batch_size: int = 64,
     ) -> None:
@@ -323,7 +331,7 @@ class OnTheFlySearcher(_Searcher):
                 source,
                 step=schedule.step,
                 first_tiles=first_tiles if i == 0 else None,
-                keep=(lambda x, y, z=z: keep(x, y, z)) if keep is not None else None,
+                keep=_at_zoom(keep, z) if keep is not None else None,
                 round_to=round_to,
                 batch_size=batch_size,
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, get_args
+from typing import Literal, Protocol, cast, get_args
 
 import faiss
 import mercantile
@@ -252,7 +252,7 @@ class FaissLevel:
             flat_params = faiss.SearchParameters()
             flat_params.sel = self._selector
             return index.search(xq, k, params=flat_params)
-        return _search_lists(index, xq, k, parents, self._selector)
+        return _search_lists(cast(faiss.IndexIVF, index), xq, k, parents, self._selector)
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         valid = ids >= 0
@@ -293,7 +293,7 @@ class FaissLevel:
                 flat_params.sel = sel
                 D, I = index.search(x1, 1, params=flat_params)
             else:
-                D, I = _search_lists(index, x1, 1, parents[q : q + 1], sel)
+                D, I = _search_lists(cast(faiss.IndexIVF, index), x1, 1, parents[q : q + 1], sel)
             if I[0, 0] == row:
                 out[q] = D[0, 0]
         return out
@@ -320,7 +320,7 @@ def _search_lists(
     D = np.empty((n, k), dtype=np.float32)
     I = np.empty((n, k), dtype=np.int64)  # noqa: E741
     coarse = np.zeros(lists.shape, dtype=np.float32)  # unused: by_residual is off
-    index.search_preassigned_c(
+    index.search_preassigned_c(  # type: ignore[attr-defined]  # the SWIG entry point, absent from stubs
         n, faiss.swig_ptr(xq), k, faiss.swig_ptr(lists), faiss.swig_ptr(coarse),
         faiss.swig_ptr(D), faiss.swig_ptr(I), False, params,
     )

@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -319,18 +319,20 @@ def build_faiss_level(index_dir: Path, zoom: int, *, n_parents: int | None, code
             index.add(emb)
         return index
     quantizer = faiss.IndexFlatIP(dim)
+    ivf: faiss.IndexIVF
     if codec == "flat":
         ivf = faiss.IndexIVFFlat(quantizer, dim, max(n_parents, 1), faiss.METRIC_INNER_PRODUCT)
     else:
         qtype = faiss.ScalarQuantizer.QT_fp16 if codec == "fp16" else faiss.ScalarQuantizer.QT_8bit
-        ivf = faiss.IndexIVFScalarQuantizer(
+        sq = faiss.IndexIVFScalarQuantizer(
             quantizer, dim, max(n_parents, 1), qtype, faiss.METRIC_INNER_PRODUCT, False
         )
         if codec == "sq8":
             # Fit only the scalar quantizer's ranges: index.train would k-means the empty quantizer.
-            ivf.sq.train(_sample_rows(index_dir, zoom, SQ8_TRAIN_SAMPLE))
+            sq.sq.train(_sample_rows(index_dir, zoom, SQ8_TRAIN_SAMPLE))
+        ivf = sq
     ivf.own_fields = True
-    quantizer.this.disown()
+    quantizer.this.disown()  # type: ignore[attr-defined]  # SWIG: the IVF index now owns it
     ivf.is_trained = True
     offset = 0
     for emb, parents in _iter_level(index_dir, zoom):
@@ -456,7 +458,7 @@ def open_store(
             raise IndexFormatError(f"{path}: dimension {index.d}, the manifest says {manifest.dim}")
         levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info))
     for parent, child in zip(levels, levels[1:]):
-        if not child.is_ivf or child.index.nlist != max(parent.rows, 1):
+        if not child.is_ivf or cast(faiss.IndexIVF, child.index).nlist != max(parent.rows, 1):
             raise IndexFormatError(
                 f"level z{child.zoom}: expected an IVF index with {parent.rows} lists (rows of z{parent.zoom})"
             )

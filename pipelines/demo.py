@@ -113,6 +113,7 @@ def run(cfg: Config) -> int:
         if i < n_otf:
             t0 = time.perf_counter()
             slow = otf.search(query, k=cfg.k)[0]
+            assert isinstance(slow, geoindex.SearchResult)  # on_error="raise": errors raise
             otf_ms.append((time.perf_counter() - t0) * 1e3)
             same = "same" if slow.tile == result.tile else "DIFFERENT"
             otf_text = f"{otf_ms[-1]:.0f} ({same})"
