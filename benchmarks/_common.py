@@ -14,7 +14,6 @@ import platform
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -161,16 +160,10 @@ def dir_bytes(path: Path, pattern: str = "*") -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write text atomically (temporary file, fsync, rename), as the index store does."""
+    from geoindex.store import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 def _jsonable(x: Any) -> Any:
