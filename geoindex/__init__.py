@@ -8,6 +8,7 @@ See ``help(geoindex.search)`` for the fields of a result.
 """
 
 from geoindex.api import GeoIndex, OnTheFlySearcher, open_index, search
+from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import (
     ConfigError,
@@ -29,6 +30,7 @@ __all__ = [
     "ENCODERS",
     "Candidate",
     "ConfigError",
+    "Coverage",
     "EncoderMismatchError",
     "GeoIndex",
     "GeoIndexError",
