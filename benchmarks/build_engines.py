@@ -84,7 +84,6 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.imagery import RasterSource
     from geoindex.tiles import LevelSchedule
 
-    logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
     machine = machine_info()
     enc_name = resolve_encoder(a)
     coverage = Coverage.from_bbox(*a.bbox) if a.bbox else Coverage.world()

@@ -346,8 +346,6 @@ def _version() -> str:
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("geoindex").setLevel(logging.WARNING if quiet else logging.INFO)
-    # open_clip announces random init through the root logger; the encoder's name already says so.
-    logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

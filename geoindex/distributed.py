@@ -203,8 +203,6 @@ class _ShardEncoder:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        # open_clip announces random init on the root logger; the encoder's name already says so.
-        logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
         self.node = socket.gethostname()
         self.index_dir = Path(index_dir)
         self.zoom = zoom

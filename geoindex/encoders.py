@@ -86,6 +86,13 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
+class _DropRandomInitNotice(logging.Filter):
+    """open_clip warns on the root logger when it initialises randomly; our random-init encoders mean to."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
 def _spec(name: str) -> EncoderSpec:
     try:
         return ENCODERS[name]
@@ -267,6 +274,10 @@ def create_encoder(
     if str(_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
         open_clip.add_model_config(_CONFIG_DIR)
     path = _resolve_weights(spec, weights, download)
+    quiet = _DropRandomInitNotice()
+    root = logging.getLogger()
+    if path is None:
+        root.addFilter(quiet)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         try:
@@ -277,6 +288,8 @@ def create_encoder(
             )
         except RuntimeError as e:
             raise WeightsNotFoundError(f"cannot load weights {path} into {spec.open_clip_model}: {e}") from e
+        finally:
+            root.removeFilter(quiet)
     visual = model.visual
     del model  # the text tower is never used
     visual.requires_grad_(False)

@@ -16,8 +16,6 @@ def setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for name in ("geoindex", "pipelines"):
         logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
-    # open_clip announces random init through the root logger; our encoder names already say so.
-    logging.getLogger().addFilter(lambda r: "No pretrained weights loaded" not in r.getMessage())
 
 
 @contextmanager

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 
 import mercantile
@@ -19,11 +18,6 @@ def render_tile(tile: mercantile.Tile, size: int = 64) -> Image.Image:
     seed = int.from_bytes(hashlib.sha256(f"{tile.z}/{tile.x}/{tile.y}".encode()).digest()[:4], "little")
     blocks = np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)
     return Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST)
-
-
-@pytest.fixture(autouse=True)
-def _quiet_open_clip(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.ERROR, logger="root")
 
 
 @pytest.fixture(scope="session")

@@ -141,3 +141,16 @@ def test_download_only_when_asked(weights_server, monkeypatch, tmp_path):
     assert enc.base_fingerprint == expected
     again = create_encoder("tiny-hub")  # now found in the cache, no request
     assert again.base_fingerprint == expected and hits == ["/tiny.pt"]
+
+
+def test_random_init_is_quiet_but_other_warnings_pass(caplog):
+    """A random-init encoder is intended: open_clip's 'no pretrained weights' notice is dropped, only then."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        create_encoder("tiny")
+        logging.getLogger().warning("something else")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("No pretrained weights loaded" in m for m in messages)
+    assert "something else" in messages
+    assert not any(isinstance(f, encoders._DropRandomInitNotice) for f in logging.getLogger().filters)
