@@ -35,6 +35,7 @@ __all__ = [
     "find_cached_weights",
     "load_map_encoder",
     "mark_trainable",
+    "resolve_weights",
     "save_map_checkpoint",
 ]
 
@@ -121,8 +122,11 @@ def find_cached_weights(spec: EncoderSpec) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
-def _resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, download: bool) -> Path | None:
-    """Where the weights of ``spec`` come from: explicit path, env var, cache, or an asked-for download."""
+def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, download: bool) -> Path | None:
+    """Where the weights of ``spec`` come from: explicit path, env var, cache, or an asked-for download.
+
+    None for random-init specs. Raises WeightsNotFoundError naming the options when there are none.
+    """
     if spec.pretrained is None:
         if weights is not None:
             raise ConfigError(f"encoder {spec.name!r} is random-init by definition; drop weights={weights!r}")
@@ -273,7 +277,7 @@ def create_encoder(
     spec = _spec(name)
     if str(_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
         open_clip.add_model_config(_CONFIG_DIR)
-    path = _resolve_weights(spec, weights, download)
+    path = resolve_weights(spec, weights, download)
     quiet = _DropRandomInitNotice()
     root = logging.getLogger()
     if path is None:

@@ -20,6 +20,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import geoindex
 from geoindex.api import OnTheFlySearcher
+from geoindex.encoders import ENCODERS, resolve_weights
 from geoindex.errors import WeightsNotFoundError
 from geoindex.imagery import RasterSource
 from geoindex.metrics import great_circle_km
@@ -71,8 +72,9 @@ def make_view(raster: RasterSource, lat: float, lon: float) -> Image.Image:
 
 
 def _choose_encoder(weights: str | None) -> str:
+    """CLIP ViT-B/32 when its weights are on this machine (found, not loaded), else the tiny encoder."""
     try:
-        geoindex.create_encoder("clip-vit-b-32", weights=weights)
+        resolve_weights(ENCODERS["clip-vit-b-32"], weights, download=False)
         return "clip-vit-b-32"
     except WeightsNotFoundError as e:
         print(f"note: {e}\n", file=sys.stderr)
