@@ -25,7 +25,7 @@ import torch
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, ImageError
 from geoindex.store import atomic_write_bytes
-from geoindex.tiles import tile_of_array
+from geoindex.tiles import tile_code_array, tile_of_array
 
 __all__ = [
     "SPLITS",
@@ -222,7 +222,7 @@ def table_splits(
 def tile_codes(lat: npt.ArrayLike, lon: npt.ArrayLike, *, zoom: int) -> npt.NDArray[np.int64]:
     """Code ``y * 2**zoom + x`` of the tile containing each point (the id on-the-fly search uses)."""
     x, y = tile_of_array(lat, lon, zoom=zoom)
-    return (y << zoom) + x
+    return tile_code_array(x, y, zoom=zoom)
 
 
 # ------------------------------------------------------------------------------ embedding cache

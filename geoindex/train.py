@@ -5,7 +5,13 @@ photos; its tiles are the distinct tiles of those photos, each encoded once by t
 encoder. Each photo's (frozen, cached) embedding is scored against every tile of the batch by
 cosine similarity times a fixed logit scale, and cross-entropy takes the photo's own tile as the
 class. Because tiles are deduplicated, a tile shared by two photos of a batch is the positive of
-both and a negative of neither. Only the last two blocks, ``ln_post`` and ``proj`` train.
+both and a negative of neither. Only the map encoder's head trains (``ImageEncoder.split``: the
+ViT's last two blocks, ``ln_post`` and ``proj``; EfficientNet's last two stages and head conv).
+
+In-batch negatives alone leave every tile no photo of the batch lies in untrained, and at search
+time those tiles are the distractors. ``negatives=N`` adds N tiles per step drawn at random from
+the whole level (``negative_pool``). The frozen trunk's output of each tile never changes, so with
+``cache_trunk_gb`` it is computed once per tile and kept: a step then runs only the head.
 
 Levels train from the finest zoom to the coarsest: the finest starts from the base encoder,
 each coarser one from the checkpoint of the level before. A level's state (weights, optimizer,
@@ -24,12 +30,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import mercantile
 import numpy as np
 import numpy.typing as npt
 import torch
@@ -45,6 +50,7 @@ from geoindex.encoders import (
 from geoindex.errors import ConfigError, TileNotFoundError
 from geoindex.imagery import TileSource
 from geoindex.store import atomic_write_bytes
+from geoindex.tiles import tile_of_code
 
 __all__ = [
     "EpochRecord",
@@ -79,6 +85,9 @@ class TrainConfig:
         checkpoint_every: steps between saved states (and at every epoch's end).
         max_val_photos: validation photos scored per epoch (a seeded subset); None for all.
         val_batch_size: tiles per forward pass during validation.
+        negatives: tiles per step drawn at random from the whole level (``negative_pool``) as extra
+            negatives, beside the batch's own tiles; 0 is the paper's in-batch recipe.
+        cache_trunk_gb: memory for frozen-trunk outputs of tiles, kept across steps (0: no cache).
     """
 
     epochs: int = 5
@@ -92,6 +101,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     max_val_photos: int | None = 10_000
     val_batch_size: int = 256
+    negatives: int = 0
+    cache_trunk_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 2 or self.lr <= 0 or self.logit_scale <= 0:
@@ -104,11 +115,14 @@ class TrainConfig:
             raise ConfigError("checkpoint_every and val_batch_size must be >= 1 and workers >= 0")
         if self.max_val_photos is not None and self.max_val_photos < 1:
             raise ConfigError(f"max_val_photos must be >= 1 or None, got {self.max_val_photos}")
+        if self.negatives < 0 or self.cache_trunk_gb < 0:
+            raise ConfigError(f"negatives and cache_trunk_gb must be >= 0, got {self.negatives} "
+                              f"and {self.cache_trunk_gb}")
 
     def identity(self) -> dict[str, Any]:
         """What decides the trained weights; a resumed state must match it."""
         return {"batch_size": self.batch_size, "lr": self.lr, "logit_scale": self.logit_scale,
-                "seed": self.seed}
+                "seed": self.seed, "negatives": self.negatives}
 
 
 @dataclass(frozen=True)
@@ -176,41 +190,105 @@ def contrastive_loss(
 # --------------------------------------------------------------------------------------- data
 
 
-def _tile(code: int, zoom: int) -> mercantile.Tile:
-    return mercantile.Tile(code % (1 << zoom), code // (1 << zoom), zoom)
+class _Batch(NamedTuple):
+    """One step's input: photos, the tiles they are scored against, and each photo's class.
+
+    ``codes`` holds the batch's distinct tiles first, then the extra negatives; ``pixels`` holds the
+    preprocessed tiles for the rows of ``codes`` where ``loaded`` is set (the others are cached).
+    """
+
+    rows: torch.Tensor
+    codes: npt.NDArray[np.int64]
+    pixels: torch.Tensor
+    loaded: npt.NDArray[np.bool_]
+    target: torch.Tensor
+    missing: int
 
 
 class _Batches(torch.utils.data.Dataset):
-    """Batch i of an epoch: photo rows, the preprocessed distinct tiles, each photo's class.
-
-    Photos whose tile the source lacks are left out of their batch (and counted).
+    """Batch i of an epoch (see ``_Batch``). Photos whose tile the source lacks are left out of their
+    batch (and counted); missing negatives are dropped. Tiles whose code is in ``cached`` are not loaded.
     """
 
     def __init__(self, batches: list[npt.NDArray[np.int64]], codes: npt.NDArray[np.int64],
-                 source: TileSource, preprocess: Callable[[Any], torch.Tensor], zoom: int) -> None:
+                 source: TileSource, preprocess: Callable[[Any], torch.Tensor], zoom: int, *,
+                 negatives: int = 0, pool: npt.NDArray[np.int64] | None = None,
+                 seed: Sequence[int] = (), cached: Set[int] = frozenset()) -> None:
         self.batches = batches
         self.codes = codes
         self.source = source
         self.preprocess = preprocess
         self.zoom = zoom
+        self.negatives = negatives
+        self.pool = pool
+        self.seed = list(seed)
+        self.cached = cached
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def _negatives(self, i: int, positives: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        if not self.negatives or self.pool is None:
+            return np.zeros(0, np.int64)
+        rng = np.random.default_rng(self.seed + [i])  # seeded per step: a resumed run draws the same
+        draw = self.pool[rng.choice(len(self.pool), min(len(self.pool), self.negatives + len(positives)),
+                                    replace=False)]
+        return draw[~np.isin(draw, positives)][: self.negatives]
+
+    def __getitem__(self, i: int) -> _Batch:
         rows = self.batches[i]
         unique, target = batch_targets(self.codes[rows])
-        pixels, found = [], np.ones(len(unique), dtype=bool)
-        for j, c in enumerate(unique.tolist()):
+        all_codes = np.concatenate([unique, self._negatives(i, unique)])
+        pixels, found = [], np.ones(len(all_codes), dtype=bool)
+        loaded = np.zeros(len(all_codes), dtype=bool)
+        for j, c in enumerate(all_codes.tolist()):
+            if c in self.cached:
+                continue
             try:
-                pixels.append(self.preprocess(self.source.get(_tile(c, self.zoom))))
+                pixels.append(self.preprocess(self.source.get(tile_of_code(c, zoom=self.zoom))))
+                loaded[j] = True
             except TileNotFoundError:
                 found[j] = False
-        if not found.all():
+        missing = int((~found[: len(unique)]).sum())
+        if missing:
             keep = found[target]
             rows, target = rows[keep], (np.cumsum(found) - 1)[target[keep]]
         stacked = torch.stack(pixels) if pixels else torch.zeros(0)
-        return torch.from_numpy(rows), stacked, torch.from_numpy(target), int((~found).sum())
+        return _Batch(torch.from_numpy(rows), all_codes[found], stacked, loaded[found],
+                      torch.from_numpy(target), missing)
+
+
+class _TrunkCache:
+    """Frozen-trunk outputs per tile code, up to a memory budget; a step's tiles in, their features out."""
+
+    def __init__(self, trunk: Callable[[torch.Tensor], torch.Tensor], budget_bytes: float) -> None:
+        self.trunk = trunk
+        self.budget = budget_bytes
+        self.used = 0
+        self.store: dict[int, torch.Tensor] = {}
+        self.codes: set[int] = set()  # what _Batches need not load
+
+    def features(self, batch: _Batch, device: torch.device, amp: bool) -> torch.Tensor:
+        fresh = None
+        if len(batch.pixels):
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
+                fresh = self.trunk(batch.pixels.to(device, non_blocking=True))
+        if batch.loaded.all() and fresh is not None and self.budget <= 0:
+            return fresh
+        parts, k = [], 0
+        for code, loaded in zip(batch.codes.tolist(), batch.loaded.tolist()):
+            if loaded:
+                assert fresh is not None
+                f = fresh[k]
+                k += 1
+                if self.used + f.numel() * f.element_size() <= self.budget:
+                    self.store[code] = f.clone()
+                    self.codes.add(code)
+                    self.used += f.numel() * f.element_size()
+            else:
+                f = self.store[code]
+            parts.append(f)
+        return torch.stack(parts)
 
 
 def _epoch_batches(n: int, codes: npt.NDArray[np.int64], cfg: TrainConfig, zoom: int, epoch: int
@@ -234,7 +312,7 @@ def _encode_tiles(encoder: ImageEncoder, source: TileSource, codes: Sequence[int
         pixels = []
         for j, c in enumerate(codes[s : s + batch_size]):
             try:
-                pixels.append(encoder.preprocess(source.get(_tile(c, zoom))))
+                pixels.append(encoder.preprocess(source.get(tile_of_code(c, zoom=zoom))))
                 found[s + j] = True
             except TileNotFoundError:
                 continue
@@ -296,19 +374,24 @@ def train_step(
     *,
     logit_scale: float = 100.0,
     scaler: torch.amp.GradScaler | None = None,
+    from_trunk: bool = False,
 ) -> float:
     """One optimizer step of the recipe on one batch; returns the batch's loss before the step.
 
     Args:
         encoder: the trainable map encoder. optimizer: over its trainable parameters.
-        photo: (B, d) float32 photo embeddings. pixels: (U, 3, S, S) the batch's distinct tiles,
-            preprocessed. target: (B,) int64, each photo's row in ``pixels``.
+        photo: (B, d) float32 photo embeddings. pixels: (U, 3, S, S) the batch's tiles, preprocessed,
+            or with ``from_trunk`` their frozen-trunk outputs. target: (B,) int64, each photo's row
+            in ``pixels``; rows no photo points at are extra negatives.
         scaler: a CUDA GradScaler for mixed precision; autocast is on when it is enabled.
     """
     device = encoder.device
     amp = scaler is not None and scaler.is_enabled()
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-        tiles = encoder.visual(pixels.to(device, non_blocking=True))
+        if from_trunk:
+            tiles = encoder.split()[1](pixels.to(device, non_blocking=True))
+        else:
+            tiles = encoder.visual(encoder._memory_format(pixels))
     loss = contrastive_loss(photo.to(device), tiles, target.to(device), logit_scale=logit_scale)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and amp:
@@ -362,6 +445,7 @@ def train_level(
     run_key: str = "",
     on_epoch: Callable[[int, int, int, int], None] | None = None,
     on_step: Callable[[float], None] | None = None,
+    negative_pool: npt.ArrayLike | None = None,
 ) -> LevelResult:
     """Train the map encoder of one zoom level; resume from ``<out>/zNN.state.pt`` if present.
 
@@ -376,9 +460,12 @@ def train_level(
         run_key: identifies the photos and split; a state from another run is refused.
         on_epoch: called as (zoom, epoch, steps in epoch, steps already done) when an epoch starts.
         on_step: called with the loss after every optimizer step.
+        negative_pool: (m,) tile codes ``y * 2**zoom + x`` of the level that ``cfg.negatives`` are
+            drawn from (e.g. every tile of the index's coverage); needed when ``cfg.negatives > 0``.
 
     Raises:
-        ConfigError: ``out_dir`` holds a state of another run, or no photo has a tile.
+        ConfigError: ``out_dir`` holds a state of another run, no photo has a tile, or negatives
+            are asked for without a pool.
     """
     out = Path(out_dir)
     final = checkpoint_path(out, zoom)
@@ -401,6 +488,9 @@ def train_level(
             return LevelResult(zoom, final, init_name, finished, skipped=True,
                                dropped_photos=int(state.get("dropped", 0)))
 
+    if cfg.negatives and negative_pool is None:
+        raise ConfigError(f"z{zoom}: negatives={cfg.negatives} needs the level's tiles (negative_pool)")
+    pool = None if negative_pool is None else np.unique(np.asarray(negative_pool, dtype=np.int64))
     lat = np.asarray(lat, dtype=np.float64)
     lon = np.asarray(lon, dtype=np.float64)
     codes = tile_codes(lat, lon, zoom=zoom)
@@ -462,25 +552,29 @@ def train_level(
         save()
 
     photo_all = torch.from_numpy(np.ascontiguousarray(photo_emb, dtype=np.float32))
+    trunk_cache = _TrunkCache(encoder.split()[0], cfg.cache_trunk_gb * 2**30)
     while epoch < cfg.epochs:
         started = time.perf_counter()
         batches = _epoch_batches(len(train_rows), codes[train_rows], cfg, zoom, epoch)
         batches = [train_rows[b] for b in batches]
         if on_epoch:
             on_epoch(zoom, epoch + 1, len(batches), step)
+        dataset = _Batches(batches, codes, source, encoder.preprocess, zoom, negatives=cfg.negatives,
+                           pool=pool, seed=[cfg.seed, zoom, epoch], cached=trunk_cache.codes)
         loader = torch.utils.data.DataLoader(
-            _Batches(batches[step:], codes, source, encoder.preprocess, zoom),
+            torch.utils.data.Subset(dataset, range(step, len(batches))),
             batch_size=None, shuffle=False, num_workers=cfg.workers,
         )
-        encoder.visual.train()
-        for rows, pixels, target, _missing in loader:
+        encoder.train_head()
+        for batch in loader:
             if epoch == 0:
-                dropped += len(batches[step]) - len(rows)
-            if len(torch.unique(target)) < 2:  # its tiles are missing from the source
+                dropped += len(batches[step]) - len(batch.rows)
+            if len(batch.codes) < 2 or not len(batch.rows):  # its tiles are missing from the source
                 step += 1
                 continue
-            value = train_step(encoder, optimizer, photo_all[rows], pixels, target,
-                               logit_scale=cfg.logit_scale, scaler=scaler)
+            features = trunk_cache.features(batch, device, use_amp)
+            value = train_step(encoder, optimizer, photo_all[batch.rows], features, batch.target,
+                               logit_scale=cfg.logit_scale, scaler=scaler, from_trunk=True)
             step += 1
             loss_sum += value
             loss_n += 1
@@ -488,7 +582,7 @@ def train_level(
                 on_step(value)
             if step % cfg.checkpoint_every == 0 and step < len(batches):
                 save()
-        encoder.visual.eval()
+        encoder.train_head(False)
         epoch, step = epoch + 1, 0
         mean_loss = loss_sum / loss_n if loss_n else None
         loss_sum, loss_n = 0.0, 0
@@ -514,11 +608,12 @@ def train_levels(
     run_key: str = "",
     on_epoch: Callable[[int, int, int, int], None] | None = None,
     on_step: Callable[[float], None] | None = None,
+    negative_pools: Mapping[int, npt.ArrayLike] | None = None,
 ) -> list[LevelResult]:
     """Train every level, finest zoom first; each coarser level starts from the finer one's checkpoint.
 
     Writes ``<out>/zNN.pt`` per level and ``<out>/train.json`` (settings and history) after each level.
-    Arguments are those of :func:`train_level`.
+    Arguments are those of :func:`train_level`; ``negative_pools`` maps zoom -> that level's pool.
     """
     if not zooms:
         raise ConfigError("no zoom levels to train")
@@ -533,6 +628,7 @@ def train_levels(
             base, zoom, photo_emb=photo_emb, lat=lat, lon=lon, train_rows=train_rows, val_rows=val_rows,
             source=source, out_dir=out, cfg=cfg, init_from=previous, run_key=run_key,
             on_epoch=on_epoch, on_step=on_step,
+            negative_pool=None if negative_pools is None else negative_pools.get(zoom),
         )
         results.append(result)
         previous = result.checkpoint

@@ -1,6 +1,7 @@
 """End-to-end experiment on real imagery: views -> train map encoders -> build index -> evaluate, before and after.
 
-`python -m pipelines.experiment` (about 5-15 minutes on a 2-core CPU with the tiny encoder):
+`python -m pipelines.experiment` (about 20-25 minutes on a 2-core CPU with the default, pretrained
+EfficientNet-Lite0; `--encoder tiny` runs the same mechanics with a random-init encoder):
 
 1. picks the most textured zoom-6 tiles of the imagery (Blue Marble: ../shared/data/bluemarble, else the
    embedded raster) and renders views of them with known centres: off-grid crops at other scales
@@ -8,12 +9,15 @@
    into train / val / held-out (test) sets;
 2. builds an index (zoom 4 and 6, whole world) with the untrained encoders and evaluates both the
    training views and the held-out views with pipelines.evaluate;
-3. trains the zoom-6 then the zoom-4 map encoder with pipelines.train (the paper's recipe);
+3. trains the zoom-6 then the zoom-4 map encoder with pipelines.train (the paper's recipe, plus
+   --negatives tiles per step drawn from the whole level: in-batch negatives alone leave the tiles
+   no view lies in untrained, and those are the distractors at search time);
 4. builds the index again with the trained map encoders and evaluates the same views;
-5. appends a dated section to benchmarks/RESULTS.md (append only) with the command and the figures.
+5. appends a dated section to benchmarks/RESULTS.md (append only) with the command and the figures,
+   and writes the before/after figures to benchmarks/results/experiment.json.
 
-The tiny encoder is random-init, so no accuracy bar applies: the recipe presumes a pretrained photo
-encoder such as CLIP. With CLIP weights, pass --encoder clip-vit-b-32 --weights FILE.
+The recipe presumes a pretrained photo encoder: with the random-init `tiny` no accuracy bar
+applies. With CLIP weights, pass --encoder clip-vit-b-32 --weights FILE.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mercantile
 import numpy as np
@@ -41,9 +46,10 @@ from PIL import Image, ImageEnhance, ImageFilter
 from geoindex.dataset import PhotoTable, write_photo_csv
 from geoindex.encoders import ENCODERS
 from geoindex.errors import ConfigError, TileNotFoundError
-from geoindex.evaluate import EvalReport
+from geoindex.evaluate import EvalReport, KResult
 from geoindex.imagery import TileSource
 from geoindex.sources import open_source
+from geoindex.store import atomic_write_bytes
 from geoindex.tiles import MAX_LATITUDE
 from pipelines import build_index, evaluate, train
 from pipelines._cli import progress_bar, run_main, setup_logging
@@ -52,6 +58,7 @@ log = logging.getLogger("pipelines.experiment")
 
 SHARED_BLUEMARBLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "bluemarble"
 RESULTS_MD = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
+RESULTS_JSON = RESULTS_MD.parent / "results" / "experiment.json"
 VIEW_ZOOM = 6
 
 
@@ -61,20 +68,23 @@ class Config:
 
     out: Path = Path("indexes/experiment-bluemarble")
     source: str | None = None
-    encoder: str = "tiny"
+    encoder: str = "efficientnet-lite0"
     weights: str | None = None
     tiles: int = 128
     candidates: int = 1024
-    views: int = 16
-    val_views: int = 2
+    views: int = 9
+    val_views: int = 1
     test_views: int = 2
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-4
+    logit_scale: float = 1 / 0.07
+    negatives: int = 448
     ks: tuple[int, ...] = (16, 256)
     seed: int = 0
-    threads: int = 1
+    threads: int = 2
     results_md: Path | None = RESULTS_MD
+    results_json: Path | None = RESULTS_JSON
     quiet: bool = False
     command: str = ""
 
@@ -92,7 +102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                    help="working folder (default: indexes/experiment-bluemarble)")
     p.add_argument("--source", help=f"tile source with zoom 4 and 6 (default: {SHARED_BLUEMARBLE} if present, "
                                     "else the embedded Blue Marble raster)")
-    p.add_argument("--encoder", default=Config.encoder, choices=sorted(ENCODERS), help="base encoder (default: tiny)")
+    p.add_argument("--encoder", default=Config.encoder, choices=sorted(ENCODERS),
+                   help=f"base encoder (default: {Config.encoder})")
     p.add_argument("--weights", help="local weights file for the encoder")
     p.add_argument("--tiles", type=int, default=Config.tiles, help="zoom-6 tiles to make views of")
     p.add_argument("--candidates", type=int, default=Config.candidates,
@@ -103,12 +114,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--epochs", type=int, default=Config.epochs, help="epochs per level")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--lr", type=float, default=Config.lr)
+    p.add_argument("--logit-scale", type=float, default=Config.logit_scale,
+                   help=f"1/temperature of the contrastive loss (default {Config.logit_scale:.2f}: tau 0.07)")
+    p.add_argument("--negatives", type=int, default=Config.negatives,
+                   help=f"extra negatives per step from the whole level (default {Config.negatives}; 0: in-batch only)")
     p.add_argument("--k", type=int, nargs="+", default=list(Config.ks), help="beam widths to evaluate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=Config.threads,
-                   help="torch threads (default 1: tiny models, shared CPU)")
+    p.add_argument("--threads", type=int, default=Config.threads, help=f"torch threads (default {Config.threads})")
     p.add_argument("--results-md", type=Path, default=RESULTS_MD, help="the RESULTS.md to append to")
-    p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    p.add_argument("--results-json", type=Path, default=RESULTS_JSON, help="where to write the figures as JSON")
+    p.add_argument("--no-record", action="store_true", help="write neither RESULTS.md nor the JSON figures")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     command = "python -m pipelines.experiment " + " ".join(
@@ -116,8 +131,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     return Config(
         out=a.out, source=a.source, encoder=a.encoder, weights=a.weights, tiles=a.tiles, candidates=a.candidates,
         views=a.views, val_views=a.val_views, test_views=a.test_views, epochs=a.epochs, batch_size=a.batch_size,
-        lr=a.lr, ks=tuple(a.k), seed=a.seed, threads=a.threads,
-        results_md=None if a.no_record else a.results_md, quiet=a.quiet, command=command.strip(),
+        lr=a.lr, logit_scale=a.logit_scale, negatives=a.negatives, ks=tuple(a.k), seed=a.seed, threads=a.threads,
+        results_md=None if a.no_record else a.results_md, results_json=None if a.no_record else a.results_json,
+        quiet=a.quiet, command=command.strip(),
     )
 
 
@@ -268,7 +284,8 @@ def run(cfg: Config) -> dict[str, EvalReport]:
     train_args = ["--photos", str(cfg.out / "views.csv"), "--source", source_spec, "--out",
                   str(cfg.out / "checkpoints"), "--zooms", "4", "6", "--encoder", cfg.encoder, "--epochs",
                   str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed",
-                  str(cfg.seed), "--device", "cpu", "--workers", "0", "--max-val-photos", "0"]
+                  str(cfg.seed), "--device", "cpu", "--workers", "0", "--max-val-photos", "0",
+                  "--logit-scale", str(cfg.logit_scale), "--negatives", str(cfg.negatives), "--cache-trunk-gb", "2"]
     train_args += ["--weights", cfg.weights] if cfg.weights else []
     train_args += ["--quiet"] if cfg.quiet else []
     results = train.run(train.parse_args(train_args))
@@ -290,12 +307,45 @@ def run(cfg: Config) -> dict[str, EvalReport]:
     if cfg.results_md is not None:
         with open(cfg.results_md, "a", encoding="utf-8") as f:  # append only: others write here too
             f.write("\n" + section)
+    if cfg.results_json is not None:
+        atomic_write_bytes(cfg.results_json, json.dumps(figures(cfg, reports, timings), indent=2).encode())
     r = reports
     log.info("experiment done in %.0f s: held-out z06 top-1 (k=%d) %.1f %% -> %.1f %%, median error %.0f -> %.0f km;"
              " report %s", timings["total"], cfg.ks[-1], 100 * r["before-test"].results[-1].tile_top1[6],
              100 * r["after-test"].results[-1].tile_top1[6], r["before-test"].results[-1].median_km,
              r["after-test"].results[-1].median_km, cfg.results_md or cfg.out / "experiment.md")
     return reports
+
+
+def _level_figures(r: KResult) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for z in sorted(r.tile_top1):
+        out[f"z{z}_top1"] = r.tile_top1[z]
+        out[f"z{z}_beam_recall"] = r.beam_recall[z]
+    out["median_km"] = r.median_km
+    out.update({f"acc_{km:g}km": acc for km, acc in sorted(r.accuracy.items())})
+    return out
+
+
+def figures(cfg: Config, reports: dict[str, EvalReport], timings: dict[str, float]) -> dict[str, Any]:
+    """The before/after figures as fractions: ``results[untrained|trained][heldout|train]`` at the widest k
+    (k=256 keeps every z4 tile, so z6 is exhaustive over the level), and every k under ``by_k``."""
+    results: dict[str, Any] = {}
+    for when, label in (("before", "untrained"), ("after", "trained")):
+        results[label] = {}
+        for split, name in (("test", "heldout"), ("train", "train")):
+            rep = reports[f"{when}-{split}"]
+            results[label][name] = {**_level_figures(rep.results[-1]), "k": rep.results[-1].k,
+                                    "views": rep.results[-1].n,
+                                    "by_k": {str(r.k): _level_figures(r) for r in rep.results}}
+    return {
+        "encoder": cfg.encoder, "command": cfg.command,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}",
+        "recipe": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "logit_scale": cfg.logit_scale,
+                   "negatives": cfg.negatives, "tiles": cfg.tiles, "views_per_tile": cfg.views},
+        "timings_s": timings, "results": results,
+    }
 
 
 def _pct(x: float | None) -> str:
@@ -315,7 +365,8 @@ def _section(cfg: Config, source: str, table: PhotoTable, reports: dict[str, Eva
         f" ({cfg.threads} thread{'s' if cfg.threads > 1 else ''}), load avg {os.getloadavg()[0]:.2f} at end",
         f"- imagery: `{source}` (zoom 4 and 6); index: whole world, levels z4 (256 tiles) and z6 (4,096 tiles)",
         f"- encoder: `{cfg.encoder}` (photo encoder frozen; map encoders trained z6 then z4, "
-        f"{cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr:g})",
+        f"{cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, logit scale {cfg.logit_scale:.2f}, "
+        f"{cfg.negatives} negatives per step from the whole level)",
         f"- queries: {len(table)} views of the {cfg.tiles} most textured of {cfg.candidates} random zoom-6 tiles "
         f"(|lat| < 70): centre anywhere in the tile, zoom 5.4-6.6, any rotation, brightness/colour/contrast "
         f"changes, Gaussian blur 0-1.5 px; split by view: {int((split == 'train').sum())} train, "

@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from geoindex.coverage import Coverage
 from geoindex.dataset import SPLITS, photo_embeddings, read_photo_csv, table_splits, write_photo_csv
 from geoindex.encoders import ENCODERS, create_encoder
 from geoindex.errors import ConfigError
 from geoindex.sources import open_source
-from geoindex.tiles import LevelSchedule
+from geoindex.tiles import LevelSchedule, tile_code_array
 from geoindex.train import LevelResult, TrainConfig, train_levels
 from pipelines._cli import progress_bar, run_main, setup_logging
 
@@ -52,12 +53,18 @@ class Config:
     max_val_photos: int | None = 10_000
     checkpoint_every: int = 200
     threads: int | None = None
+    logit_scale: float = TrainConfig.logit_scale
+    negatives: int = 0
+    cache_trunk_gb: float = 0.0
+    bbox: tuple[float, float, float, float] | None = None
+    geojson: Path | None = None
     quiet: bool = False
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                            device=self.device, workers=self.workers, checkpoint_every=self.checkpoint_every,
-                           max_val_photos=self.max_val_photos)
+                           max_val_photos=self.max_val_photos, logit_scale=self.logit_scale,
+                           negatives=self.negatives, cache_trunk_gb=self.cache_trunk_gb)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -89,6 +96,16 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--checkpoint-every", type=int, default=Config.checkpoint_every,
                    help="steps between saved states (the unit of resumption)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--logit-scale", type=float, default=Config.logit_scale,
+                   help=f"similarity scale = 1/temperature (default {Config.logit_scale:g}, CLIP's)")
+    p.add_argument("--negatives", type=int, default=0,
+                   help="extra negative tiles per step drawn from the whole level inside --bbox/--geojson "
+                        "(default 0: the paper's in-batch negatives only)")
+    p.add_argument("--cache-trunk-gb", type=float, default=0.0,
+                   help="keep each tile's frozen-trunk output in this much memory (speeds up --negatives)")
+    p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"),
+                   help="the region --negatives are drawn from (default: the world)")
+    p.add_argument("--geojson", type=Path, help="the region --negatives are drawn from, as polygons")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     a = p.parse_args(argv)
     zooms = tuple(a.zooms) if a.zooms else LevelSchedule(*(a.schedule or (4, 16, 2))).zooms
@@ -102,7 +119,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         weights=a.weights, download=a.download, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         split=tuple(a.split), seed=a.seed, device=device, workers=a.workers,
         max_val_photos=a.max_val_photos or None, checkpoint_every=a.checkpoint_every, threads=a.threads,
-        quiet=a.quiet,
+        logit_scale=a.logit_scale, negatives=a.negatives, cache_trunk_gb=a.cache_trunk_gb,
+        bbox=tuple(a.bbox) if a.bbox else None, geojson=a.geojson, quiet=a.quiet,
     )
 
 
@@ -135,6 +153,12 @@ def run(cfg: Config) -> list[LevelResult]:
                                    workers=max(1, cfg.workers), progress=bar.update, on_plan=on_plan)
     train_rows, val_rows = splits["train"][ok[splits["train"]]], splits["val"][ok[splits["val"]]]
 
+    pools = None
+    if cfg.negatives:
+        coverage = Coverage.from_options(cfg.bbox, cfg.geojson)
+        pools = {z: tile_code_array(*coverage.tiles(zoom=z), zoom=z) for z in cfg.zooms}
+        log.info("negatives: %d per step from %s", cfg.negatives,
+                 ", ".join(f"{len(p):,} z{z} tiles" for z, p in pools.items()))
     key = hashlib.sha256(table.key().encode())
     for name in SPLITS:
         key.update(splits[name].tobytes())
@@ -151,7 +175,7 @@ def run(cfg: Config) -> list[LevelResult]:
         results = train_levels(
             base, cfg.zooms, photo_emb=emb, lat=table.lat, lon=table.lon, train_rows=train_rows,
             val_rows=val_rows, source=source, out_dir=cfg.out, cfg=train_cfg, run_key=key.hexdigest(),
-            on_epoch=on_epoch, on_step=on_step,
+            on_epoch=on_epoch, on_step=on_step, negative_pools=pools,
         )
     levels = "; ".join(
         f"z{r.zoom:02d} val top-1 {_fmt(r.history[0].val_top1)} -> {_fmt(r.history[-1].val_top1)}"

@@ -106,8 +106,48 @@ def test_batch_loader_dedupes_tiles(tiny_encoder, rendered_source):
 
     codes = np.array([5, 5, 6, 9], dtype=np.int64)
     ds = _Batches([np.arange(4)], codes, rendered_source, tiny_encoder.preprocess, zoom=2)
-    rows, pixels, target, missing = ds[0]
-    assert pixels.shape[0] == 3 and target.tolist() == [0, 0, 1, 2] and missing == 0
+    batch = ds[0]
+    assert batch.pixels.shape[0] == 3 and batch.target.tolist() == [0, 0, 1, 2] and batch.missing == 0
+    assert batch.codes.tolist() == [5, 6, 9] and batch.loaded.all()
+
+
+def test_batch_loader_adds_level_negatives_and_skips_cached_tiles(tiny_encoder, rendered_source):
+    from geoindex.train import _Batches
+
+    codes = np.array([5, 5, 6], dtype=np.int64)
+    pool = np.arange(16, dtype=np.int64)  # every zoom-2 tile
+    ds = _Batches([np.arange(3)], codes, rendered_source, tiny_encoder.preprocess, zoom=2, negatives=5,
+                  pool=pool, seed=[0, 2, 0], cached={5})
+    batch = ds[0]
+    assert batch.codes[:2].tolist() == [5, 6] and len(batch.codes) == 7
+    negatives = batch.codes[2:]
+    assert len(set(negatives.tolist())) == 5 and not {5, 6} & set(negatives.tolist())
+    assert batch.loaded.tolist() == [False] + [True] * 6 and batch.pixels.shape[0] == 6
+    assert batch.target.tolist() == [0, 0, 1]
+    again = _Batches([np.arange(3)], codes, rendered_source, tiny_encoder.preprocess, zoom=2, negatives=5,
+                     pool=pool, seed=[0, 2, 0])[0]
+    assert again.codes.tolist() == batch.codes.tolist()  # seeded per step: a resumed run draws the same
+
+
+def test_trunk_cache_gives_the_features_of_the_whole_network(tiny_encoder, rendered_source):
+    """Head over cached trunk outputs == the full network on the tiles, in any mix of cached and fresh."""
+    from geoindex.train import _Batches, _TrunkCache
+
+    enc = init_map_encoder(tiny_encoder, None)
+    trunk, head = enc.split()
+    cache = _TrunkCache(trunk, budget_bytes=1e9)
+    codes = np.array([1, 2, 3, 7], dtype=np.int64)
+    for cached in (set(), {2, 7}):
+        batch = _Batches([np.arange(4)], codes, rendered_source, enc.preprocess, zoom=2, cached=cached)[0]
+        with torch.no_grad():
+            got = head(cache.features(batch, torch.device("cpu"), amp=False))
+            want = enc.visual(torch.stack([enc.preprocess(render_tile(mercantile.Tile(c % 4, c // 4, 2)))
+                                           for c in codes.tolist()]))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert cache.codes == {1, 2, 3, 7}
+    small = _TrunkCache(trunk, budget_bytes=1)  # nothing fits: features still come back, none kept
+    batch = _Batches([np.arange(4)], codes, rendered_source, enc.preprocess, zoom=2)[0]
+    assert small.features(batch, torch.device("cpu"), amp=False).shape[0] == 4 and not small.codes
 
 
 # ----------------------------------------------------------------------------- whole levels
@@ -140,6 +180,28 @@ def _train(tmp_path, tiny_encoder, rendered_source, data, *, zooms=(3,), cfg=Non
 @pytest.fixture(scope="module")
 def data(tiny_encoder):
     return _dataset(tiny_encoder)
+
+
+def test_level_negatives_push_away_tiles_no_batch_holds(tmp_path, tiny_encoder, rendered_source, data):
+    """Negatives from the whole level train against the 48 zoom-3 tiles no photo is in: the true tile
+    outranks them more often than after in-batch training alone."""
+    emb, lat, lon = data
+    pool = np.arange(64, dtype=np.int64)  # every zoom-3 tile; the photos lie in 16 of them
+
+    def top1_among_all(result):
+        enc = load_map_encoder(tiny_encoder, result.checkpoint)
+        tiles = enc.encode([render_tile(mercantile.Tile(c % 8, c // 8, 3)) for c in pool.tolist()])
+        truth = (np.array([mercantile.tile(o, a, 3).y for a, o in zip(lat, lon)]) << 3) + np.array(
+            [mercantile.tile(o, a, 3).x for a, o in zip(lat, lon)])
+        return float(np.mean((emb @ tiles.T).argmax(axis=1) == truth))
+
+    base = dict(epochs=4, batch_size=8, lr=1e-3)
+    in_batch = _train(tmp_path / "in-batch", tiny_encoder, rendered_source, data, cfg=TrainConfig(**base))[0]
+    level = _train(tmp_path / "level", tiny_encoder, rendered_source, data, negative_pools={3: pool},
+                   cfg=TrainConfig(**base, negatives=32, cache_trunk_gb=0.1))[0]
+    assert top1_among_all(level) > top1_among_all(in_batch)
+    with pytest.raises(ConfigError, match="negative_pool"):
+        _train(tmp_path / "nopool", tiny_encoder, rendered_source, data, cfg=TrainConfig(**base, negatives=8))
 
 
 def test_only_intended_parameters_change(tmp_path, tiny_encoder, rendered_source, data):
