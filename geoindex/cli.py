@@ -102,20 +102,9 @@ def _device(name: str) -> str:
 
 def _map_source(index: GeoIndex, spec: str | None) -> TileSource:
     """The tile source for ``--map``: ``--map-source``, else the index's own imagery when local."""
-    from geoindex.imagery import RasterSource
-    from geoindex.sources import open_source
+    from geoindex.sources import map_source
 
-    if spec:
-        return open_source(spec)
-    imagery = index.manifest.imagery
-    kind, _, where = imagery.partition(":")
-    if kind in ("dir", "mbtiles") and Path(where).exists():
-        return open_source(where)
-    if imagery == "raster:bmng.jpg":
-        return RasterSource()
-    log.info("the index's imagery %r is not local; drawing over the embedded Blue Marble "
-             "(choose another with --map-source)", imagery)
-    return RasterSource()
+    return map_source(index.manifest.imagery, spec)
 
 
 class _Writer:
