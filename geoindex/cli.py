@@ -243,8 +243,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from geoindex.service import create_app
+    from geoindex.sources import open_source
 
     app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k,
+                     map_source=open_source(args.map_source) if args.map_source else None,
                      weights=args.weights, download=args.download, device=_device(args.device))
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder['name']} on {index.photo_encoder.device}) at "
@@ -316,12 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the candidates with probabilities as GeoJSON (open in any GIS or geojson.io)")
     loc.set_defaults(func=_locate)
 
-    srv = sub.add_parser("serve", help="HTTP service: POST /locate, GET /health, docs at /docs",
+    srv = sub.add_parser("serve", help="HTTP service: a web page at /, POST /locate, GET /health, docs at /docs",
                          epilog=RESPONSIBLE_USE)
     _common(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: 20)")
+    srv.add_argument("--map-source", metavar="SOURCE",
+                     help="imagery for the page's maps: bluemarble, a tile folder, .mbtiles, a URL template "
+                          "(default: the index's own imagery when local, else bluemarble)")
     srv.set_defaults(func=_serve)
     return parser
 
