@@ -102,9 +102,20 @@ def _device(name: str) -> str:
 
 def _map_source(index: GeoIndex, spec: str | None) -> TileSource:
     """The tile source for ``--map``: ``--map-source``, else the index's own imagery when local."""
-    from geoindex.sources import map_source
+    from geoindex.imagery import RasterSource
+    from geoindex.sources import open_source
 
-    return map_source(index.manifest.imagery, spec)
+    if spec:
+        return open_source(spec)
+    imagery = index.manifest.imagery
+    kind, _, where = imagery.partition(":")
+    if kind in ("dir", "mbtiles") and Path(where).exists():
+        return open_source(where)
+    if imagery == "raster:bmng.jpg":
+        return RasterSource()
+    log.info("the index's imagery %r is not local; drawing over the embedded Blue Marble "
+             "(choose another with --map-source)", imagery)
+    return RasterSource()
 
 
 class _Writer:
@@ -243,10 +254,8 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from geoindex.service import create_app
-    from geoindex.sources import open_source
 
     app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k,
-                     map_source=open_source(args.map_source) if args.map_source else None,
                      weights=args.weights, download=args.download, device=_device(args.device))
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder['name']} on {index.photo_encoder.device}) at "
@@ -324,9 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: 20)")
-    srv.add_argument("--map-source", metavar="SOURCE",
-                     help="imagery for the page's maps: bluemarble, a tile folder, .mbtiles, a URL template "
-                          "(default: the index's own imagery when local, else bluemarble)")
     srv.set_defaults(func=_serve)
     return parser
 
