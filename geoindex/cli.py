@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the candidates with probabilities as GeoJSON (open in any GIS or geojson.io)")
     loc.set_defaults(func=_locate)
 
-    srv = sub.add_parser("serve", help="HTTP service: POST /locate, GET /health, docs at /docs",
+    srv = sub.add_parser("serve", help="HTTP service: a web page at /, POST /locate, GET /health, docs at /docs",
                          epilog=RESPONSIBLE_USE)
     _common(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")

@@ -1,15 +1,19 @@
-"""An HTTP service over one opened index (FastAPI): ``POST /locate`` a photo, ``GET /health``, docs at ``/docs``.
+"""An HTTP service over one opened index (FastAPI): a web page at ``/``, ``POST /locate`` a photo, ``GET /health``.
 
 The index and the photo encoder are loaded once, when the app is created. Uploads are capped
 (413 beyond ``max_upload_bytes``, checked on the declared length and again while reading), and
 every problem with the request (unreadable image, bad bbox, k out of range) is a 4xx whose
 ``detail`` says what is wrong; a 500 would be a bug. Run it with ``geoindex serve`` or any ASGI
-server: ``uvicorn --factory 'geoindex.service:app_from_env'`` reads ``GEOINDEX_INDEX``.
+server: ``uvicorn --factory 'geoindex.service:app_from_env'`` reads ``GEOINDEX_INDEX``. The page
+(``geoindex/static/index.html``, no external resources) posts to ``/locate`` and asks for the map
+picture and the GeoJSON in the same answer; API docs are at ``/docs``.
 """
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
 import json
 import logging
 import os
@@ -19,7 +23,8 @@ import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-from fastapi.responses import RedirectResponse
+from fastapi.responses import HTMLResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,7 +32,8 @@ from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, open_index
 from geoindex.coverage import Coverage
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
-from geoindex.render import result_to_dict
+from geoindex.imagery import TileSource
+from geoindex.render import draw_map, result_to_dict, to_geojson
 from geoindex.search import MAX_K, check_k
 
 __all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "MAX_TOP_N", "app_from_env", "create_app"]
@@ -94,6 +100,7 @@ def create_app(
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     default_k: int = 64,
+    map_source: TileSource | None = None,
     **open_kwargs: Any,
 ) -> FastAPI:
     """The FastAPI app serving one index.
@@ -103,6 +110,8 @@ def create_app(
             download, device, verify).
         max_upload_bytes: largest accepted request body.
         default_k: beam width when a request does not give ``k``.
+        map_source: imagery for the maps that ``include_map`` asks for (default: the index's own
+            imagery when local, else the embedded Blue Marble; opened at the first map).
 
     Raises:
         IndexNotFoundError, IndexFormatError, WeightsNotFoundError: the index cannot be opened.
@@ -134,9 +143,17 @@ def create_app(
         with lock:  # lru_cache is thread-safe, but would compute the same masks twice under a race
             return region_searcher(region)
 
+    @functools.cache
+    def imagery() -> TileSource:
+        if map_source is not None:
+            return map_source
+        from geoindex.sources import map_source as index_imagery
+
+        return index_imagery(opened.manifest.imagery)
+
     @app.get("/", include_in_schema=False)
-    def root() -> RedirectResponse:
-        return RedirectResponse("/docs")
+    def page() -> HTMLResponse:
+        return HTMLResponse(_page())
 
     @app.get("/health", summary="Liveness and what is being served")
     def health() -> dict[str, Any]:
@@ -148,6 +165,7 @@ def create_app(
             "levels": [{"zoom": s.zoom, "tiles": s.rows} for s in opened.stored],
             "imagery": opened.manifest.imagery,
             "max_upload_bytes": max_upload_bytes,
+            "default_k": default_k,
         }
 
     @app.post(
@@ -162,6 +180,10 @@ def create_app(
         top_n: Annotated[int, Form(ge=1, le=MAX_TOP_N, description="candidates and areas returned")] = 5,
         bbox: Annotated[str | None, Form(description="restrict to this area: 'W,S,E,N' in degrees")] = None,
         ignore_exif: Annotated[bool, Form(description="do not read or report the photo's EXIF GPS")] = False,
+        include_map: Annotated[bool, Form(description="add `map_png`: the map with the per-level trace, "
+                                                      "as a PNG data URL")] = False,
+        include_geojson: Annotated[bool, Form(description="add `geojson`: the candidates as a GeoJSON "
+                                                          "FeatureCollection")] = False,
     ) -> dict[str, Any]:
         started = time.perf_counter()
         name = image.filename or "upload"
@@ -193,10 +215,22 @@ def create_app(
                 gps = None
         out = result_to_dict(result, exif=gps, top_n=top_n, trace=True)
         out["k"] = k
+        if include_geojson:
+            out["geojson"] = to_geojson([result], exif=[gps])
+        drawn_s = time.perf_counter()
+        if include_map:
+            try:
+                with lock:  # opens the imagery once
+                    source = imagery()
+                out["map_png"] = _png_data_url(draw_map(result, source, truth=gps, photo=data))
+            except GeoIndexError as e:  # the answer stands without its picture
+                log.warning("no map for %s: %s", name, e)
+                out["map_error"] = str(e)
         out["timings"] = {
             "read_ms": (read_s - started) * 1e3,
             "encode_ms": (encoded_s - read_s) * 1e3,
             "search_ms": (searched_s - encoded_s) * 1e3,
+            **({"map_ms": (time.perf_counter() - drawn_s) * 1e3} if include_map else {}),
             "total_ms": (time.perf_counter() - started) * 1e3,
         }
         log.info("located %s in %.0f ms", name, out["timings"]["total_ms"])
@@ -208,6 +242,20 @@ def create_app(
 def app_from_env() -> FastAPI:
     """An app over ``$GEOINDEX_INDEX`` (else ``indexes/default``), for ``uvicorn --factory``."""
     return create_app(os.environ.get(INDEX_ENV) or DEFAULT_INDEX)
+
+
+@functools.cache
+def _page() -> str:
+    """The web page: one static file shipped in the package."""
+    from importlib.resources import files
+
+    return files("geoindex").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def _png_data_url(picture: Image.Image) -> str:
+    buf = io.BytesIO()
+    picture.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _version() -> str:

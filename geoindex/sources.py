@@ -46,6 +46,7 @@ __all__ = [
     "HttpSource",
     "MBTilesSource",
     "fetch_to_directory",
+    "map_source",
     "open_source",
     "stored_tile_path",
     "write_mbtiles",
@@ -534,6 +535,27 @@ def open_source(spec: str, **http_options: Any) -> TileSource:
     if not path.exists() and _query_provider(spec.partition("?")[0]) is not None:
         return _provider_source(spec, http_options)
     raise ConfigError(f"cannot use --source {spec!r}: expected {_SPEC_FORMS}")
+
+
+def map_source(imagery: str, spec: str | None = None) -> TileSource:
+    """The imagery to draw maps over: ``spec`` if given, else an index's own imagery when local.
+
+    Args:
+        imagery: the index manifest's ``imagery`` (a source name such as ``dir:PATH``).
+        spec: a ``--map-source`` string for :func:`open_source`, overriding the index's imagery.
+
+    Returns:
+        The tile source; the embedded Blue Marble where the index's imagery is remote or gone.
+    """
+    if spec:
+        return open_source(spec)
+    kind, _, where = imagery.partition(":")
+    if kind in ("dir", "mbtiles") and Path(where).exists():
+        return open_source(where)
+    if imagery != "raster:bmng.jpg":
+        log.info("the index's imagery %r is not local; drawing over the embedded Blue Marble "
+                 "(choose another with --map-source)", imagery)
+    return RasterSource()
 
 
 @dataclass(frozen=True)

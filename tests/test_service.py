@@ -70,7 +70,7 @@ def test_health(server):
     body = r.json()
     assert body["status"] == "ok" and body["encoder"] == "tiny" and body["device"] == "cpu"
     assert body["levels"] == [{"zoom": 1, "tiles": 4}, {"zoom": 2, "tiles": 16}, {"zoom": 3, "tiles": 64}]
-    assert body["max_upload_bytes"] == LIMIT
+    assert body["max_upload_bytes"] == LIMIT and body["default_k"] == 8
 
 
 def test_openapi_and_docs(server):
