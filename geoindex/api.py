@@ -146,13 +146,15 @@ class GeoIndex(_Searcher):
     """
 
     def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
-                 download: bool = False, device: str = "cpu", verify: bool | None = None) -> None:
+                 download: bool = False, device: str = "cpu", verify: bool | None = None,
+                 precision: str = "auto") -> None:
         self.path = Path(path)
         self.manifest: Manifest
         self.stored: list[StoredLevel]
         self.manifest, self.stored = open_store(self.path, verify=verify)
         spec = self.manifest.photo_encoder
-        self.photo_encoder = create_encoder(spec["name"], weights=weights, download=download, device=device)
+        self.photo_encoder = create_encoder(spec["name"], weights=weights, download=download, device=device,
+                                            precision=precision)
         if self.photo_encoder.base_fingerprint != spec["base_fingerprint"]:
             raise EncoderMismatchError(
                 f"{self.path}: built for photo encoder {spec['name']!r} with weights "
@@ -202,7 +204,9 @@ class RegionSearcher(_Searcher):
 def open_index(path: str | os.PathLike | None = None, **kwargs: object) -> GeoIndex:
     """Open an index directory (default: ``$GEOINDEX_INDEX``, else ``indexes/default``).
 
-    Keyword arguments go to :class:`GeoIndex`: ``weights``, ``download``, ``device``, ``verify``.
+    Keyword arguments go to :class:`GeoIndex`: ``weights``, ``download``, ``device``, ``verify``,
+    ``precision`` (the photo encoder's arithmetic; ``auto``: bf16 on CPUs with native bf16, see
+    ``encoders.resolve_precision``; any precision searches an index built at another).
     """
     return GeoIndex(path or os.environ.get(INDEX_ENV) or DEFAULT_INDEX, **kwargs)  # type: ignore[arg-type]
 
@@ -345,11 +349,15 @@ class OnTheFlySearcher(_Searcher):
 
     @classmethod
     def for_index(cls, index: GeoIndex, source: TileSource, **kwargs: object) -> OnTheFlySearcher:
-        """An on-the-fly searcher over exactly an index's tiles, encoders and schedule."""
+        """An on-the-fly searcher over exactly an index's tiles, encoders and schedule.
+
+        Tiles are encoded at the precision each level was built with, so that the two searches agree.
+        """
         first = index.stored[0]
         map_encoders = {}
         for level in index.manifest.levels:
-            map_encoders[level.zoom] = load_map_encoder(index.photo_encoder, level.encoder.get("checkpoint"))
+            encoder = load_map_encoder(index.photo_encoder, level.encoder.get("checkpoint"))
+            map_encoders[level.zoom] = encoder.with_precision(level.encoder.get("precision", "fp32"))
         zooms = index.zooms
         schedule = LevelSchedule(zooms[0], zooms[-1], index.manifest.schedule.step)
         rows = {s.zoom: set(zip(s.x.tolist(), s.y.tolist())) for s in index.stored}

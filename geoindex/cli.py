@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, RegionSearcher, open_index
 from geoindex.coverage import Coverage
+from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
 from geoindex.imagery import TileSource
@@ -195,7 +196,8 @@ def _locate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--map draws one image; {len(images)} were given (use --geojson for many)")
     region = _region(args)
 
-    index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device))
+    index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device),
+                       precision=args.precision)
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
     writer = _Writer(args.format, sys.stdout, top_n=args.top_n, trace=args.trace)
@@ -256,7 +258,8 @@ def _serve(args: argparse.Namespace) -> int:
     from geoindex.service import create_app
 
     app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k,
-                     weights=args.weights, download=args.download, device=_device(args.device))
+                     weights=args.weights, download=args.download, device=_device(args.device),
+                     precision=args.precision)
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder['name']} on {index.photo_encoder.device}) at "
           f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
@@ -288,6 +291,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help=f"index folder (default: ${INDEX_ENV} or {DEFAULT_INDEX})")
     parser.add_argument("-k", type=int, default=64, help="beam width: tiles kept per zoom level (default: 64)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="photo encoder arithmetic: auto (bf16 on CPUs with native bf16, fp16 on CUDA, "
+                             "else fp32), fp32, bf16, fp16, int8 (ViT)")
     parser.add_argument("--weights", help="local CLIP weights file (else $GEOINDEX_CLIP_WEIGHTS or the caches)")
     parser.add_argument("--download", action="store_true", help="download missing encoder weights")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")

@@ -80,9 +80,11 @@ class EncoderRecipe:
     weights: str | None = None
     download: bool = False
     checkpoint: str | None = None
+    precision: str = "auto"
 
     def create(self, device: str = "cpu") -> ImageEncoder:
-        base = create_encoder(self.name, weights=self.weights, download=self.download, device=device)
+        base = create_encoder(self.name, weights=self.weights, download=self.download, device=device,
+                              precision=self.precision)
         return load_map_encoder(base, self.checkpoint)
 
 

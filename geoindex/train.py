@@ -261,18 +261,20 @@ class _Batches(torch.utils.data.Dataset):
 class _TrunkCache:
     """Frozen-trunk outputs per tile code, up to a memory budget; a step's tiles in, their features out."""
 
-    def __init__(self, trunk: Callable[[torch.Tensor], torch.Tensor], budget_bytes: float) -> None:
-        self.trunk = trunk
+    def __init__(self, encoder: ImageEncoder, budget_bytes: float) -> None:
+        self.encoder = encoder
+        self.trunk = encoder.split()[0]
         self.budget = budget_bytes
         self.used = 0
         self.store: dict[int, torch.Tensor] = {}
         self.codes: set[int] = set()  # what _Batches need not load
 
-    def features(self, batch: _Batch, device: torch.device, amp: bool) -> torch.Tensor:
+    def features(self, batch: _Batch, amp: bool) -> torch.Tensor:
         fresh = None
         if len(batch.pixels):
+            device = self.encoder.device
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                fresh = self.trunk(batch.pixels.to(device, non_blocking=True))
+                fresh = self.trunk(self.encoder.to_device(batch.pixels))
         if batch.loaded.all() and fresh is not None and self.budget <= 0:
             return fresh
         parts, k = [], 0
@@ -357,7 +359,8 @@ def tile_accuracy(
 def init_map_encoder(base: ImageEncoder, previous: str | os.PathLike | None) -> ImageEncoder:
     """A trainable map encoder: a copy of ``base``, or of the previous (finer) level's checkpoint."""
     if previous is None:
-        enc = ImageEncoder(base.spec, copy.deepcopy(base.visual), base.preprocess, base.base_fingerprint)
+        enc = ImageEncoder(base.spec, copy.deepcopy(base.visual), base.preprocess, base.base_fingerprint,
+                           precision=base.precision)
     else:
         enc = load_map_encoder(base, previous)
     enc.to(base.device)
@@ -388,10 +391,8 @@ def train_step(
     device = encoder.device
     amp = scaler is not None and scaler.is_enabled()
     with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-        if from_trunk:
-            tiles = encoder.split()[1](pixels.to(device, non_blocking=True))
-        else:
-            tiles = encoder.visual(encoder._memory_format(pixels))
+        network = encoder.split()[1] if from_trunk else encoder.visual
+        tiles = network(encoder.to_device(pixels))
     loss = contrastive_loss(photo.to(device), tiles, target.to(device), logit_scale=logit_scale)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and amp:
@@ -552,7 +553,7 @@ def train_level(
         save()
 
     photo_all = torch.from_numpy(np.ascontiguousarray(photo_emb, dtype=np.float32))
-    trunk_cache = _TrunkCache(encoder.split()[0], cfg.cache_trunk_gb * 2**30)
+    trunk_cache = _TrunkCache(encoder, cfg.cache_trunk_gb * 2**30)
     while epoch < cfg.epochs:
         started = time.perf_counter()
         batches = _epoch_batches(len(train_rows), codes[train_rows], cfg, zoom, epoch)
@@ -572,7 +573,7 @@ def train_level(
             if len(batch.codes) < 2 or not len(batch.rows):  # its tiles are missing from the source
                 step += 1
                 continue
-            features = trunk_cache.features(batch, device, use_amp)
+            features = trunk_cache.features(batch, use_amp)
             value = train_step(encoder, optimizer, photo_all[batch.rows], features, batch.target,
                                logit_scale=cfg.logit_scale, scaler=scaler, from_trunk=True)
             step += 1

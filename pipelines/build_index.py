@@ -18,7 +18,7 @@ from typing import Any
 
 from geoindex.build import BuildSummary, build_level
 from geoindex.coverage import Coverage
-from geoindex.encoders import ENCODERS, create_encoder, load_map_encoder
+from geoindex.encoders import ENCODERS, PRECISIONS, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError
 from geoindex.sources import open_source
 from geoindex.store import CODECS, Manifest
@@ -41,6 +41,7 @@ class Config:
     download: bool = False
     map_checkpoints: Path | None = None
     device: str = "cpu"
+    precision: str = "auto"
     batch_size: int = 64
     codec: str = "fp16"
     shard_size: int = 8192
@@ -88,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                    help="folder of fine-tuned map encoders zNN.pt (from pipelines.train); "
                         "a zoom without one uses the untrained base")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, auto (default: cpu)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="encoder arithmetic: auto (bf16 on CPUs with native bf16, fp16 on CUDA, else fp32), "
+                        "fp32, bf16, fp16 (CUDA), int8 (ViT Linear layers); recorded per level")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch (default: 64)")
     p.add_argument("--codec", default="fp16", choices=CODECS, help="FAISS codec of levels after the first")
     p.add_argument("--shard-size", type=int, default=8192, help="tiles per parquet shard, the unit of resumption")
@@ -120,6 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     return Config(
         zooms=schedule.zooms if a.all else tuple(a.zoom), index=a.index, source=a.source, encoder=a.encoder,
         weights=a.weights, download=a.download, map_checkpoints=a.map_checkpoints, device=device,
+        precision=a.precision,
         batch_size=a.batch_size, codec=a.codec, shard_size=a.shard_size, workers=a.workers,
         schedule=schedule, bbox=tuple(a.bbox) if a.bbox else None, geojson=a.geojson,
         overwrite=a.overwrite, quiet=a.quiet, engine=a.engine, ray_address=a.ray_address, ray_actors=a.ray_actors,
@@ -146,7 +151,8 @@ def run(cfg: Config) -> list[BuildSummary]:
     if cfg.engine == "ray":
         return _run_levels(cfg, _ray_engine(cfg, coverage))
     source = open_source(cfg.source)
-    base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device)
+    base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device,
+                          precision=cfg.precision)
 
     def local(zoom: int, **kw: Any) -> BuildSummary:
         checkpoint = _checkpoint(cfg, zoom)
@@ -164,7 +170,7 @@ def _ray_engine(cfg: Config, coverage: Coverage) -> Callable[..., BuildSummary]:
     options = RayOptions(cfg.ray_address, cfg.ray_actors, cfg.ray_gpus_per_actor, cfg.ray_cpus_per_actor)
 
     def ray(zoom: int, **kw: Any) -> BuildSummary:
-        recipe = EncoderRecipe(cfg.encoder, cfg.weights, cfg.download, _checkpoint(cfg, zoom))
+        recipe = EncoderRecipe(cfg.encoder, cfg.weights, cfg.download, _checkpoint(cfg, zoom), cfg.precision)
         return build_level_ray(cfg.index, zoom, source=cfg.source, encoder=recipe, coverage=coverage,
                                schedule=cfg.schedule, codec=cfg.codec, shard_size=cfg.shard_size,
                                batch_size=cfg.batch_size, workers=cfg.workers, overwrite=cfg.overwrite,

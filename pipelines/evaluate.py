@@ -26,6 +26,7 @@ import numpy as np
 
 from geoindex.api import OnTheFlySearcher, open_index
 from geoindex.dataset import read_photo_csv
+from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError
 from geoindex.evaluate import EvalReport, Predictions, evaluate
 from geoindex.search import PriorOptions
@@ -49,6 +50,7 @@ class Config:
     out: Path = Path("results/eval")
     weights: str | None = None
     device: str = "cpu"
+    precision: str = "auto"
     limit: int | None = None
     query_batch: int | None = None
     predictions: bool = False
@@ -81,6 +83,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--out", type=Path, default=Config.out, help="report path without suffix (default: results/eval)")
     p.add_argument("--weights", help="local weights file of the photo encoder")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="photo encoder arithmetic (default auto: bf16 on CPUs with native bf16)")
     p.add_argument("--limit", type=int, help="evaluate only the first N photos")
     p.add_argument("--query-batch", type=int,
                    help="photos per search call (default: 256 indexed, 1 on the fly: the per-photo cost)")
@@ -99,7 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     return Config(
         photos=a.photos, index=a.index, ks=tuple(a.k), mode=a.mode, source=a.source, image_root=a.image_root,
-        out=a.out, weights=a.weights, device=a.device, limit=a.limit, query_batch=a.query_batch,
+        out=a.out, weights=a.weights, device=a.device, precision=a.precision, limit=a.limit,
+        query_batch=a.query_batch,
         predictions=a.predictions, threads=a.threads, quiet=a.quiet, command=command, prior=a.prior,
         prior_mode=a.prior_mode, prior_weight=a.prior_weight, geoclip_backbone=a.geoclip_backbone,
     )
@@ -115,7 +120,7 @@ def run(cfg: Config) -> EvalReport:
     table = read_photo_csv(cfg.photos, image_root=cfg.image_root)
     if cfg.limit is not None:
         table = table.subset(np.arange(min(cfg.limit, len(table))))
-    index = open_index(cfg.index, weights=cfg.weights, device=cfg.device)
+    index = open_index(cfg.index, weights=cfg.weights, device=cfg.device, precision=cfg.precision)
     searcher = index if cfg.mode == "indexed" else OnTheFlySearcher.for_index(index, open_source(cfg.source or ""))
     query_batch = cfg.query_batch or (256 if cfg.mode == "indexed" else 1)
     prior, prior_options = None, None

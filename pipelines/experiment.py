@@ -44,7 +44,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from geoindex.dataset import PhotoTable, write_photo_csv
-from geoindex.encoders import ENCODERS
+from geoindex.encoders import ENCODERS, PRECISIONS, resolve_precision
 from geoindex.errors import ConfigError, TileNotFoundError
 from geoindex.evaluate import EvalReport, KResult
 from geoindex.imagery import TileSource
@@ -83,6 +83,7 @@ class Config:
     ks: tuple[int, ...] = (16, 256)
     seed: int = 0
     threads: int = 2
+    precision: str = "auto"
     results_md: Path | None = RESULTS_MD
     results_json: Path | None = RESULTS_JSON
     quiet: bool = False
@@ -121,6 +122,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--k", type=int, nargs="+", default=list(Config.ks), help="beam widths to evaluate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=Config.threads, help=f"torch threads (default {Config.threads})")
+    p.add_argument("--precision", default=Config.precision, choices=PRECISIONS,
+                   help="encoder arithmetic for building and querying (training always runs fp32)")
     p.add_argument("--results-md", type=Path, default=RESULTS_MD, help="the RESULTS.md to append to")
     p.add_argument("--results-json", type=Path, default=RESULTS_JSON, help="where to write the figures as JSON")
     p.add_argument("--no-record", action="store_true", help="write neither RESULTS.md nor the JSON figures")
@@ -132,6 +135,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         out=a.out, source=a.source, encoder=a.encoder, weights=a.weights, tiles=a.tiles, candidates=a.candidates,
         views=a.views, val_views=a.val_views, test_views=a.test_views, epochs=a.epochs, batch_size=a.batch_size,
         lr=a.lr, logit_scale=a.logit_scale, negatives=a.negatives, ks=tuple(a.k), seed=a.seed, threads=a.threads,
+        precision=a.precision,
         results_md=None if a.no_record else a.results_md, results_json=None if a.no_record else a.results_json,
         quiet=a.quiet, command=command.strip(),
     )
@@ -248,7 +252,7 @@ def make_views(cfg: Config, source: TileSource) -> PhotoTable:
 
 def _build(cfg: Config, source_spec: str, index: Path, checkpoints: Path | None) -> None:
     args = ["--all", "--schedule", "4", "6", "2", "--index", str(index), "--source", source_spec,
-            "--encoder", cfg.encoder, "--shard-size", "4096", "--workers", "2"]
+            "--encoder", cfg.encoder, "--shard-size", "4096", "--workers", "2", "--precision", cfg.precision]
     args += ["--weights", cfg.weights] if cfg.weights else []
     args += ["--map-checkpoints", str(checkpoints)] if checkpoints else []
     args += ["--quiet"] if cfg.quiet else []
@@ -257,7 +261,7 @@ def _build(cfg: Config, source_spec: str, index: Path, checkpoints: Path | None)
 
 def _evaluate(cfg: Config, index: Path, split: str, name: str) -> EvalReport:
     args = ["--photos", str(cfg.out / f"views-{split}.csv"), "--index", str(index), "--k", *map(str, cfg.ks),
-            "--out", str(cfg.out / "eval" / name), "--quiet"]
+            "--out", str(cfg.out / "eval" / name), "--quiet", "--precision", cfg.precision]
     args += ["--weights", cfg.weights] if cfg.weights else []
     return evaluate.run(evaluate.parse_args(args))
 
@@ -342,6 +346,7 @@ def figures(cfg: Config, reports: dict[str, EvalReport], timings: dict[str, floa
         "encoder": cfg.encoder, "command": cfg.command,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}",
+        "precision": resolve_precision(cfg.precision),
         "recipe": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "logit_scale": cfg.logit_scale,
                    "negatives": cfg.negatives, "tiles": cfg.tiles, "views_per_tile": cfg.views},
         "timings_s": timings, "results": results,

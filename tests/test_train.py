@@ -135,19 +135,19 @@ def test_trunk_cache_gives_the_features_of_the_whole_network(tiny_encoder, rende
 
     enc = init_map_encoder(tiny_encoder, None)
     trunk, head = enc.split()
-    cache = _TrunkCache(trunk, budget_bytes=1e9)
+    cache = _TrunkCache(enc, budget_bytes=1e9)
     codes = np.array([1, 2, 3, 7], dtype=np.int64)
     for cached in (set(), {2, 7}):
         batch = _Batches([np.arange(4)], codes, rendered_source, enc.preprocess, zoom=2, cached=cached)[0]
         with torch.no_grad():
-            got = head(cache.features(batch, torch.device("cpu"), amp=False))
+            got = head(cache.features(batch, amp=False))
             want = enc.visual(torch.stack([enc.preprocess(render_tile(mercantile.Tile(c % 4, c // 4, 2)))
                                            for c in codes.tolist()]))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert cache.codes == {1, 2, 3, 7}
-    small = _TrunkCache(trunk, budget_bytes=1)  # nothing fits: features still come back, none kept
+    small = _TrunkCache(enc, budget_bytes=1)  # nothing fits: features still come back, none kept
     batch = _Batches([np.arange(4)], codes, rendered_source, enc.preprocess, zoom=2)[0]
-    assert small.features(batch, torch.device("cpu"), amp=False).shape[0] == 4 and not small.codes
+    assert small.features(batch, amp=False).shape[0] == 4 and not small.codes
 
 
 # ----------------------------------------------------------------------------- whole levels
