@@ -195,7 +195,8 @@ def _locate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--map draws one image; {len(images)} were given (use --geojson for many)")
     region = _region(args)
 
-    index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device))
+    index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device),
+                       verify=args.verify or None)
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
     writer = _Writer(args.format, sys.stdout, top_n=args.top_n, trace=args.trace)
@@ -256,7 +257,8 @@ def _serve(args: argparse.Namespace) -> int:
     from geoindex.service import create_app
 
     app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k,
-                     weights=args.weights, download=args.download, device=_device(args.device))
+                     weights=args.weights, download=args.download, device=_device(args.device),
+                     verify=args.verify or None)
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder['name']} on {index.photo_encoder.device}) at "
           f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
@@ -291,6 +293,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="local CLIP weights file (else $GEOINDEX_CLIP_WEIGHTS or the caches)")
     parser.add_argument("--download", action="store_true", help="download missing encoder weights")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every index file's sha256 on open (default: only for indexes up to 256 MB; "
+                             "sizes, tile coordinates and FAISS ids are always checked)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,222 @@
+"""Issue 14: no input may cost the other answers, hang, or give a silent wrong answer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from faiss.contrib.ivf_tools import add_preassigned
+
+import geoindex
+from geoindex.errors import IndexFormatError
+from geoindex.store import (
+    FAISS_FILE,
+    Manifest,
+    _file_info,
+    level_dir,
+    list_shards,
+    read_embeddings,
+    read_level_columns,
+    write_faiss,
+)
+
+
+@pytest.fixture
+def index_copy(small_index, tmp_path) -> Path:
+    dst = tmp_path / "copy"
+    shutil.copytree(small_index, dst)
+    return dst
+
+
+def _relist(index_dir: Path) -> None:
+    """Record the files' current sizes and checksums in the manifest, as a consistent-looking index would."""
+    manifest = Manifest.load(index_dir)
+    levels = []
+    for lv in manifest.levels:
+        ldir = level_dir(index_dir, lv.zoom)
+        levels.append(dataclasses.replace(lv, files=tuple(_file_info(ldir / f.name) for f in lv.files)))
+    dataclasses.replace(manifest, levels=tuple(levels)).save(index_dir)
+
+
+def _edit_manifest(index_dir: Path, edit) -> None:
+    path = index_dir / "manifest.json"
+    data = json.loads(path.read_text())
+    data = edit(data)
+    path.write_text(json.dumps(data))
+
+
+# -- item 6: malformed manifests ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda d: [], "JSON object"),
+        (lambda d: None, "JSON object"),
+        (lambda d: {**d, "dim": "abc"}, "'dim' is 'abc'"),
+        (lambda d: {**d, "imagery": 5}, "'imagery' is 5"),
+        (lambda d: {**d, "format_version": "1"}, "not a positive integer"),
+        (lambda d: {**d, "levels": [{"zoom": 1}]}, "malformed"),
+        (lambda d: {**d, "levels": "z01"}, "'levels'"),
+        (lambda d: {**d, "photo_encoder": {"name": "tiny"}}, "base_fingerprint"),
+    ],
+)
+def test_malformed_manifest_is_an_index_format_error(index_copy, edit, match):
+    _edit_manifest(index_copy, edit)
+    with pytest.raises(IndexFormatError, match=match) as info:
+        geoindex.open_index(index_copy)
+    assert str(index_copy / "manifest.json") in str(info.value)
+    assert "newer" not in str(info.value)
+
+
+# -- item 7: nothing wrong on disk turns into a silently wrong tile -----------------------------------
+
+
+def test_level_listing_no_files_is_refused(index_copy):
+    def edit(d):
+        d["levels"][1]["files"] = []
+        return d
+
+    _edit_manifest(index_copy, edit)
+    with pytest.raises(IndexFormatError, match="does not list"):
+        geoindex.open_index(index_copy)
+
+
+def test_unlisted_extra_shard_is_refused(index_copy):
+    shard = list_shards(index_copy, 2)[0]
+    shutil.copy(shard, shard.with_name("part-00099.parquet"))
+    with pytest.raises(IndexFormatError, match="part-00099.parquet"):
+        geoindex.open_index(index_copy, verify=False)
+
+
+@pytest.mark.parametrize("edit", ["shift_x", "negate_y", "swap_parent"])
+def test_tile_coordinates_are_checked_on_open(index_copy, edit):
+    shard = list_shards(index_copy, 3)[0]
+    table = pq.read_table(shard)
+    x = table.column("x").to_numpy().copy()
+    y = table.column("y").to_numpy().copy()
+    if edit == "shift_x":
+        x += 100000
+    elif edit == "negate_y":
+        y = -y
+    else:  # in range, but under another parent: the tile would be reported for the wrong place
+        x[[0, -1]] = x[[-1, 0]]
+        y[[0, -1]] = y[[-1, 0]]
+    table = table.set_column(1, "x", pa.array(x)).set_column(2, "y", pa.array(y))
+    pq.write_table(table, shard)
+    _relist(index_copy)  # checksums agree: only the content check can tell
+    with pytest.raises(IndexFormatError, match="z03|zoom-3") as info:
+        geoindex.open_index(index_copy, verify=True)
+    assert "build_index --zoom 3" in str(info.value)
+
+
+def _rewrite_ids(index_dir: Path, zoom: int, change) -> None:
+    """Rebuild level ``zoom``'s FAISS file from parquet with ids passed through ``change``; same size."""
+    cols = read_level_columns(index_dir, zoom, ("parent_row",))
+    emb = np.concatenate([read_embeddings(p) for p in list_shards(index_dir, zoom)]).astype(np.float32)
+    old = faiss.read_index(str(level_dir(index_dir, zoom) / FAISS_FILE))
+    ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(emb.shape[1]), emb.shape[1], old.nlist,
+                                        faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT, False)
+    ivf.is_trained = True
+    ids = change(np.arange(len(emb), dtype=np.int64))
+    add_preassigned(ivf, emb, cols["parent_row"].astype(np.int64), ids)
+    write_faiss(ivf, level_dir(index_dir, zoom) / FAISS_FILE)
+    _relist(index_dir)
+
+
+def _set(i: int, value: int):
+    def change(ids: np.ndarray) -> np.ndarray:
+        ids = ids.copy()
+        ids[i] = value
+        return ids
+    return change
+
+
+@pytest.mark.parametrize(
+    "change",
+    [_set(5, 10**12), _set(5, -1), _set(5, -7), _set(5, 4), lambda ids: ids[::-1].copy()],
+    ids=["huge", "minus-one", "negative", "duplicate", "swapped"],
+)
+def test_faiss_ids_are_checked_on_open_without_checksums(index_copy, change):
+    _rewrite_ids(index_copy, 3, change)
+    with pytest.raises(IndexFormatError, match="FAISS id") as info:
+        geoindex.open_index(index_copy, verify=False)
+    assert "index.faiss" in str(info.value) and "--zoom 3" in str(info.value)
+
+
+def test_faiss_ids_fast_path_agrees_with_faiss(small_index):
+    from geoindex.store import _ivf_ids_fast, _ivf_ids_slow
+
+    for zoom in (2, 3):
+        path = level_dir(small_index, zoom) / FAISS_FILE
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        sizes, slow = _ivf_ids_slow(index)
+        fast = _ivf_ids_fast(path, index, sizes)
+        assert fast is not None  # the layout was recognised, so large indexes take the fast path
+        assert np.array_equal(fast, slow) and np.array_equal(slow, np.arange(index.ntotal))
+
+
+@pytest.mark.parametrize("nonempty", [[1, 4, 7], list(range(9))], ids=["sparse", "full"])
+def test_faiss_ids_fast_path_reads_both_list_layouts(tmp_path, nonempty):
+    from geoindex.store import _ivf_ids_fast, _ivf_ids_slow
+
+    d, nlist = 6, 10  # code size 12: not a multiple of 8, the byte-gather path
+    parents = np.sort(np.repeat(np.array(nonempty), 3)).astype(np.int64)
+    ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(d), d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                        faiss.METRIC_INNER_PRODUCT, False)
+    ivf.is_trained = True
+    ids = np.arange(len(parents), dtype=np.int64)
+    add_preassigned(ivf, np.random.default_rng(0).random((len(parents), d), dtype=np.float32), parents, ids)
+    path = tmp_path / "ivf.faiss"
+    write_faiss(ivf, path)
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    sizes, slow = _ivf_ids_slow(index)
+    fast = _ivf_ids_fast(path, index, sizes)
+    assert fast is not None and np.array_equal(fast, slow) and np.array_equal(fast, ids)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    from geoindex.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _photo(path: Path, tile=(5, 2, 3)) -> Path:
+    import mercantile
+
+    from tests.conftest import render_tile
+
+    render_tile(mercantile.Tile(*tile)).save(path)
+    return path
+
+
+def test_cli_verify_checks_checksums_on_large_indexes(index_copy, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("geoindex.store.VERIFY_AUTO_BYTES", 0)  # as if the index were large
+    shard = list_shards(index_copy, 3)[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # an embedding byte: same size, other content
+    shard.write_bytes(bytes(data))
+    photo = _photo(tmp_path / "a.png")
+    code, _, err = _run(capsys, "locate", str(photo), "--index", str(index_copy), "-k", "4", "--device", "cpu",
+                        "--verify")
+    assert code == 2 and "checksum" in err and str(shard) in err
+
+
+def test_search_refuses_ids_beyond_the_level(small_index):
+    """A last guard: an id past the rows raises a typed error instead of IndexError (file changed after open)."""
+    from geoindex.search import FaissLevel
+
+    index = geoindex.open_index(small_index)
+    level = FaissLevel(index.stored[1])
+    with pytest.raises(IndexFormatError, match="id 16 outside its 16 rows"):
+        level.tiles(np.array([[0, 16]]))
+    assert level.tiles(np.array([[0, -1]]))[0][0, 1] == -1
