@@ -14,6 +14,7 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -27,7 +28,7 @@ from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, RegionSearcher, ope
 from geoindex.coverage import Coverage
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
-from geoindex.imagery import TileSource
+from geoindex.imagery import TileSource, describe_os_error
 from geoindex.render import areas, draw_map, result_to_dict, to_geojson
 from geoindex.search import SearchResult, check_k
 
@@ -67,21 +68,55 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[_Failed]]:
     found: list[str] = []
     failed: list[_Failed] = []
     for arg in args:
-        path = Path(arg)
-        if path.is_dir():
-            hits = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not hits:
-                failed.append(_Failed(arg, f"folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
-            found += hits
-        elif path.exists() or not glob.has_magic(arg):
-            found.append(arg)  # a missing file fails later, with the decoder's message
-        else:
-            hits = sorted(p for p in glob.glob(arg, recursive=True)
-                          if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
-            if not hits:
-                failed.append(_Failed(arg, "no image file matches this pattern"))
-            found += hits
+        try:
+            hits, reason = _expand_one(arg)
+        except OSError as e:  # e.g. a folder on the path may not be searched, or a name too long
+            hits, reason = [], describe_os_error(arg, e)
+        if reason:
+            failed.append(_Failed(arg, reason))
+        found += hits
     return list(dict.fromkeys(found)), failed
+
+
+def _expand_one(arg: str) -> tuple[list[str], str | None]:
+    """The image paths one argument stands for, or the reason it stands for none."""
+    path = Path(arg)
+    if path.is_dir():
+        try:
+            os.scandir(path).close()
+        except OSError as e:
+            return [], f"folder cannot be read: {describe_os_error(arg, e)}"
+        unreadable: list[str] = []
+        hits = sorted(str(p) for p in _walk_images(path, unreadable))
+        if unreadable:
+            log.warning("%s: %d folder(s) inside could not be read and were skipped, e.g. %s",
+                        _printable(arg), len(unreadable), _printable(unreadable[0]))
+        if not hits:
+            return [], f"folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})" + (
+                f"; {len(unreadable)} folder(s) inside could not be read" if unreadable else "")
+        return hits, None
+    if path.exists() or path.is_symlink() or not glob.has_magic(arg):
+        return [arg], None  # a missing or unreadable file fails later, with the decoder's message
+    hits = sorted(p for p in glob.glob(arg, recursive=True)
+                  if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+    return hits, (None if hits else "no image file matches this pattern")
+
+
+def _walk_images(folder: Path, unreadable: list[str]) -> Iterator[Path]:
+    """Image files under ``folder``, recursively; folders that cannot be read are appended to ``unreadable``."""
+    for root, _, files in os.walk(folder, onerror=lambda e: unreadable.append(str(e.filename))):
+        for f in files:
+            p = Path(root) / f
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                yield p
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (a newline in a file name) escaped, so each record stays one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _region(args: argparse.Namespace) -> Coverage | None:
@@ -149,7 +184,7 @@ class _Writer:
                                     e.get("lat", ""), e.get("lon", ""),
                                     f"{e['error_km']:.3f}" if e else "", ""])
                 continue
-            name = _clip(result.image or "", 32) if first else ""
+            name = _clip(_printable(result.image or ""), 32) if first else ""
             gps_text = f"{exif['lat']:.5f},{exif['lon']:.5f}" if first and exif else ""
             err = f"{exif['error_km']:9,.1f}" if first and exif else ""
             tile = f"{c.tile.z}/{c.tile.x}/{c.tile.y}"
@@ -188,7 +223,7 @@ def _locate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     images, failed = expand_inputs(args.paths)
     for f in failed:
-        print(f"error: {f.image}: {f.reason}", file=sys.stderr)
+        print(f"error: {_printable(f.image)}: {f.reason}", file=sys.stderr)
     if not images:
         raise ConfigError("no input images (give files, folders or glob patterns)")
     if args.map is not None and len(images) != 1:
@@ -213,14 +248,14 @@ def _locate(args: argparse.Namespace) -> int:
                                   strict=True):
                 if isinstance(item, GeoIndexError):
                     failed.append(_Failed(path, str(item)))
-                    bar.write(f"error: {item}", file=sys.stderr)
+                    bar.write(f"error: {_printable(str(item))}", file=sys.stderr)
                     writer.failure(failed[-1])
                     continue
                 gps = None
                 if not args.ignore_exif:
                     try:
                         gps = read_gps(path)
-                    except ImageError:
+                    except (ImageError, OSError):
                         gps = None
                 located.append((item, gps))
                 writer.result(item, gps)

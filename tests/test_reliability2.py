@@ -220,3 +220,79 @@ def test_search_refuses_ids_beyond_the_level(small_index):
     with pytest.raises(IndexFormatError, match="id 16 outside its 16 rows"):
         level.tiles(np.array([[0, 16]]))
     assert level.tiles(np.array([[0, -1]]))[0][0, 1] == -1
+
+
+# -- item 1 and 11: a path that cannot be read costs only its own answer ------------------------------
+
+
+def _deny(monkeypatch, locked: Path) -> None:
+    """Make every stat or listing under ``locked`` fail with EACCES, as chmod 000 does for other users.
+
+    Tests run as root here, where chmod does not deny access, so the failure is simulated at os level.
+    """
+    import errno
+    import os
+
+    real_stat, real_scandir = os.stat, os.scandir
+
+    def denied(p) -> bool:
+        return str(os.fspath(p)).startswith(str(locked))
+
+    def stat(p, *a, **kw):
+        if denied(p) and str(os.fspath(p)) != str(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real_stat(p, *a, **kw)
+
+    def scandir(p="."):
+        if denied(p):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real_scandir(p)
+
+    monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "scandir", scandir)
+
+
+def test_unreadable_paths_fail_alone_in_locate(small_index, tmp_path, capsys, monkeypatch):
+    import os
+
+    good = _photo(tmp_path / "good.png")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _photo(locked / "inside.png")
+    long_name = tmp_path / ("x" * 300 + ".png")
+    loop = tmp_path / "loop.png"
+    os.symlink(loop, loop)
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    newline = _photo(tmp_path / "two\nlines.png")
+    _deny(monkeypatch, locked)
+    args = [str(good), str(locked / "inside.png"), str(locked), str(long_name), str(loop), str(fifo), "/dev/zero",
+            str(newline)]
+    code, out, err = _run(capsys, "locate", *args, "--index", str(small_index), "-k", "4", "--device", "cpu",
+                          "--top-n", "1")
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert f"{locked / 'inside.png'}: permission denied" in err
+    assert f"{locked}: folder cannot be read: permission denied" in err
+    assert "characters, longest part 304; the file system allows 255 bytes per name): rename" in err
+    assert f"{loop}: symbolic link loop" in err
+    assert f"{fifo}: is a FIFO (named pipe)" in err
+    assert "/dev/zero: is a character device" in err
+    assert "2 of 8 images located" in err and "6 failed" in err
+    rows = out.splitlines()[1:]
+    assert len(rows) == 2  # one per located photo, top-n 1
+    assert "good.png" in rows[0] and "two\\nlines.png" in rows[1]  # escaped: one line per candidate
+
+
+def test_unreadable_paths_fail_alone_in_the_api(small_index, tmp_path, monkeypatch):
+    good = _photo(tmp_path / "good.png")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _photo(locked / "inside.png")
+    long_name = tmp_path / ("x" * 300 + ".png")
+    _deny(monkeypatch, locked)
+    index = geoindex.open_index(small_index)
+    results = index.search([good, locked / "inside.png", long_name], k=4, on_error="return")
+    assert isinstance(results[0], geoindex.SearchResult)
+    assert isinstance(results[1], geoindex.ImageError) and "permission denied" in str(results[1])
+    assert isinstance(results[2], geoindex.ImageError) and "file name too long" in str(results[2])
