@@ -11,17 +11,20 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import io
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from PIL import Image
 from tqdm import tqdm
 
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, RegionSearcher, open_index
@@ -31,6 +34,7 @@ from geoindex.exif import read_gps
 from geoindex.imagery import TileSource, describe_os_error
 from geoindex.render import areas, draw_map, result_to_dict, to_geojson
 from geoindex.search import SearchResult, check_k
+from geoindex.store import atomic_write_bytes
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main"]
 
@@ -135,22 +139,61 @@ def _device(name: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+MAP_HTTP_OPTIONS: dict[str, Any] = {"timeout": 5.0, "max_retries": 1}
+"""A map is a picture, not a build: a slow or dead tile server costs seconds, not minutes."""
+
+
 def _map_source(index: GeoIndex, spec: str | None) -> TileSource:
     """The tile source for ``--map``: ``--map-source``, else the index's own imagery when local."""
     from geoindex.imagery import RasterSource
     from geoindex.sources import open_source
 
     if spec:
-        return open_source(spec)
+        return open_source(spec, option="--map-source", **MAP_HTTP_OPTIONS)
     imagery = index.manifest.imagery
     kind, _, where = imagery.partition(":")
     if kind in ("dir", "mbtiles") and Path(where).exists():
-        return open_source(where)
+        try:
+            return open_source(where, option="--map-source")
+        except ConfigError as e:
+            log.warning("the index's imagery %s cannot be used (%s); drawing over the embedded Blue Marble "
+                        "(choose another with --map-source)", where, e)
+            return RasterSource()
     if imagery == "raster:bmng.jpg":
         return RasterSource()
     log.info("the index's imagery %r is not local; drawing over the embedded Blue Marble "
              "(choose another with --map-source)", imagery)
     return RasterSource()
+
+
+def _check_output(path: Path, option: str, *, image: bool) -> None:
+    """ConfigError now, before any search, if ``path`` cannot be written later."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory; give a file name, e.g. {option} {path / 'out.png'}"
+                          if image else f"{option} {path}: is a directory; give a file name, e.g. "
+                          f"{option} {path / 'out.geojson'}")
+    if image:
+        Image.init()
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        if fmt is None or fmt not in Image.SAVE:
+            raise ConfigError(f"{option} {path}: unknown image extension {path.suffix or '(none)'!r}; "
+                              "use .png, .jpg or .webp")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {folder} does not exist; create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".geoindex-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write in {folder} ({describe_os_error(folder, e)})") from e
+
+
+def _write_output(path: Path, data: bytes, option: str) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write ({describe_os_error(path, e)})") from e
 
 
 class _Writer:
@@ -228,12 +271,17 @@ def _locate(args: argparse.Namespace) -> int:
         raise ConfigError("no input images (give files, folders or glob patterns)")
     if args.map is not None and len(images) != 1:
         raise ConfigError(f"--map draws one image; {len(images)} were given (use --geojson for many)")
+    if args.map is not None:
+        _check_output(args.map, "--map", image=True)
+    if args.geojson is not None:
+        _check_output(args.geojson, "--geojson", image=False)
     region = _region(args)
 
     index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device),
                        verify=args.verify or None)
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
+    map_source = _map_source(index, args.map_source) if args.map is not None else None
     writer = _Writer(args.format, sys.stdout, top_n=args.top_n, trace=args.trace)
     for f in failed:
         writer.failure(f)
@@ -267,12 +315,14 @@ def _locate(args: argparse.Namespace) -> int:
 
     if args.geojson is not None and located:
         collection = to_geojson([r for r, _ in located], exif=[g for _, g in located])
-        args.geojson.write_text(json.dumps(collection))
+        _write_output(args.geojson, json.dumps(collection).encode(), "--geojson")
         print(f"wrote {args.geojson} ({len(collection['features'])} features)", file=sys.stderr)
-    if args.map is not None and located:
+    if map_source is not None and located:
         result, gps = located[0]
-        picture = draw_map(result, _map_source(index, args.map_source), truth=gps, photo=images[0])
-        picture.save(args.map)
+        picture = draw_map(result, map_source, truth=gps, photo=images[0])
+        buf = io.BytesIO()
+        picture.save(buf, format=Image.registered_extensions()[args.map.suffix.lower()])
+        _write_output(args.map, buf.getvalue(), "--map")
         print(f"wrote {args.map} ({picture.width}x{picture.height})", file=sys.stderr)
 
     n = len(located) + len(failed)

@@ -504,19 +504,32 @@ def _directory_extension(root: Path) -> str:
     raise ConfigError(f"directory {root} holds no {{z}}/{{x}}/{{y}}.{{ext}} tiles; fetch tiles into it first")
 
 
-def open_source(spec: str, **http_options: Any) -> TileSource:
+def open_source(spec: str, *, option: str = "--source", **http_options: Any) -> TileSource:
     """Turn a ``--source`` string into a tile source.
 
     Args:
         spec: one of the forms listed in the ConfigError below (URL template, ``xyz:NAME``,
             provider name, ``*.mbtiles``, tile directory, ``raster:PATH``, ``bluemarble``).
+        option: the command-line option that gave ``spec``, named in error messages.
         **http_options: keyword arguments for :class:`HttpSource` (timeout, max_retries,
             max_rps, ...); local sources do not use them.
 
     Raises:
-        ConfigError: the spec matches none of the accepted forms, or its target is invalid.
+        ConfigError: the spec matches none of the accepted forms, or its target is invalid or
+            cannot be read.
     """
-    spec = spec.strip()
+    try:
+        return _open_source(spec.strip(), http_options)
+    except ConfigError as e:
+        if option == "--source":
+            raise
+        raise ConfigError(str(e).replace("--source", option)) from e
+    except (OSError, ImageError) as e:
+        reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"cannot use {option} {spec!r}: {reason}") from e
+
+
+def _open_source(spec: str, http_options: dict[str, Any]) -> TileSource:
     if spec.startswith(("http://", "https://")):
         return HttpSource(spec, **http_options)
     if spec.startswith("xyz:"):

@@ -233,7 +233,7 @@ def _deny(monkeypatch, locked: Path) -> None:
     import errno
     import os
 
-    real_stat, real_scandir = os.stat, os.scandir
+    real_stat, real_scandir, real_listdir = os.stat, os.scandir, os.listdir
 
     def denied(p) -> bool:
         return str(os.fspath(p)).startswith(str(locked))
@@ -248,8 +248,14 @@ def _deny(monkeypatch, locked: Path) -> None:
             raise PermissionError(errno.EACCES, "Permission denied", str(p))
         return real_scandir(p)
 
+    def listdir(p="."):
+        if denied(p):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real_listdir(p)
+
     monkeypatch.setattr(os, "stat", stat)
     monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "listdir", listdir)
 
 
 def test_unreadable_paths_fail_alone_in_locate(small_index, tmp_path, capsys, monkeypatch):
@@ -296,3 +302,90 @@ def test_unreadable_paths_fail_alone_in_the_api(small_index, tmp_path, monkeypat
     assert isinstance(results[0], geoindex.SearchResult)
     assert isinstance(results[1], geoindex.ImageError) and "permission denied" in str(results[1])
     assert isinstance(results[2], geoindex.ImageError) and "file name too long" in str(results[2])
+
+
+# -- item 3: bad output paths are refused before the search -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "option,target,match",
+    [
+        ("--map", "{tmp}/missing/map.png", "the folder .*missing does not exist"),
+        ("--map", "{tmp}", "is a directory"),
+        ("--map", "/proc", "is a directory"),
+        ("--map", "/proc/map.png", "cannot write in /proc"),
+        ("--map", "{tmp}/map.xyz", "unknown image extension '.xyz'"),
+        ("--map", "{tmp}/map", "unknown image extension"),
+        ("--geojson", "{tmp}/missing/out.geojson", "the folder .*missing does not exist"),
+        ("--geojson", "{tmp}", "is a directory"),
+        ("--geojson", "/proc/out.geojson", "cannot write in /proc"),
+    ],
+)
+def test_bad_output_paths_fail_before_the_search(small_index, tmp_path, capsys, monkeypatch, option, target, match):
+    import re
+
+    from geoindex import api
+
+    def no_search(*a, **kw):
+        raise AssertionError("searched before checking the output path")
+
+    monkeypatch.setattr(api._Searcher, "search", no_search)
+    photo = _photo(tmp_path / "a.png")
+    code, out, err = _run(capsys, "locate", str(photo), "--index", str(small_index), "-k", "4", "--device", "cpu",
+                          option, target.format(tmp=tmp_path), "--map-source", "bluemarble")
+    assert code == 2 and out == ""
+    assert re.search(f"error: {option} .*{match}", err), err
+    assert len(err.strip().splitlines()) == 1
+
+
+# -- item 4: a dead --map-source costs seconds, and a bad one is refused before the search ------------
+
+
+def test_dead_map_source_gives_up_fast(small_index, tmp_path, capsys, caplog):
+    import http.server
+    import threading
+
+    requests_seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            requests_seen.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        photo = _photo(tmp_path / "a.png")
+        png = tmp_path / "map.png"
+        code, out, err = _run(capsys, "locate", str(photo), "--index", str(small_index), "-k", "4", "--device",
+                              "cpu", "--map", str(png), "--map-source",
+                              f"http://127.0.0.1:{server.server_address[1]}/{{z}}/{{x}}/{{y}}.png")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0 and png.is_file()
+    assert "failed 2 times in a row and was not asked again" in caplog.text and "--map-source" in caplog.text
+    # 2 tiles x 2 attempts; without the breaker: 17 tiles x up to 7 ancestors x 6 attempts
+    assert len(requests_seen) == 4, requests_seen
+
+
+@pytest.mark.parametrize("spec,match", [("{tmp}/nothing.mbtiles", "check --map-source"),
+                                        ("{tmp}/notes.txt", "cannot use --map-source"),
+                                        ("{tmp}/locked", "cannot use --map-source")])
+def test_bad_map_source_is_refused_before_the_search(small_index, tmp_path, capsys, monkeypatch, spec, match):
+    from geoindex import api
+
+    (tmp_path / "notes.txt").write_text("not tiles")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "4").mkdir()
+    _deny(monkeypatch, tmp_path / "locked" / "4")
+    monkeypatch.setattr(api._Searcher, "search", lambda *a, **kw: pytest.fail("searched first"))
+    photo = _photo(tmp_path / "a.png")
+    code, out, err = _run(capsys, "locate", str(photo), "--index", str(small_index), "-k", "4", "--device", "cpu",
+                          "--map", str(tmp_path / "map.png"), "--map-source", spec.format(tmp=tmp_path))
+    assert code == 2 and out == "" and match in err and "--source" not in err.replace("--map-source", "")
