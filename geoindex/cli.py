@@ -14,6 +14,7 @@ import glob
 import io
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -36,7 +37,7 @@ from geoindex.render import areas, draw_map, result_to_dict, to_geojson
 from geoindex.search import SearchResult, check_k
 from geoindex.store import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main"]
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,34 @@ def _region(args: argparse.Namespace) -> Coverage | None:
     return None
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
+def resolve_device(name: str, *, option: str = "--device") -> str:
+    """A torch device string that exists on this machine; ``auto`` is CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: not a device name, or a CUDA/MPS device this machine does not have.
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"{option} {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{option} {name}: no CUDA GPU is visible to torch here; use {option} cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{option} {name}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+        return name
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{option} {name}: MPS (Apple GPU) is not available here; use {option} cpu (or auto)")
+        return name
+    raise ConfigError(f"{option} {name!r}: unsupported device type {device.type!r}; use auto, cpu, cuda or cuda:N")
 
 
 MAP_HTTP_OPTIONS: dict[str, Any] = {"timeout": 5.0, "max_retries": 1}
@@ -260,6 +283,7 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 
 def _locate(args: argparse.Namespace) -> int:
     k = check_k(args.k)
+    device = resolve_device(args.device)
     if args.top_n < 1:
         raise ConfigError(f"--top-n must be >= 1, got {args.top_n}")
     if args.batch_size < 1:
@@ -277,7 +301,7 @@ def _locate(args: argparse.Namespace) -> int:
         _check_output(args.geojson, "--geojson", image=False)
     region = _region(args)
 
-    index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device),
+    index = open_index(args.index, weights=args.weights, download=args.download, device=device,
                        verify=args.verify or None)
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
@@ -341,8 +365,14 @@ def _serve(args: argparse.Namespace) -> int:
 
     from geoindex.service import create_app
 
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise ConfigError(f"--max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb}")
+    check_k(args.k)
+    device = resolve_device(args.device)
     app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k,
-                     weights=args.weights, download=args.download, device=_device(args.device),
+                     weights=args.weights, download=args.download, device=device,
                      verify=args.verify or None)
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder['name']} on {index.photo_encoder.device}) at "

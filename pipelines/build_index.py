@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from geoindex.build import BuildSummary, build_level
+from geoindex.cli import resolve_device
 from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError
@@ -146,6 +147,7 @@ def run(cfg: Config) -> list[BuildSummary]:
     if cfg.engine == "ray":
         return _run_levels(cfg, _ray_engine(cfg, coverage))
     source = open_source(cfg.source)
+    resolve_device(cfg.device)  # a one-line error for a device this machine lacks, not a torch traceback
     base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device)
 
     def local(zoom: int, **kw: Any) -> BuildSummary:

@@ -389,3 +389,60 @@ def test_bad_map_source_is_refused_before_the_search(small_index, tmp_path, caps
     code, out, err = _run(capsys, "locate", str(photo), "--index", str(small_index), "-k", "4", "--device", "cpu",
                           "--map", str(tmp_path / "map.png"), "--map-source", spec.format(tmp=tmp_path))
     assert code == 2 and out == "" and match in err and "--source" not in err.replace("--map-source", "")
+
+
+# -- item 2: bad devices; item 5: server arguments --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "device,gpus,match",
+    [
+        ("bogus", 0, "'bogus' is not a torch device; use auto, cpu, cuda or cuda:N"),
+        ("cuda", 0, "no CUDA GPU is visible to torch here; use --device cpu"),
+        ("cuda:7", 0, "no CUDA GPU is visible"),
+        ("cuda:7", 2, "this machine has 2 CUDA GPU\\(s\\), cuda:0..cuda:1"),
+        ("cpu:0:1", 0, "not a torch device"),
+    ],
+)
+def test_bad_devices_are_usage_errors(small_index, tmp_path, capsys, monkeypatch, device, gpus, match):
+    import re
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    photo = _photo(tmp_path / "a.png")
+    for argv in (["locate", str(photo)], ["serve"]):
+        code, out, err = _run(capsys, *argv, "--index", str(small_index), "--device", device)
+        assert code == 2 and out == "", err
+        assert re.search(f"^error: --device .*{match}", err), err
+        assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--port", "99999"], "--port must be in 1..65535, got 99999"),
+        (["--port", "-1"], "--port must be in 1..65535"),
+        (["--max-upload-mb", "-1"], "--max-upload-mb must be a positive number of megabytes, got -1.0"),
+        (["--max-upload-mb", "0"], "--max-upload-mb must be a positive"),
+        (["--max-upload-mb", "nan"], "--max-upload-mb must be a positive"),
+    ],
+)
+def test_bad_server_arguments_are_usage_errors(small_index, capsys, monkeypatch, args, match):
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("served despite a bad argument"))
+    code, _, err = _run(capsys, "serve", "--index", str(small_index), "--device", "cpu", *args)
+    assert code == 2 and f"error: {match}" in err, err
+
+
+def test_build_index_refuses_a_missing_gpu(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from pipelines import build_index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = build_index.main(["--zoom", "1", "--index", str(tmp_path / "idx"), "--encoder", "tiny",
+                             "--schedule", "1", "3", "1", "--device", "cuda:1", "--quiet"])
+    assert code == 2 and "--device cuda:1: no CUDA GPU is visible" in capsys.readouterr().err
