@@ -369,9 +369,16 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
         raise ConfigError(f"--max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb}")
+    if not (math.isfinite(args.max_megapixels) and args.max_megapixels > 0):
+        raise ConfigError(f"--max-megapixels must be a positive number, got {args.max_megapixels}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_k(args.k)
     device = resolve_device(args.device)
-    app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k,
+    limits: dict[str, Any] = {"max_pixels": max(1, int(args.max_megapixels * 1e6))}
+    if args.max_concurrent is not None:
+        limits["max_concurrent"] = args.max_concurrent
+    app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
                      weights=args.weights, download=args.download, device=device,
                      verify=args.verify or None)
     index = app.state.index
@@ -453,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: 20)")
+    srv.add_argument("--max-megapixels", type=float, default=25.0,
+                     help="largest decoded photo in millions of pixels; JPEGs count at their reduced decoding size, "
+                          "so phone photos pass (default: 25)")
+    srv.add_argument("--max-concurrent", type=int, default=None,
+                     help="photos decoded and encoded at once; others wait, then get 503 (default: CPU cores, <= 4)")
     srv.set_defaults(func=_serve)
     return parser
 

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
+from geoindex.errors import ConfigError, ImageError, ImageTooLargeError, TileNotFoundError, TileSourceError
 from geoindex.tiles import MAX_LATITUDE
 
 __all__ = [
@@ -130,7 +130,9 @@ def check_image_path(path: Path, name: str | None = None) -> None:
         raise ImageError(f"{name}: file is empty (0 bytes)")
 
 
-def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+def load_image(
+    src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Read one image as RGB with EXIF orientation applied and its longer side at most ``max_side``.
 
     Args:
@@ -138,6 +140,8 @@ def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Im
             or (H, W, 4).
         max_side: larger images are downscaled (JPEGs are decoded at reduced size directly,
             so memory stays bounded on huge inputs).
+        max_pixels: refuse images with more pixels than this (counted after a JPEG's
+            reduced-size decoding) before decoding them: ImageTooLargeError.
 
     Returns:
         A new RGB ``PIL.Image``.
@@ -170,14 +174,14 @@ def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Im
         except OSError as e:
             raise ImageError(f"{name}: cannot open ({e})") from e
     try:
-        pixels = img.width * img.height
-        if pixels > MAX_IMAGE_PIXELS and img.format != "JPEG":
-            raise ImageError(
-                f"{name}: {img.width}x{img.height} pixels exceeds the {MAX_IMAGE_PIXELS} pixel limit "
-                "(possible decompression bomb); downscale it first"
-            )
         if img.format == "JPEG":
             img.draft("RGB", (max_side, max_side))  # DCT-domain downscale: bounded memory
+        pixels = img.width * img.height
+        if pixels > max_pixels:
+            raise ImageTooLargeError(
+                f"{name}: {img.width}x{img.height} pixels exceeds the {max_pixels} pixel limit "
+                "(possible decompression bomb); downscale it first"
+            )
         img.load()
         img = ImageOps.exif_transpose(img) or img
         if max(img.size) > max_side:

@@ -9,6 +9,7 @@ server: ``uvicorn --factory 'geoindex.service:app_from_env'`` reads ``GEOINDEX_I
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import logging
@@ -25,16 +26,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, open_index
 from geoindex.coverage import Coverage
-from geoindex.errors import ConfigError, GeoIndexError, ImageError
+from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError
 from geoindex.exif import read_gps
+from geoindex.imagery import load_image
 from geoindex.render import result_to_dict
 from geoindex.search import MAX_K, check_k
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "MAX_TOP_N", "app_from_env", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_CONCURRENT",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "MAX_TOP_N",
+    "app_from_env",
+    "create_app",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # phone photos are 2-12 MB; leave room for RAW-ish JPEGs
+# A 258 KB PNG can decode to 9,400 x 9,400 pixels (550 MB per request with the conversions). JPEGs are
+# decoded at reduced size (DCT scaling) before this applies, so phone photos of any resolution pass.
+DEFAULT_MAX_PIXELS = 25_000_000
+DEFAULT_MAX_CONCURRENT = max(1, min(4, os.cpu_count() or 1))  # decodes + encodes at once; each is CPU-bound
+DEFAULT_BUSY_TIMEOUT_S = 10.0  # how long a request waits for a decode slot before a 503
+_TRIM_AFTER_PIXELS = 4_000_000  # give freed decode buffers back to the OS after images this large
 MAX_TOP_N = 100
 _REGION_CACHE = 32  # regions whose per-level row masks are kept between requests
 
@@ -89,11 +104,22 @@ def _parse_bbox(text: str) -> Coverage:
     return Coverage.from_bbox(*values)
 
 
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise: RSS would stay at its peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def create_app(
     index: GeoIndex | str | os.PathLike[str],
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     default_k: int = 64,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     **open_kwargs: Any,
 ) -> FastAPI:
     """The FastAPI app serving one index.
@@ -103,11 +129,24 @@ def create_app(
             download, device, verify).
         max_upload_bytes: largest accepted request body.
         default_k: beam width when a request does not give ``k``.
+        max_pixels: largest decoded image (width x height, after JPEG's reduced-size decoding);
+            larger ones are refused with 413 before their pixels are decoded.
+        max_concurrent: requests decoding and encoding at once; the rest wait for a slot.
+        busy_timeout_s: how long a request waits for a slot before it gets 503 with Retry-After.
 
     Raises:
+        ConfigError: an argument out of range.
         IndexNotFoundError, IndexFormatError, WeightsNotFoundError: the index cannot be opened.
     """
     check_k(default_k)
+    if max_upload_bytes < 1:
+        raise ConfigError(f"max_upload_bytes must be >= 1, got {max_upload_bytes} (--max-upload-mb)")
+    if max_pixels < 1:
+        raise ConfigError(f"max_pixels must be >= 1, got {max_pixels} (--max-megapixels)")
+    if max_concurrent < 1:
+        raise ConfigError(f"max_concurrent must be >= 1, got {max_concurrent} (--max-concurrent)")
+    if not busy_timeout_s >= 0:
+        raise ConfigError(f"busy_timeout_s must be >= 0, got {busy_timeout_s}")
     opened = index if isinstance(index, GeoIndex) else open_index(index, **open_kwargs)
     app = FastAPI(
         title="geoindex",
@@ -123,6 +162,7 @@ def create_app(
     app.state.index = opened
     app.add_middleware(_BodyLimit, limit=max_upload_bytes)
     lock = threading.Lock()
+    slots = threading.BoundedSemaphore(max_concurrent)
 
     @functools.lru_cache(maxsize=_REGION_CACHE)
     def region_searcher(region: Coverage) -> Any:
@@ -148,24 +188,32 @@ def create_app(
             "levels": [{"zoom": s.zoom, "tiles": s.rows} for s in opened.stored],
             "imagery": opened.manifest.imagery,
             "max_upload_bytes": max_upload_bytes,
+            "max_pixels": max_pixels,
+            "max_concurrent": max_concurrent,
         }
 
     @app.post(
         "/locate",
         summary="Geolocate one photo",
-        responses={400: {"description": "unreadable image"}, 413: {"description": "upload too large"},
-                   422: {"description": "invalid parameter (k, top_n, bbox)"}},
+        responses={400: {"description": "unreadable image, or more than one"},
+                   413: {"description": "upload too large, or too many pixels"},
+                   422: {"description": "invalid parameter (k, top_n, bbox)"},
+                   503: {"description": "busy: every decode slot is taken; retry after Retry-After seconds"}},
     )
     def locate(
-        image: Annotated[UploadFile, File(description="the photo (JPEG, PNG, WebP, TIFF, ...)")],
+        image: Annotated[list[UploadFile], File(description="the photo (JPEG, PNG, WebP, TIFF, ...); exactly one")],
         k: Annotated[int, Form(ge=1, le=MAX_K, description="beam width: tiles kept per level")] = default_k,
         top_n: Annotated[int, Form(ge=1, le=MAX_TOP_N, description="candidates and areas returned")] = 5,
         bbox: Annotated[str | None, Form(description="restrict to this area: 'W,S,E,N' in degrees")] = None,
         ignore_exif: Annotated[bool, Form(description="do not read or report the photo's EXIF GPS")] = False,
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        name = image.filename or "upload"
-        data = image.file.read(max_upload_bytes + 1)
+        if len(image) != 1:
+            names = ", ".join(repr(f.filename or "upload") for f in image)
+            raise HTTPException(400, f"send one 'image' part per request; got {len(image)} ({names})")
+        upload = image[0]
+        name = upload.filename or "upload"
+        data = upload.file.read(max_upload_bytes + 1)
         if not data:
             raise HTTPException(400, f"{name}: the uploaded file is empty")
         read_s = time.perf_counter()
@@ -173,12 +221,24 @@ def create_app(
             searcher = searcher_for(_parse_bbox(bbox) if bbox else None)
         except ConfigError as e:
             raise HTTPException(422, str(e)) from e
+        if not slots.acquire(timeout=busy_timeout_s):
+            raise HTTPException(503, f"busy: {max_concurrent} photos are being decoded and encoded; retry shortly",
+                                headers={"Retry-After": "1"})
+        pixels = 0
         try:
-            xq = searcher.embed([data])
+            photo = load_image(data, max_pixels=max_pixels)
+            pixels = photo.width * photo.height
+            xq = searcher.embed([photo])
+            del photo
         except ImageError as e:
             # Pillow names the in-memory buffer by its address; that says nothing to the client.
             reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(e))
-            raise HTTPException(400, f"{name}: {reason}") from e
+            status = 413 if isinstance(e, ImageTooLargeError) else 400
+            raise HTTPException(status, f"{name}: {reason}") from e
+        finally:
+            slots.release()
+            if pixels >= _TRIM_AFTER_PIXELS or len(data) >= _TRIM_AFTER_PIXELS // 4:
+                _trim_heap()
         encoded_s = time.perf_counter()
         try:
             result = searcher.search_embeddings(xq, k, top_n=top_n, names=[name])[0]

@@ -190,6 +190,18 @@ def _run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
+def _photo_bytes(tile=(5, 2, 3)) -> bytes:
+    import io
+
+    import mercantile
+
+    from tests.conftest import render_tile
+
+    buf = io.BytesIO()
+    render_tile(mercantile.Tile(*tile)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def _photo(path: Path, tile=(5, 2, 3)) -> Path:
     import mercantile
 
@@ -446,3 +458,98 @@ def test_build_index_refuses_a_missing_gpu(tmp_path, capsys, monkeypatch):
     code = build_index.main(["--zoom", "1", "--index", str(tmp_path / "idx"), "--encoder", "tiny",
                              "--schedule", "1", "3", "1", "--device", "cuda:1", "--quiet"])
     assert code == 2 and "--device cuda:1: no CUDA GPU is visible" in capsys.readouterr().err
+
+
+# -- item 8: server memory; item 11: two image parts -------------------------------------------------
+
+
+def _encoded(img, fmt: str) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def client_for(small_index):
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from geoindex.service import create_app
+
+    index = geoindex.open_index(small_index)
+
+    def make(**kw):
+        return TestClient(create_app(index, default_k=4, **kw))
+
+    return make
+
+
+def test_service_pixel_limit_refuses_before_decoding_but_passes_big_jpegs(client_for, monkeypatch):
+    from PIL import Image
+
+    from tests.test_reliability import _png_claiming
+
+    client = client_for(max_pixels=2_000_000)
+    r = client.post("/locate", files={"image": ("bomb.png", _png_claiming(9400, 9400))})
+    assert r.status_code == 413 and "9400x9400 pixels exceeds the 2000000 pixel limit" in r.json()["detail"]
+    wide = _encoded(Image.new("RGB", (2000, 1001)), "PNG")
+    loads = []
+    monkeypatch.setattr(Image.Image, "load", lambda self, _load=Image.Image.load: loads.append(self.size) or
+                        _load(self))
+    r = client.post("/locate", files={"image": ("wide.png", wide)})
+    assert r.status_code == 413 and not [s for s in loads if s == (2000, 1001)]  # no pixels were decoded
+    r = client.post("/locate", files={"image": ("phone.jpg", _encoded(Image.new("RGB", (4096, 4096)), "JPEG"))})
+    assert r.status_code == 200, r.text  # 16.8 MP, decoded at 1/4 scale: 1.05 MP
+    assert client.get("/health").json()["max_pixels"] == 2_000_000
+
+
+def test_service_bounds_concurrent_decodes_with_503(client_for):
+    import threading
+
+    client = client_for(max_concurrent=1, busy_timeout_s=0.2)
+    index = client.app.state.index
+    inside, release = threading.Event(), threading.Event()
+    real_embed = index.embed
+
+    def slow_embed(images, **kw):
+        inside.set()
+        release.wait(60)
+        return real_embed(images, **kw)
+
+    index.embed = slow_embed
+    png = _photo_bytes()
+    first: list = []
+    t = threading.Thread(target=lambda: first.append(client.post("/locate", files={"image": ("a.png", png)})))
+    t.start()
+    try:
+        assert inside.wait(60)
+        busy = client.post("/locate", files={"image": ("b.png", png)})
+        assert busy.status_code == 503 and busy.headers["Retry-After"] == "1" and "busy" in busy.json()["detail"]
+    finally:
+        release.set()
+        t.join(60)
+        del index.embed
+    assert first[0].status_code == 200
+    assert client.post("/locate", files={"image": ("c.png", png)}).status_code == 200  # the slot was released
+
+
+def test_service_refuses_two_image_parts(client_for):
+    from PIL import Image
+
+    client = client_for()
+    png = _encoded(Image.new("RGB", (8, 8)), "PNG")
+    r = client.post("/locate", files=[("image", ("a.png", png)), ("image", ("b.png", png))])
+    assert r.status_code == 400 and "send one 'image' part per request; got 2 ('a.png', 'b.png')" in r.json()["detail"]
+
+
+def test_service_arguments_are_checked(small_index):
+    from geoindex.errors import ConfigError
+    from geoindex.service import create_app
+
+    index = geoindex.open_index(small_index)
+    for kw, match in [({"max_upload_bytes": -1}, "max-upload-mb"), ({"max_pixels": 0}, "max-megapixels"),
+                      ({"max_concurrent": 0}, "max-concurrent")]:
+        with pytest.raises(ConfigError, match=match):
+            create_app(index, **kw)
