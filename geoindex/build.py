@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import mercantile
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from geoindex.encoders import ImageEncoder
@@ -141,19 +143,29 @@ def _plan_identity(plan: LevelPlan, encoder: ImageEncoder, imagery: str, shard_s
 def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool) -> None:
     """Keep finished shards of an interrupted build of the same plan; refuse or clear anything else."""
     plan_file = ldir / PLAN_FILE
+    old: Any = None
     if plan_file.is_file():
-        old = json.loads(plan_file.read_text())
+        try:
+            old = json.loads(plan_file.read_text())
+        except (OSError, ValueError) as e:
+            # Without the identity nothing says which encoder made the shards: never trust them.
+            log.warning("%s is unreadable (%s); the level's shards cannot be trusted and are re-encoded",
+                        plan_file, e)
+        if not isinstance(old, dict):
+            old = {}
+    if old is not None:
         if old == identity:
             return
-        if old.get("encoder") != identity["encoder"] and not overwrite:
-            was = old.get("encoder", {})
+        if old and old.get("encoder") != identity["encoder"] and not overwrite:
+            was = old.get("encoder") if isinstance(old.get("encoder"), dict) else {}
             weights = str(was.get("checkpoint_sha256") or was.get("base_fingerprint"))[:12]
             raise EncoderMismatchError(
                 f"{ldir} holds shards encoded with {was.get('name')!r} (weights {weights}), "
                 "not with this map encoder; one index never mixes encoders. "
                 "Use another --index, or --overwrite to re-encode this level"
             )
-        log.info("%s: the plan changed (new parent rows, imagery or shard size); re-encoding", ldir)
+        if old:
+            log.info("%s: the plan changed (new parent rows, imagery or shard size); re-encoding", ldir)
         shutil.rmtree(ldir)
     elif ldir.exists():
         shutil.rmtree(ldir)
@@ -291,9 +303,61 @@ def start_level(
     identity = _plan_identity(plan, encoder, imagery, shard_size)
     _prepare_level_dir(level_dir(index_dir, zoom), identity, overwrite=overwrite)
     n_shards = max(1, -(-len(plan.x) // shard_size))
-    done = {p.name for p in list_shards(index_dir, zoom)}
+    done = set()
+    for path in list_shards(index_dir, zoom):
+        shard = _shard_number(path)
+        problem = "not in the plan" if shard is None or shard >= n_shards else None
+        if shard is not None and problem is None:
+            sl = slice(shard * shard_size, min((shard + 1) * shard_size, len(plan.x)))
+            problem = _shard_problem(path, plan.x[sl], plan.y[sl], plan.parent_row[sl], zoom=zoom, dim=encoder.dim)
+        if problem is None:
+            done.add(path.name)
+            continue
+        log.warning("%s: %s; re-encoding this shard", path, problem)
+        path.unlink()
     todo = tuple(s for s in range(n_shards) if shard_path(index_dir, zoom, s).name not in done)
     return LevelJob(index_dir, manifest, plan, identity, codec, encoder.dim, shard_size, n_shards, todo, started)
+
+
+def _shard_number(path: Path) -> int | None:
+    number = path.stem.partition("-")[2]
+    return int(number) if number.isdigit() else None
+
+
+def _shard_problem(
+    path: Path, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], parent_row: npt.NDArray[np.int64], *,
+    zoom: int, dim: int,
+) -> str | None:
+    """Why a finished shard cannot be reused (unreadable, or not the planned rows of its slice), or None.
+
+    Reads the whole shard once: a truncated or damaged file must be re-encoded now, not found
+    when the FAISS file is built from it.
+    """
+    try:
+        table = pq.read_table(path, memory_map=True)
+    except (OSError, pa.ArrowException) as e:
+        return f"damaged ({e})"
+    names = {"x", "y", "parent_row", "embedding"}
+    if not names <= set(table.column_names):
+        return f"columns {sorted(table.column_names)} lack {sorted(names - set(table.column_names))}"
+    emb_type = table.schema.field("embedding").type
+    if getattr(emb_type, "list_size", None) != dim:
+        return f"embedding type {emb_type}, expected {dim} values per row"
+    sx = table.column("x").to_numpy().astype(np.int64)
+    sy = table.column("y").to_numpy().astype(np.int64)
+    sp = table.column("parent_row").to_numpy().astype(np.int64)
+    # The shard must hold planned rows of its slice, in plan order (tiles the source lacks left out).
+    planned = (np.asarray(y, dtype=np.int64) << zoom) | np.asarray(x, dtype=np.int64)
+    order = np.argsort(planned, kind="stable")
+    codes = (sy << zoom) | sx
+    pos = np.clip(np.searchsorted(planned[order], codes), 0, max(len(planned) - 1, 0))
+    if not len(planned) and len(codes):
+        return f"{len(codes)} rows, but its slice of the plan is empty"
+    rows = order[pos] if len(planned) else pos
+    if len(codes) and (np.any(planned[rows] != codes) or np.any(np.diff(rows) <= 0)
+                       or np.any(np.asarray(parent_row)[rows] != sp)):
+        return "rows that are not the planned tiles of this shard"
+    return None
 
 
 def complete_level(
@@ -319,6 +383,13 @@ def complete_level(
     info = finish_level(job.index_dir, zoom, n_parents=job.plan.n_parents, codec=job.codec, dim=job.dim)
     info = dataclasses.replace(info, encoder={**encoder, "checkpoint": checkpoint})
     manifest = job.manifest.with_level(info)
+    before = job.manifest.level(zoom)
+    if before is not None and before.rows == info.rows:
+        # A repair (damaged shards re-encoded) that kept every row keeps the levels below valid: their
+        # parent rows still point at the same tiles. open_store checks every child against its parent
+        # tile, so a level whose rows did move is refused rather than searched.
+        deeper = tuple(lv for lv in job.manifest.levels if lv.zoom > zoom)
+        manifest = dataclasses.replace(manifest, levels=manifest.levels + deeper)
     if build_args:
         manifest = dataclasses.replace(manifest, build_args={**manifest.build_args, f"z{zoom}": build_args})
     manifest.save(job.index_dir)

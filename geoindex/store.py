@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -321,7 +321,11 @@ def _read_shard(path: Path, columns: list[str]) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns, memory_map=True)
     except (OSError, pa.ArrowException) as e:
-        raise IndexFormatError(f"{path}: damaged parquet shard ({e}); rebuild this level") from e
+        zoom = path.parent.name.lstrip("z0") or "0"
+        raise IndexFormatError(
+            f"{path}: damaged parquet shard ({e}); rerun `python -m pipelines.build_index --zoom {zoom}` with the "
+            "arguments of the build: it re-encodes damaged shards only"
+        ) from e
 
 
 def read_level_columns(
@@ -452,7 +456,8 @@ class StoredLevel:
 
 
 def _rebuild_hint(zoom: int) -> str:
-    return f"rebuild it with `python -m pipelines.build_index --zoom {zoom} --overwrite`"
+    return (f"rerun `python -m pipelines.build_index --zoom {zoom}` with the arguments of the build: it re-encodes "
+            "damaged shards only and rebuilds the FAISS file")
 
 
 def _check_files(index_dir: Path, info: LevelInfo, *, verify: bool) -> None:
@@ -472,8 +477,8 @@ def _check_files(index_dir: Path, info: LevelInfo, *, verify: bool) -> None:
         size = path.stat().st_size
         if size != f.size:
             raise IndexFormatError(
-                f"{path}: {size} bytes, the manifest says {f.size}; the file is partial or was "
-                f"changed. Rebuild level z{info.zoom} with `python -m pipelines.build_index --zoom {info.zoom}`"
+                f"{path}: {size} bytes, the manifest says {f.size}; the file is partial or was changed: "
+                f"{_rebuild_hint(info.zoom)}"
             )
         if verify and _file_info(path).sha256 != f.sha256:
             raise IndexFormatError(f"{path}: checksum differs from the manifest; rebuild level z{info.zoom}")
@@ -567,7 +572,7 @@ def _ivf_ids_fast(path: Path, index: faiss.IndexIVF, sizes: npt.NDArray[np.int64
 
 def _ivf_ids_slow(index: faiss.IndexIVF) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """(list sizes, ids concatenated in list order) asked of FAISS one list at a time."""
-    invlists = index.invlists
+    invlists = cast(faiss.InvertedLists, index.invlists)
     sizes = np.array([invlists.list_size(p) for p in range(index.nlist)], dtype=np.int64)
     ids = [faiss.rev_swig_ptr(invlists.get_ids(p), int(n)).copy() for p, n in enumerate(sizes.tolist()) if n]
     return sizes, (np.concatenate(ids).astype(np.int64) if ids else np.empty(0, dtype=np.int64))

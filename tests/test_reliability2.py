@@ -553,3 +553,49 @@ def test_service_arguments_are_checked(small_index):
                       ({"max_concurrent": 0}, "max-concurrent")]:
         with pytest.raises(ConfigError, match=match):
             create_app(index, **kw)
+
+
+# -- item 9: damaged shards are repaired by a rerun ----------------------------------------------------
+
+BUILD_SCHEDULE = ["--schedule", "1", "3", "1", "--encoder", "tiny", "--quiet"]
+
+
+def _build_index(argv: list[str]) -> list:
+    from pipelines import build_index
+
+    return build_index.run(build_index.parse_args(argv + BUILD_SCHEDULE))
+
+
+def _search_all(index: Path) -> list:
+    opened = geoindex.open_index(index)
+    xq = np.random.default_rng(0).standard_normal((20, opened.photo_encoder.dim)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    return [[(lv.tiles, lv.scores) for lv in r.trace] for r in opened.search_embeddings(xq, k=5)]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_rerun_repairs_a_damaged_shard_and_keeps_deeper_levels(tmp_path, tile_dir, damage):
+    index = tmp_path / "index"
+    args = ["--index", str(index), "--source", str(tile_dir), "--shard-size", "5"]
+    _build_index(["--all", *args])
+    expected = _search_all(index)
+    shard = list_shards(index, 2)[1]
+    good = shard.read_bytes()
+    shard.write_bytes({"truncate": good[: len(good) // 2], "garbage": b"PAR1" + b"\0" * 100, "empty": b""}[damage])
+    with pytest.raises(IndexFormatError, match="re-encodes damaged shards only"):
+        geoindex.open_index(index)
+    summary = _build_index(["--zoom", "2", *args])[0]
+    assert (summary.shards_written, summary.shards_reused) == (1, 3)  # only the damaged shard
+    assert shard.read_bytes() == good
+    assert [lv.zoom for lv in Manifest.load(index).levels] == [1, 2, 3]  # z3 was not dropped
+    assert _search_all(index) == expected
+
+
+def test_corrupt_build_plan_is_rebuilt_not_a_traceback(tmp_path, tile_dir, caplog):
+    index = tmp_path / "index"
+    args = ["--index", str(index), "--source", str(tile_dir), "--shard-size", "5"]
+    _build_index(["--zoom", "1", *args])
+    (level_dir(index, 1) / "_build.json").write_text("{not json")
+    summary = _build_index(["--zoom", "1", *args])[0]
+    assert summary.shards_written == 1 and "_build.json is unreadable" in caplog.text
+    geoindex.open_index(index)
