@@ -599,3 +599,55 @@ def test_corrupt_build_plan_is_rebuilt_not_a_traceback(tmp_path, tile_dir, caplo
     summary = _build_index(["--zoom", "1", *args])[0]
     assert summary.shards_written == 1 and "_build.json is unreadable" in caplog.text
     geoindex.open_index(index)
+
+
+# -- item 10: every bad tile in one run; --skip-bad-tiles; odd tile sizes ------------------------------
+
+
+@pytest.fixture
+def bad_tiles(tmp_path) -> tuple[Path, list[Path]]:
+    import mercantile
+
+    from tests.conftest import render_tile
+
+    root = tmp_path / "tiles"
+    for x in range(2):
+        for y in range(2):
+            p = root / "1" / str(x) / f"{y}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            render_tile(mercantile.Tile(x, y, 1)).save(p)
+    bad = [root / "1" / "0" / "1.png", root / "1" / "1" / "0.png", root / "1" / "1" / "1.png"]
+    for p in bad:
+        p.write_bytes(p.read_bytes()[:40])
+    return root, bad
+
+
+def test_one_run_names_every_bad_tile(tmp_path, bad_tiles, capsys):
+    from pipelines import build_index
+
+    root, bad = bad_tiles
+    code = build_index.main(["--zoom", "1", "--index", str(tmp_path / "index"), "--source", str(root),
+                             *BUILD_SCHEDULE])
+    err = capsys.readouterr().err
+    assert code == 2 and all(str(p) in err for p in bad), err
+    assert "3 tile(s) could not be read" in err and "--skip-bad-tiles" in err
+
+
+def test_skip_bad_tiles_leaves_them_out_and_counts_them(tmp_path, bad_tiles):
+    root, _ = bad_tiles
+    summary = _build_index(["--zoom", "1", "--index", str(tmp_path / "index"), "--source", str(root),
+                            "--skip-bad-tiles"])[0]
+    assert (summary.rows, summary.missing, summary.bad_skipped) == (1, 3, 3)
+    assert len(geoindex.open_index(tmp_path / "index").stored[0].x) == 1
+
+
+def test_tiles_of_another_size_are_reported(tmp_path, bad_tiles, caplog):
+    from PIL import Image
+
+    root, bad = bad_tiles
+    for p in bad[:2]:
+        p.unlink()  # two missing tiles; one good 64x64 tile and one placeholder remain
+    Image.new("RGB", (10, 10), (200, 200, 200)).save(bad[2])
+    summary = _build_index(["--zoom", "1", "--index", str(tmp_path / "index"), "--source", str(root)])[0]
+    assert summary.rows == 2
+    assert "1 tiles of zoom 1 are not 64x64" in caplog.text and "1/1/1 is 10x10" in caplog.text
