@@ -20,6 +20,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,7 @@ def _region(args: argparse.Namespace) -> Coverage | None:
     if args.bbox is not None:
         return Coverage.from_bbox(*args.bbox)
     if args.region is not None:
-        return Coverage.from_geojson(args.region)
+        return Coverage.from_geojson(args.region, option="--region")
     return None
 
 
@@ -485,7 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            if args.quiet:
+                # Pillow warns about damaged metadata ("Corrupt EXIF data", "Possibly corrupt EXIF
+                # MakerNote") of photos it still decodes; one that cannot be decoded is an error anyway.
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            return int(args.func(args))
     except GeoIndexError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -651,3 +651,43 @@ def test_tiles_of_another_size_are_reported(tmp_path, bad_tiles, caplog):
     summary = _build_index(["--zoom", "1", "--index", str(tmp_path / "index"), "--source", str(root)])[0]
     assert summary.rows == 2
     assert "1 tiles of zoom 1 are not 64x64" in caplog.text and "1/1/1 is 10x10" in caplog.text
+
+
+# -- item 11: quiet means quiet; options are named as typed -----------------------------------------------
+
+
+def test_quiet_hides_pillow_metadata_warnings(small_index, tmp_path):
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 200  # ImageDescription, then cut short: Pillow warns while reading it
+    exif[0x0112] = 1
+    data = exif.tobytes()
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (90, 120, 40)).save(buf, "JPEG", exif=data[: len(data) - 150])
+    photo = tmp_path / "odd_exif.jpg"
+    photo.write_bytes(buf.getvalue())
+    root = Path(__file__).resolve().parents[1]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "geoindex", "locate", str(photo), "--index", str(small_index),
+                               "-k", "4", "--device", "cpu", *extra], cwd=root, capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "PYTHONWARNINGS": "default"})
+
+    quiet = run("-q")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Warning" not in quiet.stderr and "Skipping tag" not in quiet.stderr, quiet.stderr
+    assert "1 of 1 images located" in quiet.stderr
+
+
+def test_region_errors_name_region(small_index, tmp_path, capsys):
+    photo = _photo(tmp_path / "a.png")
+    bad = tmp_path / "region.geojson"
+    bad.write_text("{broken")
+    code, _, err = _run(capsys, "locate", str(photo), "--index", str(small_index), "--device", "cpu",
+                        "--region", str(bad))
+    assert code == 2 and f"{bad} (--region): not a readable GeoJSON file" in err and "--geojson" not in err
