@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import io
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import RedirectResponse
+from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -110,6 +112,15 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
+
+
+def _declared_pixels(data: bytes) -> int:
+    """Width x height from the image header (no pixels decoded); 0 when the header is unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            return int(probe.width * probe.height)
+    except Exception:  # noqa: BLE001 - load_image reports what is wrong with the upload
+        return 0
 
 
 def create_app(
@@ -224,33 +235,34 @@ def create_app(
         if not slots.acquire(timeout=busy_timeout_s):
             raise HTTPException(503, f"busy: {max_concurrent} photos are being decoded and encoded; retry shortly",
                                 headers={"Retry-After": "1"})
-        pixels = 0
+        pixels = _declared_pixels(data)
+        gps = None
         try:
             photo = load_image(data, max_pixels=max_pixels)
-            pixels = photo.width * photo.height
             xq = searcher.embed([photo])
             del photo
+            if not ignore_exif:
+                try:  # in the slot: reading metadata can decode the image again
+                    gps = read_gps(data)
+                except GeoIndexError:  # the image decoded above; a second failure only loses the GPS
+                    gps = None
         except ImageError as e:
             # Pillow names the in-memory buffer by its address; that says nothing to the client.
             reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(e))
             status = 413 if isinstance(e, ImageTooLargeError) else 400
             raise HTTPException(status, f"{name}: {reason}") from e
         finally:
-            slots.release()
-            if pixels >= _TRIM_AFTER_PIXELS or len(data) >= _TRIM_AFTER_PIXELS // 4:
+            if _TRIM_AFTER_PIXELS <= pixels <= max_pixels:
+                # Each request thread frees its decode buffers into its own malloc arena, where they stay:
+                # without this, 8 threads each keep their largest image's memory after the burst.
                 _trim_heap()
+            slots.release()
         encoded_s = time.perf_counter()
         try:
             result = searcher.search_embeddings(xq, k, top_n=top_n, names=[name])[0]
         except ConfigError as e:  # e.g. the region holds tiles at no level for this query
             raise HTTPException(422, str(e)) from e
         searched_s = time.perf_counter()
-        gps = None
-        if not ignore_exif:
-            try:
-                gps = read_gps(data)
-            except GeoIndexError:  # the image decoded above; a second failure only loses the GPS
-                gps = None
         out = result_to_dict(result, exif=gps, top_n=top_n, trace=True)
         out["k"] = k
         out["timings"] = {

@@ -85,3 +85,10 @@ def test_open_time(tmp_path):
     assert [r["tiles"] for r in res] == [2000]
     assert all(_positive(t) for t in res[0]["before_s"] + res[0]["after_s"])
     assert "before" in text and "after" in text
+
+
+def test_service_memory(tmp_path):
+    pytest.importorskip("httpx")
+    res, text = _run("service_memory", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert [r["tree"] for r in res] == ["before", "after"]
+    assert all(r["statuses"] == [200] and _positive(r["peak_mb"]) for r in res)

@@ -691,3 +691,13 @@ def test_region_errors_name_region(small_index, tmp_path, capsys):
     code, _, err = _run(capsys, "locate", str(photo), "--index", str(small_index), "--device", "cpu",
                         "--region", str(bad))
     assert code == 2 and f"{bad} (--region): not a readable GeoJSON file" in err and "--geojson" not in err
+
+
+def test_gps_of_a_png_does_not_decode_its_pixels(monkeypatch):
+    from PIL import Image, PngImagePlugin
+
+    from geoindex.exif import read_gps
+
+    data = _encoded(Image.new("RGB", (3000, 3000)), "PNG")
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("decoded the pixels"))
+    assert read_gps(data) is None
