@@ -25,6 +25,8 @@ from typing import Any, Protocol
 import mercantile
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from geoindex.encoders import ImageEncoder
@@ -44,6 +46,7 @@ from geoindex.store import (
 from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array
 
 __all__ = [
+    "BadTilesError",
     "BuildIncompleteError",
     "BuildSummary",
     "Coverage",
@@ -59,6 +62,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "_build.json"
+_FAILURES_SHOWN = 20  # shards whose errors a BuildIncompleteError spells out
 
 
 class Coverage(Protocol):
@@ -86,6 +90,7 @@ class BuildSummary:
     shards_written: int
     shards_reused: int
     seconds: float
+    bad_skipped: int = 0  # unreadable tiles left out with skip_bad_tiles (also counted in ``missing``)
 
     @property
     def tiles_per_s(self) -> float:
@@ -141,19 +146,29 @@ def _plan_identity(plan: LevelPlan, encoder: ImageEncoder, imagery: str, shard_s
 def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool) -> None:
     """Keep finished shards of an interrupted build of the same plan; refuse or clear anything else."""
     plan_file = ldir / PLAN_FILE
+    old: Any = None
     if plan_file.is_file():
-        old = json.loads(plan_file.read_text())
+        try:
+            old = json.loads(plan_file.read_text())
+        except (OSError, ValueError) as e:
+            # Without the identity nothing says which encoder made the shards: never trust them.
+            log.warning("%s is unreadable (%s); the level's shards cannot be trusted and are re-encoded",
+                        plan_file, e)
+        if not isinstance(old, dict):
+            old = {}
+    if old is not None:
         if old == identity:
             return
-        if old.get("encoder") != identity["encoder"] and not overwrite:
-            was = old.get("encoder", {})
+        if old and old.get("encoder") != identity["encoder"] and not overwrite:
+            was = old.get("encoder") if isinstance(old.get("encoder"), dict) else {}
             weights = str(was.get("checkpoint_sha256") or was.get("base_fingerprint"))[:12]
             raise EncoderMismatchError(
                 f"{ldir} holds shards encoded with {was.get('name')!r} (weights {weights}), "
                 "not with this map encoder; one index never mixes encoders. "
                 "Use another --index, or --overwrite to re-encode this level"
             )
-        log.info("%s: the plan changed (new parent rows, imagery or shard size); re-encoding", ldir)
+        if old:
+            log.info("%s: the plan changed (new parent rows, imagery or shard size); re-encoding", ldir)
         shutil.rmtree(ldir)
     elif ldir.exists():
         shutil.rmtree(ldir)
@@ -161,32 +176,60 @@ def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool)
     atomic_write_bytes(plan_file, json.dumps(identity, indent=2).encode())
 
 
-def _load_tile(source: TileSource, encoder: ImageEncoder, x: int, y: int, zoom: int) -> torch.Tensor | None:
+class _TileLoad:
+    """What reading one tile gave: a tensor, None (the source lacks it) or the error; and the image size."""
+
+    __slots__ = ("error", "size", "tensor")
+
+    def __init__(self, tensor: torch.Tensor | None, size: tuple[int, int] | None = None,
+                 error: GeoIndexError | None = None) -> None:
+        self.tensor, self.size, self.error = tensor, size, error
+
+
+def _load_tile(source: TileSource, encoder: ImageEncoder, x: int, y: int, zoom: int) -> _TileLoad:
     try:
-        return encoder.preprocess(source.get(mercantile.Tile(x, y, zoom)))
+        img = source.get(mercantile.Tile(x, y, zoom))
+        return _TileLoad(encoder.preprocess(img), img.size)
     except TileNotFoundError:
-        return None
+        return _TileLoad(None)
+    except GeoIndexError as e:  # collected, so that one run names every bad tile of the shard
+        return _TileLoad(None, error=e)
+
+
+class BadTilesError(GeoIndexError, ValueError):
+    """Tiles of a shard could not be read; the message lists every one of them."""
 
 
 def encode_tiles(
     x: npt.NDArray[np.integer], y: npt.NDArray[np.integer], *, zoom: int, source: TileSource, encoder: ImageEncoder,
     pool: ThreadPoolExecutor, batch_size: int, progress: Callable[[int], None] | None = None,
+    skip_bad: bool = False, on_bad: Callable[[str], None] | None = None,
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
     """Encode tiles (x, y) of one shard, shape (n,) each, in batches of ``batch_size`` from the first.
 
     Tiles are read and preprocessed in ``pool``'s threads ahead of the model. Tiles the source does
     not have are left out of their batch, so a batch's content depends only on the shard's tiles:
-    every engine that calls this gets the same embeddings for the same shard.
+    every engine that calls this gets the same embeddings for the same shard. Tiles whose size
+    differs from the shard's first tile (a placeholder, a tile of another server) are logged.
+
+    Args:
+        skip_bad: treat tiles that cannot be read as missing (each is passed to ``on_bad``)
+            instead of failing the shard.
 
     Returns:
         found: bool (n,), False where the source has no such tile. emb: float32 (n, d), zero where not found.
+
+    Raises:
+        BadTilesError: some tiles could not be read (without ``skip_bad``); names every one.
     """
     progress = progress or _ignore
     n = len(x)
     found = np.zeros(n, dtype=bool)
     emb = np.zeros((n, encoder.dim), dtype=np.float32)
+    bad: list[str] = []
+    sizes: dict[tuple[int, int], list[str]] = {}
 
-    def batches() -> Iterator[tuple[int, list[torch.Tensor | None]]]:
+    def batches() -> Iterator[tuple[int, list[_TileLoad]]]:
         starts = range(0, n, batch_size)
         futures = [
             [pool.submit(_load_tile, source, encoder, int(x[i]), int(y[i]), zoom)
@@ -196,21 +239,37 @@ def encode_tiles(
         for s, fs in zip(starts, futures):
             yield s, [f.result() for f in fs]
 
-    for start, tensors in batches():
-        ok = [i for i, t in enumerate(tensors) if t is not None]
-        if ok:
-            out = encoder.encode_tensor(torch.stack([tensors[i] for i in ok]))  # type: ignore[misc]
+    for start, loads in batches():
+        for i, load in enumerate(loads):
+            if load.error is not None:
+                bad.append(str(load.error))
+                if skip_bad and on_bad is not None:
+                    on_bad(str(load.error))
+            elif load.size is not None:
+                sizes.setdefault(load.size, []).append(f"{zoom}/{int(x[start + i])}/{int(y[start + i])}")
+        ok = [i for i, t in enumerate(loads) if t.tensor is not None]
+        if ok and (skip_bad or not bad):
+            out = encoder.encode_tensor(torch.stack([loads[i].tensor for i in ok]))  # type: ignore[misc]
             rows = np.asarray(ok) + start
             emb[rows] = out
             found[rows] = True
-        progress(len(tensors))
+        progress(len(loads))
+    if len(sizes) > 1:
+        usual = max(sizes, key=lambda s: len(sizes[s]))
+        odd = [(size, tile) for size, tiles in sizes.items() if size != usual for tile in tiles]
+        log.warning("%d tiles of zoom %d are not %dx%d like the other %d, e.g. %s is %dx%d (a placeholder?); "
+                    "they are encoded stretched. Check the tile source", len(odd), zoom, *usual, len(sizes[usual]),
+                    odd[0][1], *odd[0][0])
+    if bad and not skip_bad:
+        raise BadTilesError(f"{len(bad)} tile(s) could not be read: " + "; ".join(bad))
     return found, emb
 
 
 def build_shard(
     index_dir: Path, zoom: int, shard: int, x: npt.NDArray[np.integer], y: npt.NDArray[np.integer],
     parent_row: npt.NDArray[np.integer], *, source: TileSource, encoder: ImageEncoder, pool: ThreadPoolExecutor,
-    batch_size: int, progress: Callable[[int], None] | None = None,
+    batch_size: int, progress: Callable[[int], None] | None = None, skip_bad: bool = False,
+    on_bad: Callable[[str], None] | None = None,
 ) -> int:
     """Encode the planned tiles of one shard and write ``part-<shard>.parquet`` atomically; returns its rows.
 
@@ -220,7 +279,7 @@ def build_shard(
         GeoIndexError: a tile failed to load; nothing is written and a rerun retries the shard.
     """
     found, emb = encode_tiles(x, y, zoom=zoom, source=source, encoder=encoder, pool=pool,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress, skip_bad=skip_bad, on_bad=on_bad)
     write_shard(shard_path(index_dir, zoom, shard), zoom=zoom, x=np.asarray(x)[found], y=np.asarray(y)[found],
                 parent_row=np.asarray(parent_row)[found], embeddings=emb[found])
     return int(found.sum())
@@ -291,14 +350,66 @@ def start_level(
     identity = _plan_identity(plan, encoder, imagery, shard_size)
     _prepare_level_dir(level_dir(index_dir, zoom), identity, overwrite=overwrite)
     n_shards = max(1, -(-len(plan.x) // shard_size))
-    done = {p.name for p in list_shards(index_dir, zoom)}
+    done = set()
+    for path in list_shards(index_dir, zoom):
+        shard = _shard_number(path)
+        problem = "not in the plan" if shard is None or shard >= n_shards else None
+        if shard is not None and problem is None:
+            sl = slice(shard * shard_size, min((shard + 1) * shard_size, len(plan.x)))
+            problem = _shard_problem(path, plan.x[sl], plan.y[sl], plan.parent_row[sl], zoom=zoom, dim=encoder.dim)
+        if problem is None:
+            done.add(path.name)
+            continue
+        log.warning("%s: %s; re-encoding this shard", path, problem)
+        path.unlink()
     todo = tuple(s for s in range(n_shards) if shard_path(index_dir, zoom, s).name not in done)
     return LevelJob(index_dir, manifest, plan, identity, codec, encoder.dim, shard_size, n_shards, todo, started)
 
 
+def _shard_number(path: Path) -> int | None:
+    number = path.stem.partition("-")[2]
+    return int(number) if number.isdigit() else None
+
+
+def _shard_problem(
+    path: Path, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], parent_row: npt.NDArray[np.int64], *,
+    zoom: int, dim: int,
+) -> str | None:
+    """Why a finished shard cannot be reused (unreadable, or not the planned rows of its slice), or None.
+
+    Reads the whole shard once: a truncated or damaged file must be re-encoded now, not found
+    when the FAISS file is built from it.
+    """
+    try:
+        table = pq.read_table(path, memory_map=True)
+    except (OSError, pa.ArrowException) as e:
+        return f"damaged ({e})"
+    names = {"x", "y", "parent_row", "embedding"}
+    if not names <= set(table.column_names):
+        return f"columns {sorted(table.column_names)} lack {sorted(names - set(table.column_names))}"
+    emb_type = table.schema.field("embedding").type
+    if getattr(emb_type, "list_size", None) != dim:
+        return f"embedding type {emb_type}, expected {dim} values per row"
+    sx = table.column("x").to_numpy().astype(np.int64)
+    sy = table.column("y").to_numpy().astype(np.int64)
+    sp = table.column("parent_row").to_numpy().astype(np.int64)
+    # The shard must hold planned rows of its slice, in plan order (tiles the source lacks left out).
+    planned = (np.asarray(y, dtype=np.int64) << zoom) | np.asarray(x, dtype=np.int64)
+    order = np.argsort(planned, kind="stable")
+    codes = (sy << zoom) | sx
+    pos = np.clip(np.searchsorted(planned[order], codes), 0, max(len(planned) - 1, 0))
+    if not len(planned) and len(codes):
+        return f"{len(codes)} rows, but its slice of the plan is empty"
+    rows = order[pos] if len(planned) else pos
+    if len(codes) and (np.any(planned[rows] != codes) or np.any(np.diff(rows) <= 0)
+                       or np.any(np.asarray(parent_row)[rows] != sp)):
+        return "rows that are not the planned tiles of this shard"
+    return None
+
+
 def complete_level(
     job: LevelJob, *, encoder: dict[str, Any], checkpoint: str | None = None,
-    build_args: dict[str, Any] | None = None, failures: list[str] | None = None,
+    build_args: dict[str, Any] | None = None, failures: list[str] | None = None, bad_skipped: int = 0,
 ) -> BuildSummary:
     """Build the FAISS file from the level's parquet shards and record the level in the manifest.
 
@@ -311,19 +422,28 @@ def complete_level(
     """
     zoom = job.zoom
     if failures:
+        shown = failures[:_FAILURES_SHOWN]
+        more = f"; and {len(failures) - len(shown)} more shards" if len(failures) > len(shown) else ""
         raise BuildIncompleteError(
             f"level z{zoom}: {len(failures)} of {job.n_shards} shards could not be encoded "
-            f"({failures[0]}{'; ...' if len(failures) > 1 else ''}). Finished shards are kept: "
-            "fix the tile source and rerun the same command to resume"
+            f"({'; '.join(shown)}{more}). Finished shards are kept: fix or delete the bad tiles and rerun the same "
+            "command to resume, or add --skip-bad-tiles to leave them out as missing"
         )
     info = finish_level(job.index_dir, zoom, n_parents=job.plan.n_parents, codec=job.codec, dim=job.dim)
     info = dataclasses.replace(info, encoder={**encoder, "checkpoint": checkpoint})
     manifest = job.manifest.with_level(info)
+    before = job.manifest.level(zoom)
+    if before is not None and before.rows == info.rows:
+        # A repair (damaged shards re-encoded) that kept every row keeps the levels below valid: their
+        # parent rows still point at the same tiles. open_store checks every child against its parent
+        # tile, so a level whose rows did move is refused rather than searched.
+        deeper = tuple(lv for lv in job.manifest.levels if lv.zoom > zoom)
+        manifest = dataclasses.replace(manifest, levels=manifest.levels + deeper)
     if build_args:
         manifest = dataclasses.replace(manifest, build_args={**manifest.build_args, f"z{zoom}": build_args})
     manifest.save(job.index_dir)
     return BuildSummary(zoom, info.rows, job.planned, job.planned - info.rows, len(job.todo),
-                        job.n_shards - len(job.todo), time.perf_counter() - job.started)
+                        job.n_shards - len(job.todo), time.perf_counter() - job.started, bad_skipped)
 
 
 def build_level(
@@ -343,6 +463,7 @@ def build_level(
     build_args: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
+    skip_bad_tiles: bool = False,
 ) -> BuildSummary:
     """Encode level ``zoom`` of an index with its map encoder; resume where a killed run stopped.
 
@@ -354,6 +475,8 @@ def build_level(
         shard_size: planned tiles per parquet shard (the unit of resumption).
         progress: called with the number of tiles handled after each batch.
         on_plan: called once with (planned tiles, tiles already done in reused shards).
+        skip_bad_tiles: leave tiles that cannot be read out of the level, as if the source lacked
+            them (counted in the summary), instead of failing their shards.
 
     Raises:
         EncoderMismatchError: the index was built with another photo encoder / codec / schedule,
@@ -366,18 +489,22 @@ def build_level(
         on_plan(job.planned, job.reused_tiles)
 
     failures: list[str] = []
+    bad: list[str] = []
     plan = job.plan
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for s in job.todo:
             sl = job.rows(s)
             try:
                 build_shard(job.index_dir, zoom, s, plan.x[sl], plan.y[sl], plan.parent_row[sl], source=source,
-                            encoder=encoder, pool=pool, batch_size=batch_size, progress=progress)
+                            encoder=encoder, pool=pool, batch_size=batch_size, progress=progress,
+                            skip_bad=skip_bad_tiles, on_bad=bad.append)
             except GeoIndexError as e:
                 failures.append(f"shard {s}: {e}")
                 log.warning("level z%d shard %d not written: %s", zoom, s, e)
+    for reason in bad[:_FAILURES_SHOWN]:
+        log.warning("level z%d: left out an unreadable tile (--skip-bad-tiles): %s", zoom, reason)
     return complete_level(job, encoder=encoder.identity, checkpoint=checkpoint, build_args=build_args,
-                          failures=failures)
+                          failures=failures, bad_skipped=len(bad))
 
 
 def _ignore(_: int) -> None:

@@ -11,16 +11,22 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import io
 import json
 import logging
+import math
 import os
+import re
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from PIL import Image
 from tqdm import tqdm
 
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, RegionSearcher, open_index
@@ -28,11 +34,12 @@ from geoindex.coverage import Coverage
 from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
-from geoindex.imagery import TileSource
+from geoindex.imagery import TileSource, describe_os_error
 from geoindex.render import areas, draw_map, result_to_dict, to_geojson
 from geoindex.search import SearchResult, check_k
+from geoindex.store import atomic_write_bytes
 
-__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main"]
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
@@ -68,55 +75,130 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[_Failed]]:
     found: list[str] = []
     failed: list[_Failed] = []
     for arg in args:
-        path = Path(arg)
-        if path.is_dir():
-            hits = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not hits:
-                failed.append(_Failed(arg, f"folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})"))
-            found += hits
-        elif path.exists() or not glob.has_magic(arg):
-            found.append(arg)  # a missing file fails later, with the decoder's message
-        else:
-            hits = sorted(p for p in glob.glob(arg, recursive=True)
-                          if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
-            if not hits:
-                failed.append(_Failed(arg, "no image file matches this pattern"))
-            found += hits
+        try:
+            hits, reason = _expand_one(arg)
+        except OSError as e:  # e.g. a folder on the path may not be searched, or a name too long
+            hits, reason = [], describe_os_error(arg, e)
+        if reason:
+            failed.append(_Failed(arg, reason))
+        found += hits
     return list(dict.fromkeys(found)), failed
+
+
+def _expand_one(arg: str) -> tuple[list[str], str | None]:
+    """The image paths one argument stands for, or the reason it stands for none."""
+    path = Path(arg)
+    if path.is_dir():
+        try:
+            os.scandir(path).close()
+        except OSError as e:
+            return [], f"folder cannot be read: {describe_os_error(arg, e)}"
+        unreadable: list[str] = []
+        hits = sorted(str(p) for p in _walk_images(path, unreadable))
+        if unreadable:
+            log.warning("%s: %d folder(s) inside could not be read and were skipped, e.g. %s",
+                        _printable(arg), len(unreadable), _printable(unreadable[0]))
+        if not hits:
+            return [], f"folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})" + (
+                f"; {len(unreadable)} folder(s) inside could not be read" if unreadable else "")
+        return hits, None
+    if path.exists() or path.is_symlink() or not glob.has_magic(arg):
+        return [arg], None  # a missing or unreadable file fails later, with the decoder's message
+    hits = sorted(p for p in glob.glob(arg, recursive=True)
+                  if Path(p).is_file() and Path(p).suffix.lower() in IMAGE_EXTENSIONS)
+    return hits, (None if hits else "no image file matches this pattern")
+
+
+def _walk_images(folder: Path, unreadable: list[str]) -> Iterator[Path]:
+    """Image files under ``folder``, recursively; folders that cannot be read are appended to ``unreadable``."""
+    for root, _, files in os.walk(folder, onerror=lambda e: unreadable.append(str(e.filename))):
+        for f in files:
+            p = Path(root) / f
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                yield p
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters (a newline in a file name) escaped, so each record stays one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _region(args: argparse.Namespace) -> Coverage | None:
     if args.bbox is not None:
         return Coverage.from_bbox(*args.bbox)
     if args.region is not None:
-        return Coverage.from_geojson(args.region)
+        return Coverage.from_geojson(args.region, option="--region")
     return None
 
 
-def _device(name: str) -> str:
-    if name != "auto":
-        return name
+def resolve_device(name: str, *, option: str = "--device") -> str:
+    """A torch device string that exists on this machine; ``auto`` is CUDA when available, else CPU.
+
+    Raises:
+        ConfigError: not a device name, or a CUDA/MPS device this machine does not have.
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"{option} {name!r} is not a torch device; use auto, cpu, cuda or cuda:N") from e
+    if device.type == "cpu":
+        return name
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{option} {name}: no CUDA GPU is visible to torch here; use {option} cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{option} {name}: this machine has {count} CUDA GPU(s), cuda:0..cuda:{count - 1}")
+        return name
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{option} {name}: MPS (Apple GPU) is not available here; use {option} cpu (or auto)")
+        return name
+    raise ConfigError(f"{option} {name!r}: unsupported device type {device.type!r}; use auto, cpu, cuda or cuda:N")
 
 
 def _map_source(index: GeoIndex, spec: str | None) -> TileSource:
     """The tile source for ``--map``: ``--map-source``, else the index's own imagery when local."""
-    from geoindex.imagery import RasterSource
-    from geoindex.sources import open_source
+    from geoindex.sources import map_source
 
-    if spec:
-        return open_source(spec)
-    imagery = index.manifest.imagery
-    kind, _, where = imagery.partition(":")
-    if kind in ("dir", "mbtiles") and Path(where).exists():
-        return open_source(where)
-    if imagery == "raster:bmng.jpg":
-        return RasterSource()
-    log.info("the index's imagery %r is not local; drawing over the embedded Blue Marble "
-             "(choose another with --map-source)", imagery)
-    return RasterSource()
+    return map_source(index.manifest.imagery, spec)
+
+
+def _check_output(path: Path, option: str, *, image: bool) -> None:
+    """ConfigError now, before any search, if ``path`` cannot be written later."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory; give a file name, e.g. {option} {path / 'out.png'}"
+                          if image else f"{option} {path}: is a directory; give a file name, e.g. "
+                          f"{option} {path / 'out.geojson'}")
+    if image:
+        Image.init()
+        fmt = Image.registered_extensions().get(path.suffix.lower())
+        if fmt is None or fmt not in Image.SAVE:
+            raise ConfigError(f"{option} {path}: unknown image extension {path.suffix or '(none)'!r}; "
+                              "use .png, .jpg or .webp")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{option} {path}: the folder {folder} does not exist; create it first")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".geoindex-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write in {folder} ({describe_os_error(folder, e)})") from e
+
+
+def _write_output(path: Path, data: bytes, option: str) -> None:
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot write ({describe_os_error(path, e)})") from e
 
 
 class _Writer:
@@ -150,7 +232,7 @@ class _Writer:
                                     e.get("lat", ""), e.get("lon", ""),
                                     f"{e['error_km']:.3f}" if e else "", ""])
                 continue
-            name = _clip(result.image or "", 32) if first else ""
+            name = _clip(_printable(result.image or ""), 32) if first else ""
             gps_text = f"{exif['lat']:.5f},{exif['lon']:.5f}" if first and exif else ""
             err = f"{exif['error_km']:9,.1f}" if first and exif else ""
             tile = f"{c.tile.z}/{c.tile.x}/{c.tile.y}"
@@ -183,23 +265,29 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 
 def _locate(args: argparse.Namespace) -> int:
     k = check_k(args.k)
+    device = resolve_device(args.device)
     if args.top_n < 1:
         raise ConfigError(f"--top-n must be >= 1, got {args.top_n}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     images, failed = expand_inputs(args.paths)
     for f in failed:
-        print(f"error: {f.image}: {f.reason}", file=sys.stderr)
+        print(f"error: {_printable(f.image)}: {f.reason}", file=sys.stderr)
     if not images:
         raise ConfigError("no input images (give files, folders or glob patterns)")
     if args.map is not None and len(images) != 1:
         raise ConfigError(f"--map draws one image; {len(images)} were given (use --geojson for many)")
+    if args.map is not None:
+        _check_output(args.map, "--map", image=True)
+    if args.geojson is not None:
+        _check_output(args.geojson, "--geojson", image=False)
     region = _region(args)
 
-    index = open_index(args.index, weights=args.weights, download=args.download, device=_device(args.device),
-                       precision=args.precision)
+    index = open_index(args.index, weights=args.weights, download=args.download, device=device,
+                       verify=args.verify or None, precision=args.precision)
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
+    map_source = _map_source(index, args.map_source) if args.map is not None else None
     writer = _Writer(args.format, sys.stdout, top_n=args.top_n, trace=args.trace)
     for f in failed:
         writer.failure(f)
@@ -214,14 +302,14 @@ def _locate(args: argparse.Namespace) -> int:
                                   strict=True):
                 if isinstance(item, GeoIndexError):
                     failed.append(_Failed(path, str(item)))
-                    bar.write(f"error: {item}", file=sys.stderr)
+                    bar.write(f"error: {_printable(str(item))}", file=sys.stderr)
                     writer.failure(failed[-1])
                     continue
                 gps = None
                 if not args.ignore_exif:
                     try:
                         gps = read_gps(path)
-                    except ImageError:
+                    except (ImageError, OSError):
                         gps = None
                 located.append((item, gps))
                 writer.result(item, gps)
@@ -233,12 +321,14 @@ def _locate(args: argparse.Namespace) -> int:
 
     if args.geojson is not None and located:
         collection = to_geojson([r for r, _ in located], exif=[g for _, g in located])
-        args.geojson.write_text(json.dumps(collection))
+        _write_output(args.geojson, json.dumps(collection).encode(), "--geojson")
         print(f"wrote {args.geojson} ({len(collection['features'])} features)", file=sys.stderr)
-    if args.map is not None and located:
+    if map_source is not None and located:
         result, gps = located[0]
-        picture = draw_map(result, _map_source(index, args.map_source), truth=gps, photo=images[0])
-        picture.save(args.map)
+        picture = draw_map(result, map_source, truth=gps, photo=images[0])
+        buf = io.BytesIO()
+        picture.save(buf, format=Image.registered_extensions()[args.map.suffix.lower()])
+        _write_output(args.map, buf.getvalue(), "--map")
         print(f"wrote {args.map} ({picture.width}x{picture.height})", file=sys.stderr)
 
     n = len(located) + len(failed)
@@ -257,9 +347,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     from geoindex.service import create_app
 
-    app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k,
-                     weights=args.weights, download=args.download, device=_device(args.device),
-                     precision=args.precision)
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if not (math.isfinite(args.max_upload_mb) and args.max_upload_mb > 0):
+        raise ConfigError(f"--max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb}")
+    if not (math.isfinite(args.max_megapixels) and args.max_megapixels > 0):
+        raise ConfigError(f"--max-megapixels must be a positive number, got {args.max_megapixels}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    check_k(args.k)
+    device = resolve_device(args.device)
+    limits: dict[str, Any] = {"max_pixels": max(1, int(args.max_megapixels * 1e6))}
+    if args.max_concurrent is not None:
+        limits["max_concurrent"] = args.max_concurrent
+    app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
+                     weights=args.weights, download=args.download, device=device,
+                     verify=args.verify or None, precision=args.precision)
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder['name']} on {index.photo_encoder.device}) at "
           f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
@@ -297,6 +400,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="local CLIP weights file (else $GEOINDEX_CLIP_WEIGHTS or the caches)")
     parser.add_argument("--download", action="store_true", help="download missing encoder weights")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every index file's sha256 on open (default: only for indexes up to 256 MB; "
+                             "sizes, tile coordinates and FAISS ids are always checked)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     srv.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted upload (default: 20)")
+    srv.add_argument("--max-megapixels", type=float, default=25.0,
+                     help="largest decoded photo in millions of pixels; JPEGs count at their reduced decoding size, "
+                          "so phone photos pass (default: 25)")
+    srv.add_argument("--max-concurrent", type=int, default=None,
+                     help="photos decoded and encoded at once; others wait, then get 503 (default: CPU cores, <= 4)")
     srv.set_defaults(func=_serve)
     return parser
 
@@ -359,7 +470,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            if args.quiet:
+                # Pillow warns about damaged metadata ("Corrupt EXIF data", "Possibly corrupt EXIF
+                # MakerNote") of photos it still decodes; one that cannot be decoded is an error anyway.
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+            return int(args.func(args))
     except GeoIndexError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -254,14 +254,17 @@ class Coverage:
         return cls.world()
 
     @classmethod
-    def from_geojson(cls, path: str | os.PathLike[str]) -> Coverage:
+    def from_geojson(cls, path: str | os.PathLike[str], *, option: str = "--geojson") -> Coverage:
         """The polygons of a GeoJSON file (Polygon/MultiPolygon, bare or in Features).
+
+        Args:
+            option: the command-line option that named the file, for error messages.
 
         Raises:
             ConfigError: missing or unreadable file, invalid JSON, or no polygon in it.
         """
         path = Path(path)
-        what = f"{path} (--geojson)"
+        what = f"{path} ({option})"
         try:
             obj = json.loads(path.read_text())
         except FileNotFoundError as e:

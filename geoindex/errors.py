@@ -15,6 +15,10 @@ class ImageError(GeoIndexError, ValueError):
     """An input image cannot be read or decoded; the message names the file."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image has more pixels than the configured limit (a decompression bomb, or just too big)."""
+
+
 class TileNotFoundError(GeoIndexError, KeyError):
     """A tile source does not have the requested tile."""
 

@@ -88,6 +88,10 @@ def read_gps(src: GpsSource) -> tuple[float, float] | None:
     """
     img = src if isinstance(src, Image.Image) else _open(src)
     try:
+        if img.format == "PNG" and "exif" not in img.info and img is not src:
+            # Pillow's PNG getexif() decodes every pixel looking for an eXIf chunk after the image
+            # data (a 9,400 x 9,400 PNG: 265 MB). Writers, Pillow included, put it before the data.
+            return None
         try:
             gps = img.getexif().get_ifd(ExifTags.IFD.GPSInfo)
         except Exception as e:  # Pillow raises many types on corrupt EXIF blocks; all mean "no GPS"

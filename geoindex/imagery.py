@@ -8,10 +8,12 @@ to Web-Mercator tiles (the embedded NASA Blue Marble image that makes the projec
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import math
 import os
+import stat
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
+from geoindex.errors import ConfigError, ImageError, ImageTooLargeError, TileNotFoundError, TileSourceError
 from geoindex.tiles import MAX_LATITUDE
 
 __all__ = [
@@ -32,7 +34,9 @@ __all__ = [
     "MemorySource",
     "RasterSource",
     "TileSource",
+    "check_image_path",
     "decode_tile",
+    "describe_os_error",
     "embedded_world_raster",
     "load_image",
 ]
@@ -79,7 +83,56 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+def describe_os_error(path: str | os.PathLike, e: OSError) -> str:
+    """A one-line reason for an OSError met while looking at ``path``, naming what fixes it."""
+    if isinstance(e, PermissionError):
+        return "permission denied (the file, or a folder on its path, may not be read by this user)"
+    if e.errno == errno.ENAMETOOLONG:
+        longest = max((len(part) for part in Path(path).parts), default=0)
+        return (f"file name too long ({len(os.fspath(path))} characters, longest part {longest}; "
+                "the file system allows 255 bytes per name): rename or move the file")
+    if e.errno == errno.ELOOP:
+        return "symbolic link loop (the link points back at itself); fix or remove the link"
+    if isinstance(e, FileNotFoundError):
+        return "no such file"
+    return f"cannot read ({e.strerror or e})"
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def check_image_path(path: Path, name: str | None = None) -> None:
+    """ImageError unless ``path`` is a readable-looking regular, non-empty file; reads no data.
+
+    FIFOs and devices are refused before they are opened: reading a FIFO blocks forever, and
+    /dev/zero never ends.
+    """
+    name = name or os.fspath(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError as e:
+        try:
+            dangling = path.is_symlink()
+        except OSError:
+            dangling = False
+        if dangling:
+            raise ImageError(f"{name}: broken symbolic link (to {os.readlink(path)}); fix or remove it") from e
+        raise ImageError(f"{name}: no such file") from e
+    except OSError as e:
+        raise ImageError(f"{name}: {describe_os_error(path, e)}") from e
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(f"{name}: is a directory, not an image file")
+    for test, what in _NOT_REGULAR:
+        if test(st.st_mode):
+            raise ImageError(f"{name}: is {what}, not an image file")
+    if st.st_size == 0:
+        raise ImageError(f"{name}: file is empty (0 bytes)")
+
+
+def load_image(
+    src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
     """Read one image as RGB with EXIF orientation applied and its longer side at most ``max_side``.
 
     Args:
@@ -87,6 +140,8 @@ def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Im
             or (H, W, 4).
         max_side: larger images are downscaled (JPEGs are decoded at reduced size directly,
             so memory stays bounded on huge inputs).
+        max_pixels: refuse images with more pixels than this (counted after a JPEG's
+            reduced-size decoding) before decoding them: ImageTooLargeError.
 
     Returns:
         A new RGB ``PIL.Image``.
@@ -102,13 +157,7 @@ def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Im
         img = src
     else:
         if isinstance(src, (str, os.PathLike)):
-            path = Path(src)
-            if path.is_dir():
-                raise ImageError(f"{name}: is a directory, not an image file")
-            if not path.exists():
-                raise ImageError(f"{name}: no such file")
-            if path.stat().st_size == 0:
-                raise ImageError(f"{name}: file is empty (0 bytes)")
+            check_image_path(Path(src), name)
         elif isinstance(src, bytes):
             if not src:
                 raise ImageError("<0 bytes>: image data is empty")
@@ -125,14 +174,14 @@ def load_image(src: ImageInput, *, max_side: int = DEFAULT_MAX_SIDE) -> Image.Im
         except OSError as e:
             raise ImageError(f"{name}: cannot open ({e})") from e
     try:
-        pixels = img.width * img.height
-        if pixels > MAX_IMAGE_PIXELS and img.format != "JPEG":
-            raise ImageError(
-                f"{name}: {img.width}x{img.height} pixels exceeds the {MAX_IMAGE_PIXELS} pixel limit "
-                "(possible decompression bomb); downscale it first"
-            )
         if img.format == "JPEG":
             img.draft("RGB", (max_side, max_side))  # DCT-domain downscale: bounded memory
+        pixels = img.width * img.height
+        if pixels > max_pixels:
+            raise ImageTooLargeError(
+                f"{name}: {img.width}x{img.height} pixels exceeds the {max_pixels} pixel limit "
+                "(possible decompression bomb); downscale it first"
+            )
         img.load()
         img = ImageOps.exif_transpose(img) or img
         if max(img.size) > max_side:

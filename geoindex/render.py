@@ -27,6 +27,7 @@ from geoindex.tiles import MAX_LATITUDE, tile_center
 
 __all__ = [
     "Area",
+    "FailFastSource",
     "areas",
     "draw_map",
     "final_level",
@@ -294,6 +295,42 @@ def _tile_norm_box(t: mercantile.Tile) -> tuple[float, float, float, float]:
     return t.x / n, t.y / n, (t.x + 1) / n, (t.y + 1) / n
 
 
+class FailFastSource:
+    """A tile source that stops asking after ``max_failures`` failures in a row.
+
+    A map asks for about 17 tiles and falls back to up to 6 ancestors of each; against a dead
+    server every one of those requests would wait out its own retries (minutes in all). After
+    the breaker opens, every request fails at once and the map is drawn with what it has.
+    """
+
+    def __init__(self, source: TileSource, *, max_failures: int = 2) -> None:
+        self.source = source
+        self.max_failures = max_failures
+        self.failures = 0
+        self.last = ""
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.source, "name", ""))
+
+    @property
+    def broken(self) -> bool:
+        return self.failures >= self.max_failures
+
+    def get(self, tile: mercantile.Tile) -> Image.Image:
+        if self.broken:
+            raise TileSourceError(f"{self.name}: not asked for tile {tuple(tile)} after {self.failures} failures "
+                                  f"in a row (last: {self.last})")
+        try:
+            img = self.source.get(tile)
+        except TileSourceError as e:
+            self.failures += 1
+            self.last = str(e)
+            raise
+        self.failures = 0
+        return img
+
+
 def _fetch(source: TileSource, tile: mercantile.Tile, tile_px: int, fallback: int = 6) -> Image.Image | None:
     """A tile image; where the source lacks it, the matching part of an ancestor, upscaled."""
     for up in range(0, min(fallback, tile.z) + 1):
@@ -426,6 +463,8 @@ def draw_map(
             boxes = [_tile_norm_box(p)] + [_tile_norm_box(t) for t in lv.tiles
                                            if abs(t.x - p.x) <= _NEIGHBOURHOOD and abs(t.y - p.y) <= _NEIGHBOURHOOD]
         views.append(_View.around(boxes, panel_size))
+    guarded = source if isinstance(source, FailFastSource) else FailFastSource(source)
+    source = guarded
     predicted = ((result.lat, result.lon), (228, 26, 28))
     marks = [predicted] + ([(truth, (77, 175, 74))] if truth is not None else [])
     panels = []
@@ -434,8 +473,12 @@ def draw_map(
         next_box = (nxt.fx0, nxt.fy0, nxt.fx0 + nxt.span, nxt.fy0 + nxt.span) if nxt else None
         panels.append(_panel(source, lv, view, max_zoom=max_zoom, temperature=temperature,
                              next_box=next_box, points=marks, path=paths[i]))
+    if guarded.broken:
+        log.warning("the map's imagery %s failed %d times in a row and was not asked again (last: %s); tiles it "
+                    "did not give are grey. Check the server or choose other imagery (--map-source)",
+                    guarded.name, guarded.failures, guarded.last)
     return _compose(result, levels, panels, truth=truth, photo=photo, panel_size=panel_size,
-                    attribution=attribution or str(getattr(source, "name", "")))
+                    attribution=attribution or guarded.name)
 
 
 def _compose(

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from geoindex.encoders import ImageEncoder
-from geoindex.errors import ConfigError, TileNotFoundError
+from geoindex.errors import ConfigError, IndexFormatError, TileNotFoundError
 from geoindex.imagery import TileSource
 from geoindex.store import StoredLevel
 from geoindex.tiles import children_array, tile_center
@@ -255,6 +255,12 @@ class FaissLevel:
         return _search_lists(cast(faiss.IndexIVF, index), xq, k, parents, self._selector)
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        if ids.size and (int(ids.max()) >= self.stored.rows or int(ids.min()) < -1):
+            bad = int(ids.max()) if int(ids.max()) >= self.stored.rows else int(ids.min())
+            raise IndexFormatError(
+                f"level z{self.zoom}: FAISS returned id {bad} outside its {self.stored.rows} rows; the index "
+                f"file changed after it was opened. Reopen it with --verify, or rebuild level z{self.zoom}"
+            )
         valid = ids >= 0
         safe = np.where(valid, ids, 0)
         x = np.where(valid, self.stored.x[safe], -1).astype(np.int64)

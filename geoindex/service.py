@@ -12,6 +12,7 @@ picture and the GeoJSON in the same answer; API docs are at ``/docs``.
 from __future__ import annotations
 
 import base64
+import ctypes
 import functools
 import io
 import json
@@ -30,17 +31,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, open_index
 from geoindex.coverage import Coverage
-from geoindex.errors import ConfigError, GeoIndexError, ImageError
+from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError
 from geoindex.exif import read_gps
-from geoindex.imagery import TileSource
+from geoindex.imagery import TileSource, load_image
 from geoindex.render import draw_map, result_to_dict, to_geojson
 from geoindex.search import MAX_K, check_k
 
-__all__ = ["DEFAULT_MAX_UPLOAD_BYTES", "MAX_TOP_N", "app_from_env", "create_app"]
+__all__ = [
+    "DEFAULT_MAX_CONCURRENT",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_UPLOAD_BYTES",
+    "MAX_TOP_N",
+    "app_from_env",
+    "create_app",
+]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # phone photos are 2-12 MB; leave room for RAW-ish JPEGs
+# A 258 KB PNG can decode to 9,400 x 9,400 pixels (550 MB per request with the conversions). JPEGs are
+# decoded at reduced size (DCT scaling) before this applies, so phone photos of any resolution pass.
+DEFAULT_MAX_PIXELS = 25_000_000
+DEFAULT_MAX_CONCURRENT = max(1, min(4, os.cpu_count() or 1))  # decodes + encodes at once; each is CPU-bound
+DEFAULT_BUSY_TIMEOUT_S = 10.0  # how long a request waits for a decode slot before a 503
+_TRIM_AFTER_PIXELS = 4_000_000  # give freed decode buffers back to the OS after images this large
 MAX_TOP_N = 100
 _REGION_CACHE = 32  # regions whose per-level row masks are kept between requests
 
@@ -95,12 +109,32 @@ def _parse_bbox(text: str) -> Coverage:
     return Coverage.from_bbox(*values)
 
 
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps them otherwise: RSS would stay at its peak)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _declared_pixels(data: bytes) -> int:
+    """Width x height from the image header (no pixels decoded); 0 when the header is unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            return int(probe.width * probe.height)
+    except Exception:  # noqa: BLE001 - load_image reports what is wrong with the upload
+        return 0
+
+
 def create_app(
     index: GeoIndex | str | os.PathLike[str],
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     default_k: int = 64,
     map_source: TileSource | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     **open_kwargs: Any,
 ) -> FastAPI:
     """The FastAPI app serving one index.
@@ -112,11 +146,24 @@ def create_app(
         default_k: beam width when a request does not give ``k``.
         map_source: imagery for the maps that ``include_map`` asks for (default: the index's own
             imagery when local, else the embedded Blue Marble; opened at the first map).
+        max_pixels: largest decoded image (width x height, after JPEG's reduced-size decoding);
+            larger ones are refused with 413 before their pixels are decoded.
+        max_concurrent: requests decoding and encoding at once; the rest wait for a slot.
+        busy_timeout_s: how long a request waits for a slot before it gets 503 with Retry-After.
 
     Raises:
+        ConfigError: an argument out of range.
         IndexNotFoundError, IndexFormatError, WeightsNotFoundError: the index cannot be opened.
     """
     check_k(default_k)
+    if max_upload_bytes < 1:
+        raise ConfigError(f"max_upload_bytes must be >= 1, got {max_upload_bytes} (--max-upload-mb)")
+    if max_pixels < 1:
+        raise ConfigError(f"max_pixels must be >= 1, got {max_pixels} (--max-megapixels)")
+    if max_concurrent < 1:
+        raise ConfigError(f"max_concurrent must be >= 1, got {max_concurrent} (--max-concurrent)")
+    if not busy_timeout_s >= 0:
+        raise ConfigError(f"busy_timeout_s must be >= 0, got {busy_timeout_s}")
     opened = index if isinstance(index, GeoIndex) else open_index(index, **open_kwargs)
     app = FastAPI(
         title="geoindex",
@@ -132,6 +179,7 @@ def create_app(
     app.state.index = opened
     app.add_middleware(_BodyLimit, limit=max_upload_bytes)
     lock = threading.Lock()
+    slots = threading.BoundedSemaphore(max_concurrent)
 
     @functools.lru_cache(maxsize=_REGION_CACHE)
     def region_searcher(region: Coverage) -> Any:
@@ -166,16 +214,20 @@ def create_app(
             "imagery": opened.manifest.imagery,
             "max_upload_bytes": max_upload_bytes,
             "default_k": default_k,
+            "max_pixels": max_pixels,
+            "max_concurrent": max_concurrent,
         }
 
     @app.post(
         "/locate",
         summary="Geolocate one photo",
-        responses={400: {"description": "unreadable image"}, 413: {"description": "upload too large"},
-                   422: {"description": "invalid parameter (k, top_n, bbox)"}},
+        responses={400: {"description": "unreadable image, or more than one"},
+                   413: {"description": "upload too large, or too many pixels"},
+                   422: {"description": "invalid parameter (k, top_n, bbox)"},
+                   503: {"description": "busy: every decode slot is taken; retry after Retry-After seconds"}},
     )
     def locate(
-        image: Annotated[UploadFile, File(description="the photo (JPEG, PNG, WebP, TIFF, ...)")],
+        image: Annotated[list[UploadFile], File(description="the photo (JPEG, PNG, WebP, TIFF, ...); exactly one")],
         k: Annotated[int, Form(ge=1, le=MAX_K, description="beam width: tiles kept per level")] = default_k,
         top_n: Annotated[int, Form(ge=1, le=MAX_TOP_N, description="candidates and areas returned")] = 5,
         bbox: Annotated[str | None, Form(description="restrict to this area: 'W,S,E,N' in degrees")] = None,
@@ -186,8 +238,12 @@ def create_app(
                                                           "FeatureCollection")] = False,
     ) -> dict[str, Any]:
         started = time.perf_counter()
-        name = image.filename or "upload"
-        data = image.file.read(max_upload_bytes + 1)
+        if len(image) != 1:
+            names = ", ".join(repr(f.filename or "upload") for f in image)
+            raise HTTPException(400, f"send one 'image' part per request; got {len(image)} ({names})")
+        upload = image[0]
+        name = upload.filename or "upload"
+        data = upload.file.read(max_upload_bytes + 1)
         if not data:
             raise HTTPException(400, f"{name}: the uploaded file is empty")
         read_s = time.perf_counter()
@@ -195,24 +251,37 @@ def create_app(
             searcher = searcher_for(_parse_bbox(bbox) if bbox else None)
         except ConfigError as e:
             raise HTTPException(422, str(e)) from e
+        if not slots.acquire(timeout=busy_timeout_s):
+            raise HTTPException(503, f"busy: {max_concurrent} photos are being decoded and encoded; retry shortly",
+                                headers={"Retry-After": "1"})
+        pixels = _declared_pixels(data)
+        gps = None
         try:
-            xq = searcher.embed([data])
+            photo = load_image(data, max_pixels=max_pixels)
+            xq = searcher.embed([photo])
+            del photo
+            if not ignore_exif:
+                try:  # in the slot: reading metadata can decode the image again
+                    gps = read_gps(data)
+                except GeoIndexError:  # the image decoded above; a second failure only loses the GPS
+                    gps = None
         except ImageError as e:
             # Pillow names the in-memory buffer by its address; that says nothing to the client.
             reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(e))
-            raise HTTPException(400, f"{name}: {reason}") from e
+            status = 413 if isinstance(e, ImageTooLargeError) else 400
+            raise HTTPException(status, f"{name}: {reason}") from e
+        finally:
+            if _TRIM_AFTER_PIXELS <= pixels <= max_pixels:
+                # Each request thread frees its decode buffers into its own malloc arena, where they stay:
+                # without this, 8 threads each keep their largest image's memory after the burst.
+                _trim_heap()
+            slots.release()
         encoded_s = time.perf_counter()
         try:
             result = searcher.search_embeddings(xq, k, top_n=top_n, names=[name])[0]
         except ConfigError as e:  # e.g. the region holds tiles at no level for this query
             raise HTTPException(422, str(e)) from e
         searched_s = time.perf_counter()
-        gps = None
-        if not ignore_exif:
-            try:
-                gps = read_gps(data)
-            except GeoIndexError:  # the image decoded above; a second failure only loses the GPS
-                gps = None
         out = result_to_dict(result, exif=gps, top_n=top_n, trace=True)
         out["k"] = k
         if include_geojson:
@@ -244,6 +313,12 @@ def app_from_env() -> FastAPI:
     return create_app(os.environ.get(INDEX_ENV) or DEFAULT_INDEX)
 
 
+def _version() -> str:
+    from geoindex import __version__
+
+    return __version__
+
+
 @functools.cache
 def _page() -> str:
     """The web page: one static file shipped in the package."""
@@ -257,8 +332,3 @@ def _png_data_url(picture: Image.Image) -> str:
     picture.save(buf, "PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
-
-def _version() -> str:
-    from geoindex import __version__
-
-    return __version__

@@ -505,19 +505,32 @@ def _directory_extension(root: Path) -> str:
     raise ConfigError(f"directory {root} holds no {{z}}/{{x}}/{{y}}.{{ext}} tiles; fetch tiles into it first")
 
 
-def open_source(spec: str, **http_options: Any) -> TileSource:
+def open_source(spec: str, *, option: str = "--source", **http_options: Any) -> TileSource:
     """Turn a ``--source`` string into a tile source.
 
     Args:
         spec: one of the forms listed in the ConfigError below (URL template, ``xyz:NAME``,
             provider name, ``*.mbtiles``, tile directory, ``raster:PATH``, ``bluemarble``).
+        option: the command-line option that gave ``spec``, named in error messages.
         **http_options: keyword arguments for :class:`HttpSource` (timeout, max_retries,
             max_rps, ...); local sources do not use them.
 
     Raises:
-        ConfigError: the spec matches none of the accepted forms, or its target is invalid.
+        ConfigError: the spec matches none of the accepted forms, or its target is invalid or
+            cannot be read.
     """
-    spec = spec.strip()
+    try:
+        return _open_source(spec.strip(), http_options)
+    except ConfigError as e:
+        if option == "--source":
+            raise
+        raise ConfigError(str(e).replace("--source", option)) from e
+    except (OSError, ImageError) as e:
+        reason = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"cannot use {option} {spec!r}: {reason}") from e
+
+
+def _open_source(spec: str, http_options: dict[str, Any]) -> TileSource:
     if spec.startswith(("http://", "https://")):
         return HttpSource(spec, **http_options)
     if spec.startswith("xyz:"):
@@ -537,6 +550,10 @@ def open_source(spec: str, **http_options: Any) -> TileSource:
     raise ConfigError(f"cannot use --source {spec!r}: expected {_SPEC_FORMS}")
 
 
+# Maps ask for ~17 tiles after the answer is known: a dead server must cost seconds, not minutes.
+MAP_HTTP_OPTIONS: dict[str, Any] = {"timeout": 5.0, "max_retries": 1}
+
+
 def map_source(imagery: str, spec: str | None = None) -> TileSource:
     """The imagery to draw maps over: ``spec`` if given, else an index's own imagery when local.
 
@@ -545,13 +562,21 @@ def map_source(imagery: str, spec: str | None = None) -> TileSource:
         spec: a ``--map-source`` string for :func:`open_source`, overriding the index's imagery.
 
     Returns:
-        The tile source; the embedded Blue Marble where the index's imagery is remote or gone.
+        The tile source; the embedded Blue Marble where the index's imagery is remote, gone or unreadable.
+
+    Raises:
+        ConfigError: ``spec`` cannot be opened (the message names ``--map-source``).
     """
     if spec:
-        return open_source(spec)
+        return open_source(spec, option="--map-source", **MAP_HTTP_OPTIONS)
     kind, _, where = imagery.partition(":")
     if kind in ("dir", "mbtiles") and Path(where).exists():
-        return open_source(where)
+        try:
+            return open_source(where, option="--map-source")
+        except ConfigError as e:
+            log.warning("the index's imagery %s cannot be used (%s); drawing over the embedded Blue Marble "
+                        "(choose another with --map-source)", where, e)
+            return RasterSource()
     if imagery != "raster:bmng.jpg":
         log.info("the index's imagery %r is not local; drawing over the embedded Blue Marble "
                  "(choose another with --map-source)", imagery)

@@ -156,27 +156,64 @@ class Manifest:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any], *, where: str = "manifest") -> Manifest:
+    def from_json(cls, d: Any, *, where: str = "manifest") -> Manifest:
+        if not isinstance(d, dict):
+            raise IndexFormatError(
+                f"{where}: malformed manifest (a JSON object was expected, got {type(d).__name__}); "
+                "rebuild the index with `python -m pipelines.build_index`"
+            )
         version = d.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise IndexFormatError(
+                f"{where}: malformed manifest (format_version {version!r} is not a positive integer); "
+                "rebuild the index with `python -m pipelines.build_index`"
+            )
+        if version > FORMAT_VERSION:
             raise IndexFormatError(
                 f"{where}: format version {version!r} is newer than this geoindex reads "
                 f"({FORMAT_VERSION}); upgrade geoindex or rebuild the index"
             )
         try:
+            _expect(d, "dim", int)
+            _expect(d, "codec", str)
+            _expect(d, "imagery", str)
+            _expect(d, "schedule", dict)
+            _expect(d, "photo_encoder", dict)
+            _expect(d, "levels", list)
+            _expect(d["photo_encoder"], "name", str)
+            _expect(d["photo_encoder"], "base_fingerprint", str)
+            for lv in d["levels"]:
+                if not isinstance(lv, dict):
+                    raise TypeError(f"a level is {type(lv).__name__}, not an object")
+                _expect(lv, "zoom", int)
+                _expect(lv, "rows", int)
+                _expect(lv, "encoder", dict)
+                _expect(lv, "files", list)
+                for f in lv["files"]:
+                    if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
+                            and isinstance(f.get("sha256"), str)):
+                        raise TypeError(f"level z{lv['zoom']}: file entry {f!r} needs name, size and sha256")
+                    if f["name"] != Path(f["name"]).name or f["name"] in ("", ".", ".."):
+                        raise TypeError(f"level z{lv['zoom']}: file name {f['name']!r} is not a plain file name")
+                if lv["rows"] < 0:
+                    raise TypeError(f"level z{lv['zoom']}: rows {lv['rows']} is negative")
             return cls(
                 schedule=LevelSchedule(**d["schedule"]),
-                dim=int(d["dim"]),
+                dim=d["dim"],
                 codec=d["codec"],
                 photo_encoder=dict(d["photo_encoder"]),
                 imagery=d["imagery"],
-                coverage=dict(d.get("coverage", {})),
+                coverage=dict(d.get("coverage") or {}),
                 levels=tuple(LevelInfo(**lv) for lv in d["levels"]),
-                build_args=dict(d.get("build_args", {})),
+                build_args=dict(d.get("build_args") or {}),
                 format_version=version,
             )
-        except (KeyError, TypeError, ConfigError) as e:
-            raise IndexFormatError(f"{where}: malformed manifest ({e})") from e
+        except (KeyError, TypeError, ValueError, ConfigError) as e:
+            if isinstance(e, IndexFormatError):
+                raise
+            raise IndexFormatError(
+                f"{where}: malformed manifest ({e}); rebuild the index with `python -m pipelines.build_index`"
+            ) from e
 
     def save(self, index_dir: Path) -> None:
         atomic_write_bytes(Path(index_dir) / MANIFEST, json.dumps(self.to_json(), indent=2).encode())
@@ -194,6 +231,15 @@ class Manifest:
         except (OSError, ValueError) as e:
             raise IndexFormatError(f"{path}: unreadable manifest ({e})") from e
         return cls.from_json(data, where=str(path))
+
+
+def _expect(d: dict[str, Any], key: str, kind: type) -> None:
+    """TypeError naming ``key`` unless ``d[key]`` is a ``kind`` (bool is not an int here)."""
+    if key not in d:
+        raise KeyError(f"{key!r} is missing")
+    value = d[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TypeError(f"{key!r} is {value!r}, expected {kind.__name__}")
 
 
 def level_dir(index_dir: Path, zoom: int) -> Path:
@@ -275,7 +321,11 @@ def _read_shard(path: Path, columns: list[str]) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns, memory_map=True)
     except (OSError, pa.ArrowException) as e:
-        raise IndexFormatError(f"{path}: damaged parquet shard ({e}); rebuild this level") from e
+        zoom = path.parent.name.lstrip("z0") or "0"
+        raise IndexFormatError(
+            f"{path}: damaged parquet shard ({e}); rerun `python -m pipelines.build_index --zoom {zoom}` with the "
+            "arguments of the build: it re-encodes damaged shards only"
+        ) from e
 
 
 def read_level_columns(
@@ -405,8 +455,21 @@ class StoredLevel:
         return isinstance(self.index, faiss.IndexIVF)
 
 
+def _rebuild_hint(zoom: int) -> str:
+    return (f"rerun `python -m pipelines.build_index --zoom {zoom}` with the arguments of the build: it re-encodes "
+            "damaged shards only and rebuilds the FAISS file")
+
+
 def _check_files(index_dir: Path, info: LevelInfo, *, verify: bool) -> None:
     ldir = level_dir(index_dir, info.zoom)
+    listed = {f.name for f in info.files}
+    on_disk = {p.name for p in list_shards(index_dir, info.zoom)}
+    if FAISS_FILE not in listed or not on_disk <= listed:
+        unlisted = sorted(on_disk - listed) + ([] if FAISS_FILE in listed else [FAISS_FILE])
+        raise IndexFormatError(
+            f"{ldir}: the manifest does not list {', '.join(unlisted)}, so their sizes and checksums cannot be "
+            f"checked; the manifest was edited or the level changed after it was built: {_rebuild_hint(info.zoom)}"
+        )
     for f in info.files:
         path = ldir / f.name
         if not path.is_file():
@@ -414,11 +477,135 @@ def _check_files(index_dir: Path, info: LevelInfo, *, verify: bool) -> None:
         size = path.stat().st_size
         if size != f.size:
             raise IndexFormatError(
-                f"{path}: {size} bytes, the manifest says {f.size}; the file is partial or was "
-                f"changed. Rebuild level z{info.zoom} with `python -m pipelines.build_index --zoom {info.zoom}`"
+                f"{path}: {size} bytes, the manifest says {f.size}; the file is partial or was changed: "
+                f"{_rebuild_hint(info.zoom)}"
             )
         if verify and _file_info(path).sha256 != f.sha256:
             raise IndexFormatError(f"{path}: checksum differs from the manifest; rebuild level z{info.zoom}")
+
+
+def _check_tiles(
+    ldir: Path, zoom: int, cols: dict[str, np.ndarray], parent: StoredLevel | None, step: int
+) -> None:
+    """Tile coordinates inside the zoom's grid, and each row a child of its parent row (O(rows), vectorised)."""
+    x, y, parent_row = cols["x"], cols["y"], cols["parent_row"]
+    side = 1 << zoom
+    bad = np.flatnonzero((x < 0) | (x >= side) | (y < 0) | (y >= side))
+    if len(bad):
+        r = int(bad[0])
+        raise IndexFormatError(
+            f"{ldir}: row {r} holds tile {zoom}/{int(x[r])}/{int(y[r])}, outside the zoom-{zoom} grid "
+            f"(0..{side - 1}); {len(bad)} rows are out of range. The parquet was damaged or edited: "
+            f"{_rebuild_hint(zoom)}"
+        )
+    if parent is None:
+        bad = np.flatnonzero(parent_row != -1)
+        if len(bad):
+            raise IndexFormatError(
+                f"{ldir}: row {int(bad[0])} of the first level has parent_row {int(parent_row[bad[0]])}, "
+                f"expected -1; {_rebuild_hint(zoom)}"
+            )
+        return
+    if len(parent_row) and (parent_row.min() < 0 or parent_row.max() >= parent.rows
+                            or np.any(np.diff(parent_row) < 0)):
+        raise IndexFormatError(
+            f"{ldir}: parent_row is out of the range 0..{parent.rows - 1} of z{parent.zoom} or not sorted; "
+            f"{_rebuild_hint(zoom)}"
+        )
+    bad = np.flatnonzero(((x >> step) != parent.x[parent_row]) | ((y >> step) != parent.y[parent_row]))
+    if len(bad):
+        r = int(bad[0])
+        p = int(parent_row[r])
+        raise IndexFormatError(
+            f"{ldir}: row {r} holds tile {zoom}/{int(x[r])}/{int(y[r])}, which is not a child of its parent row {p} "
+            f"(z{parent.zoom} tile {parent.zoom}/{int(parent.x[p])}/{int(parent.y[p])}); {len(bad)} rows disagree. "
+            f"{_rebuild_hint(zoom)}"
+        )
+
+
+def _ivf_ids_fast(path: Path, index: faiss.IndexIVF, sizes: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | None:
+    """The ids of every inverted list, concatenated in list order, read straight from the file.
+
+    ``write_index`` ends an IVF file with its ArrayInvertedLists: ``ilar``, nlist, code_size, the
+    list sizes (``full``: one per list; ``sprs``: (list, size) pairs of the non-empty lists), then
+    per non-empty list its codes followed by its ids. The expected sizes place every field; None
+    when the bytes there are not what this layout predicts (another FAISS version, or damage), and
+    the caller falls back to asking FAISS list by list.
+    """
+    nlist, cs, ntotal = int(index.nlist), int(index.code_size), int(index.ntotal)
+    file_size = path.stat().st_size
+    data_start = file_size - ntotal * (cs + 8)
+    nonzero = np.flatnonzero(sizes)
+    full = len(nonzero) > nlist // 2
+    table = sizes if full else np.stack([nonzero, sizes[nonzero]], axis=1).ravel()
+    header_at = data_start - 8 * len(table) - 8 - 4 - 16 - 4
+    if header_at < 0:
+        return None
+    with open(path, "rb") as f:
+        f.seek(header_at)
+        head = f.read(data_start - header_at)
+    expected_head = (b"ilar" + np.array([nlist, cs], dtype="<u8").tobytes() + (b"full" if full else b"sprs")
+                     + np.array([len(table)], dtype="<u8").tobytes())
+    if head[: len(expected_head)] != expected_head:
+        return None
+    stored_table = np.frombuffer(head[len(expected_head):], dtype="<u8")
+    if not np.array_equal(stored_table, table.astype(np.uint64)):
+        return None
+    if ntotal == 0:
+        return np.empty(0, dtype=np.int64)
+    # Row r of list p (at position j in it) has its id at: rows before p * (cs + 8) + size_p * cs + 8 j.
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    lists = np.repeat(np.arange(nlist, dtype=np.int64), sizes)
+    rows = np.arange(ntotal, dtype=np.int64)
+    j = rows - starts[lists]
+    offsets = (rows - j) * (cs + 8) + sizes[lists] * cs + 8 * j
+    if cs % 8 == 0:
+        words = np.memmap(path, dtype="<i8", mode="r", offset=data_start, shape=(ntotal * (cs + 8) // 8,))
+        return np.asarray(words[offsets // 8], dtype=np.int64)
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(ntotal * (cs + 8),))
+    out = np.empty(ntotal, dtype=np.int64)
+    for lo in range(0, ntotal, 1 << 20):
+        chunk = offsets[lo : lo + (1 << 20)]
+        out[lo : lo + len(chunk)] = raw[chunk[:, None] + np.arange(8)].copy().view("<i8").ravel()
+    return out
+
+
+def _ivf_ids_slow(index: faiss.IndexIVF) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(list sizes, ids concatenated in list order) asked of FAISS one list at a time."""
+    invlists = cast(faiss.InvertedLists, index.invlists)
+    sizes = np.array([invlists.list_size(p) for p in range(index.nlist)], dtype=np.int64)
+    ids = [faiss.rev_swig_ptr(invlists.get_ids(p), int(n)).copy() for p, n in enumerate(sizes.tolist()) if n]
+    return sizes, (np.concatenate(ids).astype(np.int64) if ids else np.empty(0, dtype=np.int64))
+
+
+def _check_ivf_ids(path: Path, zoom: int, index: faiss.IndexIVF, parent_row: npt.NDArray[np.int64]) -> None:
+    """Inverted list p must hold exactly the rows whose parent is p, as ids in row order.
+
+    Row i is FAISS id i, and rows are sorted by parent, so the ids of all lists read in list order
+    are 0..n-1. An id outside that range would crash the search; a negative, repeated or swapped
+    id would silently drop, repeat or mislabel a tile. The sha256 check catches these too, but is
+    skipped on large indexes; this check reads only the ids (8 bytes per row).
+    """
+    sizes = np.bincount(parent_row, minlength=index.nlist).astype(np.int64) if len(parent_row) else \
+        np.zeros(index.nlist, dtype=np.int64)
+    ids = _ivf_ids_fast(path, index, sizes) if len(sizes) == index.nlist else None
+    if ids is None:
+        log.info("%s: list layout not recognised; checking the ids list by list", path)
+        stored_sizes, ids = _ivf_ids_slow(index)
+        if not np.array_equal(stored_sizes, sizes):
+            p = int(np.flatnonzero(stored_sizes != sizes)[0]) if len(stored_sizes) == len(sizes) else 0
+            raise IndexFormatError(
+                f"{path}: inverted list {p} holds {int(stored_sizes[p]) if len(stored_sizes) > p else '?'} "
+                f"rows, the parquet says {int(sizes[p]) if len(sizes) > p else '?'}; the FAISS file does not "
+                f"match the level's parquet: {_rebuild_hint(zoom)}"
+            )
+    bad = np.flatnonzero(ids != np.arange(len(ids), dtype=np.int64))
+    if len(bad):
+        r = int(bad[0])
+        raise IndexFormatError(
+            f"{path}: FAISS id {int(ids[r])} is stored where row {r} belongs ({len(bad)} ids out of place; "
+            f"the level has {len(ids)} rows); the file was damaged or edited: {_rebuild_hint(zoom)}"
+        )
 
 
 def open_store(
@@ -426,13 +613,18 @@ def open_store(
 ) -> tuple[Manifest, list[StoredLevel]]:
     """Open an index for search: check the manifest and files, memory-map every level's FAISS file.
 
+    Besides file sizes (and sha256 with ``verify``), every open checks what a wrong byte could
+    turn into a wrong answer, in O(rows) vectorised work: tile coordinates inside the grid and
+    under their parent row, and the FAISS ids of every inverted list (see benchmarks/RESULTS.md
+    for the cost on large indexes).
+
     Args:
         verify: also compare every file's sha256 with the manifest (reads all data once).
             None (default) verifies indexes up to ``VERIFY_AUTO_BYTES`` and checks only sizes above.
 
     Raises:
         IndexNotFoundError: no manifest. IndexFormatError: missing, partial or damaged files,
-            a newer format version, or row counts that disagree.
+            a newer format version, or row counts, tile coordinates or FAISS ids that disagree.
     """
     index_dir = Path(index_dir)
     manifest = Manifest.load(index_dir)
@@ -440,15 +632,16 @@ def open_store(
         raise IndexFormatError(f"{index_dir}: the manifest lists no complete level yet; finish the build")
     if verify is None:
         verify = sum(f.size for lv in manifest.levels for f in lv.files) <= VERIFY_AUTO_BYTES
-    levels = []
+    levels: list[StoredLevel] = []
     for info in manifest.levels:
         _check_files(index_dir, info, verify=verify)
-        path = level_dir(index_dir, info.zoom) / FAISS_FILE
+        ldir = level_dir(index_dir, info.zoom)
+        path = ldir / FAISS_FILE
         try:
             index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError as e:
             raise IndexFormatError(f"{path}: damaged FAISS file ({e}); rebuild it from parquet") from e
-        cols = read_level_columns(index_dir, info.zoom, ("x", "y"))
+        cols = read_level_columns(index_dir, info.zoom, ("x", "y", "parent_row"))
         if index.ntotal != info.rows or len(cols["x"]) != info.rows:
             raise IndexFormatError(
                 f"level z{info.zoom}: manifest says {info.rows} rows, FAISS has {index.ntotal}, "
@@ -456,10 +649,14 @@ def open_store(
             )
         if index.d != manifest.dim:
             raise IndexFormatError(f"{path}: dimension {index.d}, the manifest says {manifest.dim}")
+        parent = levels[-1] if levels else None
+        cols = {c: a.astype(np.int64) for c, a in cols.items()}
+        _check_tiles(ldir, info.zoom, cols, parent, manifest.schedule.step)
+        if parent is not None:
+            if not isinstance(index, faiss.IndexIVF) or index.nlist != max(parent.rows, 1):
+                raise IndexFormatError(
+                    f"level z{info.zoom}: expected an IVF index with {parent.rows} lists (rows of z{parent.zoom})"
+                )
+            _check_ivf_ids(path, info.zoom, index, cols["parent_row"])
         levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info))
-    for parent, child in zip(levels, levels[1:]):
-        if not child.is_ivf or cast(faiss.IndexIVF, child.index).nlist != max(parent.rows, 1):
-            raise IndexFormatError(
-                f"level z{child.zoom}: expected an IVF index with {parent.rows} lists (rows of z{parent.zoom})"
-            )
     return manifest, levels

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from geoindex.build import BuildSummary, build_level
+from geoindex.cli import resolve_device
 from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, PRECISIONS, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError
@@ -50,6 +51,7 @@ class Config:
     bbox: tuple[float, float, float, float] | None = None
     geojson: Path | None = None
     overwrite: bool = False
+    skip_bad_tiles: bool = False
     quiet: bool = False
     engine: str = "local"
     ray_address: str | None = None
@@ -60,6 +62,8 @@ class Config:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown --engine {self.engine!r}; choose one of {list(ENGINES)}")
+        if self.engine == "ray" and self.skip_bad_tiles:
+            raise ConfigError("--skip-bad-tiles applies to --engine local only; fix the bad tiles for a Ray build")
         if self.engine == "ray" and self.device != "cpu":
             raise ConfigError(
                 f"--device {self.device} applies to --engine local only; Ray actors use GPUs when "
@@ -101,6 +105,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="index only this area")
     p.add_argument("--geojson", type=Path, help="index only the polygons of this GeoJSON file")
     p.add_argument("--overwrite", action="store_true", help="re-encode a level that holds another encoder's shards")
+    p.add_argument("--skip-bad-tiles", action="store_true",
+                   help="leave tiles that cannot be read out of the index, as if missing (counted in the summary), "
+                        "instead of stopping the level")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     ray = p.add_argument_group("distributed builds (--engine ray; --batch-size and --workers apply per actor)")
     ray.add_argument("--engine", choices=ENGINES, default="local",
@@ -127,7 +134,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         precision=a.precision,
         batch_size=a.batch_size, codec=a.codec, shard_size=a.shard_size, workers=a.workers,
         schedule=schedule, bbox=tuple(a.bbox) if a.bbox else None, geojson=a.geojson,
-        overwrite=a.overwrite, quiet=a.quiet, engine=a.engine, ray_address=a.ray_address, ray_actors=a.ray_actors,
+        overwrite=a.overwrite, skip_bad_tiles=a.skip_bad_tiles, quiet=a.quiet, engine=a.engine,
+        ray_address=a.ray_address, ray_actors=a.ray_actors,
         ray_gpus_per_actor=a.ray_gpus_per_actor, ray_cpus_per_actor=a.ray_cpus_per_actor,
     )
 
@@ -151,6 +159,7 @@ def run(cfg: Config) -> list[BuildSummary]:
     if cfg.engine == "ray":
         return _run_levels(cfg, _ray_engine(cfg, coverage))
     source = open_source(cfg.source)
+    resolve_device(cfg.device)  # a one-line error for a device this machine lacks, not a torch traceback
     base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device,
                           precision=cfg.precision)
 
@@ -159,7 +168,7 @@ def run(cfg: Config) -> list[BuildSummary]:
         return build_level(cfg.index, zoom, source=source, encoder=load_map_encoder(base, checkpoint),
                            coverage=coverage, schedule=cfg.schedule, codec=cfg.codec, checkpoint=checkpoint,
                            shard_size=cfg.shard_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                           overwrite=cfg.overwrite, **kw)
+                           overwrite=cfg.overwrite, skip_bad_tiles=cfg.skip_bad_tiles, **kw)
 
     return _run_levels(cfg, local)
 
@@ -204,10 +213,11 @@ def _build_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[Build
 
             summary = build(zoom, build_args=args, progress=bar.update, on_plan=on_plan)
         log.info(
-            "z%02d: %d rows (%d of %d planned tiles missing from the source) in %.1f s, %.0f tiles/s; "
+            "z%02d: %d rows (%d of %d planned tiles missing from the source%s) in %.1f s, %.0f tiles/s; "
             "%d shards written, %d reused -> %s",
-            zoom, summary.rows, summary.missing, summary.planned, summary.seconds, summary.tiles_per_s,
-            summary.shards_written, summary.shards_reused, cfg.index,
+            zoom, summary.rows, summary.missing, summary.planned,
+            f", {summary.bad_skipped} of them unreadable and skipped" if summary.bad_skipped else "",
+            summary.seconds, summary.tiles_per_s, summary.shards_written, summary.shards_reused, cfg.index,
         )
         summaries.append(summary)
     manifest = Manifest.load(cfg.index)

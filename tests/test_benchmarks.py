@@ -27,7 +27,7 @@ def _run(module: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
     assert f"benchmarks/{mod.NAME}.py --smoke" in text  # the exact command is recorded
     for key in ("date", "cpu", "gpu", "faiss", "torch"):
         assert data["machine"][key]
-    assert data["encoder"] == "tiny" or module == "scale"
+    assert data["encoder"] == "tiny" or module in ("scale", "open_time")
     return data["results"], text
 
 
@@ -78,3 +78,17 @@ def test_codecs(tmp_path):
     assert res["flat"]["final_tile_agreement"] == 1.0
     assert res["fp16"]["final_tile_agreement"] == 1.0  # parquet holds fp16: the same values as flat
     assert res["flat"]["bytes_per_tile"] > res["fp16"]["bytes_per_tile"] > res["sq8"]["bytes_per_tile"]
+
+
+def test_open_time(tmp_path):
+    res, text = _run("open_time", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert [r["tiles"] for r in res] == [2000]
+    assert all(_positive(t) for t in res[0]["before_s"] + res[0]["after_s"])
+    assert "before" in text and "after" in text
+
+
+def test_service_memory(tmp_path):
+    pytest.importorskip("httpx")
+    res, text = _run("service_memory", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert [r["tree"] for r in res] == ["before", "after"]
+    assert all(r["statuses"] == [200] and _positive(r["peak_mb"]) for r in res)
