@@ -71,10 +71,11 @@ def test_build_throughput(tmp_path):
 
 def test_codecs(tmp_path):
     res, _ = _run("codecs", tmp_path)
-    assert set(res) == {"flat", "fp16", "sq8"}
+    assert set(res) == {"flat", "fp16", "sq8", "pq"}
     for r in res.values():
         assert _positive(r["bytes_per_tile"])
         assert 0.0 <= r["final_tile_agreement"] <= 1.0
     assert res["flat"]["final_tile_agreement"] == 1.0
     assert res["fp16"]["final_tile_agreement"] == 1.0  # parquet holds fp16: the same values as flat
     assert res["flat"]["bytes_per_tile"] > res["fp16"]["bytes_per_tile"] > res["sq8"]["bytes_per_tile"]
+    assert res["pq"]["encoder_index"]["code_bytes"] + 8 <= 100  # smoke sizes: codebooks dominate the file
