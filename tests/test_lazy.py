@@ -256,3 +256,27 @@ def test_compact_folds_segments(tmp_path, small_index, tiny_encoder, rendered_so
     summary = compact(tmp_path)
     assert [s.parts for s in summary] == [1, 1]
     assert _answers(GeoIndex(small_index).search_embeddings(xq, K + 3)) == _answers(more)
+
+
+def test_build_index_lazy_from_and_compact(tmp_path, tile_dir, tiny_encoder):
+    """`build_index --all --lazy-from 2 --source DIR` then searches answer as `--all`; `--compact` folds the appends."""
+    from pipelines import build_index
+
+    common = ["--source", str(tile_dir), "--encoder", "tiny", "--quiet", "--schedule", "1", "3", "1"]
+    build_index.run(build_index.parse_args(["--all", "--index", str(tmp_path / "full")] + common))
+    summaries = build_index.run(build_index.parse_args(["--all", "--lazy-from", "2", "--index",
+                                                        str(tmp_path / "lazy")] + common))
+    assert [s.zoom for s in summaries] == [1]
+    cfg = json.loads((tmp_path / "lazy" / LAZY_FILE).read_text())
+    assert cfg["zooms"] == [2, 3] and cfg["source"] == str(tile_dir)
+    xq = _queries(tiny_encoder)
+    want = GeoIndex(tmp_path / "full").search_embeddings(xq, K)
+    lazy = GeoIndex(tmp_path / "lazy")  # the source comes from lazy.json
+    assert _answers(lazy.search_embeddings(xq[:3], K)) == _answers(want[:3])
+    assert _answers(lazy.search_embeddings(xq, K)) == _answers(want)
+    assert build_index.main(["--compact", "--index", str(tmp_path / "lazy"), "--quiet"]) == 0
+    assert not list((tmp_path / "lazy" / "lazy").glob("z*/seg-*"))
+    reopened = GeoIndex(tmp_path / "lazy")
+    assert _answers(reopened.search_embeddings(xq, K)) == _answers(want) and _encoded(reopened) == 0
+    with pytest.raises(ConfigError, match="first level"):
+        build_index.parse_args(["--all", "--lazy-from", "1", "--index", str(tmp_path / "x")] + common)
