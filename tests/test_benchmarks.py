@@ -79,3 +79,13 @@ def test_codecs(tmp_path):
     assert res["fp16"]["final_tile_agreement"] == 1.0  # parquet holds fp16: the same values as flat
     assert res["flat"]["bytes_per_tile"] > res["fp16"]["bytes_per_tile"] > res["sq8"]["bytes_per_tile"]
     assert res["pq"]["encoder_index"]["code_bytes"] + 8 <= 100  # smoke sizes: codebooks dominate the file
+
+
+def test_lazy(tmp_path):
+    res, _ = _run("lazy", tmp_path)
+    assert res["first_tiles"] > 0 and res["repeat_tiles"] == 0
+    assert res["agreement_with_built"] == 1.0
+    s = res["stream"]
+    assert 0.0 <= s["hit_rate"] <= 1.0 and s["p95_ms"] >= s["p50_ms"] > 0
+    for key in ("first_ms", "repeat_ms"):
+        assert _positive(res[key]), key
