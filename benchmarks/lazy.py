@@ -1,4 +1,4 @@
-"""Lazy deep levels: cost of the first query in a fresh area, of a repeat, of a clustered stream; equality with a built index.
+"""Lazy deep levels: first query in a fresh area, a repeat, a clustered stream; equality with a built index.
 
 Two indexes over the same tiles, encoder and schedule (zoom 12 then 14, k tiles kept per level):
 

@@ -89,3 +89,13 @@ def test_lazy(tmp_path):
     assert 0.0 <= s["hit_rate"] <= 1.0 and s["p95_ms"] >= s["p50_ms"] > 0
     for key in ("first_ms", "repeat_ms"):
         assert _positive(res[key]), key
+
+
+def test_planet(tmp_path):
+    res, _ = _run("planet", tmp_path)
+    levels = {r["zoom"]: r for r in res["levels"]}
+    assert sorted(levels) == [4, 6, 8, 10, 12, 14, 16] and levels[16]["tiles_world"] == 4**16
+    for r in levels.values():
+        assert 0 < r["tiles_land"] <= r["tiles_world"]
+        assert r["bytes_d512"]["pq"]["per_tile"] <= 100 and r["bytes_d1280"]["pq"]["per_tile"] <= 100
+    assert _positive(res["encode_tiles_per_s"]["tiny"])
