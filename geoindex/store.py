@@ -60,7 +60,7 @@ FAISS_FILE = "index.faiss"
 CODECS = ("fp16", "flat", "sq8", "pq")
 SQ8_TRAIN_SAMPLE = 65_536  # rows used to fit the 8-bit quantizer's per-dimension ranges
 PQ_TRAIN_SAMPLE = 16_384  # rows used to train the product quantizer's codebooks (64 per centroid)
-PQ_MAX_ENTRY_BYTES = 100  # pq: code bytes + the 8-byte id of each IVF entry stay within this
+PQ_MAX_M = 64  # pq: at most 64 one-byte sub-vector codes per tile (+ an 8-byte id per IVF entry)
 EXACT_FILE = "exact.npy"  # pq levels: (rows, d) float16 embeddings in row order, memory-mapped for re-ranking
 _FILE_MODE = 0o644
 VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total size (about 1 s)
@@ -309,11 +309,13 @@ def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.flo
 
 
 def pq_subquantizers(dim: int) -> int:
-    """Sub-vectors M of the ``pq`` codec: the largest divisor of ``dim`` with M + 8 <= 100 bytes per entry.
+    """Sub-vectors M of the ``pq`` codec: the largest divisor of ``dim`` up to 64 (one byte each).
 
-    512-d (CLIP ViT-B/32): 64 (72 bytes per entry); 1280-d (EfficientNet-Lite0): 80 (88 bytes).
+    512-d (CLIP ViT-B/32) and 1280-d (EfficientNet-Lite0): 64, so an IVF entry is 64 code bytes +
+    an 8-byte id = 72 bytes. Each level also stores its codebooks once (256 x d float32: 0.5 MiB at
+    512-d, 1.25 MiB at 1280-d), which keeps a level of 50,000 rows or more under 100 bytes per tile.
     """
-    return max(m for m in range(1, min(dim, PQ_MAX_ENTRY_BYTES - 8) + 1) if dim % m == 0)
+    return max(m for m in range(1, min(dim, PQ_MAX_M) + 1) if dim % m == 0)
 
 
 def _new_pq(quantizer: faiss.Index, dim: int, nlist: int, sample: npt.NDArray[np.float32]) -> faiss.IndexIVFPQ:

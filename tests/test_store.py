@@ -148,10 +148,10 @@ def test_with_level_drops_deeper_levels():
 
 
 def test_pq_subquantizers_keep_entries_within_100_bytes():
-    assert pq_subquantizers(512) == 64 and pq_subquantizers(1280) == 80 and pq_subquantizers(64) == 64
+    assert pq_subquantizers(512) == 64 and pq_subquantizers(1280) == 64 and pq_subquantizers(100) == 50
     for d in (16, 64, 100, 384, 512, 768, 1024, 1280):
         m = pq_subquantizers(d)
-        assert d % m == 0 and m + 8 <= 100
+        assert d % m == 0 and m + 8 <= 72
 
 
 @pytest.mark.parametrize("children", [300, 20])  # 8-bit codebooks; and fewer rows than 256 centroids
