@@ -304,7 +304,10 @@ class LazyLevel:
         self.read_only_reason: str | None = None if writable else "opened read-only"
         self.tiles_encoded = 0  # running counts, for benchmarks and tests
         self.tiles_stored = 0
-        store.check_encoder(encoder.identity, writable=writable)
+        try:
+            store.check_encoder(encoder.identity, writable=writable)
+        except OSError as e:  # cannot record the encoder: the index is not writable here
+            self.read_only_reason = f"cannot write {store.dir} ({type(e).__name__}: {e})"
         with self._lock:
             self._refresh()
 

@@ -204,6 +204,9 @@ def test_read_only_index_falls_back_to_on_the_fly(tmp_path, small_index, tiny_en
         raise PermissionError(13, "Permission denied", str(self.dir))
 
     monkeypatch.setattr(lazy_mod.LazyStore, "append", refuse)
+    monkeypatch.setattr(lazy_mod, "atomic_write_bytes", lambda path, data: refuse(ro.lazy[0].store, None))
+    for enc_file in tmp_path.glob("lazy/z*/encoder.json"):
+        enc_file.unlink()  # opening must not need to write either
     rw = GeoIndex(tmp_path, lazy_source=rendered_source)
     res = rw.search_embeddings(xq, K)
     assert _answers(res) == _answers(want)
