@@ -16,6 +16,7 @@ from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
 from geoindex.imagery import ImageInput, TileSource, load_image
+from geoindex.lazy import LazyLevel, open_lazy_levels
 from geoindex.prior import GeoCLIPPrior, get_prior
 from geoindex.search import (
     FaissLevel,
@@ -142,12 +143,16 @@ class _Searcher:
 class GeoIndex(_Searcher):
     """An index opened for search: manifest checked, FAISS files memory-mapped, photo encoder loaded.
 
-    Thread-safe for concurrent searches. Use :func:`open_index` to create one.
+    Thread-safe for concurrent searches. Use :func:`open_index` to create one. Lazy levels
+    (``geoindex.lazy``) follow the built ones: ``lazy_source`` overrides the tile source named in
+    ``lazy.json``; ``read_only`` never writes to the index (missing tiles are then encoded on the
+    fly, and each result's trace says so).
     """
 
     def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                  download: bool = False, device: str = "cpu", verify: bool | None = None,
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", lazy_source: TileSource | None = None,
+                 read_only: bool = False) -> None:
         self.path = Path(path)
         self.manifest: Manifest
         self.stored: list[StoredLevel]
@@ -161,7 +166,12 @@ class GeoIndex(_Searcher):
                 f"{spec['base_fingerprint'][:12]}, but the loaded weights are "
                 f"{self.photo_encoder.base_fingerprint[:12]}; pass the weights the index was built with"
             )
-        self.levels = [FaissLevel(s) for s in self.stored]
+        faiss_levels = [FaissLevel(s) for s in self.stored]
+        # Deep levels declared lazy (lazy.json) are encoded on first use and appended to the index.
+        self.lazy: list[LazyLevel] = open_lazy_levels(self.path, self.manifest, self.photo_encoder,
+                                                      faiss_levels[-1].tiles, source=lazy_source,
+                                                      writable=not read_only)
+        self.levels = [*faiss_levels, *self.lazy]
 
     @property
     def zooms(self) -> tuple[int, ...]:
@@ -175,7 +185,7 @@ class GeoIndex(_Searcher):
         return RegionSearcher(self, region)
 
     def __repr__(self) -> str:
-        rows = ", ".join(f"z{s.zoom}: {s.rows}" for s in self.stored)
+        rows = ", ".join([f"z{s.zoom}: {s.rows}" for s in self.stored] + [f"z{lv.zoom}: lazy" for lv in self.lazy])
         return f"GeoIndex({str(self.path)!r}, encoder={self.manifest.photo_encoder['name']!r}, rows={{{rows}}})"
 
 

@@ -170,7 +170,8 @@ def result_to_dict(
         }
     if trace:
         out["trace"] = [
-            {"zoom": lv.zoom, "tiles": [_tile_json(t) for t in lv.tiles], "scores": list(lv.scores)}
+            {"zoom": lv.zoom, "tiles": [_tile_json(t) for t in lv.tiles], "scores": list(lv.scores),
+             **({"note": lv.note} if lv.note else {})}  # lazy levels: stored, encoded, or on the fly
             for lv in result.trace
         ]
     return out

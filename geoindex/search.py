@@ -9,7 +9,7 @@ level encodes the children's tiles at query time, as the paper did. ``beam_searc
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast, get_args
 
 import faiss
@@ -32,6 +32,7 @@ __all__ = [
     "LevelHits",
     "LevelTrace",
     "OnTheFlyLevel",
+    "PQ_RERANK",
     "PriorMode",
     "PriorOptions",
     "SearchResult",
@@ -44,6 +45,7 @@ __all__ = [
 MAX_K = 2048  # FAISS GPU's top-k limit; keeps CPU and GPU builds interchangeable
 NEG = np.float32(-np.finfo(np.float32).max)  # what FAISS reports for an empty result slot
 DEFAULT_TEMPERATURE = 0.01  # softmax temperature of final probabilities: CLIP's logit scale of 100
+PQ_RERANK = 4  # pq levels: re-rank the top rerank * k PQ candidates of each level exactly (benchmarks/codecs.py)
 
 
 def check_k(k: int) -> int:
@@ -81,6 +83,7 @@ class LevelHits:
     I: npt.NDArray[np.int64]  # noqa: E741 - FAISS's name
     x: npt.NDArray[np.int64]
     y: npt.NDArray[np.int64]
+    note: str | None = field(default=None, kw_only=True)  # how the level answered (lazy levels: stored or encoded)
 
 
 class TilePrior(Protocol):
@@ -212,7 +215,8 @@ def beam_search(
         else:
             D, I = _rerank(level, xq, k, parents, prior, options)
         x, y = level.tiles(I)
-        hits.append(LevelHits(level.zoom, D, I, x, y))
+        note_of = getattr(level, "trace_note", None)
+        hits.append(LevelHits(level.zoom, D, I, x, y, note=note_of() if note_of is not None else None))
         parents = I
     return hits
 
@@ -225,11 +229,20 @@ class FaissLevel:
         allowed: optional bool mask over the level's rows, shape (rows,): only rows where it is
             True can be returned (a region filter). FAISS skips the other ids while scanning
             (an ``IDSelectorBitmap``), so the result equals exact search over the allowed rows.
+        rerank: on a level with exact embeddings (the ``pq`` codec), FAISS returns the top
+            ``rerank * k`` by approximate score and those are re-scored exactly from the float16
+            embeddings; scores reported are exact.
     """
 
-    def __init__(self, stored: StoredLevel, *, allowed: npt.NDArray[np.bool_] | None = None) -> None:
+    def __init__(
+        self, stored: StoredLevel, *, allowed: npt.NDArray[np.bool_] | None = None, rerank: int = PQ_RERANK
+    ) -> None:
+        if rerank < 1:
+            raise ConfigError(f"rerank must be >= 1, got {rerank}")
         self.zoom = stored.zoom
         self.stored = stored
+        self.rerank = rerank
+        self._exact: npt.NDArray[np.float16] | None = getattr(stored, "exact", None)
         self._selector: faiss.IDSelector | None = None
         self._allowed: npt.NDArray[np.bool_] | None = None
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted tile codes, their rows), for priors
@@ -252,7 +265,16 @@ class FaissLevel:
             flat_params = faiss.SearchParameters()
             flat_params.sel = self._selector
             return index.search(xq, k, params=flat_params)
-        return _search_lists(cast(faiss.IndexIVF, index), xq, k, parents, self._selector)
+        if self._exact is None:
+            return _search_lists(cast(faiss.IndexIVF, index), xq, k, parents, self._selector)
+        _, I = _search_lists(cast(faiss.IndexIVF, index), xq, k * self.rerank, parents, self._selector)  # noqa: E741
+        return _top_k(self._exact_scores(xq, I), I, k)
+
+    def _exact_scores(self, xq: npt.NDArray[np.float32], I: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:  # noqa: E741
+        """Inner products (n, m) of each query with its rows ``I`` (n, m) from the float16 embeddings."""
+        assert self._exact is not None
+        emb = np.asarray(self._exact[np.maximum(I, 0).ravel()], dtype=np.float32)
+        return np.einsum("qmd,qd->qm", emb.reshape(*I.shape, -1), xq).astype(np.float32)
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         if ids.size and (int(ids.max()) >= self.stored.rows or int(ids.min()) < -1):
@@ -301,7 +323,7 @@ class FaissLevel:
             else:
                 D, I = _search_lists(cast(faiss.IndexIVF, index), x1, 1, parents[q : q + 1], sel)
             if I[0, 0] == row:
-                out[q] = D[0, 0]
+                out[q] = D[0, 0] if self._exact is None or parents is None else self._exact_scores(x1, I)[0, 0]
         return out
 
 
@@ -484,11 +506,12 @@ class Candidate:
 
 @dataclass(frozen=True)
 class LevelTrace:
-    """The tiles one level kept (best first) with their scores."""
+    """The tiles one level kept (best first) with their scores, and how the level answered (``note``)."""
 
     zoom: int
     tiles: tuple[mercantile.Tile, ...]
     scores: tuple[float, ...]
+    note: str | None = None  # e.g. a lazy level: "lazy: encoded 16 new tiles ...", or "on-the-fly: ..."
 
 
 @dataclass(frozen=True)
@@ -545,6 +568,7 @@ def make_results(
                 h.zoom,
                 tuple(_new_tile((a, b, h.zoom)) for a, b in zip(h.x[q][ok].tolist(), h.y[q][ok].tolist())),
                 tuple(h.D[q][ok].tolist()),
+                h.note,
             )
             for h in hits
             for ok in (h.I[q] >= 0,)

@@ -45,6 +45,7 @@ __all__ = [
     "level_dir",
     "list_shards",
     "open_store",
+    "pq_subquantizers",
     "read_embeddings",
     "read_level_columns",
     "shard_path",
@@ -56,8 +57,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
-CODECS = ("fp16", "flat", "sq8")
+CODECS = ("fp16", "flat", "sq8", "pq")
 SQ8_TRAIN_SAMPLE = 65_536  # rows used to fit the 8-bit quantizer's per-dimension ranges
+PQ_TRAIN_SAMPLE = 16_384  # rows used to train the product quantizer's codebooks (64 per centroid)
+PQ_MAX_M = 64  # pq: at most 64 one-byte sub-vector codes per tile (+ an 8-byte id per IVF entry)
+EXACT_FILE = "exact.npy"  # pq levels: (rows, d) float16 embeddings in row order, memory-mapped for re-ranking
 _FILE_MODE = 0o644
 VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total size (about 1 s)
 
@@ -354,6 +358,29 @@ def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.flo
         yield emb, parents
 
 
+def pq_subquantizers(dim: int) -> int:
+    """Sub-vectors M of the ``pq`` codec: the largest divisor of ``dim`` up to 64 (one byte each).
+
+    512-d (CLIP ViT-B/32) and 1280-d (EfficientNet-Lite0): 64, so an IVF entry is 64 code bytes +
+    an 8-byte id = 72 bytes. Each level also stores its codebooks once (256 x d float32: 0.5 MiB at
+    512-d, 1.25 MiB at 1280-d), which keeps a level of 50,000 rows or more under 100 bytes per tile.
+    """
+    return max(m for m in range(1, min(dim, PQ_MAX_M) + 1) if dim % m == 0)
+
+
+def _new_pq(quantizer: faiss.Index, dim: int, nlist: int, sample: npt.NDArray[np.float32]) -> faiss.IndexIVFPQ:
+    """IVF-PQ without residuals, codebooks trained on ``sample``; the coarse quantizer stays empty."""
+    # 8 bits per sub-vector (256 centroids) need 256 training rows; tiny levels get fewer bits.
+    nbits = int(min(8, max(1, np.floor(np.log2(max(len(sample), 2))))))
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), nbits, faiss.METRIC_INNER_PRODUCT)
+    index.by_residual = False
+    index.pq.cp.min_points_per_centroid = 1  # small levels: quiet; exact re-ranking makes up for coarse codebooks
+    if len(sample) < 2:  # one row cannot make the two centroids of a 1-bit codebook
+        sample = np.repeat(sample, 2, axis=0)
+    index.pq.train(np.ascontiguousarray(sample, dtype=np.float32))  # not index.train: no k-means of lists
+    return index
+
+
 def build_faiss_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: str, dim: int) -> faiss.Index:
     """Build a level's FAISS index from its parquet shards, streaming one shard at a time.
 
@@ -370,7 +397,9 @@ def build_faiss_level(index_dir: Path, zoom: int, *, n_parents: int | None, code
         return index
     quantizer = faiss.IndexFlatIP(dim)
     ivf: faiss.IndexIVF
-    if codec == "flat":
+    if codec == "pq":
+        ivf = _new_pq(quantizer, dim, max(n_parents, 1), _sample_rows(index_dir, zoom, PQ_TRAIN_SAMPLE, codec))
+    elif codec == "flat":
         ivf = faiss.IndexIVFFlat(quantizer, dim, max(n_parents, 1), faiss.METRIC_INNER_PRODUCT)
     else:
         qtype = faiss.ScalarQuantizer.QT_fp16 if codec == "fp16" else faiss.ScalarQuantizer.QT_8bit
@@ -379,7 +408,7 @@ def build_faiss_level(index_dir: Path, zoom: int, *, n_parents: int | None, code
         )
         if codec == "sq8":
             # Fit only the scalar quantizer's ranges: index.train would k-means the empty quantizer.
-            sq.sq.train(_sample_rows(index_dir, zoom, SQ8_TRAIN_SAMPLE))
+            sq.sq.train(_sample_rows(index_dir, zoom, SQ8_TRAIN_SAMPLE, codec))
         ivf = sq
     ivf.own_fields = True
     quantizer.this.disown()  # type: ignore[attr-defined]  # SWIG: the IVF index now owns it
@@ -394,17 +423,47 @@ def build_faiss_level(index_dir: Path, zoom: int, *, n_parents: int | None, code
     return ivf
 
 
-def _sample_rows(index_dir: Path, zoom: int, limit: int) -> npt.NDArray[np.float32]:
+def _sample_rows(index_dir: Path, zoom: int, limit: int, codec: str) -> npt.NDArray[np.float32]:
+    """Up to ``limit`` rows spread over the whole level (every shard contributes its share)."""
+    shards = list_shards(index_dir, zoom)
+    per_shard = -(-limit // max(len(shards), 1))
+    rng = np.random.default_rng(0)
     out: list[np.ndarray] = []
-    have = 0
     for emb, _ in _iter_level(index_dir, zoom):
-        out.append(emb[: limit - have])
-        have += len(out[-1])
-        if have >= limit:
-            break
-    if not have:
-        raise IndexFormatError(f"level z{zoom} has no rows to train the sq8 codec on")
-    return np.concatenate(out)
+        out.append(emb if len(emb) <= per_shard else emb[np.sort(rng.choice(len(emb), per_shard, replace=False))])
+    if not sum(len(o) for o in out):
+        raise IndexFormatError(f"level z{zoom} has no rows to train the {codec} codec on")
+    return np.concatenate(out)[:limit]
+
+
+def write_exact(index_dir: Path, zoom: int, *, dim: int) -> Path:
+    """Write a level's float16 embeddings in row order as one ``.npy`` file (atomically), for re-ranking.
+
+    Derived from parquet like ``index.faiss``; a pq level needs it because parquet pages cannot be
+    read row by row, and re-ranking reads a few thousand scattered rows per query.
+    """
+    shards = list_shards(index_dir, zoom)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
+    path = level_dir(index_dir, zoom) / EXACT_FILE
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    os.close(fd)
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
+        offset = 0
+        for shard in shards:
+            emb = read_embeddings(shard)
+            out[offset : offset + len(emb)] = emb
+            offset += len(emb)
+        out.flush()
+        del out
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_faiss(index: faiss.Index, path: Path) -> None:
@@ -433,6 +492,10 @@ def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: st
     ldir = level_dir(index_dir, zoom)
     write_faiss(index, ldir / FAISS_FILE)
     files = tuple(_file_info(p) for p in list_shards(index_dir, zoom)) + (_file_info(ldir / FAISS_FILE),)
+    if codec == "pq" and n_parents is not None:
+        files += (_file_info(write_exact(index_dir, zoom, dim=dim)),)
+    else:
+        (ldir / EXACT_FILE).unlink(missing_ok=True)  # a codec change leaves no stale re-ranking file
     return LevelInfo(zoom=zoom, rows=int(index.ntotal), encoder={}, files=files)
 
 
@@ -445,6 +508,7 @@ class StoredLevel:
     x: npt.NDArray[np.int32]
     y: npt.NDArray[np.int32]
     info: LevelInfo
+    exact: npt.NDArray[np.float16] | None = None  # pq levels: (rows, d) embeddings for exact re-ranking
 
     @property
     def rows(self) -> int:
@@ -658,5 +722,12 @@ def open_store(
                     f"level z{info.zoom}: expected an IVF index with {parent.rows} lists (rows of z{parent.zoom})"
                 )
             _check_ivf_ids(path, info.zoom, index, cols["parent_row"])
-        levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info))
+        exact = None
+        if any(f.name == EXACT_FILE for f in info.files):
+            exact = np.load(level_dir(index_dir, info.zoom) / EXACT_FILE, mmap_mode="r")
+            if exact.shape != (info.rows, manifest.dim):
+                raise IndexFormatError(f"level z{info.zoom}: {EXACT_FILE} has shape {exact.shape}, expected "
+                                       f"({info.rows}, {manifest.dim}); rebuild this level")
+        levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info,
+                                  exact))
     return manifest, levels

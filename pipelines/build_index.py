@@ -4,11 +4,16 @@ Level z holds the tiles of zoom z under the rows of the level above (every cover
 first level), encoded with zoom z's map encoder. Interrupted builds resume at shard granularity;
 an index never mixes encoders. `--engine ray` encodes the shards on a Ray cluster (an optional
 extra: pip install geoindex[ray]) and writes the same shards as the default local engine.
+
+`--all --lazy-from 12` builds the levels above zoom 12 and declares 12 and deeper lazy: their tiles
+are fetched from `--source` and encoded the first time a query needs them, then kept in the index
+(geoindex.lazy). `--compact` folds a lazy index's appended rows into sorted parts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -21,6 +26,7 @@ from geoindex.cli import resolve_device
 from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, PRECISIONS, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError
+from geoindex.lazy import compact, declare_lazy
 from geoindex.sources import open_source
 from geoindex.store import CODECS, Manifest
 from geoindex.tiles import LevelSchedule
@@ -58,8 +64,14 @@ class Config:
     ray_actors: int | None = None
     ray_gpus_per_actor: float = 0.0
     ray_cpus_per_actor: float = 1.0
+    lazy_from: int | None = None
+    compact: bool = False
 
     def __post_init__(self) -> None:
+        if self.lazy_from is not None:
+            self.schedule.index_of(self.lazy_from)
+            if self.lazy_from == self.schedule.start:
+                raise ConfigError(f"--lazy-from {self.lazy_from}: the first level must be built; choose a deeper zoom")
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown --engine {self.engine!r}; choose one of {list(ENGINES)}")
         if self.engine == "ray" and self.skip_bad_tiles:
@@ -80,6 +92,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--zoom", type=int, nargs="+", help="zoom level(s) to build, in order (e.g. 12)")
     which.add_argument("--all", action="store_true", help="build every level of the schedule, coarsest first")
+    which.add_argument("--compact", action="store_true",
+                       help="fold the rows that queries appended to the index's lazy levels into sorted parts")
+    p.add_argument("--lazy-from", type=int, metavar="ZOOM",
+                   help="build only the levels above ZOOM; ZOOM and deeper are encoded from --source on first use")
     p.add_argument("--index", type=Path, default=Path(os.environ.get("GEOINDEX_INDEX", "indexes/default")),
                    help="index folder (default: $GEOINDEX_INDEX or indexes/default)")
     p.add_argument("--source", default="bluemarble",
@@ -129,7 +145,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return Config(
-        zooms=schedule.zooms if a.all else tuple(a.zoom), index=a.index, source=a.source, encoder=a.encoder,
+        zooms=() if a.compact else schedule.zooms if a.all else tuple(a.zoom), lazy_from=a.lazy_from,
+        compact=a.compact, index=a.index, source=a.source, encoder=a.encoder,
         weights=a.weights, download=a.download, map_checkpoints=a.map_checkpoints, device=device,
         precision=a.precision,
         batch_size=a.batch_size, codec=a.codec, shard_size=a.shard_size, workers=a.workers,
@@ -152,7 +169,22 @@ def _checkpoint(cfg: Config, zoom: int) -> str | None:
 
 
 def run(cfg: Config) -> list[BuildSummary]:
-    """Build the requested levels in order; returns one summary per level."""
+    """Build the requested levels in order (or compact); returns one summary per level built."""
+    if cfg.compact:
+        for c in compact(cfg.index):
+            log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts, c.rows)
+        return []
+    if cfg.lazy_from is not None:
+        cfg = dataclasses.replace(cfg, zooms=tuple(z for z in cfg.zooms if z < cfg.lazy_from))
+    summaries = _run(cfg)
+    if cfg.lazy_from is not None:
+        lazy = declare_lazy(cfg.index, from_zoom=cfg.lazy_from, source=cfg.source, batch_size=cfg.batch_size,
+                            checkpoints={z: _checkpoint(cfg, z) for z in cfg.schedule.zooms if z >= cfg.lazy_from})
+        log.info("levels %s of %s are lazy: encoded from %s on first use", list(lazy.zooms), cfg.index, cfg.source)
+    return summaries
+
+
+def _run(cfg: Config) -> list[BuildSummary]:
     for zoom in cfg.zooms:
         cfg.schedule.index_of(zoom)
     coverage = cfg.coverage()
@@ -203,7 +235,8 @@ def _run_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[BuildSu
 
 def _build_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[BuildSummary]:
     summaries = []
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "zooms"}
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
+            if k not in ("zooms", "lazy_from", "compact")}
     args["schedule"] = list(cfg.schedule.zooms)
     for zoom in cfg.zooms:
         with progress_bar(f"z{zoom:02d}", quiet=cfg.quiet) as bar:

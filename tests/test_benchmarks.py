@@ -71,13 +71,34 @@ def test_build_throughput(tmp_path):
 
 def test_codecs(tmp_path):
     res, _ = _run("codecs", tmp_path)
-    assert set(res) == {"flat", "fp16", "sq8"}
+    assert set(res) == {"flat", "fp16", "sq8", "pq"}
     for r in res.values():
         assert _positive(r["bytes_per_tile"])
         assert 0.0 <= r["final_tile_agreement"] <= 1.0
     assert res["flat"]["final_tile_agreement"] == 1.0
     assert res["fp16"]["final_tile_agreement"] == 1.0  # parquet holds fp16: the same values as flat
     assert res["flat"]["bytes_per_tile"] > res["fp16"]["bytes_per_tile"] > res["sq8"]["bytes_per_tile"]
+    assert res["pq"]["encoder_index"]["code_bytes"] + 8 <= 100  # smoke sizes: codebooks dominate the file
+
+
+def test_lazy(tmp_path):
+    res, _ = _run("lazy", tmp_path)
+    assert res["first_tiles"] > 0 and res["repeat_tiles"] == 0
+    assert res["agreement_with_built"] == 1.0
+    s = res["stream"]
+    assert 0.0 <= s["hit_rate"] <= 1.0 and s["p95_ms"] >= s["p50_ms"] > 0
+    for key in ("first_ms", "repeat_ms"):
+        assert _positive(res[key]), key
+
+
+def test_planet(tmp_path):
+    res, _ = _run("planet", tmp_path)
+    levels = {r["zoom"]: r for r in res["levels"]}
+    assert sorted(levels) == [4, 6, 8, 10, 12, 14, 16] and levels[16]["tiles_world"] == 4**16
+    for r in levels.values():
+        assert 0 < r["tiles_land"] <= r["tiles_world"]
+        assert r["bytes_d512"]["pq"]["per_tile"] <= 100 and r["bytes_d1280"]["pq"]["per_tile"] <= 100
+    assert _positive(res["encode_tiles_per_s"]["tiny"])
 
 
 def test_open_time(tmp_path):

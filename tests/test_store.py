@@ -19,6 +19,7 @@ from geoindex.store import (
     finish_level,
     level_dir,
     open_store,
+    pq_subquantizers,
     read_embeddings,
     read_level_columns,
     shard_path,
@@ -144,3 +145,59 @@ def test_with_level_drops_deeper_levels():
     m = Manifest(schedule=LevelSchedule(), dim=4, codec="fp16", photo_encoder={}, imagery="x", levels=tuple(infos))
     rebuilt = m.with_level(LevelInfo(zoom=6, rows=2, encoder={}, files=()))
     assert [lv.zoom for lv in rebuilt.levels] == [4, 6] and rebuilt.levels[1].rows == 2
+
+
+def test_pq_subquantizers_keep_entries_within_100_bytes():
+    assert pq_subquantizers(512) == 64 and pq_subquantizers(1280) == 64 and pq_subquantizers(100) == 50
+    for d in (16, 64, 100, 384, 512, 768, 1024, 1280):
+        m = pq_subquantizers(d)
+        assert d % m == 0 and m + 8 <= 72
+
+
+@pytest.mark.parametrize("children", [300, 20])  # 8-bit codebooks; and fewer rows than 256 centroids
+def test_pq_level_reranks_exactly(tmp_path, children):
+    """IVF-PQ (by_residual off, empty coarse quantizer) + exact re-ranking from exact.npy equals exact search."""
+    rng = np.random.default_rng(3)
+    d, n_par = 32, 4
+    x1, y1 = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
+    write_shard(shard_path(tmp_path, 1, 0), zoom=1, x=x1, y=y1, parent_row=np.full(4, -1),
+                embeddings=_unit(rng, 4, d))
+    parents = np.repeat(np.arange(n_par), children)
+    emb = _unit(rng, len(parents), d)
+    cx, cy = children_array(x1, y1, zoom=1, step=8)  # (4, 65536) each, in quadkey order
+    xs, ys = cx[:, :children].ravel(), cy[:, :children].ravel()
+    half = len(parents) // 2
+    for s, sl in enumerate((slice(0, half), slice(half, None))):
+        write_shard(shard_path(tmp_path, 9, s), zoom=9, x=xs[sl], y=ys[sl], parent_row=parents[sl],
+                    embeddings=emb[sl])
+    info1 = finish_level(tmp_path, 1, n_parents=None, codec="pq", dim=d)
+    info2 = finish_level(tmp_path, 9, n_parents=n_par, codec="pq", dim=d)
+    assert [f.name for f in info1.files] == ["part-00000.parquet", FAISS_FILE]  # first level: flat, no exact file
+    assert "exact.npy" in [f.name for f in info2.files]
+    Manifest(schedule=LevelSchedule(1, 9, 8), dim=d, codec="pq", imagery="x", levels=(info1, info2),
+             photo_encoder={"name": "tiny", "base_fingerprint": "0" * 64}).save(tmp_path)
+    _, stored = open_store(tmp_path)
+    index = stored[1].index
+    assert isinstance(index, faiss.IndexIVFPQ) and not index.by_residual and index.quantizer.ntotal == 0
+    assert index.pq.M == pq_subquantizers(d) and index.pq.nbits == (8 if children * n_par >= 256 else 6)
+    assert index.code_size <= pq_subquantizers(d)
+    stored16 = emb.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(stored[1].exact, emb.astype(np.float16))
+    xq = _unit(rng, 6, d)
+    lists = np.array([[2, 0], [1, -1], [3, 2], [0, 1], [3, -1], [-1, -1]], dtype=np.int64)
+    everything = FaissLevel(stored[1], rerank=2 * children)  # re-rank every candidate: must equal exact search
+    default = FaissLevel(stored[1])
+    for level in (everything, default):
+        D, I = level.search(xq, 5, lists)
+        for q in range(5):
+            allowed = np.flatnonzero(np.isin(parents, lists[q][lists[q] >= 0]))
+            got = I[q][I[q] >= 0]
+            assert len(got) == 5 and np.isin(got, allowed).all()
+            np.testing.assert_allclose(D[q], stored16[got] @ xq[q], atol=1e-5)  # reported scores are exact
+            if level is everything:
+                assert list(got) == list(allowed[np.argsort(-(stored16[allowed] @ xq[q]), kind="stable")[:5]])
+        assert list(I[5]) == [-1] * 5
+    # score_ids reports the exact score too
+    row = int(I[0, 0])
+    np.testing.assert_allclose(default.score_ids(xq[:1], np.array([row]), lists[:1]), [stored16[row] @ xq[0]],
+                               atol=1e-5)
