@@ -156,8 +156,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
                              for p in cost}
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    auto = resolve_precision("auto")
-    default = {name: default_precision(results[name], auto) for name in results}
+    default = {name: resolve_precision("auto", spec=REGISTRY[name]) for name in results}
+    recommended = {name: recommended_precision(results[name]) for name in results}
     rows = []
     for name, by_p in results.items():
         fp32 = by_p["fp32"]
@@ -182,19 +182,19 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         f"Quality: {a.queries} views of random places (|lat| < 60, zoom 5.5-6.5, any rotation) of the embedded "
         "Blue Marble; index = the whole world at z4 and z6 from the same imagery, built at each precision; k=16. "
         "Random-weight encoders get no quality figure.",
-        "The default ('auto') is bf16 where the CPU has native bf16 (here: avx512_bf16), fp16 on CUDA, fp32 "
-        "elsewhere; `default` in the JSON is that, unless an encoder's measured agreement is below 0.99, "
-        "in which case fp32.",
+        "`default` in the JSON is what precision='auto' picks on this machine (geoindex.encoders.resolve_precision: "
+        "bf16 only for encoders whose spec sets cpu_bf16, i.e. measured agreement >= 0.99); `recommended` is the "
+        "fastest precision measured to keep >= 0.99 final-tile agreement (fp32 where nothing was measured).",
     ]
-    payload = {"results": results, "default": default}
+    payload = {"results": results, "default": default, "recommended": recommended}
     return Report(NAME, "encoder precision: cost and agreement with fp32", command_line(NAME, argv),
                   ", ".join(a.encoders), machine, payload, (table,), tuple(notes), tuple(targets))
 
 
-def default_precision(by_p: dict[str, dict[str, float | None]], auto: str) -> str:
-    """``auto`` unless measured agreement says otherwise."""
-    agreement = by_p.get(auto, {}).get("final_tile_agreement")
-    return auto if agreement is None or agreement >= 0.99 else "fp32"
+def recommended_precision(by_p: dict[str, dict[str, float | None]]) -> str:
+    """The fastest precision whose measured final-tile agreement with fp32 is >= 0.99 (fp32 if none is measured)."""
+    ok = [p for p, r in by_p.items() if (r["final_tile_agreement"] or 0) >= 0.99 or p == "fp32"]
+    return min(ok, key=lambda p: by_p[p]["photo_ms_p50"] or float("inf"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

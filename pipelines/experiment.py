@@ -346,7 +346,7 @@ def figures(cfg: Config, reports: dict[str, EvalReport], timings: dict[str, floa
         "encoder": cfg.encoder, "command": cfg.command,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}",
-        "precision": resolve_precision(cfg.precision),
+        "precision": resolve_precision(cfg.precision, spec=ENCODERS[cfg.encoder]),
         "recipe": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "logit_scale": cfg.logit_scale,
                    "negatives": cfg.negatives, "tiles": cfg.tiles, "views_per_tile": cfg.views},
         "timings_s": timings, "results": results,

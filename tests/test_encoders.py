@@ -154,3 +154,42 @@ def test_random_init_is_quiet_but_other_warnings_pass(caplog):
     assert not any("No pretrained weights loaded" in m for m in messages)
     assert "something else" in messages
     assert not any(isinstance(f, encoders._DropRandomInitNotice) for f in logging.getLogger().filters)
+
+
+def test_precision_auto_and_errors(monkeypatch):
+    spec = ENCODERS["tiny"]
+    assert encoders.resolve_precision("auto", "cpu", spec) == "fp32"  # no encoder is measured safe in bf16 yet
+    assert encoders.resolve_precision("auto", "cuda", spec) == "fp16"
+    bf16_ok = dataclasses.replace(spec, cpu_bf16=True)
+    monkeypatch.setattr(encoders, "_cpu_has_native_bf16", lambda: True)
+    assert encoders.resolve_precision("auto", "cpu", bf16_ok) == "bf16"
+    monkeypatch.setattr(encoders, "_cpu_has_native_bf16", lambda: False)
+    assert encoders.resolve_precision("auto", "cpu", bf16_ok) == "fp32"  # emulated bf16 is slower than fp32
+    with pytest.raises(ConfigError, match="fp16 is for CUDA"):
+        encoders.resolve_precision("fp16", "cpu")
+    with pytest.raises(ConfigError, match="--precision"):
+        create_encoder("tiny", precision="fp8")
+
+
+def test_reduced_precisions_stay_close_and_are_recorded(tiny_encoder):
+    images = [np.random.default_rng(i).integers(0, 255, (64, 64, 3), dtype=np.uint8) for i in range(4)]
+    fp32 = tiny_encoder.with_precision("fp32")
+    for precision in ("bf16", "int8"):
+        enc = fp32.with_precision(precision)
+        assert enc.identity["precision"] == precision and enc.visual is fp32.visual
+        cosine = np.sum(enc.encode(images) * fp32.encode(images), axis=1)
+        assert cosine.min() > 0.98, precision
+        assert not np.array_equal(enc.encode(images), fp32.encode(images))  # it really ran another arithmetic
+
+
+def test_levels_record_the_precision_they_were_encoded_at(tmp_path, tiny_encoder, rendered_source, world):
+    from geoindex.build import build_level
+    from geoindex.store import Manifest
+    from geoindex.tiles import LevelSchedule
+
+    schedule = LevelSchedule(1, 2, 1)
+    build_level(tmp_path, 1, source=rendered_source, encoder=tiny_encoder.with_precision("bf16"), coverage=world,
+                schedule=schedule)
+    build_level(tmp_path, 2, source=rendered_source, encoder=tiny_encoder.with_precision("fp32"), coverage=world,
+                schedule=schedule)
+    assert [lv.encoder["precision"] for lv in Manifest.load(tmp_path).levels] == ["bf16", "fp32"]
