@@ -79,7 +79,7 @@ def with_codec(src: Path, dst: Path, codec: str) -> None:
 
 def evaluate(paths: dict[str, Path], xq: np.ndarray, ks: Sequence[int]) -> dict[str, dict]:
     """Per codec: FAISS bytes per tile, code size, and final-tile agreement with flat per k."""
-    from geoindex.search import FaissLevel, beam_search
+    from geoindex.beam import FaissLevel, beam_search
     from geoindex.store import list_shards, open_store, read_embeddings
 
     finals: dict[tuple[str, int], np.ndarray] = {}

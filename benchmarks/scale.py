@@ -74,7 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def search_worker(index_dir: Path, queries_file: Path, k: int, warmup: int) -> dict:
     """Open the index, search one query at a time; timings and this process's memory as a dict."""
     before_import = proc_status()
-    from geoindex.search import FaissLevel, beam_search, make_results
+    from geoindex.beam import FaissLevel, beam_search, make_results
     from geoindex.store import open_store
 
     data = np.load(queries_file)
@@ -212,7 +212,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "Each index is searched in a fresh process that opens it with open_store (FAISS IO_FLAG_MMAP); the page cache "
         "is warm from the build. RSS = VmRSS after the searches: anonymous memory plus the file pages of the "
         "memory-mapped index the queries touched (shared, reclaimable page cache). RSS before open is the "
-        "process with numpy, faiss, pyarrow and torch imported (geoindex.search imports torch via encoders).",
+        "process with numpy, faiss, pyarrow and torch imported (geoindex.beam imports torch via encoders).",
         "candidates/query: rows scored per query over all levels. Small indexes have fewer than k rows in their "
         "upper levels, so they score fewer candidates than large ones.",
         *notes,

@@ -8,6 +8,7 @@ See ``help(geoindex.search)`` for the fields of a result.
 """
 
 from geoindex.api import GeoIndex, OnTheFlySearcher, open_index, search
+from geoindex.beam import Candidate, LevelTrace, SearchResult
 from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import (
@@ -22,7 +23,6 @@ from geoindex.errors import (
     TileSourceError,
     WeightsNotFoundError,
 )
-from geoindex.search import Candidate, LevelTrace, SearchResult
 from geoindex.tiles import LevelSchedule
 
 __version__ = "0.1.0"

@@ -12,13 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from geoindex.coverage import Coverage
-from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
-from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
-from geoindex.imagery import ImageInput, TileSource, load_image
-from geoindex.lazy import LazyLevel, open_lazy_levels
-from geoindex.prior import GeoCLIPPrior, get_prior
-from geoindex.search import (
+from geoindex.beam import (
     FaissLevel,
     Level,
     OnTheFlyLevel,
@@ -30,6 +24,12 @@ from geoindex.search import (
     check_k,
     make_results,
 )
+from geoindex.coverage import Coverage
+from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
+from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
+from geoindex.imagery import ImageInput, TileSource, load_image
+from geoindex.lazy import LazyLevel, open_lazy_levels
+from geoindex.prior import GeoCLIPPrior, get_prior
 from geoindex.store import Manifest, StoredLevel, open_store
 from geoindex.tiles import LevelSchedule
 
@@ -95,7 +95,7 @@ class _Searcher:
             on_error: ``raise`` the first unreadable image's ImageError, or ``return`` it in that
                 image's place so that the rest of the batch is still answered.
             prior: ``"geoclip"`` or a loaded ``GeoCLIPPrior``: GeoCLIP's belief joins the search.
-            prior_mode, prior_weight: how (:class:`geoindex.search.PriorOptions`).
+            prior_mode, prior_weight: how (:class:`geoindex.beam.PriorOptions`).
 
         Returns:
             One SearchResult per image, in order (or the error, with ``on_error="return"``).
@@ -267,7 +267,7 @@ def search(
             joins the k kept tiles at every level, so up to k + 1 descend) or ``rerank`` (each
             level ranks its candidates by ``(1 - w) * score + w * 0.01 * log(mass + 1e-6)``,
             ``mass`` = GeoCLIP's probability of the tile's area; scores in the result are then
-            these combined scores). See ``geoindex.search.PriorOptions``.
+            these combined scores). See ``geoindex.beam.PriorOptions``.
         prior_weight: ``w`` of ``rerank`` in [0, 1]; 0 equals no prior. Untuned default 0.5.
 
     Returns:

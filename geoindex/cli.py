@@ -30,13 +30,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, RegionSearcher, open_index
+from geoindex.beam import SearchResult, check_k
 from geoindex.coverage import Coverage
 from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
 from geoindex.imagery import TileSource, describe_os_error
 from geoindex.render import areas, draw_map, result_to_dict, to_geojson
-from geoindex.search import SearchResult, check_k
 from geoindex.store import atomic_write_bytes
 from geoindex.threads import configure_query_threads
 

@@ -18,11 +18,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from geoindex.beam import Level, LevelHits, PriorOptions, beam_search, check_k
 from geoindex.dataset import PhotoTable
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, GeoIndexError
 from geoindex.metrics import THRESHOLDS_KM, accuracy_at, great_circle_km
-from geoindex.search import Level, LevelHits, PriorOptions, beam_search, check_k
 from geoindex.tiles import tile_center_array, tile_of_array
 
 __all__ = [

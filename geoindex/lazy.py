@@ -46,11 +46,11 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from geoindex.beam import _top_k
 from geoindex.build import encode_tiles
 from geoindex.encoders import ImageEncoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, IndexFormatError, IndexNotFoundError
 from geoindex.imagery import TileSource
-from geoindex.search import _top_k
 from geoindex.store import Manifest, atomic_write_bytes
 from geoindex.tiles import children_array
 

@@ -4,7 +4,7 @@ GeoCLIP embeds a photo (frozen CLIP ViT-L/14 image tower + a small MLP head) and
 (random-Fourier-feature location encoder) into one space; a softmax over its gallery of 100k GPS
 points is its belief about where the photo was taken. The paper attaches it at inference (its
 Table 3): at each level the tile holding GeoCLIP's top-1 point joins the kept tiles. The search
-side of that lives in :mod:`geoindex.search` (``PriorOptions``, ``beam_search(prior=...)``); this
+side of that lives in :mod:`geoindex.beam` (``PriorOptions``, ``beam_search(prior=...)``); this
 module turns photos into a :class:`GalleryBelief`, which answers the two questions the search asks:
 the tile of the top-1 point at a zoom, and the probability mass inside given tiles.
 
@@ -130,7 +130,7 @@ def shipped_gallery() -> tuple[torch.Tensor, GpsGallery]:
 class GalleryBelief:
     """GeoCLIP's belief for a batch of n photos: probabilities (n, G) float32 over ``gallery``'s points.
 
-    Implements the ``TilePrior`` protocol of :mod:`geoindex.search`.
+    Implements the ``TilePrior`` protocol of :mod:`geoindex.beam`.
     """
 
     gallery: GpsGallery

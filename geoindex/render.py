@@ -19,10 +19,10 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
+from geoindex.beam import DEFAULT_TEMPERATURE, LevelTrace, SearchResult
 from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
 from geoindex.imagery import ImageInput, TileSource, load_image
 from geoindex.metrics import great_circle_km
-from geoindex.search import DEFAULT_TEMPERATURE, LevelTrace, SearchResult
 from geoindex.tiles import MAX_LATITUDE, tile_center
 
 __all__ = [

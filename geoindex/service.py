@@ -30,12 +30,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, open_index
+from geoindex.beam import MAX_K, check_k
 from geoindex.coverage import Coverage
 from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError
 from geoindex.exif import read_gps
 from geoindex.imagery import TileSource, load_image
 from geoindex.render import draw_map, result_to_dict, to_geojson
-from geoindex.search import MAX_K, check_k
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENT",

@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 
 from geoindex.api import OnTheFlySearcher, open_index
+from geoindex.beam import PriorOptions
 from geoindex.dataset import read_photo_csv
 from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError
 from geoindex.evaluate import EvalReport, Predictions, evaluate
-from geoindex.search import PriorOptions
 from geoindex.sources import open_source
 from geoindex.store import atomic_write_bytes
 from pipelines._cli import progress_bar, run_main, setup_logging

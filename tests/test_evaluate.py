@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from geoindex.beam import LevelHits
 from geoindex.dataset import PhotoTable, write_photo_csv
 from geoindex.evaluate import error_summary, level_stats, predict
 from geoindex.metrics import EARTH_RADIUS_KM, THRESHOLDS_KM, accuracy_at, great_circle_km
-from geoindex.search import LevelHits
 from geoindex.tiles import tile_center
 from pipelines import evaluate as evaluate_pipeline
 from tests.conftest import render_tile

@@ -14,8 +14,8 @@ from PIL import Image
 import geoindex
 from geoindex import prior as gp
 from geoindex.api import OnTheFlySearcher
+from geoindex.beam import PriorOptions
 from geoindex.errors import ConfigError, WeightsNotFoundError
-from geoindex.search import PriorOptions
 from geoindex.tiles import tile_of
 from tests.conftest import render_tile
 from tests.test_search import _queries
@@ -340,9 +340,9 @@ def test_search_api_with_a_loaded_prior(small_index, pooled_prior, tmp_path):
 
 def test_evaluate_with_prior(small_index, pooled_prior, tmp_path):
     """evaluate(prior=...): rerank with weight 0 scores exactly like no prior; inject runs every k."""
+    from geoindex.beam import PriorOptions
     from geoindex.dataset import PhotoTable
     from geoindex.evaluate import evaluate
-    from geoindex.search import PriorOptions
     from geoindex.tiles import tile_center
 
     paths, lat, lon = [], [], []

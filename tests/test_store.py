@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from geoindex.beam import FaissLevel, beam_search
 from geoindex.errors import IndexFormatError, IndexNotFoundError
-from geoindex.search import FaissLevel, beam_search
 from geoindex.store import (
     FAISS_FILE,
     LevelInfo,
