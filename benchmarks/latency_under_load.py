@@ -7,7 +7,7 @@ each bounded by --load-seconds). Policies:
 
 * ``default``: torch's and FAISS's own thread counts (one per core each);
 * ``tuned``: what ``geoindex.threads.configure_query_threads()`` sets for ``locate`` and ``serve``;
-* ``single``: one thread each, for comparison.
+* ``two torch threads``: FAISS on one thread, the encoder on two, for comparison.
 
 Writes benchmarks/results/latency_under_load.json:
 ``{"results": {"quiet": {"p50_ms", "p95_ms"}, "loaded": {"p50_ms", "p95_ms"}, "by_policy": {...}}}``
@@ -95,7 +95,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     policies = {
         "default": (torch.get_num_threads(), faiss.omp_get_max_threads()),
         "tuned": configure_query_threads(apply=False),
-        "single": (1, 1),
+        "two torch threads": (2, 1),
     }
     raw: dict[str, dict[str, list[float]]] = {p: {} for p in policies}
     try:

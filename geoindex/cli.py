@@ -400,7 +400,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="photo encoder arithmetic: auto (bf16 on CPUs with native bf16, fp16 on CUDA, "
                              "else fp32), fp32, bf16, fp16, int8 (ViT)")
-    parser.add_argument("--threads", type=int, help="photo encoder threads (default: see geoindex.threads; "
+    parser.add_argument("--threads", type=int, help="photo encoder threads (default 1, see geoindex.threads; "
                                                     "FAISS searches always use one)")
     parser.add_argument("--weights", help="local CLIP weights file (else $GEOINDEX_CLIP_WEIGHTS or the caches)")
     parser.add_argument("--download", action="store_true", help="download missing encoder weights")

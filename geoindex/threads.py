@@ -1,14 +1,14 @@
-"""Thread counts for the query path (``locate``, ``serve``): chosen from the core count, overridable.
+"""Thread counts for the query path (``locate``, ``serve``): one thread each, overridable.
 
-A query scores a few thousand children per level: too little work to split across threads, and
-idle OpenMP threads that spin while other processes hold the cores make the tail slow (measured
-with the demo index on 2 busy cores: p95 95 ms with FAISS's default threads, 8 ms with one).
-The photo encoder's forward pass does gain from the cores, so torch keeps them.
+A query is one photo's forward pass and a few thousand children scored per level: on this 2-core
+CPU neither gains from a second thread when the machine is quiet (EfficientNet-Lite0: 20.2 ms p50
+with 2 torch threads, 21.3 ms with 1), while threads that spin waiting for cores other processes
+hold make the tail slow when it is busy (demo index, tiny encoder, 2 busy processes: p95 50-71 ms
+with 2 threads against 7 ms with 1; benchmarks/latency_under_load.py). A service answers
+concurrent requests on concurrent threads, which is where the cores go.
 """
 
 from __future__ import annotations
-
-import os
 
 __all__ = ["configure_query_threads"]
 
@@ -19,14 +19,13 @@ def configure_query_threads(
     """Set (or, with ``apply=False``, only compute) torch's and FAISS's thread counts for queries.
 
     Args:
-        torch_threads: intra-op threads of the photo encoder; default: the cores this process may use.
-        faiss_threads: OpenMP threads of the FAISS searches; default 1.
+        torch_threads: intra-op threads of the photo encoder (default 1; more helps large batches).
+        faiss_threads: OpenMP threads of the FAISS searches (default 1).
 
     Returns:
         (torch_threads, faiss_threads) as set.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    chosen = (max(1, torch_threads or cores), max(1, faiss_threads or 1))
+    chosen = (max(1, torch_threads or 1), max(1, faiss_threads or 1))
     if apply:
         import faiss
         import torch

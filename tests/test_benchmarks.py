@@ -113,3 +113,20 @@ def test_service_memory(tmp_path):
     res, text = _run("service_memory", tmp_path, "--workdir", str(tmp_path / "work"))
     assert [r["tree"] for r in res] == ["before", "after"]
     assert all(r["statuses"] == [200] and _positive(r["peak_mb"]) for r in res)
+
+
+def test_precision(tmp_path):
+    res, text = _run("precision", tmp_path, "--encoders", "tiny")
+    by_p = res["results"]["tiny"]
+    assert set(by_p) == {"fp32", "bf16", "int8"}  # int8 applies to the ViT's Linear layers
+    assert all(_positive(r["photo_ms_p50"]) and _positive(r["tiles_per_s"]) for r in by_p.values())
+    assert by_p["fp32"]["final_tile_agreement"] is None  # random weights: no quality figure
+    assert res["default"] == {"tiny": "fp32"} and res["recommended"] == {"tiny": "fp32"}
+
+
+def test_latency_under_load(tmp_path):
+    res, text = _run("latency_under_load", tmp_path, "--load-seconds", "30", "--busy", "1")
+    assert set(res["by_policy"]) == {"default", "tuned", "two torch threads"}
+    assert res["policies"]["tuned"] == {"torch_threads": 1, "faiss_threads": 1}
+    for condition in ("quiet", "loaded"):
+        assert _positive(res[condition]["p50_ms"]) and res[condition]["p95_ms"] >= res[condition]["p50_ms"]

@@ -193,3 +193,18 @@ def test_levels_record_the_precision_they_were_encoded_at(tmp_path, tiny_encoder
     build_level(tmp_path, 2, source=rendered_source, encoder=tiny_encoder.with_precision("fp32"), coverage=world,
                 schedule=schedule)
     assert [lv.encoder["precision"] for lv in Manifest.load(tmp_path).levels] == ["bf16", "fp32"]
+
+
+def test_query_threads_are_one_each_unless_asked():
+    import faiss
+
+    from geoindex.threads import configure_query_threads
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        assert configure_query_threads(apply=False) == (1, 1)
+        assert configure_query_threads(torch_threads=2) == (2, 1)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 1)
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
