@@ -5,9 +5,8 @@ chosen encoder; queries are rendered views, one photo per call, k = 64. "Loaded"
 background processes as there are cores (pure-Python loops, started and stopped by this script,
 each bounded by --load-seconds). Policies:
 
-* ``default``: torch's and FAISS's own thread counts (one per core each);
-* ``tuned``: what ``geoindex.threads.configure_query_threads()`` sets for ``locate`` and ``serve``;
-* ``two torch threads``: FAISS on one thread, the encoder on two, for comparison.
+* ``default``: torch's and FAISS's own thread count (one per core; they share one OpenMP runtime);
+* ``tuned``: what ``geoindex.threads.configure_query_threads()`` sets for ``locate`` and ``serve``.
 
 Writes benchmarks/results/latency_under_load.json:
 ``{"results": {"quiet": {"p50_ms", "p95_ms"}, "loaded": {"p50_ms", "p95_ms"}, "by_policy": {...}}}``
@@ -69,7 +68,6 @@ def _timed(index, photos, k: int) -> list[float]:  # type: ignore[no-untyped-def
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    import faiss
     import torch
 
     import geoindex
@@ -92,11 +90,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     index = geoindex.open_index(work)
     _, bounds = region_coverage(2)
     photos = make_photos(source, bounds, a.queries, a.seed)
-    policies = {
-        "default": (torch.get_num_threads(), faiss.omp_get_max_threads()),
-        "tuned": configure_query_threads(apply=False),
-        "two torch threads": (2, 1),
-    }
+    policies = {"default": torch.get_num_threads(), "tuned": configure_query_threads(apply=False)}
     raw: dict[str, dict[str, list[float]]] = {p: {} for p in policies}
     try:
         for condition in ("quiet", "loaded"):
@@ -108,9 +102,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
                     proc.start()
                 time.sleep(1.0)
             try:
-                for policy, (torch_threads, faiss_threads) in policies.items():
-                    torch.set_num_threads(torch_threads)
-                    faiss.omp_set_num_threads(faiss_threads)
+                for policy, threads in policies.items():
+                    configure_query_threads(threads)
                     _timed(index, photos[:3], a.k)  # warm-up under this policy
                     raw[policy][condition] = _timed(index, photos, a.k)
             finally:
@@ -126,11 +119,11 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
     by_policy = {p: {c: stats(s) for c, s in by_c.items()} for p, by_c in raw.items()}
     results = {**by_policy["tuned"], "by_policy": by_policy,
-               "policies": {p: {"torch_threads": t, "faiss_threads": f} for p, (t, f) in policies.items()}}
+               "policies": {p: {"threads": t} for p, t in policies.items()}}
     rows = [[p, c, by_policy[p][c]["p50_ms"], by_policy[p][c]["p95_ms"],
              f"{by_policy[p][c]['p95_ms'] / by_policy[p][c]['p50_ms']:.1f}x"]
             for p in policies for c in ("quiet", "loaded")]
-    table = markdown_table(["policy (torch, FAISS threads)", "condition", "p50 ms", "p95 ms", "p95 / p50"],
+    table = markdown_table(["policy (threads)", "condition", "p50 ms", "p95 ms", "p95 / p50"],
                            [[f"{r[0]} {policies[r[0]]}", *r[1:]] for r in rows])
     loaded = by_policy["tuned"]["loaded"]
     targets = (("tuned, loaded: p95 within 3x of p50", f"{loaded['p95_ms'] / loaded['p50_ms']:.1f}x",

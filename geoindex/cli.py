@@ -267,7 +267,7 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 def _locate(args: argparse.Namespace) -> int:
     k = check_k(args.k)
     device = resolve_device(args.device)
-    configure_query_threads(torch_threads=args.threads)
+    configure_query_threads(args.threads)
     if args.top_n < 1:
         raise ConfigError(f"--top-n must be >= 1, got {args.top_n}")
     if args.batch_size < 1:
@@ -359,7 +359,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_k(args.k)
     device = resolve_device(args.device)
-    configure_query_threads(torch_threads=args.threads)
+    configure_query_threads(args.threads)
     limits: dict[str, Any] = {"max_pixels": max(1, int(args.max_megapixels * 1e6))}
     if args.max_concurrent is not None:
         limits["max_concurrent"] = args.max_concurrent
@@ -400,8 +400,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="photo encoder arithmetic: auto (bf16 on CPUs with native bf16, fp16 on CUDA, "
                              "else fp32), fp32, bf16, fp16, int8 (ViT)")
-    parser.add_argument("--threads", type=int, help="photo encoder threads (default 1, see geoindex.threads; "
-                                                    "FAISS searches always use one)")
+    parser.add_argument("--threads", type=int, help="threads of the photo encoder and the FAISS searches "
+                                                    "(default 1: steady latency when the machine is busy)")
     parser.add_argument("--weights", help="local CLIP weights file (else $GEOINDEX_CLIP_WEIGHTS or the caches)")
     parser.add_argument("--download", action="store_true", help="download missing encoder weights")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar, warnings only")

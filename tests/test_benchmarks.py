@@ -126,7 +126,7 @@ def test_precision(tmp_path):
 
 def test_latency_under_load(tmp_path):
     res, text = _run("latency_under_load", tmp_path, "--load-seconds", "30", "--busy", "1")
-    assert set(res["by_policy"]) == {"default", "tuned", "two torch threads"}
-    assert res["policies"]["tuned"] == {"torch_threads": 1, "faiss_threads": 1}
+    assert set(res["by_policy"]) == {"default", "tuned"}
+    assert res["policies"]["tuned"] == {"threads": 1}
     for condition in ("quiet", "loaded"):
         assert _positive(res[condition]["p50_ms"]) and res[condition]["p95_ms"] >= res[condition]["p50_ms"]

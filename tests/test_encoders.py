@@ -195,16 +195,15 @@ def test_levels_record_the_precision_they_were_encoded_at(tmp_path, tiny_encoder
     assert [lv.encoder["precision"] for lv in Manifest.load(tmp_path).levels] == ["bf16", "fp32"]
 
 
-def test_query_threads_are_one_each_unless_asked():
+def test_query_threads_are_one_unless_asked():
     import faiss
 
     from geoindex.threads import configure_query_threads
 
-    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    before = torch.get_num_threads()
     try:
-        assert configure_query_threads(apply=False) == (1, 1)
-        assert configure_query_threads(torch_threads=2) == (2, 1)
-        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 1)
+        assert configure_query_threads(apply=False) == 1
+        assert configure_query_threads(2) == 2 and (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 2)
+        assert configure_query_threads() == 1 and (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
     finally:
-        torch.set_num_threads(before[0])
-        faiss.omp_set_num_threads(before[1])
+        configure_query_threads(before)
