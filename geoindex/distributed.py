@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +41,7 @@ from geoindex.errors import (
     TileSourceError,
     WeightsNotFoundError,
 )
+from geoindex.files import atomic_path
 from geoindex.store import level_dir
 from geoindex.tiles import LevelSchedule
 
@@ -176,17 +176,8 @@ def _plan_file(job: LevelJob) -> Path:
         rows["x"], rows["y"], rows["parent_row"] = job.plan.x, job.plan.y, job.plan.parent_row
         # Streamed to a temporary file, then renamed: a zoom-14 plan is gigabytes. Workers memory-map
         # it and read only their shards' rows.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, rows, allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, rows, allow_pickle=False)
     return path
 
 

@@ -19,7 +19,6 @@ import copy
 import hashlib
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
+from geoindex.files import atomic_path, file_sha256
 from geoindex.imagery import ImageInput, load_image
 
 __all__ = [
@@ -614,25 +614,9 @@ def save_map_checkpoint(encoder: ImageEncoder, path: str | os.PathLike, *, zoom:
         "zoom": zoom,
         "state_dict": tensors,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return _file_sha256(path)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return file_sha256(path)
 
 
 def load_map_encoder(base: ImageEncoder, checkpoint: str | os.PathLike | None) -> ImageEncoder:
@@ -667,5 +651,5 @@ def load_map_encoder(base: ImageEncoder, checkpoint: str | os.PathLike | None) -
     visual.load_state_dict(payload["state_dict"], strict=False)
     return ImageEncoder(
         base.spec, visual, base.preprocess, base.base_fingerprint,
-        checkpoint_sha256=_file_sha256(path), zoom=int(payload["zoom"]), precision=base.precision,
+        checkpoint_sha256=file_sha256(path), zoom=int(payload["zoom"]), precision=base.precision,
     )

@@ -51,7 +51,7 @@ from geoindex.build import encode_tiles
 from geoindex.encoders import ImageEncoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, IndexFormatError, IndexNotFoundError
 from geoindex.imagery import TileSource
-from geoindex.store import Manifest, atomic_write_bytes
+from geoindex.store import Manifest, atomic_path, atomic_write_bytes
 from geoindex.tiles import children_array
 
 __all__ = [
@@ -72,7 +72,6 @@ LAZY_FILE = "lazy.json"
 LAZY_DIR = "lazy"
 LAZY_FORMAT = 1
 COMPACT_ROWS = 65_536  # rows per compacted shard
-_FILE_MODE = 0o644
 
 
 class LazyLevelError(GeoIndexError, RuntimeError):
@@ -218,16 +217,8 @@ class LazyStore:
              pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(rows.emb).reshape(-1)), self.dim)],
             schema=_schema(self.dim),
         )
-        tmp = path.with_name(path.name + f".{uuid.uuid4().hex[:8]}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             pq.write_table(table, tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     def append(self, rows: _Rows) -> Path:
         """Commit ``rows`` as a new segment; returns its path."""

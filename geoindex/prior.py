@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 
 from geoindex.errors import ConfigError, WeightsNotFoundError
+from geoindex.files import atomic_path
 from geoindex.imagery import ImageInput, load_image
 from geoindex.tiles import tile_of_array
 
@@ -336,11 +336,8 @@ def _hf_preprocess(processor: Any) -> Callable[[Sequence[Image.Image]], torch.Te
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.save(f, arr)
-        os.replace(tmp, path)
     except OSError as e:  # a read-only cache dir costs time, not correctness
         log.warning("could not cache GeoCLIP gallery embeddings at %s: %s", path, e)
 

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from xyzservices import TileProvider
 
 from geoindex.errors import ConfigError, GeoIndexError, ImageError, TileNotFoundError, TileSourceError
+from geoindex.files import atomic_path, atomic_write_bytes
 from geoindex.imagery import DirectorySource, RasterSource, TileSource, decode_tile
 
 __all__ = [
@@ -453,25 +454,18 @@ def write_mbtiles(
     if "format" not in meta and tiles:
         ext = _image_extension(next(iter(tiles.values())), what=str(path))
         meta["format"] = "jpg" if ext == "jpeg" else ext  # the MBTiles spec's spelling
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        with contextlib.closing(sqlite3.connect(tmp)) as db, db:  # one transaction, then close
-            db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
-            db.execute(
-                "CREATE TABLE tiles "
-                "(zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)"
-            )
-            db.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
-            db.executemany("INSERT INTO metadata VALUES (?, ?)", sorted(meta.items()))
-            db.executemany(
-                "INSERT INTO tiles VALUES (?, ?, ?, ?)",
-                ((t.z, t.x, _tms_row(t), sqlite3.Binary(data)) for t, data in tiles.items()),
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, contextlib.closing(sqlite3.connect(tmp)) as db, db:  # one transaction
+        db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
+        db.execute(
+            "CREATE TABLE tiles "
+            "(zoom_level INTEGER, tile_column INTEGER, tile_row INTEGER, tile_data BLOB)"
+        )
+        db.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")
+        db.executemany("INSERT INTO metadata VALUES (?, ?)", sorted(meta.items()))
+        db.executemany(
+            "INSERT INTO tiles VALUES (?, ?, ?, ?)",
+            ((t.z, t.x, _tms_row(t), sqlite3.Binary(data)) for t, data in tiles.items()),
+        )
     return path
 
 
@@ -620,15 +614,8 @@ def stored_tile_path(root: Path, tile: mercantile.Tile) -> Path | None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers see the old file or the complete new one, never a partial write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Readers see the old file or the complete new one; not fsynced: a tile lost in a crash is fetched again."""
+    atomic_write_bytes(path, data, durable=False)
 
 
 def _tile_bytes(source: TileSource, tile: mercantile.Tile) -> bytes:

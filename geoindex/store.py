@@ -13,11 +13,9 @@ Rows of a level are sorted by (parent_row, quadkey) and row i is FAISS id i.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ import pyarrow.parquet as pq
 from faiss.contrib.ivf_tools import add_preassigned
 
 from geoindex.errors import ConfigError, IndexFormatError, IndexNotFoundError
+from geoindex.files import atomic_path, atomic_write_bytes, file_sha256
 from geoindex.tiles import LevelSchedule, quadkey_int_array
 
 __all__ = [
@@ -62,32 +61,11 @@ SQ8_TRAIN_SAMPLE = 65_536  # rows used to fit the 8-bit quantizer's per-dimensio
 PQ_TRAIN_SAMPLE = 16_384  # rows used to train the product quantizer's codebooks (64 per centroid)
 PQ_MAX_M = 64  # pq: at most 64 one-byte sub-vector codes per tile (+ an 8-byte id per IVF entry)
 EXACT_FILE = "exact.npy"  # pq levels: (rows, d) float16 embeddings in row order, memory-mapped for re-ranking
-_FILE_MODE = 0o644
 VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total size (about 1 s)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; indexes are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _file_info(path: Path) -> FileInfo:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return FileInfo(path.name, path.stat().st_size, h.hexdigest())
+    return FileInfo(path.name, path.stat().st_size, file_sha256(path))
 
 
 @dataclass(frozen=True)
@@ -309,16 +287,8 @@ def write_shard(
         ],
         schema=_schema(dim),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_shard(path: Path, columns: list[str]) -> pa.Table:
@@ -445,9 +415,7 @@ def write_exact(index_dir: Path, zoom: int, *, dim: int) -> Path:
     shards = list_shards(index_dir, zoom)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
     path = level_dir(index_dir, zoom) / EXACT_FILE
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
         offset = 0
         for shard in shards:
@@ -456,13 +424,6 @@ def write_exact(index_dir: Path, zoom: int, *, dim: int) -> Path:
             offset += len(emb)
         out.flush()
         del out
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -472,18 +433,8 @@ def write_faiss(index: faiss.Index, path: Path) -> None:
     ``faiss.serialize_index(index).tobytes()`` would hold two more copies of the index in memory
     (a 10 GB level needs 30 GB); ``faiss.write_index`` writes straight to the file.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: str, dim: int) -> LevelInfo:

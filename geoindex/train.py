@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import io
 import json
 import logging
@@ -48,8 +47,8 @@ from geoindex.encoders import (
     save_map_checkpoint,
 )
 from geoindex.errors import ConfigError, TileNotFoundError
+from geoindex.files import atomic_write_bytes, file_sha256
 from geoindex.imagery import TileSource
-from geoindex.store import atomic_write_bytes
 from geoindex.tiles import tile_of_code
 
 __all__ = [
@@ -405,11 +404,6 @@ def train_step(
     return float(loss.detach())
 
 
-def _sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
 def _state_path(out_dir: Path, zoom: int) -> Path:
     return out_dir / f"z{zoom:02d}.state.pt"
 
@@ -472,7 +466,7 @@ def train_level(
     final = checkpoint_path(out, zoom)
     state_file = _state_path(out, zoom)
     init_name = (f"base:{base.spec.name}" if init_from is None
-                 else f"{Path(init_from).name}:{_sha256(init_from)}")
+                 else f"{Path(init_from).name}:{file_sha256(init_from)[:16]}")
     identity = {"zoom": zoom, "config": cfg.identity(), "run": run_key, "init": init_name,
                 "base_fingerprint": base.base_fingerprint}
     state: dict[str, Any] | None = None

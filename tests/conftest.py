@@ -106,3 +106,17 @@ def serving(app: Any, *, timeout: float = 30.0) -> Iterator[str]:
         srv.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture(autouse=True)
+def _restore_thread_count():
+    """``locate`` and ``serve`` set the process's thread count (geoindex.threads); tests that run them
+    in-process must not change it for the tests after them (builds compare bytes across processes)."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        from geoindex.threads import configure_query_threads
+
+        configure_query_threads(before)
