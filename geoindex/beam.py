@@ -21,7 +21,7 @@ from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, IndexFormatError, TileNotFoundError
 from geoindex.imagery import TileSource
 from geoindex.store import StoredLevel
-from geoindex.tiles import children_array, tile_center
+from geoindex.tiles import children_array, tile_center, tile_code_array, tile_of_code, tile_xy_of_code_array
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
@@ -292,12 +292,12 @@ class FaissLevel:
     def ids_of(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """Row id of each tile (x, y) of this level, -1 where the index (or the region) lacks it."""
         if self._lookup is None:  # built on first use: two int64 arrays of the level's size
-            codes = (self.stored.y.astype(np.int64) << self.zoom) | self.stored.x.astype(np.int64)
+            codes = tile_code_array(self.stored.x, self.stored.y, zoom=self.zoom)
             order = np.argsort(codes, kind="stable")
             self._lookup = (codes[order], order)
         codes, rows = self._lookup
         x = np.asarray(x, dtype=np.int64)
-        query = (np.asarray(y, dtype=np.int64) << self.zoom) | x
+        query = tile_code_array(x, y, zoom=self.zoom)
         pos = np.clip(np.searchsorted(codes, query), 0, max(len(codes) - 1, 0))
         found = (x >= 0) & (codes[pos] == query) if len(codes) else np.zeros(query.shape, bool)
         ids = np.where(found, rows[pos] if len(codes) else -1, -1).astype(np.int64)
@@ -409,11 +409,10 @@ class OnTheFlyLevel:
 
     def _encode(self, codes: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """Embed the tiles of ``codes``; returns (embeddings (m, d), found mask (m,))."""
-        n = 1 << self.zoom
         images, found = [], np.zeros(len(codes), dtype=bool)
         for i, code in enumerate(codes.tolist()):
             try:
-                images.append(self.source.get(mercantile.Tile(code % n, code // n, self.zoom)))
+                images.append(self.source.get(tile_of_code(code, zoom=self.zoom)))
                 found[i] = True
             except TileNotFoundError:
                 continue
@@ -430,20 +429,18 @@ class OnTheFlyLevel:
         if parents is None:
             if self.first_tiles is None:
                 raise ConfigError(f"on-the-fly level z{self.zoom} is first but has no first_tiles")
-            x, y = (np.asarray(a, dtype=np.int64) for a in self.first_tiles)
-            codes = (y << self.zoom) + x
+            codes = tile_code_array(*self.first_tiles, zoom=self.zoom)
             return np.broadcast_to(codes, (n_queries, len(codes)))
         pz = self.zoom - self.step
         valid = parents >= 0
-        px = np.where(valid, parents % (1 << pz), 0)
-        py = np.where(valid, parents // (1 << pz), 0)
+        px, py = tile_xy_of_code_array(np.where(valid, parents, 0), zoom=pz)
         cx, cy = children_array(px.ravel(), py.ravel(), zoom=pz, step=self.step)
         cx = cx.reshape(parents.shape[0], -1)
         cy = cy.reshape(parents.shape[0], -1)
         ok = np.repeat(valid, 4**self.step, axis=1)
         if self.keep is not None:
             ok &= self.keep(cx, cy)
-        return np.where(ok, (cy << self.zoom) + cx, -1)
+        return np.where(ok, tile_code_array(cx, cy, zoom=self.zoom), -1)
 
     def search(
         self, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None
@@ -462,8 +459,8 @@ class OnTheFlyLevel:
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         valid = ids >= 0
-        n = 1 << self.zoom
-        return np.where(valid, ids % n, -1), np.where(valid, ids // n, -1)
+        x, y = tile_xy_of_code_array(ids, zoom=self.zoom)
+        return np.where(valid, x, -1), np.where(valid, y, -1)
 
     def ids_of(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """Tile code of each tile (x, y), -1 where the coverage filter drops it."""
@@ -472,7 +469,7 @@ class OnTheFlyLevel:
         ok = x >= 0
         if self.keep is not None:
             ok &= np.asarray(self.keep(x, y), dtype=bool)
-        return np.where(ok, (y << self.zoom) + x, -1)
+        return np.where(ok, tile_code_array(x, y, zoom=self.zoom), -1)
 
     def score_ids(
         self, xq: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], parents: npt.NDArray[np.int64] | None

@@ -45,7 +45,7 @@ from geoindex.store import (
     shard_path,
     write_shard,
 )
-from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array
+from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array, tile_code_array
 
 __all__ = [
     "BadTilesError",
@@ -403,9 +403,9 @@ def _shard_problem(
     sy = table.column("y").to_numpy().astype(np.int64)
     sp = table.column("parent_row").to_numpy().astype(np.int64)
     # The shard must hold planned rows of its slice, in plan order (tiles the source lacks left out).
-    planned = (np.asarray(y, dtype=np.int64) << zoom) | np.asarray(x, dtype=np.int64)
+    planned = tile_code_array(x, y, zoom=zoom)
     order = np.argsort(planned, kind="stable")
-    codes = (sy << zoom) | sx
+    codes = tile_code_array(sx, sy, zoom=zoom)
     pos = np.clip(np.searchsorted(planned[order], codes), 0, max(len(planned) - 1, 0))
     if not len(planned) and len(codes):
         return f"{len(codes)} rows, but its slice of the plan is empty"

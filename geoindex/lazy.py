@@ -52,7 +52,7 @@ from geoindex.encoders import ImageEncoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, IndexFormatError, IndexNotFoundError
 from geoindex.imagery import TileSource
 from geoindex.store import Manifest, atomic_path, atomic_write_bytes
-from geoindex.tiles import children_array
+from geoindex.tiles import children_array, tile_code_array, tile_xy_of_code_array
 
 __all__ = [
     "LAZY_FILE",
@@ -210,10 +210,9 @@ class LazyStore:
 
     def write(self, path: Path, rows: _Rows) -> None:
         """Write ``rows`` to ``path`` atomically (``*.tmp``, fsync, rename)."""
-        n = 1 << self.zoom
+        x, y = tile_xy_of_code_array(rows.codes, zoom=self.zoom)
         table = pa.table(
-            [pa.array(rows.codes), pa.array((rows.codes % n).astype(np.int32)),
-             pa.array((rows.codes // n).astype(np.int32)), pa.array(rows.found),
+            [pa.array(rows.codes), pa.array(x.astype(np.int32)), pa.array(y.astype(np.int32)), pa.array(rows.found),
              pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(rows.emb).reshape(-1)), self.dim)],
             schema=_schema(self.dim),
         )
@@ -337,13 +336,13 @@ class LazyLevel:
         ok = np.repeat(valid, 4**self.step, axis=1)
         if self.keep is not None and ok.any():
             ok[ok] = np.asarray(self.keep(cx[ok], cy[ok]), dtype=bool)
-        return np.where(ok, (cy << self.zoom) | cx, -1)
+        return np.where(ok, tile_code_array(cx, cy, zoom=self.zoom), -1)
 
     def _encode(self, codes: npt.NDArray[np.int64]) -> _Rows:
-        n = 1 << self.zoom
+        x, y = tile_xy_of_code_array(codes, zoom=self.zoom)
         try:
             with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                found, emb = encode_tiles(codes % n, codes // n, zoom=self.zoom, source=self.source,
+                found, emb = encode_tiles(x, y, zoom=self.zoom, source=self.source,
                                           encoder=self.encoder, pool=pool, batch_size=self.batch_size)
         except Exception as e:  # noqa: BLE001 - any source failure becomes one typed, actionable error
             raise LazyLevelError(
@@ -407,8 +406,8 @@ class LazyLevel:
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         valid = ids >= 0
-        mask = (1 << self.zoom) - 1
-        return np.where(valid, ids & mask, -1), np.where(valid, ids >> self.zoom, -1)
+        x, y = tile_xy_of_code_array(ids, zoom=self.zoom)
+        return np.where(valid, x, -1), np.where(valid, y, -1)
 
 
 def open_lazy_levels(

@@ -34,7 +34,7 @@ from PIL import Image
 from geoindex.errors import ConfigError, WeightsNotFoundError
 from geoindex.files import atomic_path
 from geoindex.imagery import ImageInput, load_image
-from geoindex.tiles import tile_of_array
+from geoindex.tiles import tile_code_array, tile_of_array
 
 __all__ = [
     "BACKBONE_ENV",
@@ -113,7 +113,7 @@ class GpsGallery:
         hit = self._codes.get(zoom)
         if hit is None:
             x, y = tile_of_array(self.lat, self.lon, zoom=zoom)
-            codes = (y << zoom) | x
+            codes = tile_code_array(x, y, zoom=zoom)
             order = np.argsort(codes, kind="stable")
             hit = self._codes[zoom] = (order, codes[order])  # benign race: both threads store the same
         return hit
@@ -173,7 +173,7 @@ class GalleryBelief:
         if x.shape != y.shape or x.ndim != 2 or x.shape[0] != len(self):
             raise ConfigError(f"tile_mass needs (n={len(self)}, m) tile arrays, got {x.shape} and {y.shape}")
         order, codes = self.gallery.sorted_codes(zoom)
-        query = np.where(x >= 0, (y << zoom) | x, -1)
+        query = np.where(x >= 0, tile_code_array(x, y, zoom=zoom), -1)
         start = np.searchsorted(codes, query, side="left")
         end = np.searchsorted(codes, query, side="right")
         # Prefix sums over the points in tile order: a tile's mass is one difference.

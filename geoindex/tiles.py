@@ -32,6 +32,7 @@ __all__ = [
     "tile_of",
     "tile_of_array",
     "tile_of_code",
+    "tile_xy_of_code_array",
 ]
 
 MAX_LATITUDE = 85.0511287798066  # Web-Mercator's limit: atan(sinh(pi)) in degrees.
@@ -125,6 +126,12 @@ def tile_code(tile: mercantile.Tile) -> int:
 def tile_code_array(x: npt.ArrayLike, y: npt.ArrayLike, *, zoom: int) -> npt.NDArray[np.int64]:
     """``tile_code`` of many tiles of one zoom: ``y * 2**zoom + x`` as int64."""
     return (np.asarray(y, dtype=np.int64) << zoom) + np.asarray(x, dtype=np.int64)
+
+
+def tile_xy_of_code_array(codes: npt.ArrayLike, *, zoom: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(x, y) of many ``tile_code`` values of one zoom; the inverse of :func:`tile_code_array` for codes >= 0."""
+    codes = np.asarray(codes, dtype=np.int64)
+    return codes & ((1 << zoom) - 1), codes >> zoom
 
 
 def tile_of_code(code: int, *, zoom: int) -> mercantile.Tile:

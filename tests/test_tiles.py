@@ -508,3 +508,16 @@ def test_level_schedule_replace_validates() -> None:
     assert dataclasses.replace(s, stop=12).zooms == (4, 6, 8, 10, 12)
     with pytest.raises(ConfigError):
         dataclasses.replace(s, stop=13)
+
+
+@given(z=st.integers(0, 30), data=st.data())
+def test_tile_codes_round_trip(z, data):
+    from geoindex.tiles import tile_code, tile_code_array, tile_of_code, tile_xy_of_code_array
+
+    x = data.draw(st.integers(0, (1 << z) - 1))
+    y = data.draw(st.integers(0, (1 << z) - 1))
+    tile = mercantile.Tile(x, y, z)
+    code = tile_code(tile)
+    assert tile_of_code(code, zoom=z) == tile and code == y * 2**z + x
+    cx, cy = tile_xy_of_code_array(tile_code_array([x, 0], [y, 0], zoom=z), zoom=z)
+    assert cx.tolist() == [x, 0] and cy.tolist() == [y, 0]
