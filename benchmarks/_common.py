@@ -15,7 +15,7 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,17 @@ def resolve_encoder(args: argparse.Namespace, default: str = "vit-b-32-random") 
     if args.encoder:
         return str(args.encoder)
     return "tiny" if (args.quick or args.smoke) else default
+
+
+def run_benchmark(
+    parse_args: Callable[[Sequence[str] | None], argparse.Namespace],
+    run: Callable[[argparse.Namespace, Sequence[str] | None], Report],
+    argv: Sequence[str] | None,
+) -> int:
+    """A benchmark script's ``main``: parse its flags, run it, print and record the report; exit status."""
+    a = parse_args(argv)
+    run(a, argv).emit_as_asked(a)
+    return 0
 
 
 def command_line(script: str, argv: Sequence[str] | None) -> str:
@@ -161,7 +172,7 @@ def dir_bytes(path: Path, pattern: str = "*") -> int:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text atomically (temporary file, fsync, rename), as the index store does."""
-    from geoindex.store import atomic_write_bytes
+    from geoindex.files import atomic_write_bytes
 
     atomic_write_bytes(path, text.encode())
 
@@ -240,6 +251,10 @@ class Report:
             lines.append("")
         lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines).rstrip() + "\n"
+
+    def emit_as_asked(self, args: argparse.Namespace) -> None:
+        """``emit`` as the common flags ask: ``--results-dir``, ``--results-md``, ``--no-record``."""
+        self.emit(results_dir=args.results_dir, results_md=args.results_md, record=not args.no_record)
 
     def emit(self, *, results_dir: Path, results_md: Path, record: bool = True) -> None:
         print(self.markdown())

@@ -23,7 +23,15 @@ from typing import TYPE_CHECKING
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import Report, add_common_args, command_line, machine_info, markdown_table, resolve_encoder
+from benchmarks._common import (
+    Report,
+    add_common_args,
+    command_line,
+    machine_info,
+    markdown_table,
+    resolve_encoder,
+    run_benchmark,
+)
 
 if TYPE_CHECKING:
     from geoindex.build import BuildSummary
@@ -139,9 +147,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
-    run(a, argv).emit(results_dir=a.results_dir, results_md=a.results_md, record=not a.no_record)
-    return 0
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from benchmarks._common import (
     machine_info,
     markdown_table,
     resolve_encoder,
+    run_benchmark,
 )
 from benchmarks.latency import make_photos, region_coverage
 
@@ -235,10 +236,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
-    report = run(a, argv)
-    report.emit(results_dir=a.results_dir, results_md=a.results_md, record=not a.no_record)
-    return 0
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

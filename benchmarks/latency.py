@@ -40,6 +40,7 @@ from benchmarks._common import (
     markdown_table,
     pct,
     resolve_encoder,
+    run_benchmark,
 )
 
 NAME = "latency"
@@ -276,10 +277,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
-    report = run(a, argv)
-    report.emit(results_dir=a.results_dir, results_md=a.results_md, record=not a.no_record)
-    return 0
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 import numpy as np
 from PIL import Image
 
-from benchmarks._common import REPO, Report, add_common_args, command_line, machine_info, markdown_table
+from benchmarks._common import REPO, Report, add_common_args, command_line, machine_info, markdown_table, run_benchmark
 
 NAME = "planet"
 BLUEMARBLE = REPO.parent / "shared" / "data" / "bluemarble" / "6"
@@ -184,10 +184,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
-    report = run(a, argv)
-    report.emit(results_dir=a.results_dir, results_md=a.results_md, record=not a.no_record)
-    return 0
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

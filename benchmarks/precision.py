@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from benchmarks._common import Report, add_common_args, command_line, machine_info, markdown_table
+from benchmarks._common import Report, add_common_args, command_line, machine_info, markdown_table, run_benchmark
 
 NAME = "precision"
 ENCODERS = ("vit-b-32-random", "efficientnet-lite0")
@@ -198,10 +198,7 @@ def recommended_precision(by_p: dict[str, dict[str, float | None]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
-    report = run(a, argv)
-    report.emit(results_dir=a.results_dir, results_md=a.results_md, record=not a.no_record)
-    return 0
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

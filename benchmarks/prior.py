@@ -174,8 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=64)
     p.add_argument("--cache-dir", type=Path, default=None, help="GeoCLIP gallery cache (default: a fresh temp dir)")
     args = p.parse_args(argv)
-    report = run(args, argv)
-    report.emit(results_dir=args.results_dir, results_md=args.results_md, record=not args.no_record)
+    run(args, argv).emit_as_asked(args)
     return 0
 
 

@@ -226,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.search_worker is not None:
         print(json.dumps(search_worker(a.search_worker, a.queries_file, a.k, a.warmup)))
         return 0
-    report = run(a, argv)
-    report.emit(results_dir=a.results_dir, results_md=a.results_md, record=not a.no_record)
+    run(a, argv).emit_as_asked(a)
     return 0
 
 

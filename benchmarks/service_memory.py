@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO, Report, add_common_args, command_line, machine_info, markdown_table
+from benchmarks._common import REPO, Report, add_common_args, command_line, machine_info, markdown_table, run_benchmark
 
 NAME = "service_memory"
 
@@ -144,10 +144,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    a = parse_args(argv)
-    report = run(a, argv)
-    report.emit(results_dir=a.results_dir, results_md=a.results_md, record=not a.no_record)
-    return 0
+    return run_benchmark(parse_args, run, argv)
 
 
 if __name__ == "__main__":

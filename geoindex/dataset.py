@@ -24,7 +24,7 @@ import torch
 
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, ImageError
-from geoindex.store import atomic_write_bytes
+from geoindex.files import atomic_write_bytes
 from geoindex.tiles import tile_code_array, tile_of_array
 
 __all__ = [

@@ -17,6 +17,7 @@ download that must be asked for.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import os
@@ -174,6 +175,7 @@ def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, downlo
         raise WeightsNotFoundError(f"downloading weights for encoder {spec.name!r} failed: {e}") from e
 
 
+@functools.cache
 def _cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX: bf16 matmuls in hardware (torch also 'supports' bf16 by emulation, slower than fp32)."""
     try:

@@ -54,6 +54,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, durable: bo
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 of a file's bytes, hex, read in 1 MiB chunks."""
+    """The sha256 of a file's bytes, hex (streamed: large files are not read into memory)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

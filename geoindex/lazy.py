@@ -50,8 +50,9 @@ from geoindex.beam import _top_k
 from geoindex.build import encode_tiles
 from geoindex.encoders import ImageEncoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, IndexFormatError, IndexNotFoundError
+from geoindex.files import atomic_path, atomic_write_bytes
 from geoindex.imagery import TileSource
-from geoindex.store import Manifest, atomic_path, atomic_write_bytes
+from geoindex.store import Manifest
 from geoindex.tiles import children_array, tile_code_array, tile_xy_of_code_array
 
 __all__ = [

@@ -39,7 +39,6 @@ __all__ = [
     "LevelInfo",
     "Manifest",
     "StoredLevel",
-    "atomic_write_bytes",
     "build_faiss_level",
     "level_dir",
     "list_shards",

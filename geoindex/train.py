@@ -266,7 +266,7 @@ class _TrunkCache:
         self.budget = budget_bytes
         self.used = 0
         self.store: dict[int, torch.Tensor] = {}
-        self.codes: set[int] = set()  # what _Batches need not load
+        self.codes: set[int] = set()  # what _Batches need not load (a set, unlike store.keys(), pickles for workers)
 
     def features(self, batch: _Batch, amp: bool) -> torch.Tensor:
         fresh = None

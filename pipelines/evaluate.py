@@ -30,8 +30,8 @@ from geoindex.dataset import read_photo_csv
 from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError
 from geoindex.evaluate import EvalReport, Predictions, evaluate
+from geoindex.files import atomic_write_bytes
 from geoindex.sources import open_source
-from geoindex.store import atomic_write_bytes
 from pipelines._cli import progress_bar, run_main, setup_logging
 
 log = logging.getLogger("pipelines.evaluate")

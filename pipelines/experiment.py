@@ -47,9 +47,9 @@ from geoindex.dataset import PhotoTable, write_photo_csv
 from geoindex.encoders import ENCODERS, PRECISIONS, resolve_precision
 from geoindex.errors import ConfigError, TileNotFoundError
 from geoindex.evaluate import EvalReport, KResult
+from geoindex.files import atomic_write_bytes
 from geoindex.imagery import TileSource
 from geoindex.sources import open_source
-from geoindex.store import atomic_write_bytes
 from geoindex.tiles import MAX_LATITUDE
 from pipelines import build_index, evaluate, train
 from pipelines._cli import progress_bar, run_main, setup_logging

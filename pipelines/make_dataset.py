@@ -20,7 +20,7 @@ import numpy as np
 from geoindex.dataset import PhotoTable, write_photo_csv
 from geoindex.errors import ConfigError, ImageError
 from geoindex.exif import read_gps
-from geoindex.store import atomic_write_bytes
+from geoindex.files import atomic_write_bytes
 from pipelines._cli import progress_bar, run_main, setup_logging
 
 log = logging.getLogger("pipelines.make_dataset")

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +20,7 @@ from PIL.TiffImagePlugin import IFDRational as R  # noqa: E402
 from geoindex.coverage import Coverage  # noqa: E402
 from geoindex.errors import ConfigError  # noqa: E402
 from geoindex.service import create_app  # noqa: E402
-from tests.conftest import render_tile  # noqa: E402
+from tests.conftest import render_tile, serving  # noqa: E402
 
 T = mercantile.Tile
 LIMIT = 200_000  # bytes: small, so that the 413 tests send little
@@ -33,24 +30,8 @@ TIMEOUT = 30.0
 @pytest.fixture(scope="module")
 def server(small_index) -> Iterator[str]:
     app = create_app(small_index, max_upload_bytes=LIMIT, default_k=8, device="cpu")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # the kernel picks a free port; no race with other tests
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start within 30 s")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serving(app) as url:
+        yield url
 
 
 def _png(tile: mercantile.Tile) -> bytes:
