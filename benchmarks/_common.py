@@ -279,16 +279,6 @@ class Report:
 # synthetic indexes: the real on-disk format, embeddings with a tree structure
 
 
-def morton_decode(code: npt.NDArray[np.int64], bits: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """Quadkey-order position -> (dx, dy) offsets within a tile ``bits`` zooms up."""
-    dx = np.zeros_like(code)
-    dy = np.zeros_like(code)
-    for b in range(bits):
-        dx |= ((code >> (2 * b)) & 1) << b
-        dy |= ((code >> (2 * b + 1)) & 1) << b
-    return dx, dy
-
-
 def _unit_rows(a: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     a /= np.linalg.norm(a, axis=1, keepdims=True)
     return a
@@ -346,7 +336,7 @@ def build_synthetic_index(
     about ``query_noise``.
     """
     from geoindex.store import Manifest, finish_level, shard_path, write_shard
-    from geoindex.tiles import LevelSchedule
+    from geoindex.tiles import LevelSchedule, child_offsets_array
 
     schedule = schedule or LevelSchedule(4, 16, 2)
     zooms = schedule.zooms
@@ -376,7 +366,7 @@ def build_synthetic_index(
         for s, lo in enumerate(range(0, n, shard_rows)):
             hi = min(n, lo + shard_rows)
             rows = np.arange(lo, hi, dtype=np.int64)
-            dx, dy = morton_decode(rows, bits)
+            dx, dy = child_offsets_array(rows, step=bits)
             x = (root[0] << bits) + dx
             y = (root[1] << bits) + dy
             if parent_emb is None:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from geoindex.errors import ConfigError
-from geoindex.tiles import MAX_LATITUDE, MAX_ZOOM, children_array, quadkey_int_array
+from geoindex.tiles import MAX_LATITUDE, MAX_ZOOM, children_array, quadkey_int_array, tile_bounds_array
 
 __all__ = ["BBox", "Coverage"]
 
@@ -87,16 +87,6 @@ def _bbox_tile_range(bbox: BBox, zoom: int) -> tuple[int, int, int, int]:
 def _check_zoom(zoom: int) -> None:
     if not isinstance(zoom, (int, np.integer)) or not 0 <= zoom <= MAX_ZOOM:
         raise ConfigError(f"zoom must be an integer in 0..{MAX_ZOOM}, got {zoom!r}")
-
-
-def _tile_bounds_array(x: _IntArray, y: _IntArray, zoom: int) -> tuple[_FloatArray, ...]:
-    """(west, south, east, north) arrays of tiles, in degrees."""
-    n = float(1 << zoom)
-
-    def lat(row: _IntArray) -> _FloatArray:
-        return np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * row / n))))
-
-    return x / n * 360.0 - 180.0, lat(y + 1), (x + 1) / n * 360.0 - 180.0, lat(y)
 
 
 def _edges(polygon: Polygon) -> _FloatArray:
@@ -166,7 +156,7 @@ def _classify(x: _IntArray, y: _IntArray, zoom: int, edges: _FloatArray) -> tupl
 
     A tile meets the polygon iff crossed or inside; it lies wholly within it iff inside and not crossed.
     """
-    w, s, e, n = _tile_bounds_array(x, y, zoom)
+    w, s, e, n = tile_bounds_array(x, y, zoom=zoom)
     crossed = _boundary_crosses(w, s, e, n, edges)
     inside = _points_inside((w + e) / 2.0, (s + n) / 2.0, edges)
     return crossed, inside

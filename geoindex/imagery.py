@@ -26,7 +26,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from geoindex.errors import ConfigError, ImageError, ImageTooLargeError, TileNotFoundError, TileSourceError
-from geoindex.tiles import MAX_LATITUDE
+from geoindex.tiles import merc_latlon_array, view_merc_grid
 
 __all__ = [
     "DirectorySource",
@@ -350,19 +350,20 @@ class RasterSource:
         n = 2**tile.z
         if not (0 <= tile.x < n and 0 <= tile.y < n):
             raise TileNotFoundError(f"{self.name}: tile {tuple(tile)} is outside the zoom-{tile.z} grid")
-        height, width = self._pixels.shape[:2]
         west, south, east, north = self.bounds
         t = (np.arange(self.tile_size, dtype=np.float64) + 0.5) / self.tile_size
-        lon = ((tile.x + t) / n) * 360.0 - 180.0
-        lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * (tile.y + t) / n))))
+        lat, lon = merc_latlon_array((tile.x + t) / n, (tile.y + t) / n)
         tb = mercantile.bounds(tile)
         if tb.east <= west or tb.west >= east or tb.north <= south or tb.south >= north:
             raise TileNotFoundError(f"{self.name}: tile {tuple(tile)} lies outside the raster's bounds {self.bounds}")
-        cols = (lon - west) / (east - west) * width - 0.5
-        rows = (north - lat) / (north - south) * height - 0.5
-        out = _bilinear_points(self._pixels, rows[:, None], cols[None, :])  # separable grid
-        return Image.fromarray(out, "RGB")
+        rows, cols = self._pixel_of(lat[:, None], lon[None, :])  # a separable grid
+        return Image.fromarray(_bilinear_points(self._pixels, rows, cols), "RGB")
 
+    def _pixel_of(self, lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Fractional (row, col) in the raster of points in degrees; 0 is a pixel's centre."""
+        height, width = self._pixels.shape[:2]
+        west, south, east, north = self.bounds
+        return (north - lat) / (north - south) * height - 0.5, (lon - west) / (east - west) * width - 0.5
 
     def render_view(
         self, lat: float, lon: float, *, zoom: float, size: int = 256, rotation_deg: float = 0.0
@@ -373,21 +374,9 @@ class RasterSource:
         that zoom, and is rotated by ``rotation_deg`` counter-clockwise about its centre. Used to
         make query images with known coordinates that differ from the indexed tiles.
         """
-        height, width = self._pixels.shape[:2]
-        west, south, east, north = self.bounds
-        lat = float(np.clip(lat, -MAX_LATITUDE, MAX_LATITUDE))
-        cx = (lon + 180.0) / 360.0
-        cy = (1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0
-        t = (np.arange(size, dtype=np.float64) + 0.5) / size - 0.5
-        u, v = np.meshgrid(t, t)  # u: right, v: down, in units of the view's side
-        a = math.radians(rotation_deg)
-        span = 2.0**-zoom
-        fx = cx + span * (u * math.cos(a) + v * math.sin(a))
-        fy = cy + span * (-u * math.sin(a) + v * math.cos(a))
-        lons = (fx % 1.0) * 360.0 - 180.0
-        lats = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * np.clip(fy, 0.0, 1.0)))))
-        cols = (lons - west) / (east - west) * width - 0.5
-        rows = (north - lats) / (north - south) * height - 0.5
+        fx, fy = view_merc_grid(lat, lon, zoom=zoom, size=size, rotation_deg=rotation_deg)
+        lats, lons = merc_latlon_array(fx % 1.0, np.clip(fy, 0.0, 1.0))
+        rows, cols = self._pixel_of(lats, lons)
         return Image.fromarray(_bilinear_points(self._pixels, rows, cols), "RGB")
 
 

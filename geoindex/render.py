@@ -23,7 +23,7 @@ from geoindex.beam import DEFAULT_TEMPERATURE, LevelTrace, SearchResult
 from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
 from geoindex.imagery import ImageInput, TileSource, load_image
 from geoindex.metrics import great_circle_km
-from geoindex.tiles import MAX_LATITUDE, tile_center
+from geoindex.tiles import merc_xy_array, tile_center, tile_merc_bounds_array
 
 __all__ = [
     "Area",
@@ -253,8 +253,8 @@ def _colormap(w: float) -> tuple[int, int, int]:
 
 def _merc(lat: float, lon: float) -> tuple[float, float]:
     """(lat, lon) -> normalised Web-Mercator (fx, fy) in [0, 1], y from the north."""
-    lat = min(max(lat, -MAX_LATITUDE), MAX_LATITUDE)
-    return (lon + 180.0) / 360.0, (1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0
+    fx, fy = merc_xy_array(lat, lon)
+    return float(fx), float(fy)
 
 
 @dataclass(frozen=True)
@@ -292,8 +292,8 @@ _NEIGHBOURHOOD = 4  # tiles either side of the path tile that a deeper panel fra
 
 
 def _tile_norm_box(t: mercantile.Tile) -> tuple[float, float, float, float]:
-    n = float(1 << t.z)
-    return t.x / n, t.y / n, (t.x + 1) / n, (t.y + 1) / n
+    x0, y0, x1, y1 = tile_merc_bounds_array(t.x, t.y, zoom=t.z)
+    return float(x0), float(y0), float(x1), float(y1)
 
 
 class FailFastSource:

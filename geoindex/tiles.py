@@ -22,17 +22,23 @@ __all__ = [
     "LevelSchedule",
     "children",
     "children_array",
+    "child_offsets_array",
+    "merc_latlon_array",
+    "merc_xy_array",
     "quadkey_int",
     "quadkey_int_array",
     "tile_bounds",
     "tile_center",
     "tile_center_array",
+    "tile_bounds_array",
+    "tile_merc_bounds_array",
     "tile_code",
     "tile_code_array",
     "tile_of",
     "tile_of_array",
     "tile_of_code",
     "tile_xy_of_code_array",
+    "view_merc_grid",
 ]
 
 MAX_LATITUDE = 85.0511287798066  # Web-Mercator's limit: atan(sinh(pi)) in degrees.
@@ -144,6 +150,71 @@ def tile_bounds(tile: mercantile.Tile) -> mercantile.LngLatBbox:
     return mercantile.bounds(tile)
 
 
+def tile_bounds_array(
+    x: npt.ArrayLike, y: npt.ArrayLike, *, zoom: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Vectorised :func:`tile_bounds`: integer arrays x, y at one zoom -> float64 (west, south, east, north).
+
+    In degrees, as mercantile.bounds.
+    """
+    x0, y0, x1, y1 = tile_merc_bounds_array(x, y, zoom=zoom)
+    west, north = merc_latlon_array(x0, y0)[::-1]
+    east, south = merc_latlon_array(x1, y1)[::-1]
+    return west, south, east, north
+
+
+def tile_merc_bounds_array(
+    x: npt.ArrayLike, y: npt.ArrayLike, *, zoom: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Tiles' boxes on the normalised Web-Mercator plane: float64 (x0, y0, x1, y1) in [0, 1], y from the north."""
+    n = float(1 << zoom)
+    xf = np.asarray(x, dtype=np.float64)
+    yf = np.asarray(y, dtype=np.float64)
+    return xf / n, yf / n, (xf + 1.0) / n, (yf + 1.0) / n
+
+
+def merc_xy_array(
+    lat: npt.ArrayLike, lon: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """(lat, lon) in degrees -> normalised Web-Mercator (fx, fy), float64, y from the north.
+
+    The whole map is the unit square, so ``fx * 2**z`` is the continuous tile column at zoom z
+    (eq. 3-6 before the floor). Latitudes clamp to +-MAX_LATITUDE; longitudes are not wrapped.
+    """
+    lat_r = np.radians(np.clip(np.asarray(lat, dtype=np.float64), -MAX_LATITUDE, MAX_LATITUDE))
+    fx = (np.asarray(lon, dtype=np.float64) + 180.0) / 360.0
+    fy = (1.0 - np.arcsinh(np.tan(lat_r)) / np.pi) / 2.0
+    return fx, fy
+
+
+def merc_latlon_array(
+    fx: npt.ArrayLike, fy: npt.ArrayLike
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Normalised Web-Mercator (fx, fy) -> float64 (lat, lon) in degrees (eq. 1-2 with the map as unit square)."""
+    lon = np.asarray(fx, dtype=np.float64) * 360.0 - 180.0
+    lat = np.degrees(np.arctan(np.sinh(np.pi * (1.0 - 2.0 * np.asarray(fy, dtype=np.float64)))))
+    return lat, lon
+
+
+def view_merc_grid(
+    lat: float, lon: float, *, zoom: float, size: int, rotation_deg: float = 0.0
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Pixel centres of a square view on the normalised Web-Mercator plane, as (size, size) float64 (fx, fy).
+
+    The view is centred on (lat, lon), spans ``2**-zoom`` of the map's width (``zoom`` may be
+    fractional, like a tile of that zoom) and is rotated ``rotation_deg`` counter-clockwise about
+    its centre. Row r, column c is pixel (r, c). Values are not wrapped or clamped to [0, 1].
+    """
+    cx, cy = (float(v) for v in merc_xy_array(lat, lon))
+    t = (np.arange(size, dtype=np.float64) + 0.5) / size - 0.5
+    u, v = np.meshgrid(t, t)  # u: right, v: down, in units of the view's side
+    a = math.radians(rotation_deg)
+    span = 2.0**-zoom
+    fx = cx + span * (u * math.cos(a) + v * math.sin(a))
+    fy = cy + span * (-u * math.sin(a) + v * math.cos(a))
+    return fx, fy
+
+
 def quadkey_int_array(x: npt.ArrayLike, y: npt.ArrayLike, *, zoom: int) -> npt.NDArray[np.uint64]:
     """Quadkeys as integers: the base-4 quadkey string read as a number (Z-order / Morton code).
 
@@ -166,15 +237,24 @@ def quadkey_int(tile: mercantile.Tile) -> int:
     return int(quadkey_int_array(tile.x, tile.y, zoom=tile.z))
 
 
-def _child_offsets(step: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """(dx, dy) of the 4**step descendants step zooms down, in quadkey order."""
-    code = np.arange(4**step, dtype=np.int64)
+def child_offsets_array(codes: npt.ArrayLike, *, step: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(dx, dy) int64 offsets of descendants ``step`` zooms down from their positions in quadkey order.
+
+    ``codes`` are Z-order (Morton) positions in ``[0, 4**step)``: bit 2b of a code is bit b of
+    dx, bit 2b + 1 is bit b of dy. The inverse of :func:`quadkey_int_array` within one tile.
+    """
+    code = np.asarray(codes, dtype=np.int64)
     dx = np.zeros_like(code)
     dy = np.zeros_like(code)
     for bit in range(step):
         dx |= ((code >> (2 * bit)) & 1) << bit
         dy |= ((code >> (2 * bit + 1)) & 1) << bit
     return dx, dy
+
+
+def _child_offsets(step: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """(dx, dy) of the 4**step descendants step zooms down, in quadkey order."""
+    return child_offsets_array(np.arange(4**step, dtype=np.int64), step=step)
 
 
 def children_array(

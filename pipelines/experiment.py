@@ -26,7 +26,6 @@ import argparse
 import datetime as dt
 import json
 import logging
-import math
 import os
 import platform
 import shlex
@@ -50,7 +49,7 @@ from geoindex.evaluate import EvalReport, KResult
 from geoindex.files import atomic_write_bytes
 from geoindex.imagery import TileSource
 from geoindex.sources import open_source
-from geoindex.tiles import MAX_LATITUDE
+from geoindex.tiles import view_merc_grid
 from pipelines import build_index, evaluate, train
 from pipelines._cli import progress_bar, run_main, setup_logging
 
@@ -165,15 +164,9 @@ class _Mosaic:
     def view(self, lat: float, lon: float, *, zoom: float, rotation_deg: float, size: int = 256) -> Image.Image:
         """Like ``RasterSource.render_view``: a view spanning 2**-zoom of the world, rotated about its centre."""
         world = 256 * (1 << self.zoom)
-        lat = float(np.clip(lat, -MAX_LATITUDE, MAX_LATITUDE))
-        cx = (lon + 180.0) / 360.0 * world
-        cy = (1.0 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2.0 * world
-        t = (np.arange(size) + 0.5) / size - 0.5
-        u, v = np.meshgrid(t, t)
-        a = math.radians(rotation_deg)
-        span = world * 2.0**-zoom
-        px = cx + span * (u * math.cos(a) + v * math.sin(a)) - 0.5
-        py = np.clip(cy + span * (-u * math.sin(a) + v * math.cos(a)) - 0.5, 0, world - 1)
+        fx_view, fy_view = view_merc_grid(lat, lon, zoom=zoom, size=size, rotation_deg=rotation_deg)
+        px = fx_view * world - 0.5  # mosaic pixel coordinates, 0 at a pixel's centre
+        py = np.clip(fy_view * world - 0.5, 0, world - 1)
         x0, y0 = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
         fx, fy = (px - x0)[..., None], (py - y0)[..., None]
 

@@ -17,15 +17,21 @@ from geoindex.tiles import (
     MAX_LATITUDE,
     MAX_ZOOM,
     LevelSchedule,
+    child_offsets_array,
     children,
     children_array,
+    merc_latlon_array,
+    merc_xy_array,
     quadkey_int,
     quadkey_int_array,
     tile_bounds,
+    tile_bounds_array,
     tile_center,
     tile_center_array,
+    tile_merc_bounds_array,
     tile_of,
     tile_of_array,
+    view_merc_grid,
 )
 
 settings.register_profile("geoindex-tiles", max_examples=150, deadline=None)
@@ -521,3 +527,85 @@ def test_tile_codes_round_trip(z, data):
     assert tile_of_code(code, zoom=z) == tile and code == y * 2**z + x
     cx, cy = tile_xy_of_code_array(tile_code_array([x, 0], [y, 0], zoom=z), zoom=z)
     assert cx.tolist() == [x, 0] and cy.tolist() == [y, 0]
+
+
+# --- normalised Web-Mercator arrays and tile bounds against mercantile ---------------------------
+
+_WORLD_M = 2.0 * math.pi * 6378137.0  # the Web-Mercator map's width in metres (mercantile.xy's units)
+
+
+@PROFILE
+@given(points=st.lists(st.tuples(lats, lons), min_size=1, max_size=50))
+def test_merc_xy_array_equals_mercantile_xy(points: list[tuple[float, float]]) -> None:
+    lat, lon = (np.array(v) for v in zip(*points))
+    fx, fy = merc_xy_array(lat, lon)
+    for i, (la, lo) in enumerate(points):
+        mx, my = mercantile.xy(lo, la)
+        assert fx[i] == pytest.approx(mx / _WORLD_M + 0.5, abs=1e-12)
+        assert fy[i] == pytest.approx(0.5 - my / _WORLD_M, abs=1e-12)
+
+
+@PROFILE
+@given(lat=lats, lon=lons)
+def test_merc_latlon_array_inverts_merc_xy_array(lat: float, lon: float) -> None:
+    lat2, lon2 = merc_latlon_array(*merc_xy_array(lat, lon))
+    assert float(lat2) == pytest.approx(lat, abs=1e-9)
+    assert float(lon2) == pytest.approx(lon, abs=1e-9)
+    mlon, mlat = mercantile.lnglat(*mercantile.xy(lon, lat))
+    assert float(lat2) == pytest.approx(mlat, abs=1e-9)
+
+
+def test_merc_xy_array_clamps_the_poles() -> None:
+    fx, fy = merc_xy_array(np.array([90.0, -90.0]), np.array([0.0, 0.0]))
+    assert np.allclose(fy, [0.0, 1.0], atol=1e-12) and np.allclose(fx, 0.5)
+
+
+@PROFILE
+@given(tiles=st.lists(tiles_st(max_zoom=20), min_size=1, max_size=30).map(
+    lambda ts: [mercantile.Tile(t.x % 2**ts[0].z, t.y % 2**ts[0].z, ts[0].z) for t in ts]))
+def test_tile_bounds_array_equals_mercantile_bounds(tiles: list[mercantile.Tile]) -> None:
+    zoom = tiles[0].z
+    x, y = np.array([t.x for t in tiles]), np.array([t.y for t in tiles])
+    bounds = np.stack(tile_bounds_array(x, y, zoom=zoom), axis=1)
+    merc = np.stack(tile_merc_bounds_array(x, y, zoom=zoom), axis=1)
+    for i, t in enumerate(tiles):
+        assert bounds[i] == pytest.approx(tuple(mercantile.bounds(t)), abs=1e-9)
+        xb = mercantile.xy_bounds(t)  # metres: (left, bottom, right, top)
+        want = (xb.left / _WORLD_M + 0.5, 0.5 - xb.top / _WORLD_M,
+                xb.right / _WORLD_M + 0.5, 0.5 - xb.bottom / _WORLD_M)
+        assert merc[i] == pytest.approx(want, abs=1e-12)
+
+
+@PROFILE
+@given(lat=lats, lon=lons, zoom=st.floats(min_value=0.0, max_value=18.0),
+       size=st.integers(min_value=1, max_value=9), turns=st.sampled_from([0.0, 90.0, 180.0, 270.0]))
+def test_view_merc_grid_is_centred_and_spans_its_zoom(lat: float, lon: float, zoom: float, size: int,
+                                                      turns: float) -> None:
+    fx, fy = view_merc_grid(lat, lon, zoom=zoom, size=size, rotation_deg=turns)
+    cx, cy = merc_xy_array(lat, lon)
+    assert fx.shape == fy.shape == (size, size)
+    assert fx.mean() == pytest.approx(float(cx), abs=1e-9) and fy.mean() == pytest.approx(float(cy), abs=1e-9)
+    # a quarter turn keeps the grid; the pixels' extent is the view's span less one pixel
+    extent = 2.0**-zoom * (size - 1) / size
+    assert np.ptp(fx) == pytest.approx(extent, abs=1e-9) and np.ptp(fy) == pytest.approx(extent, abs=1e-9)
+
+
+def test_view_merc_grid_of_a_tile_is_its_pixel_centres() -> None:
+    tile = mercantile.Tile(5, 9, 4)
+    lat, lon = tile_center(tile)
+    fx, fy = view_merc_grid(lat, lon, zoom=4, size=8)
+    t = (np.arange(8) + 0.5) / 8
+    assert np.allclose(fx[0], (tile.x + t) / 16, atol=1e-12)
+    assert np.allclose(fy[:, 0], (tile.y + t) / 16, atol=1e-12)
+
+
+@PROFILE
+@given(step=st.integers(min_value=0, max_value=6), data=st.data())
+def test_child_offsets_array_inverts_quadkey_int_array(step: int, data: st.DataObject) -> None:
+    codes = np.array(data.draw(st.lists(st.integers(min_value=0, max_value=4**step - 1), min_size=1, max_size=20)))
+    dx, dy = child_offsets_array(codes, step=step)
+    assert np.array_equal(quadkey_int_array(dx, dy, zoom=step).astype(np.int64), codes)
+    # the children of one tile in quadkey order are exactly mercantile's descendants
+    if step:
+        kids = [(int(a), int(b)) for a, b in zip(*child_offsets_array(np.arange(4**step), step=step))]
+        assert set(kids) == {(t.x, t.y) for t in mercantile.children(mercantile.Tile(0, 0, 0), zoom=step)}
