@@ -89,7 +89,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.coverage import Coverage
     from geoindex.distributed import EncoderRecipe, RayOptions, build_level_ray, init_ray
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import RasterSource
+    from geoindex.sources import RasterSource
     from geoindex.tiles import LevelSchedule
 
     machine = machine_info()

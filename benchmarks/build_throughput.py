@@ -76,7 +76,7 @@ def encode_only(encoder, pixels: torch.Tensor, batch_size: int) -> float:  # typ
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import RasterSource
+    from geoindex.sources import RasterSource
     from pipelines import build_index
 
     machine = machine_info()

@@ -135,7 +135,7 @@ def evaluate(paths: dict[str, Path], xq: np.ndarray, ks: Sequence[int]) -> dict[
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.build import build_level
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import RasterSource
+    from geoindex.sources import RasterSource
     from geoindex.store import PQ_TRAIN_SAMPLE
     from geoindex.tiles import LevelSchedule
 

@@ -90,7 +90,7 @@ class _StubEncoder:
 def count_onthefly_tiles(ks: Sequence[int], dim: int, queries: int = 3) -> dict[int, list[int]]:
     """Tiles the paper's on-the-fly search encodes per photo over the world at z4..z16, per k (counted)."""
     from geoindex.api import OnTheFlySearcher
-    from geoindex.imagery import MemorySource
+    from geoindex.sources import MemorySource
     from geoindex.tiles import LevelSchedule
 
     blank = Image.new("RGB", (1, 1))
@@ -137,7 +137,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.api import OnTheFlySearcher
     from geoindex.build import build_level
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import RasterSource
+    from geoindex.sources import RasterSource
     from geoindex.tiles import LevelSchedule
 
     machine = machine_info()

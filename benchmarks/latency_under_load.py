@@ -83,7 +83,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.build import build_level
     from geoindex.coverage import Coverage
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import RasterSource
+    from geoindex.sources import RasterSource
     from geoindex.threads import configure_query_threads
     from geoindex.tiles import LevelSchedule
 

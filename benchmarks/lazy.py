@@ -61,7 +61,7 @@ class _Scenes:
     """Tiles from several ``{z}/{x}/{y}`` folders (the two Landsat scenes), first folder that has it."""
 
     def __init__(self, roots: Sequence[Path]) -> None:
-        from geoindex.imagery import DirectorySource
+        from geoindex.sources import DirectorySource
 
         self.sources = [DirectorySource(r) for r in roots]
         self.name = "dirs:" + ",".join(str(r) for r in roots)
@@ -95,8 +95,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.build import build_level
     from geoindex.coverage import Coverage
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import RasterSource
     from geoindex.lazy import declare_lazy
+    from geoindex.sources import RasterSource
     from geoindex.tiles import LevelSchedule
 
     machine = machine_info()

@@ -73,7 +73,7 @@ def encode_rate(name: str, n: int) -> float:
     import torch
 
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import RasterSource
+    from geoindex.sources import RasterSource
 
     enc = create_encoder(name)
     src = RasterSource()
@@ -104,7 +104,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     else:  # smoke or no shared data: the zoom-4 tiles of the embedded raster (coarse, only for plumbing)
         import mercantile
 
-        from geoindex.imagery import RasterSource
+        from geoindex.sources import RasterSource
 
         src = RasterSource()
         mask = np.zeros((16 * 256, 16 * 256), dtype=bool)

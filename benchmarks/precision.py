@@ -93,7 +93,7 @@ def time_cost(name: str, reps: int, seed: int) -> dict[str, dict[str, float]]:
 
 def views(n: int, seed: int) -> tuple[list, np.ndarray, np.ndarray]:  # type: ignore[type-arg]
     """Views of random places (|lat| < 60): centre anywhere, zoom 5.5-6.5, any rotation."""
-    from geoindex.imagery import RasterSource
+    from geoindex.sources import RasterSource
 
     source = RasterSource()
     rng = np.random.default_rng(seed)
@@ -110,7 +110,7 @@ def quality(name: str, n_queries: int, seed: int, work: Path) -> dict[str, dict[
     from geoindex.build import build_level
     from geoindex.coverage import Coverage
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import RasterSource
+    from geoindex.sources import RasterSource
     from geoindex.tiles import LevelSchedule, tile_of_array
 
     images, lat, lon = views(n_queries, seed)

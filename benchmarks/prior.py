@@ -36,7 +36,7 @@ import geoindex
 from benchmarks._common import Report, add_common_args, command_line, machine_info, markdown_table
 from geoindex import prior as gp
 from geoindex.beam import PriorOptions
-from geoindex.imagery import RasterSource
+from geoindex.sources import RasterSource
 
 NAME = "prior"
 

@@ -105,7 +105,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.build import build_level
     from geoindex.coverage import Coverage
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import MemorySource
+    from geoindex.sources import MemorySource
     from geoindex.tiles import LevelSchedule
 
     def render_tile(t):  # any distinct image per tile: the index only has to exist

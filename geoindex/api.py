@@ -27,9 +27,10 @@ from geoindex.beam import (
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
-from geoindex.imagery import ImageInput, TileSource, load_image
+from geoindex.imagery import ImageInput, load_image
 from geoindex.lazy import LazyLevel, open_lazy_levels
 from geoindex.prior import GeoCLIPPrior, get_prior
+from geoindex.sources import TileSource
 from geoindex.store import Manifest, StoredLevel, open_store
 from geoindex.tiles import LevelSchedule
 

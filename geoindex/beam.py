@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, IndexFormatError, TileNotFoundError
-from geoindex.imagery import TileSource
+from geoindex.sources import TileSource
 from geoindex.store import StoredLevel
 from geoindex.tiles import children_array, tile_center, tile_code_array, tile_of_code, tile_xy_of_code_array
 

@@ -33,7 +33,7 @@ import torch
 
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, TileNotFoundError
-from geoindex.imagery import TileSource
+from geoindex.sources import TileSource
 from geoindex.store import (
     CODECS,
     Manifest,

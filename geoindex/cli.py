@@ -36,8 +36,9 @@ from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
 from geoindex.files import atomic_write_bytes
-from geoindex.imagery import TileSource, describe_os_error
+from geoindex.imagery import describe_os_error
 from geoindex.render import areas, draw_map, result_to_dict, to_geojson
+from geoindex.sources import TileSource
 from geoindex.threads import configure_query_threads
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main", "resolve_device"]

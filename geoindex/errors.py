@@ -44,3 +44,7 @@ class IndexNotFoundError(GeoIndexError, FileNotFoundError):
 
 class IndexFormatError(GeoIndexError, ValueError):
     """An index on disk is damaged, partial, or of an unsupported format version."""
+
+
+class SourceNotReopenableError(ConfigError):
+    """A tile source's spec names imagery that cannot be opened from a string (an in-memory source)."""

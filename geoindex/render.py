@@ -21,8 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from geoindex.beam import DEFAULT_TEMPERATURE, LevelTrace, SearchResult
 from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
-from geoindex.imagery import ImageInput, TileSource, load_image
+from geoindex.imagery import ImageInput, load_image
 from geoindex.metrics import great_circle_km
+from geoindex.sources import TileSource
 from geoindex.tiles import merc_xy_array, tile_center, tile_merc_bounds_array
 
 __all__ = [

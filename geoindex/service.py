@@ -34,8 +34,9 @@ from geoindex.beam import MAX_K, check_k
 from geoindex.coverage import Coverage
 from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError
 from geoindex.exif import read_gps
-from geoindex.imagery import TileSource, load_image
+from geoindex.imagery import load_image
 from geoindex.render import draw_map, result_to_dict, to_geojson
+from geoindex.sources import TileSource
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENT",

@@ -48,7 +48,7 @@ from geoindex.encoders import (
 )
 from geoindex.errors import ConfigError, TileNotFoundError
 from geoindex.files import atomic_write_bytes, file_sha256
-from geoindex.imagery import TileSource
+from geoindex.sources import TileSource
 from geoindex.tiles import tile_of_code
 
 __all__ = [

@@ -24,8 +24,8 @@ import geoindex
 from geoindex.api import OnTheFlySearcher
 from geoindex.encoders import ENCODERS, resolve_weights
 from geoindex.errors import WeightsNotFoundError
-from geoindex.imagery import RasterSource
 from geoindex.metrics import great_circle_km
+from geoindex.sources import RasterSource
 from pipelines import build_index
 from pipelines._cli import run_main, setup_logging
 

@@ -47,8 +47,7 @@ from geoindex.encoders import ENCODERS, PRECISIONS, resolve_precision
 from geoindex.errors import ConfigError, TileNotFoundError
 from geoindex.evaluate import EvalReport, KResult
 from geoindex.files import atomic_write_bytes
-from geoindex.imagery import TileSource
-from geoindex.sources import open_source
+from geoindex.sources import TileSource, open_source
 from geoindex.tiles import view_merc_grid
 from pipelines import build_index, evaluate, train
 from pipelines._cli import progress_bar, run_main, setup_logging

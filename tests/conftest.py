@@ -35,7 +35,7 @@ def tiny_encoder():
 
 @pytest.fixture(scope="session")
 def rendered_source():
-    from geoindex.imagery import MemorySource
+    from geoindex.sources import MemorySource
 
     return MemorySource(render_tile, name="rendered")
 

@@ -25,8 +25,7 @@ import pytest
 from PIL import Image
 
 from geoindex.errors import ConfigError
-from geoindex.imagery import DirectorySource, MemorySource
-from geoindex.sources import HttpSource, fetch_to_directory, open_source
+from geoindex.sources import DirectorySource, HttpSource, MemorySource, fetch_to_directory, open_source
 from pipelines import fetch_tiles
 
 

@@ -13,15 +13,8 @@ import pytest
 from PIL import Image
 
 from geoindex.errors import ConfigError, GeoIndexError, ImageError, TileNotFoundError, TileSourceError
-from geoindex.imagery import (
-    DEFAULT_MAX_SIDE,
-    DirectorySource,
-    MemorySource,
-    RasterSource,
-    TileSource,
-    decode_tile,
-    load_image,
-)
+from geoindex.imagery import DEFAULT_MAX_SIDE, decode_tile, load_image
+from geoindex.sources import DirectorySource, MemorySource, RasterSource, TileSource
 from geoindex.tiles import tile_center
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from geoindex.api import GeoIndex
 from geoindex.errors import ConfigError, TileSourceError
-from geoindex.imagery import MemorySource
 from geoindex.lazy import LAZY_FILE, LazyLevelError, compact, declare_lazy
+from geoindex.sources import MemorySource
 from tests.conftest import render_tile
 
 K = 3
@@ -133,7 +133,7 @@ def test_lazy_threads_encode_each_tile_once(tmp_path, tiny_encoder, rendered_sou
 def _search_in_process(path: str, queue) -> None:  # runs in a spawned process
     from geoindex.api import GeoIndex as _GeoIndex
     from geoindex.encoders import create_encoder
-    from geoindex.imagery import MemorySource as _Memory
+    from geoindex.sources import MemorySource as _Memory
 
     index = _GeoIndex(path, lazy_source=_Memory(render_tile, name="rendered"))
     xq = _queries(create_encoder("tiny"))

@@ -29,7 +29,7 @@ from geoindex.errors import (
     IndexFormatError,
     IndexNotFoundError,
 )
-from geoindex.imagery import DirectorySource
+from geoindex.sources import DirectorySource
 from geoindex.tiles import LevelSchedule
 from tests.conftest import render_tile
 

@@ -10,7 +10,7 @@ import geoindex
 from geoindex.api import OnTheFlySearcher
 from geoindex.build import build_level
 from geoindex.errors import ConfigError
-from geoindex.imagery import MemorySource
+from geoindex.sources import MemorySource
 from geoindex.tiles import LevelSchedule
 from tests.conftest import render_tile
 

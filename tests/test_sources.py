@@ -16,8 +16,15 @@ import requests
 from PIL import Image
 
 from geoindex.errors import ConfigError, TileNotFoundError, TileSourceError
-from geoindex.imagery import DirectorySource, RasterSource
-from geoindex.sources import USER_AGENT, HttpSource, MBTilesSource, open_source, write_mbtiles
+from geoindex.sources import (
+    USER_AGENT,
+    DirectorySource,
+    HttpSource,
+    MBTilesSource,
+    RasterSource,
+    open_source,
+    write_mbtiles,
+)
 
 TILE = mercantile.Tile(3, 5, 4)
 

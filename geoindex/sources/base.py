@@ -1,0 +1,78 @@
+"""What every tile source is: the TileSource and ByteTileSource protocols, and the checks of encoded tiles.
+
+A tile source maps a ``mercantile.Tile`` to an RGB ``PIL.Image`` and raises
+``TileNotFoundError`` when it has no such tile. Every source in this package also has a
+``spec``: the string that ``geoindex.sources.open_source`` opens to get an equivalent source.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Protocol, runtime_checkable
+
+import mercantile
+from PIL import Image, UnidentifiedImageError
+
+from geoindex.errors import ImageError
+from geoindex.imagery import decode_tile
+
+__all__ = ["TILE_EXTENSIONS", "ByteTileSource", "TileSource", "source_spec"]
+
+# Pillow format name -> file extension. DirectorySource reads one extension per store.
+_FORMAT_EXTENSIONS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
+TILE_EXTENSIONS = tuple(_FORMAT_EXTENSIONS.values())
+
+
+@runtime_checkable
+class TileSource(Protocol):
+    """Anything that returns the RGB image of a tile, or raises TileNotFoundError.
+
+    ``spec`` is not part of the protocol, so that wrappers and test doubles need only ``name``
+    and ``get``; read it with :func:`source_spec`.
+    """
+
+    @property
+    def name(self) -> str:
+        """Identifies the imagery in manifests; equal names must mean equal tiles."""
+        ...
+
+    def get(self, tile: mercantile.Tile) -> Image.Image:
+        """The tile's RGB image; TileNotFoundError if the source has no such tile."""
+        ...
+
+
+@runtime_checkable
+class ByteTileSource(TileSource, Protocol):
+    """A tile source that can also return a tile's original encoded bytes (validated)."""
+
+    def fetch_bytes(self, tile: mercantile.Tile) -> bytes:
+        """The tile's encoded image; TileNotFoundError if absent, TileSourceError on failure."""
+        ...
+
+
+def source_spec(source: TileSource) -> str | None:
+    """The string that reopens ``source`` through ``open_source``; None for a source without one.
+
+    Every source of this package has a ``spec``; wrappers and test doubles may not.
+    """
+    spec = getattr(source, "spec", None)
+    return spec if isinstance(spec, str) else None
+
+
+def _image_extension(data: bytes, *, what: str) -> str:
+    """File extension for encoded tile bytes from their header alone (no full decode)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format or "?"
+    except (UnidentifiedImageError, OSError) as e:
+        raise ImageError(f"{what}: not a readable image ({e})") from e
+    if fmt not in _FORMAT_EXTENSIONS:
+        raise ImageError(f"{what}: unsupported tile format {fmt}; expected one of JPEG, PNG, WEBP")
+    return _FORMAT_EXTENSIONS[fmt]
+
+
+def _check_tile(data: bytes, *, what: str) -> str:
+    """Decode ``data`` completely (catching truncation) and return its file extension; ImageError if bad."""
+    ext = _image_extension(data, what=what)
+    decode_tile(data, what=what)
+    return ext
