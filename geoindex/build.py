@@ -33,7 +33,7 @@ import torch
 
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, TileNotFoundError
-from geoindex.sources import TileSource
+from geoindex.sources import TileSource, source_spec
 from geoindex.store import (
     CODECS,
     Manifest,
@@ -334,9 +334,12 @@ class LevelJob:
 def start_level(
     index_dir: str | os.PathLike, zoom: int, *, encoder: ImageEncoder, imagery: str, coverage: Coverage,
     schedule: LevelSchedule = LevelSchedule(), codec: str = "fp16", shard_size: int = 8192, batch_size: int = 64,
-    overwrite: bool = False,
+    overwrite: bool = False, imagery_spec: str | None = None,
 ) -> LevelJob:
     """Check the index, plan level ``zoom``, prepare its folder and list the shards still to encode.
+
+    ``imagery`` is the source's name; ``imagery_spec`` its spec, recorded in the manifest (and
+    added to one that lacks it) so that maps can reopen the imagery.
 
     Raises:
         ConfigError: bad arguments, or the level above is not built yet.
@@ -351,9 +354,11 @@ def start_level(
     schedule.index_of(zoom)
     photo = {"name": encoder.spec.name, "base_fingerprint": encoder.base_fingerprint, "checkpoint_sha256": None}
     fresh = Manifest(schedule=schedule, dim=encoder.dim, codec=codec, photo_encoder=photo,
-                     imagery=imagery, coverage=coverage.to_json())
+                     imagery=imagery, coverage=coverage.to_json(), imagery_spec=imagery_spec)
     manifest = Manifest.load(index_dir) if (index_dir / "manifest.json").is_file() else fresh
     _check_compatible(index_dir, manifest, fresh)
+    if manifest.imagery_spec is None and imagery_spec is not None:
+        manifest = dataclasses.replace(manifest, imagery_spec=imagery_spec)
 
     plan = plan_level(index_dir, manifest, zoom, coverage)
     identity = _plan_identity(plan, encoder, imagery, shard_size)
@@ -493,7 +498,8 @@ def build_level(
         BuildIncompleteError: some tiles failed to load (not just missing); rerun to resume.
     """
     job = start_level(index_dir, zoom, encoder=encoder, imagery=source.name, coverage=coverage, schedule=schedule,
-                      codec=codec, shard_size=shard_size, batch_size=batch_size, overwrite=overwrite)
+                      codec=codec, shard_size=shard_size, batch_size=batch_size, overwrite=overwrite,
+                      imagery_spec=source_spec(source))
     if on_plan:
         on_plan(job.planned, job.reused_tiles)
 

@@ -170,7 +170,7 @@ def _map_source(index: GeoIndex, spec: str | None) -> TileSource:
     """The tile source for ``--map``: ``--map-source``, else the index's own imagery when local."""
     from geoindex.sources import map_source
 
-    return map_source(index.manifest.imagery, spec)
+    return map_source(index.manifest.imagery, spec, imagery_spec=index.manifest.imagery_spec)
 
 
 def _check_output(path: Path, option: str, *, image: bool) -> None:

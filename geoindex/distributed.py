@@ -229,12 +229,7 @@ class _ShardEncoder:
                 f"Ray worker on {self.node} built encoder {self.encoder.identity} from {encoder}, but the driver "
                 f"planned with {identity['encoder']}: give every node the same weights (--weights) and checkpoints"
             )
-        self.source = open_source(source)
-        if self.source.name != identity["imagery"]:
-            raise ConfigError(
-                f"Ray worker on {self.node} opened --source {source!r} as {self.source.name!r}, the driver as "
-                f"{identity['imagery']!r}; use a source every node resolves the same way"
-            )
+        self.source = open_source(source)  # the driver's spec of its opened source: the same tiles
 
     def __call__(self, batch: dict[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
         keys = ("shard", "planned", "rows", "seconds", "error", "fatal", "node")
@@ -283,7 +278,8 @@ def build_level_ray(
     """``geoindex.build.build_level`` on Ray Data: the same shards, FAISS file and manifest.
 
     Args:
-        source: a ``--source`` string (see ``geoindex.sources.open_source``); each actor opens it.
+        source: a ``--source`` string (see ``geoindex.sources.open_source``); actors open the spec of the
+            driver's opened source, so every node reads the same tiles.
         encoder: how actors (and the driver, for the manifest) build this zoom's map encoder.
         batch_size, workers: per actor, as in the local engine (tiles per forward pass, loading threads).
         options: cluster address and actor pool shape. Connects with ``init_ray`` if not connected yet.
@@ -295,13 +291,14 @@ def build_level_ray(
         BuildIncompleteError: some tiles failed to load; finished shards are kept, rerun to resume.
     """
     ray = _import_ray()
-    from geoindex.sources import open_source
+    from geoindex.sources import open_source, source_spec
 
     local_source = open_source(source)
+    spec = source_spec(local_source) or source  # workers reopen what the driver opened, not the user's string
     driver_encoder = encoder.create("cpu")
     job = start_level(index_dir, zoom, encoder=driver_encoder, imagery=local_source.name, coverage=coverage,
                       schedule=schedule, codec=codec, shard_size=shard_size, batch_size=batch_size,
-                      overwrite=overwrite)
+                      overwrite=overwrite, imagery_spec=spec)
     del driver_encoder, local_source
     if on_plan:
         on_plan(job.planned, job.reused_tiles)
@@ -309,7 +306,7 @@ def build_level_ray(
     if job.todo:
         plan_path = _plan_file(job)
         init_ray(options.address, quiet=not log.isEnabledFor(logging.INFO))
-        failures = _run_pool(ray, job, plan_path, source=source, encoder=encoder, batch_size=batch_size,
+        failures = _run_pool(ray, job, plan_path, source=spec, encoder=encoder, batch_size=batch_size,
                              workers=workers, options=options, progress=progress)
     summary = complete_level(job, encoder=job.identity["encoder"], checkpoint=encoder.checkpoint,
                              build_args=build_args, failures=failures)

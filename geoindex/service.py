@@ -198,7 +198,7 @@ def create_app(
             return map_source
         from geoindex.sources import map_source as index_imagery
 
-        return index_imagery(opened.manifest.imagery)
+        return index_imagery(opened.manifest.imagery, imagery_spec=opened.manifest.imagery_spec)
 
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:

@@ -100,6 +100,8 @@ class Manifest:
         imagery: the tile source the levels were encoded from. coverage: the covered area.
         levels: complete levels, coarsest first, contiguous from ``schedule.start``.
         build_args: the arguments of the build, for reproduction.
+        imagery_spec: the source's spec (``geoindex.sources.open_source`` reopens it), so maps
+            can draw over the imagery; None in indexes built before it was recorded.
     """
 
     schedule: LevelSchedule
@@ -111,6 +113,7 @@ class Manifest:
     levels: tuple[LevelInfo, ...] = ()
     build_args: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    imagery_spec: str | None = None  # optional: absent from older manifests, which still open
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -158,6 +161,8 @@ class Manifest:
             _expect(d, "dim", int)
             _expect(d, "codec", str)
             _expect(d, "imagery", str)
+            if d.get("imagery_spec") is not None:
+                _expect(d, "imagery_spec", str)
             _expect(d, "schedule", dict)
             _expect(d, "photo_encoder", dict)
             _expect(d, "levels", list)
@@ -188,6 +193,7 @@ class Manifest:
                 levels=tuple(LevelInfo(**lv) for lv in d["levels"]),
                 build_args=dict(d.get("build_args") or {}),
                 format_version=version,
+                imagery_spec=d.get("imagery_spec"),
             )
         except (KeyError, TypeError, ValueError, ConfigError) as e:
             if isinstance(e, IndexFormatError):

@@ -1,7 +1,7 @@
 """Download map tiles into a local store: `python -m pipelines.fetch_tiles --source S --out D --zoom 4 6`.
 
 Tiles land in DIR/{z}/{x}/{y}.{ext} (ext from the image format), which `--source DIR` and
-geoindex.imagery.DirectorySource read. Every image is validated before it is stored; reruns
+geoindex.sources.DirectorySource read. Every image is validated before it is stored; reruns
 skip stored tiles and tiles the server reported missing (DIR/missing.json) unless
 --retry-missing. Exit status 1 when some tiles still failed: rerun to retry them.
 """

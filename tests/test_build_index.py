@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import os
 import signal
 import subprocess
@@ -195,3 +196,16 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path, stalling_server, refe
     got = faiss.read_index(str(index / "z03" / "index.faiss"))
     assert ref.ntotal == got.ntotal == 63
     assert shard_path(index, level, shards_before).exists()
+
+
+def test_manifest_records_the_source_spec_and_fills_in_an_old_one(tmp_path, tile_dir):
+    index = tmp_path / "index"
+    _build(["--zoom", "1", "--index", str(index), "--source", str(tile_dir)])
+    manifest = index / "manifest.json"
+    assert geoindex.open_index(index).manifest.imagery_spec == f"dir:{tile_dir}"
+    old = json.loads(manifest.read_text())
+    del old["imagery_spec"]  # as written before the spec was recorded: still opens
+    manifest.write_text(json.dumps(old))
+    assert geoindex.open_index(index).manifest.imagery_spec is None
+    _build(["--zoom", "2", "--index", str(index), "--source", str(tile_dir)])
+    assert geoindex.open_index(index).manifest.imagery_spec == f"dir:{tile_dir}"

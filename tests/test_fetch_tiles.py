@@ -318,3 +318,12 @@ def test_config_errors(tmp_path, capsys):
     assert "cannot use --source 'nonsense'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--workers"):
         fetch_to_directory(MemorySource({}), tmp_path, [], workers=0)
+
+
+def test_http_spec_round_trips_against_a_loopback_server(tile_server):
+    source = open_source(tile_server.url, timeout=2.0, max_retries=0)
+    assert source.spec == tile_server.url
+    again = open_source(source.spec)
+    assert isinstance(again, HttpSource) and again.name == source.name
+    for tile in world(1):
+        assert again.fetch_bytes(tile) == source.fetch_bytes(tile)

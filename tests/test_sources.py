@@ -15,14 +15,18 @@ import pytest
 import requests
 from PIL import Image
 
-from geoindex.errors import ConfigError, TileNotFoundError, TileSourceError
+from geoindex.errors import ConfigError, SourceNotReopenableError, TileNotFoundError, TileSourceError
 from geoindex.sources import (
+    SCHEMES,
     USER_AGENT,
     DirectorySource,
     HttpSource,
     MBTilesSource,
+    MemorySource,
     RasterSource,
+    map_source,
     open_source,
+    source_spec,
     write_mbtiles,
 )
 
@@ -330,3 +334,109 @@ def test_open_source_errors(tmp_path):
         open_source("Thunderforest.OpenCycleMap")
     with pytest.raises(ConfigError, match="does not exist"):
         open_source(str(Path(tmp_path) / "missing.mbtiles"))
+
+
+# --- specs: open_source(src.spec) reopens an equivalent source -----------------------------------
+
+
+def _same_tiles(a, b, tiles) -> None:
+    assert type(a) is type(b) and a.name == b.name and a.spec == b.spec
+    for tile in tiles:
+        assert np.array_equal(np.asarray(a.get(tile)), np.asarray(b.get(tile)))
+
+
+def test_directory_and_mbtiles_specs_round_trip(tmp_path):
+    store = tmp_path / "store"
+    (store / "4" / "3").mkdir(parents=True)
+    (store / "4" / "3" / "5.png").write_bytes(GOOD)
+    for given in (str(store), f"dir:{store}"):
+        src = open_source(given)
+        assert src.spec == f"dir:{store}" == src.name
+        _same_tiles(src, open_source(src.spec), [TILE])
+
+    mb = write_mbtiles(tmp_path / "t.mbtiles", {TILE: GOOD})
+    for given in (str(mb), f"mbtiles:{mb}"):
+        src = open_source(given)
+        assert isinstance(src, MBTilesSource) and src.spec == f"mbtiles:{mb}"
+        again = open_source(src.spec)
+        assert again.fetch_bytes(TILE) == src.fetch_bytes(TILE) == GOOD
+        src.close()
+        again.close()
+
+
+def test_raster_specs_round_trip_with_bounds_and_tile_size(tmp_path):
+    raster = tmp_path / "world.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 64, 3), dtype=np.uint8)).save(raster)
+    tiles = [mercantile.Tile(0, 0, 1), mercantile.Tile(1, 0, 1)]
+    plain = RasterSource(raster)
+    assert plain.spec == f"raster:{raster}"
+    _same_tiles(plain, open_source(plain.spec), tiles)
+    framed = RasterSource(raster, bounds=(-10.0, 35.0, 35.5, 70.0), tile_size=16)
+    again = open_source(framed.spec)
+    assert again.bounds == framed.bounds and again.tile_size == 16
+    _same_tiles(framed, again, [mercantile.Tile(16, 10, 5)])
+    with pytest.raises(ConfigError, match="tile_size=N"):
+        open_source(f"raster:{raster}?size=3")
+
+
+def test_bluemarble_spec_round_trips():
+    src = open_source("bluemarble")
+    assert src.spec == "bluemarble" and RasterSource().spec == "bluemarble"
+    _same_tiles(src, open_source(src.spec), [mercantile.Tile(1, 1, 2)])
+
+
+def test_provider_and_template_specs_round_trip_without_requests():
+    for given in ("xyz:Esri.WorldImagery", "Esri.WorldImagery", "esri.worldimagery"):
+        src = open_source(given)
+        assert src.spec == "xyz:Esri.WorldImagery"
+        again = open_source(src.spec)
+        assert again.name == src.name and again.url(TILE) == src.url(TILE)
+    keyed = open_source("xyz:Thunderforest.OpenCycleMap?apikey=K9")
+    assert keyed.spec == "xyz:Thunderforest.OpenCycleMap?apikey=K9" and "K9" not in keyed.name
+    assert open_source(keyed.spec).url(TILE) == keyed.url(TILE)
+    template = "https://{s}.tile.example.com/{z}/{x}/{y}.png?key=SECRET"
+    src = open_source(template)
+    assert src.spec == template and "SECRET" not in src.name
+    assert open_source(src.spec).url(TILE) == src.url(TILE)
+
+
+def test_memory_spec_is_refused_with_a_typed_error():
+    src = MemorySource({}, name="rendered")
+    assert src.spec == "memory:rendered" and source_spec(src) == "memory:rendered"
+    with pytest.raises(SourceNotReopenableError, match="in-memory source cannot be opened"):
+        open_source(src.spec)
+    with pytest.raises(ConfigError, match="--map-source"):
+        open_source(src.spec, option="--map-source")
+
+
+def test_every_scheme_is_in_the_error_message_and_source_spec_of_a_double_is_none():
+    with pytest.raises(ConfigError) as e:
+        open_source("nonsense")
+    for scheme in set(SCHEMES) - {"https", "memory"}:
+        assert scheme in str(e.value)
+
+    class Double:
+        name = "double"
+
+        def get(self, tile):
+            raise TileNotFoundError(tile)
+
+    assert source_spec(Double()) is None
+
+
+def test_map_source_reopens_the_recorded_spec(tmp_path, caplog):
+    store = tmp_path / "store"
+    (store / "4" / "3").mkdir(parents=True)
+    (store / "4" / "3" / "5.png").write_bytes(GOOD)
+    src = map_source(f"dir:{store}", imagery_spec=f"dir:{store}")
+    assert isinstance(src, DirectorySource) and src.root == store
+    # an index built before the spec was recorded: its dir:/mbtiles: name is the spec
+    assert isinstance(map_source(f"dir:{store}"), DirectorySource)
+    raster = tmp_path / "world.png"
+    Image.new("RGB", (64, 32), (0, 90, 200)).save(raster)
+    assert map_source("raster:world.png", imagery_spec=f"raster:{raster}").path == raster
+    # remote or in-memory imagery, and local imagery that is gone: the embedded Blue Marble
+    for name, spec in (("xyz:Esri.WorldImagery", "xyz:Esri.WorldImagery"), ("rendered", "memory:rendered"),
+                       ("raster:other.jpg", None), (f"dir:{tmp_path}/gone", f"dir:{tmp_path}/gone")):
+        assert map_source(name, imagery_spec=spec).spec == "bluemarble"
+    assert "cannot be used" in caplog.text

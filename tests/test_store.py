@@ -134,6 +134,18 @@ def test_manifest_newer_version_and_missing(tmp_path):
         Manifest.load(tmp_path)
 
 
+def test_manifest_imagery_spec_is_optional(tmp_path):
+    m = Manifest(schedule=LevelSchedule(), dim=4, codec="fp16", photo_encoder={"name": "x", "base_fingerprint": "y"},
+                 imagery="dir:tiles", imagery_spec="dir:tiles")
+    m.save(tmp_path)
+    assert Manifest.load(tmp_path) == m and json.loads((tmp_path / "manifest.json").read_text())["imagery_spec"]
+    old = json.loads(json.dumps(m.to_json()))
+    del old["imagery_spec"]  # written before the spec was recorded
+    assert Manifest.from_json(old).imagery_spec is None
+    with pytest.raises(IndexFormatError, match="'imagery_spec' is 5"):
+        Manifest.from_json({**old, "imagery_spec": 5})
+
+
 def test_manifest_levels_must_follow_schedule():
     level = LevelInfo(zoom=6, rows=1, encoder={}, files=())
     with pytest.raises(IndexFormatError, match="prefix"):

@@ -79,8 +79,8 @@ def _after_colon(spec: str) -> str:
 
 def _memory(spec: str, _: Mapping[str, Any]) -> TileSource:
     raise SourceNotReopenableError(
-        f"{spec!r} names tiles that lived in the memory of the process that built the index; "
-        "an in-memory source cannot be opened from a string: pass the MemorySource object itself"
+        f"cannot use --source {spec!r}: an in-memory source cannot be opened from a string (its tiles lived "
+        "in the process that made it); pass the MemorySource object itself, or choose imagery on disk"
     )
 
 
