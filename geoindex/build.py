@@ -32,7 +32,15 @@ import pyarrow.parquet as pq
 import torch
 
 from geoindex.encoders import ImageEncoder
-from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, TileNotFoundError
+from geoindex.errors import (
+    BadTilesError,
+    BuildIncompleteError,
+    ConfigError,
+    EncoderMismatchError,
+    GeoIndexError,
+    IndexMismatchError,
+    TileNotFoundError,
+)
 from geoindex.imagery import TileSource
 from geoindex.store import (
     CODECS,
@@ -48,8 +56,6 @@ from geoindex.store import (
 from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array, tile_code_array
 
 __all__ = [
-    "BadTilesError",
-    "BuildIncompleteError",
     "BuildSummary",
     "Coverage",
     "LevelJob",
@@ -76,10 +82,6 @@ class Coverage(Protocol):
     def intersects(self, x: np.ndarray, y: np.ndarray, *, zoom: int) -> np.ndarray: ...
 
     def to_json(self) -> dict[str, Any]: ...
-
-
-class BuildIncompleteError(GeoIndexError, RuntimeError):
-    """Some tiles failed to load; their shards were not written. Fix the source and rerun to resume."""
 
 
 @dataclass(frozen=True)
@@ -197,10 +199,6 @@ def _load_tile(source: TileSource, encoder: ImageEncoder, x: int, y: int, zoom: 
         return _TileLoad(None)
     except GeoIndexError as e:  # collected, so that one run names every bad tile of the shard
         return _TileLoad(None, error=e)
-
-
-class BadTilesError(GeoIndexError, ValueError):
-    """Tiles of a shard could not be read; the message lists every one of them."""
 
 
 def encode_tiles(
@@ -340,7 +338,7 @@ def start_level(
 
     Raises:
         ConfigError: bad arguments, or the level above is not built yet.
-        EncoderMismatchError: see ``build_level``.
+        EncoderMismatchError, IndexMismatchError: see ``build_level``.
     """
     started = time.perf_counter()
     index_dir = Path(index_dir)
@@ -488,8 +486,9 @@ def build_level(
             them (counted in the summary), instead of failing their shards.
 
     Raises:
-        EncoderMismatchError: the index was built with another photo encoder / codec / schedule,
-            or this level holds shards of another map encoder (without ``overwrite``).
+        EncoderMismatchError: the index was built with another photo encoder, or this level holds
+            shards of another map encoder (without ``overwrite``).
+        IndexMismatchError: the index was built with another codec, schedule, imagery or coverage.
         BuildIncompleteError: some tiles failed to load (not just missing); rerun to resume.
     """
     job = start_level(index_dir, zoom, encoder=encoder, imagery=source.name, coverage=coverage, schedule=schedule,
@@ -535,7 +534,9 @@ def _check_compatible(index_dir: Path, have: Manifest, want: Manifest) -> None:
     if have.coverage != want.coverage:
         problems.append("coverage differs")
     if problems:
-        raise EncoderMismatchError(
+        # An encoder difference keeps its own, narrower type; the message lists every difference either way.
+        error = EncoderMismatchError if have.photo_encoder != want.photo_encoder else IndexMismatchError
+        raise error(
             f"{index_dir} was built with different settings: {'; '.join(problems)}. "
             "One index never mixes them: build into another --index folder"
         )

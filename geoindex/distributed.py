@@ -291,7 +291,7 @@ def build_level_ray(
 
     Raises:
         ConfigError: Ray missing, bad options, or a worker that does not see the index folder.
-        EncoderMismatchError: as ``build_level``, or a worker built a different encoder.
+        EncoderMismatchError, IndexMismatchError: as ``build_level``, or a worker built a different encoder.
         BuildIncompleteError: some tiles failed to load; finished shards are kept, rerun to resume.
     """
     ray = _import_ray()

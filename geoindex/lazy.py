@@ -49,7 +49,13 @@ import pyarrow.parquet as pq
 from geoindex.beam import _top_k
 from geoindex.build import encode_tiles
 from geoindex.encoders import ImageEncoder, load_map_encoder
-from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, IndexFormatError, IndexNotFoundError
+from geoindex.errors import (
+    ConfigError,
+    EncoderMismatchError,
+    IndexFormatError,
+    IndexNotFoundError,
+    LazyLevelError,
+)
 from geoindex.files import atomic_path, atomic_write_bytes
 from geoindex.imagery import TileSource
 from geoindex.store import Manifest
@@ -60,7 +66,6 @@ __all__ = [
     "CompactSummary",
     "LazyConfig",
     "LazyLevel",
-    "LazyLevelError",
     "LazyStore",
     "compact",
     "declare_lazy",
@@ -73,10 +78,6 @@ LAZY_FILE = "lazy.json"
 LAZY_DIR = "lazy"
 LAZY_FORMAT = 1
 COMPACT_ROWS = 65_536  # rows per compacted shard
-
-
-class LazyLevelError(GeoIndexError, RuntimeError):
-    """A lazy level could not encode the tiles a query needs (the tile source failed); nothing was stored."""
 
 
 @dataclass(frozen=True)
