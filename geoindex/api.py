@@ -29,8 +29,9 @@ from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
 from geoindex.imagery import ImageInput, TileSource, load_image
 from geoindex.lazy import LazyLevel, open_lazy_levels
+from geoindex.manifest import Manifest, short_id
 from geoindex.prior import GeoCLIPPrior, get_prior
-from geoindex.store import Manifest, StoredLevel, open_store
+from geoindex.store import StoredLevel, open_store
 from geoindex.tiles import LevelSchedule
 
 __all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "RegionSearcher", "open_index", "search"]
@@ -158,13 +159,12 @@ class GeoIndex(_Searcher):
         self.stored: list[StoredLevel]
         self.manifest, self.stored = open_store(self.path, verify=verify)
         spec = self.manifest.photo_encoder
-        self.photo_encoder = create_encoder(spec["name"], weights=weights, download=download, device=device,
+        self.photo_encoder = create_encoder(spec.name, weights=weights, download=download, device=device,
                                             precision=precision)
-        if self.photo_encoder.base_fingerprint != spec["base_fingerprint"]:
+        if self.photo_encoder.base_fingerprint != spec.base_fingerprint:
             raise EncoderMismatchError(
-                f"{self.path}: built for photo encoder {spec['name']!r} with weights "
-                f"{spec['base_fingerprint'][:12]}, but the loaded weights are "
-                f"{self.photo_encoder.base_fingerprint[:12]}; pass the weights the index was built with"
+                f"{self.path}: built for photo encoder {spec.name!r} with weights {spec.short}, but the loaded "
+                f"weights are {short_id(self.photo_encoder.identity)}; pass the weights the index was built with"
             )
         faiss_levels = [FaissLevel(s) for s in self.stored]
         # Deep levels declared lazy (lazy.json) are encoded on first use and appended to the index.
@@ -186,7 +186,7 @@ class GeoIndex(_Searcher):
 
     def __repr__(self) -> str:
         rows = ", ".join([f"z{s.zoom}: {s.rows}" for s in self.stored] + [f"z{lv.zoom}: lazy" for lv in self.lazy])
-        return f"GeoIndex({str(self.path)!r}, encoder={self.manifest.photo_encoder['name']!r}, rows={{{rows}}})"
+        return f"GeoIndex({str(self.path)!r}, encoder={self.manifest.photo_encoder.name!r}, rows={{{rows}}})"
 
 
 class RegionSearcher(_Searcher):
@@ -366,8 +366,9 @@ class OnTheFlySearcher(_Searcher):
         first = index.stored[0]
         map_encoders = {}
         for level in index.manifest.levels:
-            encoder = load_map_encoder(index.photo_encoder, level.encoder.get("checkpoint"))
-            map_encoders[level.zoom] = encoder.with_precision(level.encoder.get("precision", "fp32"))
+            recorded = level.encoder
+            encoder = load_map_encoder(index.photo_encoder, recorded.checkpoint if recorded else None)
+            map_encoders[level.zoom] = encoder.with_precision((recorded.precision if recorded else None) or "fp32")
         zooms = index.zooms
         schedule = LevelSchedule(zooms[0], zooms[-1], index.manifest.schedule.step)
         rows = {s.zoom: set(zip(s.x.tolist(), s.y.tolist())) for s in index.stored}

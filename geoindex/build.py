@@ -41,11 +41,10 @@ from geoindex.errors import (
     IndexMismatchError,
     TileNotFoundError,
 )
+from geoindex.files import atomic_write_bytes
 from geoindex.imagery import TileSource
+from geoindex.manifest import CODECS, EncoderIdentity, Manifest, short_id
 from geoindex.store import (
-    CODECS,
-    Manifest,
-    atomic_write_bytes,
     finish_level,
     level_dir,
     list_shards,
@@ -166,9 +165,8 @@ def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool)
             return
         if old and old.get("encoder") != identity["encoder"] and not overwrite:
             was = old.get("encoder") if isinstance(old.get("encoder"), dict) else {}
-            weights = str(was.get("checkpoint_sha256") or was.get("base_fingerprint"))[:12]
             raise EncoderMismatchError(
-                f"{ldir} holds shards encoded with {was.get('name')!r} (weights {weights}), "
+                f"{ldir} holds shards encoded with {was.get('name')!r} (weights {short_id(was)}), "
                 "not with this map encoder; one index never mixes encoders. "
                 "Use another --index, or --overwrite to re-encode this level"
             )
@@ -347,7 +345,7 @@ def start_level(
     if shard_size < 1 or batch_size < 1:
         raise ConfigError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
     schedule.index_of(zoom)
-    photo = {"name": encoder.spec.name, "base_fingerprint": encoder.base_fingerprint, "checkpoint_sha256": None}
+    photo = EncoderIdentity(encoder.spec.name, encoder.base_fingerprint)
     fresh = Manifest(schedule=schedule, dim=encoder.dim, codec=codec, photo_encoder=photo,
                      imagery=imagery, coverage=coverage.to_json())
     manifest = Manifest.load(index_dir) if (index_dir / "manifest.json").is_file() else fresh
@@ -437,7 +435,7 @@ def complete_level(
             "command to resume, or add --skip-bad-tiles to leave them out as missing"
         )
     info = finish_level(job.index_dir, zoom, n_parents=job.plan.n_parents, codec=job.codec, dim=job.dim)
-    info = dataclasses.replace(info, encoder={**encoder, "checkpoint": checkpoint})
+    info = dataclasses.replace(info, encoder=EncoderIdentity.from_dict({**encoder, "checkpoint": checkpoint}))
     manifest = job.manifest.with_level(info)
     before = job.manifest.level(zoom)
     if before is not None and before.rows == info.rows:
@@ -522,9 +520,8 @@ def _ignore(_: int) -> None:
 def _check_compatible(index_dir: Path, have: Manifest, want: Manifest) -> None:
     problems = []
     if have.photo_encoder != want.photo_encoder:
-        problems.append(f"photo encoder {have.photo_encoder['name']!r} "
-                        f"({have.photo_encoder['base_fingerprint'][:12]}) vs {want.photo_encoder['name']!r} "
-                        f"({want.photo_encoder['base_fingerprint'][:12]})")
+        problems.append(f"photo encoder {have.photo_encoder.name!r} ({have.photo_encoder.short}) "
+                        f"vs {want.photo_encoder.name!r} ({want.photo_encoder.short})")
     if have.codec != want.codec:
         problems.append(f"codec {have.codec!r} vs {want.codec!r}")
     if have.schedule != want.schedule:

@@ -58,7 +58,7 @@ from geoindex.errors import (
 )
 from geoindex.files import atomic_path, atomic_write_bytes
 from geoindex.imagery import TileSource
-from geoindex.store import Manifest
+from geoindex.manifest import Manifest, short_id
 from geoindex.tiles import children_array, tile_code_array, tile_xy_of_code_array
 
 __all__ = [
@@ -247,7 +247,7 @@ class LazyStore:
             if have != identity:
                 raise EncoderMismatchError(
                     f"{self.dir} holds tiles encoded with {have.get('name')!r} "
-                    f"({str(have.get('checkpoint_sha256') or have.get('base_fingerprint'))[:12]}), not with this "
+                    f"({short_id(have)}), not with this "
                     f"zoom-{self.zoom} map encoder; fix the checkpoints in {LAZY_FILE} or delete {self.dir}"
                 )
         elif writable:
