@@ -56,7 +56,7 @@ from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array, til
 
 __all__ = [
     "BuildSummary",
-    "Coverage",
+    "CoverageLike",
     "LevelJob",
     "LevelPlan",
     "build_level",
@@ -73,8 +73,8 @@ PREFETCH_BATCHES = 3  # batches read and preprocessed ahead of the encoder
 _FAILURES_SHOWN = 20  # shards whose errors a BuildIncompleteError spells out
 
 
-class Coverage(Protocol):
-    """The part of the world an index covers (see ``geoindex.coverage``)."""
+class CoverageLike(Protocol):
+    """What a build needs of the part of the world an index covers; ``geoindex.coverage.Coverage`` is one."""
 
     def tiles(self, *, zoom: int) -> tuple[np.ndarray, np.ndarray]: ...
 
@@ -112,7 +112,7 @@ class LevelPlan:
     n_parents: int | None
 
 
-def plan_level(index_dir: Path, manifest: Manifest, zoom: int, coverage: Coverage) -> LevelPlan:
+def plan_level(index_dir: Path, manifest: Manifest, zoom: int, coverage: CoverageLike) -> LevelPlan:
     """The candidate tiles of ``zoom`` in (parent_row, quadkey) order."""
     parent_zoom = manifest.schedule.parent_zoom(zoom)
     if parent_zoom is None:
@@ -328,7 +328,7 @@ class LevelJob:
 
 
 def start_level(
-    index_dir: str | os.PathLike, zoom: int, *, encoder: ImageEncoder, imagery: str, coverage: Coverage,
+    index_dir: str | os.PathLike, zoom: int, *, encoder: ImageEncoder, imagery: str, coverage: CoverageLike,
     schedule: LevelSchedule = LevelSchedule(), codec: str = "fp16", shard_size: int = 8192, batch_size: int = 64,
     overwrite: bool = False,
 ) -> LevelJob:
@@ -457,7 +457,7 @@ def build_level(
     *,
     source: TileSource,
     encoder: ImageEncoder,
-    coverage: Coverage,
+    coverage: CoverageLike,
     schedule: LevelSchedule = LevelSchedule(),
     codec: str = "fp16",
     checkpoint: str | None = None,

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from geoindex.build import PLAN_FILE, BuildSummary, Coverage, LevelJob, build_shard, complete_level, start_level
+from geoindex.build import PLAN_FILE, BuildSummary, CoverageLike, LevelJob, build_shard, complete_level, start_level
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import (
     ConfigError,
@@ -268,7 +268,7 @@ def build_level_ray(
     *,
     source: str,
     encoder: EncoderRecipe,
-    coverage: Coverage,
+    coverage: CoverageLike,
     schedule: LevelSchedule = LevelSchedule(),
     codec: str = "fp16",
     shard_size: int = 8192,
