@@ -20,7 +20,7 @@ from geoindex.beam import (
     PriorOptions,
     SearchResult,
     TilePrior,
-    beam_search,
+    _beam_search,
     check_k,
     make_results,
 )
@@ -69,10 +69,24 @@ class _Searcher:
 
         ``prior`` is a belief for the same n photos (``GeoCLIPPrior.predict`` or ``.belief``).
         """
+        return self._search_embeddings(xq, check_k(k), top_n=top_n, names=names, prior=prior,
+                                       prior_options=prior_options)
+
+    def _search_embeddings(
+        self,
+        xq: npt.ArrayLike,
+        k: int,
+        *,
+        top_n: int,
+        names: Sequence[str | None] | None,
+        prior: TilePrior | None,
+        prior_options: PriorOptions | None,
+    ) -> list[SearchResult]:
+        """``search_embeddings`` for a checked ``k``."""
         xq = np.atleast_2d(np.asarray(xq, dtype=np.float32))
         if xq.shape[1] != self.photo_encoder.dim:
             raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
-        hits = beam_search(xq, self.levels, check_k(k), prior=prior, prior_options=prior_options)
+        hits = _beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
         return make_results(hits, top_n=top_n, names=names)
 
     def search(
@@ -101,7 +115,21 @@ class _Searcher:
         Returns:
             One SearchResult per image, in order (or the error, with ``on_error="return"``).
         """
-        check_k(k)
+        return self._search(images, check_k(k), top_n=top_n, on_error=on_error, prior=prior, prior_mode=prior_mode,
+                            prior_weight=prior_weight)
+
+    def _search(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        k: int,
+        *,
+        top_n: int,
+        on_error: OnError,
+        prior: str | GeoCLIPPrior | None,
+        prior_mode: PriorMode,
+        prior_weight: float,
+    ) -> list[SearchResult | GeoIndexError]:
+        """``search`` for a checked ``k``."""
         options = PriorOptions(prior_mode, prior_weight) if prior is not None else None
         loaded = get_prior(prior) if prior is not None else None
         batch = cast(list[ImageInput], [images] if not isinstance(images, (list, tuple)) else list(images))
@@ -134,8 +162,8 @@ class _Searcher:
         if good:
             xq = self.photo_encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
             belief = loaded.predict([cast(ImageInput, batch_in[i]) for i in good]) if loaded is not None else None
-            results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
-                                             prior=belief, prior_options=options)
+            results = self._search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
+                                              prior=belief, prior_options=options)
             for i, r in zip(good, results):
                 out[i] = r
         return out  # type: ignore[return-value]  # every None was filled above
@@ -283,7 +311,7 @@ def search(
         ConfigError: k or top_n out of range, an unknown prior or mode, or the geoclip package
         is missing. WeightsNotFoundError: ``prior="geoclip"`` without a local ViT-L/14.
     """
-    check_k(k)
+    k = check_k(k)  # the one check of this call: before opening anything
     if prior is not None:
         PriorOptions(prior_mode, prior_weight)  # fail on bad options before loading anything
     if isinstance(index, GeoIndex):
@@ -294,7 +322,8 @@ def search(
             if key not in _opened:
                 _opened[key] = GeoIndex(key)
             opened = _opened[key]
-    results = opened.search(image, k, top_n=top_n, prior=prior, prior_mode=prior_mode, prior_weight=prior_weight)
+    results = opened._search(image, k, top_n=top_n, on_error="raise", prior=prior, prior_mode=prior_mode,
+                             prior_weight=prior_weight)
     return results if isinstance(image, (list, tuple)) else results[0]  # type: ignore[return-value]
 
 
