@@ -335,7 +335,8 @@ def build_synthetic_index(
     its ancestors and the beam search does real work. Queries are leaves plus noise of norm
     about ``query_noise``.
     """
-    from geoindex.store import Manifest, finish_level, shard_path, write_shard
+    from geoindex.manifest import EncoderIdentity, Manifest
+    from geoindex.store import finish_level, shard_path, write_shard
     from geoindex.tiles import LevelSchedule, child_offsets_array
 
     schedule = schedule or LevelSchedule(4, 16, 2)
@@ -350,8 +351,8 @@ def build_synthetic_index(
     path.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(
         schedule=schedule, dim=dim, codec=codec,
-        photo_encoder=photo_encoder
-        or {"name": "synthetic", "base_fingerprint": "synthetic", "checkpoint_sha256": None},
+        photo_encoder=EncoderIdentity.from_dict(photo_encoder or {"name": "synthetic",
+                                                                  "base_fingerprint": "synthetic"}),
         imagery="synthetic", coverage={"synthetic": {"deepest": deepest, "root": list(root)}},
         build_args={"synthetic": {"deepest": deepest, "dim": dim, "seed": seed, "child_noise": child_noise}},
     )
@@ -386,7 +387,8 @@ def build_synthetic_index(
                 queries[pos] = emb[sel - lo].astype(np.float16).astype(np.float32)
             del emb
         info = finish_level(path, zoom, n_parents=None if li == 0 else sizes[li - 1], codec=codec, dim=dim)
-        info = type(info)(zoom=info.zoom, rows=info.rows, encoder={"name": "synthetic"}, files=info.files)
+        info = type(info)(zoom=info.zoom, rows=info.rows, encoder=EncoderIdentity("synthetic"),
+                            files=info.files)
         manifest = manifest.with_level(info)
         parent_emb = emb_level
     manifest.save(path)

@@ -66,7 +66,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def with_codec(src: Path, dst: Path, codec: str) -> None:
     """Copy an index and rebuild every IVF level's FAISS file from its parquet with ``codec``."""
-    from geoindex.store import Manifest, finish_level
+    from geoindex.manifest import Manifest
+    from geoindex.store import finish_level
 
     shutil.copytree(src, dst)
     manifest = Manifest.load(dst)

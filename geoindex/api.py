@@ -20,7 +20,7 @@ from geoindex.beam import (
     PriorOptions,
     SearchResult,
     TilePrior,
-    beam_search,
+    _beam_search,
     check_k,
     make_results,
 )
@@ -29,9 +29,10 @@ from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
 from geoindex.imagery import ImageInput, load_image
 from geoindex.lazy import LazyLevel, open_lazy_levels
+from geoindex.manifest import Manifest, short_id
 from geoindex.prior import GeoCLIPPrior, get_prior
 from geoindex.sources import TileSource
-from geoindex.store import Manifest, StoredLevel, open_store
+from geoindex.store import StoredLevel, open_store
 from geoindex.tiles import LevelSchedule
 
 __all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "RegionSearcher", "open_index", "search"]
@@ -69,10 +70,24 @@ class _Searcher:
 
         ``prior`` is a belief for the same n photos (``GeoCLIPPrior.predict`` or ``.belief``).
         """
+        return self._search_embeddings(xq, check_k(k), top_n=top_n, names=names, prior=prior,
+                                       prior_options=prior_options)
+
+    def _search_embeddings(
+        self,
+        xq: npt.ArrayLike,
+        k: int,
+        *,
+        top_n: int,
+        names: Sequence[str | None] | None,
+        prior: TilePrior | None,
+        prior_options: PriorOptions | None,
+    ) -> list[SearchResult]:
+        """``search_embeddings`` for a checked ``k``."""
         xq = np.atleast_2d(np.asarray(xq, dtype=np.float32))
         if xq.shape[1] != self.photo_encoder.dim:
             raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
-        hits = beam_search(xq, self.levels, check_k(k), prior=prior, prior_options=prior_options)
+        hits = _beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
         return make_results(hits, top_n=top_n, names=names)
 
     def search(
@@ -101,7 +116,21 @@ class _Searcher:
         Returns:
             One SearchResult per image, in order (or the error, with ``on_error="return"``).
         """
-        check_k(k)
+        return self._search(images, check_k(k), top_n=top_n, on_error=on_error, prior=prior, prior_mode=prior_mode,
+                            prior_weight=prior_weight)
+
+    def _search(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        k: int,
+        *,
+        top_n: int,
+        on_error: OnError,
+        prior: str | GeoCLIPPrior | None,
+        prior_mode: PriorMode,
+        prior_weight: float,
+    ) -> list[SearchResult | GeoIndexError]:
+        """``search`` for a checked ``k``."""
         options = PriorOptions(prior_mode, prior_weight) if prior is not None else None
         loaded = get_prior(prior) if prior is not None else None
         batch = cast(list[ImageInput], [images] if not isinstance(images, (list, tuple)) else list(images))
@@ -134,8 +163,8 @@ class _Searcher:
         if good:
             xq = self.photo_encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
             belief = loaded.predict([cast(ImageInput, batch_in[i]) for i in good]) if loaded is not None else None
-            results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
-                                             prior=belief, prior_options=options)
+            results = self._search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
+                                              prior=belief, prior_options=options)
             for i, r in zip(good, results):
                 out[i] = r
         return out  # type: ignore[return-value]  # every None was filled above
@@ -159,13 +188,12 @@ class GeoIndex(_Searcher):
         self.stored: list[StoredLevel]
         self.manifest, self.stored = open_store(self.path, verify=verify)
         spec = self.manifest.photo_encoder
-        self.photo_encoder = create_encoder(spec["name"], weights=weights, download=download, device=device,
+        self.photo_encoder = create_encoder(spec.name, weights=weights, download=download, device=device,
                                             precision=precision)
-        if self.photo_encoder.base_fingerprint != spec["base_fingerprint"]:
+        if self.photo_encoder.base_fingerprint != spec.base_fingerprint:
             raise EncoderMismatchError(
-                f"{self.path}: built for photo encoder {spec['name']!r} with weights "
-                f"{spec['base_fingerprint'][:12]}, but the loaded weights are "
-                f"{self.photo_encoder.base_fingerprint[:12]}; pass the weights the index was built with"
+                f"{self.path}: built for photo encoder {spec.name!r} with weights {spec.short}, but the loaded "
+                f"weights are {short_id(self.photo_encoder.identity)}; pass the weights the index was built with"
             )
         faiss_levels = [FaissLevel(s) for s in self.stored]
         # Deep levels declared lazy (lazy.json) are encoded on first use and appended to the index.
@@ -187,7 +215,7 @@ class GeoIndex(_Searcher):
 
     def __repr__(self) -> str:
         rows = ", ".join([f"z{s.zoom}: {s.rows}" for s in self.stored] + [f"z{lv.zoom}: lazy" for lv in self.lazy])
-        return f"GeoIndex({str(self.path)!r}, encoder={self.manifest.photo_encoder['name']!r}, rows={{{rows}}})"
+        return f"GeoIndex({str(self.path)!r}, encoder={self.manifest.photo_encoder.name!r}, rows={{{rows}}})"
 
 
 class RegionSearcher(_Searcher):
@@ -284,7 +312,7 @@ def search(
         ConfigError: k or top_n out of range, an unknown prior or mode, or the geoclip package
         is missing. WeightsNotFoundError: ``prior="geoclip"`` without a local ViT-L/14.
     """
-    check_k(k)
+    k = check_k(k)  # the one check of this call: before opening anything
     if prior is not None:
         PriorOptions(prior_mode, prior_weight)  # fail on bad options before loading anything
     if isinstance(index, GeoIndex):
@@ -295,7 +323,8 @@ def search(
             if key not in _opened:
                 _opened[key] = GeoIndex(key)
             opened = _opened[key]
-    results = opened.search(image, k, top_n=top_n, prior=prior, prior_mode=prior_mode, prior_weight=prior_weight)
+    results = opened._search(image, k, top_n=top_n, on_error="raise", prior=prior, prior_mode=prior_mode,
+                             prior_weight=prior_weight)
     return results if isinstance(image, (list, tuple)) else results[0]  # type: ignore[return-value]
 
 
@@ -367,8 +396,9 @@ class OnTheFlySearcher(_Searcher):
         first = index.stored[0]
         map_encoders = {}
         for level in index.manifest.levels:
-            encoder = load_map_encoder(index.photo_encoder, level.encoder.get("checkpoint"))
-            map_encoders[level.zoom] = encoder.with_precision(level.encoder.get("precision", "fp32"))
+            recorded = level.encoder
+            encoder = load_map_encoder(index.photo_encoder, recorded.checkpoint if recorded else None)
+            map_encoders[level.zoom] = encoder.with_precision((recorded.precision if recorded else None) or "fp32")
         zooms = index.zooms
         schedule = LevelSchedule(zooms[0], zooms[-1], index.manifest.schedule.step)
         rows = {s.zoom: set(zip(s.x.tolist(), s.y.tolist())) for s in index.stored}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, cast, get_args
+from typing import Literal, Protocol, cast, get_args, runtime_checkable
 
 import faiss
 import mercantile
@@ -33,6 +33,7 @@ __all__ = [
     "LevelTrace",
     "OnTheFlyLevel",
     "PQ_RERANK",
+    "PriorLevel",
     "PriorMode",
     "PriorOptions",
     "SearchResult",
@@ -71,6 +72,21 @@ class Level(Protocol):
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         """Tile (x, y) of each id, same shape as ids; -1 where the id is -1."""
+        ...
+
+
+@runtime_checkable
+class PriorLevel(Level, Protocol):
+    """A level that can take a prior's tile (``inject``): it finds a tile's row and scores one given row."""
+
+    def ids_of(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Id of each tile (x, y) at this level, same shape; -1 where the level lacks it."""
+        ...
+
+    def score_ids(
+        self, xq: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], parents: npt.NDArray[np.int64] | None
+    ) -> npt.NDArray[np.float32]:
+        """Score (n,) of one given id per query, as ``search`` would report it; NEG where it cannot be returned."""
         ...
 
 
@@ -152,14 +168,12 @@ def _inject(
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
     """The level's top k plus, where missing, the tile holding the prior's top-1 location: (n, k + 1)."""
     D, I = level.search(xq, k, parents)
-    ids_of = getattr(level, "ids_of", None)
-    score_ids = getattr(level, "score_ids", None)
-    if ids_of is None or score_ids is None:
+    if not isinstance(level, PriorLevel):
         raise ConfigError(f"{type(level).__name__} cannot take an injected prior tile (needs ids_of and score_ids)")
     tx, ty = prior.top_tile(zoom=level.zoom)
-    ids = np.asarray(ids_of(tx, ty), dtype=np.int64)
+    ids = np.asarray(level.ids_of(tx, ty), dtype=np.int64)
     ids = np.where((I == ids[:, None]).any(axis=1), -1, ids)  # already kept: nothing to add
-    scores = np.asarray(score_ids(xq, ids, parents), dtype=np.float32)
+    scores = np.asarray(level.score_ids(xq, ids, parents), dtype=np.float32)
     return _top_k(np.concatenate([D, scores[:, None]], axis=1), np.concatenate([I, ids[:, None]], axis=1), k + 1)
 
 
@@ -199,8 +213,22 @@ def beam_search(
 
     Returns:
         One LevelHits per level, coarsest first; (n, k + 1) per level with ``inject``.
+
+    Raises:
+        ConfigError: k out of range (``check_k``), or a prior that does not fit the batch or the levels.
     """
-    k = check_k(k)
+    return _beam_search(xq, levels, check_k(k), prior=prior, prior_options=prior_options)
+
+
+def _beam_search(
+    xq: npt.NDArray[np.float32],
+    levels: Sequence[Level],
+    k: int,
+    *,
+    prior: TilePrior | None = None,
+    prior_options: PriorOptions | None = None,
+) -> list[LevelHits]:
+    """``beam_search`` for a ``k`` already checked at the public boundary (the API, ``evaluate``)."""
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     options = prior_options or PriorOptions()
     if prior is not None and len(prior) != len(xq):
@@ -221,7 +249,7 @@ def beam_search(
     return hits
 
 
-class FaissLevel:
+class FaissLevel(PriorLevel):
     """An indexed level: exhaustive IndexFlatIP on the first level, restricted IVF search after it.
 
     Args:
@@ -369,7 +397,7 @@ def _top_k(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int) 
     return D.astype(np.float32), I.astype(np.int64)
 
 
-class OnTheFlyLevel:
+class OnTheFlyLevel(PriorLevel):
     """A level encoded at query time from a tile source: the paper's inference, and the baseline.
 
     Ids are tile codes ``y * 2**zoom + x``, so the next level can find the children of any id.

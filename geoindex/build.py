@@ -32,12 +32,19 @@ import pyarrow.parquet as pq
 import torch
 
 from geoindex.encoders import ImageEncoder
-from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, TileNotFoundError
+from geoindex.errors import (
+    BadTilesError,
+    BuildIncompleteError,
+    ConfigError,
+    EncoderMismatchError,
+    GeoIndexError,
+    IndexMismatchError,
+    TileNotFoundError,
+)
+from geoindex.files import atomic_write_bytes
+from geoindex.manifest import CODECS, EncoderIdentity, Manifest, short_id
 from geoindex.sources import TileSource, source_spec
 from geoindex.store import (
-    CODECS,
-    Manifest,
-    atomic_write_bytes,
     finish_level,
     level_dir,
     list_shards,
@@ -48,10 +55,8 @@ from geoindex.store import (
 from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array, tile_code_array
 
 __all__ = [
-    "BadTilesError",
-    "BuildIncompleteError",
     "BuildSummary",
-    "Coverage",
+    "CoverageLike",
     "LevelJob",
     "LevelPlan",
     "build_level",
@@ -68,18 +73,14 @@ PREFETCH_BATCHES = 3  # batches read and preprocessed ahead of the encoder
 _FAILURES_SHOWN = 20  # shards whose errors a BuildIncompleteError spells out
 
 
-class Coverage(Protocol):
-    """The part of the world an index covers (see ``geoindex.coverage``)."""
+class CoverageLike(Protocol):
+    """What a build needs of the part of the world an index covers; ``geoindex.coverage.Coverage`` is one."""
 
     def tiles(self, *, zoom: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     def intersects(self, x: np.ndarray, y: np.ndarray, *, zoom: int) -> np.ndarray: ...
 
     def to_json(self) -> dict[str, Any]: ...
-
-
-class BuildIncompleteError(GeoIndexError, RuntimeError):
-    """Some tiles failed to load; their shards were not written. Fix the source and rerun to resume."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class LevelPlan:
     n_parents: int | None
 
 
-def plan_level(index_dir: Path, manifest: Manifest, zoom: int, coverage: Coverage) -> LevelPlan:
+def plan_level(index_dir: Path, manifest: Manifest, zoom: int, coverage: CoverageLike) -> LevelPlan:
     """The candidate tiles of ``zoom`` in (parent_row, quadkey) order."""
     parent_zoom = manifest.schedule.parent_zoom(zoom)
     if parent_zoom is None:
@@ -164,9 +165,8 @@ def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool)
             return
         if old and old.get("encoder") != identity["encoder"] and not overwrite:
             was = old.get("encoder") if isinstance(old.get("encoder"), dict) else {}
-            weights = str(was.get("checkpoint_sha256") or was.get("base_fingerprint"))[:12]
             raise EncoderMismatchError(
-                f"{ldir} holds shards encoded with {was.get('name')!r} (weights {weights}), "
+                f"{ldir} holds shards encoded with {was.get('name')!r} (weights {short_id(was)}), "
                 "not with this map encoder; one index never mixes encoders. "
                 "Use another --index, or --overwrite to re-encode this level"
             )
@@ -197,10 +197,6 @@ def _load_tile(source: TileSource, encoder: ImageEncoder, x: int, y: int, zoom: 
         return _TileLoad(None)
     except GeoIndexError as e:  # collected, so that one run names every bad tile of the shard
         return _TileLoad(None, error=e)
-
-
-class BadTilesError(GeoIndexError, ValueError):
-    """Tiles of a shard could not be read; the message lists every one of them."""
 
 
 def encode_tiles(
@@ -332,7 +328,7 @@ class LevelJob:
 
 
 def start_level(
-    index_dir: str | os.PathLike, zoom: int, *, encoder: ImageEncoder, imagery: str, coverage: Coverage,
+    index_dir: str | os.PathLike, zoom: int, *, encoder: ImageEncoder, imagery: str, coverage: CoverageLike,
     schedule: LevelSchedule = LevelSchedule(), codec: str = "fp16", shard_size: int = 8192, batch_size: int = 64,
     overwrite: bool = False, imagery_spec: str | None = None,
 ) -> LevelJob:
@@ -343,7 +339,7 @@ def start_level(
 
     Raises:
         ConfigError: bad arguments, or the level above is not built yet.
-        EncoderMismatchError: see ``build_level``.
+        EncoderMismatchError, IndexMismatchError: see ``build_level``.
     """
     started = time.perf_counter()
     index_dir = Path(index_dir)
@@ -352,7 +348,7 @@ def start_level(
     if shard_size < 1 or batch_size < 1:
         raise ConfigError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
     schedule.index_of(zoom)
-    photo = {"name": encoder.spec.name, "base_fingerprint": encoder.base_fingerprint, "checkpoint_sha256": None}
+    photo = EncoderIdentity(encoder.spec.name, encoder.base_fingerprint)
     fresh = Manifest(schedule=schedule, dim=encoder.dim, codec=codec, photo_encoder=photo,
                      imagery=imagery, coverage=coverage.to_json(), imagery_spec=imagery_spec)
     manifest = Manifest.load(index_dir) if (index_dir / "manifest.json").is_file() else fresh
@@ -444,7 +440,7 @@ def complete_level(
             "command to resume, or add --skip-bad-tiles to leave them out as missing"
         )
     info = finish_level(job.index_dir, zoom, n_parents=job.plan.n_parents, codec=job.codec, dim=job.dim)
-    info = dataclasses.replace(info, encoder={**encoder, "checkpoint": checkpoint})
+    info = dataclasses.replace(info, encoder=EncoderIdentity.from_dict({**encoder, "checkpoint": checkpoint}))
     manifest = job.manifest.with_level(info)
     before = job.manifest.level(zoom)
     if before is not None and before.rows == info.rows:
@@ -466,7 +462,7 @@ def build_level(
     *,
     source: TileSource,
     encoder: ImageEncoder,
-    coverage: Coverage,
+    coverage: CoverageLike,
     schedule: LevelSchedule = LevelSchedule(),
     codec: str = "fp16",
     checkpoint: str | None = None,
@@ -493,8 +489,9 @@ def build_level(
             them (counted in the summary), instead of failing their shards.
 
     Raises:
-        EncoderMismatchError: the index was built with another photo encoder / codec / schedule,
-            or this level holds shards of another map encoder (without ``overwrite``).
+        EncoderMismatchError: the index was built with another photo encoder, or this level holds
+            shards of another map encoder (without ``overwrite``).
+        IndexMismatchError: the index was built with another codec, schedule, imagery or coverage.
         BuildIncompleteError: some tiles failed to load (not just missing); rerun to resume.
     """
     job = start_level(index_dir, zoom, encoder=encoder, imagery=source.name, coverage=coverage, schedule=schedule,
@@ -529,9 +526,8 @@ def _ignore(_: int) -> None:
 def _check_compatible(index_dir: Path, have: Manifest, want: Manifest) -> None:
     problems = []
     if have.photo_encoder != want.photo_encoder:
-        problems.append(f"photo encoder {have.photo_encoder['name']!r} "
-                        f"({have.photo_encoder['base_fingerprint'][:12]}) vs {want.photo_encoder['name']!r} "
-                        f"({want.photo_encoder['base_fingerprint'][:12]})")
+        problems.append(f"photo encoder {have.photo_encoder.name!r} ({have.photo_encoder.short}) "
+                        f"vs {want.photo_encoder.name!r} ({want.photo_encoder.short})")
     if have.codec != want.codec:
         problems.append(f"codec {have.codec!r} vs {want.codec!r}")
     if have.schedule != want.schedule:
@@ -541,7 +537,9 @@ def _check_compatible(index_dir: Path, have: Manifest, want: Manifest) -> None:
     if have.coverage != want.coverage:
         problems.append("coverage differs")
     if problems:
-        raise EncoderMismatchError(
+        # An encoder difference keeps its own, narrower type; the message lists every difference either way.
+        error = EncoderMismatchError if have.photo_encoder != want.photo_encoder else IndexMismatchError
+        raise error(
             f"{index_dir} was built with different settings: {'; '.join(problems)}. "
             "One index never mixes them: build into another --index folder"
         )

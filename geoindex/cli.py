@@ -368,7 +368,7 @@ def _serve(args: argparse.Namespace) -> int:
                      weights=args.weights, download=args.download, device=device,
                      verify=args.verify or None, precision=args.precision)
     index = app.state.index
-    print(f"serving {index.path} ({index.manifest.photo_encoder['name']} on {index.photo_encoder.device}) at "
+    print(f"serving {index.path} ({index.manifest.photo_encoder.name} on {index.photo_encoder.device}) at "
           f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
     print(f"note: {RESPONSIBLE_USE}", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from geoindex.build import PLAN_FILE, BuildSummary, Coverage, LevelJob, build_shard, complete_level, start_level
+from geoindex.build import PLAN_FILE, BuildSummary, CoverageLike, LevelJob, build_shard, complete_level, start_level
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import (
     ConfigError,
@@ -263,7 +263,7 @@ def build_level_ray(
     *,
     source: str,
     encoder: EncoderRecipe,
-    coverage: Coverage,
+    coverage: CoverageLike,
     schedule: LevelSchedule = LevelSchedule(),
     codec: str = "fp16",
     shard_size: int = 8192,
@@ -287,7 +287,7 @@ def build_level_ray(
 
     Raises:
         ConfigError: Ray missing, bad options, or a worker that does not see the index folder.
-        EncoderMismatchError: as ``build_level``, or a worker built a different encoder.
+        EncoderMismatchError, IndexMismatchError: as ``build_level``, or a worker built a different encoder.
         BuildIncompleteError: some tiles failed to load; finished shards are kept, rerun to resume.
     """
     ray = _import_ray()

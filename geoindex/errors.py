@@ -34,7 +34,11 @@ class WeightsNotFoundError(GeoIndexError, FileNotFoundError):
     """Model weights are not available locally and downloading was not allowed."""
 
 
-class EncoderMismatchError(GeoIndexError, ValueError):
+class IndexMismatchError(GeoIndexError, ValueError):
+    """An existing index was built with other settings (codec, schedule, imagery, coverage) than a build asks for."""
+
+
+class EncoderMismatchError(IndexMismatchError):
     """A checkpoint or index was made with a different encoder than the one supplied."""
 
 
@@ -44,6 +48,18 @@ class IndexNotFoundError(GeoIndexError, FileNotFoundError):
 
 class IndexFormatError(GeoIndexError, ValueError):
     """An index on disk is damaged, partial, or of an unsupported format version."""
+
+
+class BuildIncompleteError(GeoIndexError, RuntimeError):
+    """Some tiles failed to load; their shards were not written. Fix the source and rerun to resume."""
+
+
+class BadTilesError(GeoIndexError, ValueError):
+    """Tiles of a shard could not be read; the message lists every one of them."""
+
+
+class LazyLevelError(GeoIndexError, RuntimeError):
+    """A lazy level could not encode the tiles a query needs (the tile source failed); nothing was stored."""
 
 
 class SourceNotReopenableError(ConfigError):

@@ -49,10 +49,16 @@ import pyarrow.parquet as pq
 from geoindex.beam import _top_k
 from geoindex.build import encode_tiles
 from geoindex.encoders import ImageEncoder, load_map_encoder
-from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, IndexFormatError, IndexNotFoundError
+from geoindex.errors import (
+    ConfigError,
+    EncoderMismatchError,
+    IndexFormatError,
+    IndexNotFoundError,
+    LazyLevelError,
+)
 from geoindex.files import atomic_path, atomic_write_bytes
+from geoindex.manifest import Manifest, short_id
 from geoindex.sources import TileSource
-from geoindex.store import Manifest
 from geoindex.tiles import children_array, tile_code_array, tile_xy_of_code_array
 
 __all__ = [
@@ -60,7 +66,6 @@ __all__ = [
     "CompactSummary",
     "LazyConfig",
     "LazyLevel",
-    "LazyLevelError",
     "LazyStore",
     "compact",
     "declare_lazy",
@@ -73,10 +78,6 @@ LAZY_FILE = "lazy.json"
 LAZY_DIR = "lazy"
 LAZY_FORMAT = 1
 COMPACT_ROWS = 65_536  # rows per compacted shard
-
-
-class LazyLevelError(GeoIndexError, RuntimeError):
-    """A lazy level could not encode the tiles a query needs (the tile source failed); nothing was stored."""
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ class LazyStore:
             if have != identity:
                 raise EncoderMismatchError(
                     f"{self.dir} holds tiles encoded with {have.get('name')!r} "
-                    f"({str(have.get('checkpoint_sha256') or have.get('base_fingerprint'))[:12]}), not with this "
+                    f"({short_id(have)}), not with this "
                     f"zoom-{self.zoom} map encoder; fix the checkpoints in {LAZY_FILE} or delete {self.dir}"
                 )
         elif writable:

@@ -209,7 +209,7 @@ def create_app(
         return {
             "status": "ok",
             "index": str(opened.path),
-            "encoder": opened.manifest.photo_encoder["name"],
+            "encoder": opened.manifest.photo_encoder.name,
             "device": str(opened.photo_encoder.device),
             "levels": [{"zoom": s.zoom, "tiles": s.rows} for s in opened.stored],
             "imagery": opened.manifest.imagery,

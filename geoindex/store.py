@@ -12,14 +12,12 @@ Rows of a level are sorted by (parent_row, quadkey) and row i is FAISS id i.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import faiss
 import numpy as np
@@ -28,16 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from faiss.contrib.ivf_tools import add_preassigned
 
-from geoindex.errors import ConfigError, IndexFormatError, IndexNotFoundError
-from geoindex.files import atomic_path, atomic_write_bytes, file_sha256
-from geoindex.tiles import LevelSchedule, quadkey_int_array
+from geoindex.errors import ConfigError, IndexFormatError
+from geoindex.files import atomic_path, file_sha256
+from geoindex.manifest import CODECS, FileInfo, LevelInfo, Manifest
+from geoindex.tiles import quadkey_int_array
 
 __all__ = [
-    "CODECS",
-    "FORMAT_VERSION",
-    "FileInfo",
-    "LevelInfo",
-    "Manifest",
     "StoredLevel",
     "build_faiss_level",
     "level_dir",
@@ -52,10 +46,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 FAISS_FILE = "index.faiss"
-CODECS = ("fp16", "flat", "sq8", "pq")
 SQ8_TRAIN_SAMPLE = 65_536  # rows used to fit the 8-bit quantizer's per-dimension ranges
 PQ_TRAIN_SAMPLE = 16_384  # rows used to train the product quantizer's codebooks (64 per centroid)
 PQ_MAX_M = 64  # pq: at most 64 one-byte sub-vector codes per tile (+ an 8-byte id per IVF entry)
@@ -65,168 +56,6 @@ VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total si
 
 def _file_info(path: Path) -> FileInfo:
     return FileInfo(path.name, path.stat().st_size, file_sha256(path))
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """A file of a level, as the manifest records it: name, size in bytes, sha256."""
-
-    name: str
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class LevelInfo:
-    """One complete level: its zoom, row count, the map encoder that embedded it, and its files."""
-
-    zoom: int
-    rows: int
-    encoder: dict[str, Any]
-    files: tuple[FileInfo, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "files", tuple(FileInfo(**f) if isinstance(f, dict) else f for f in self.files))
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """What an index holds; written last, checked before any search.
-
-    Attributes:
-        schedule: the zoom levels the index is built for (not all need to be built yet).
-        dim: embedding dimension d. codec: FAISS codec of levels after the first.
-        photo_encoder: identity of the photo encoder queries must be embedded with.
-        imagery: the tile source the levels were encoded from. coverage: the covered area.
-        levels: complete levels, coarsest first, contiguous from ``schedule.start``.
-        build_args: the arguments of the build, for reproduction.
-        imagery_spec: the source's spec (``geoindex.sources.open_source`` reopens it), so maps
-            can draw over the imagery; None in indexes built before it was recorded.
-    """
-
-    schedule: LevelSchedule
-    dim: int
-    codec: str
-    photo_encoder: dict[str, Any]
-    imagery: str
-    coverage: dict[str, Any] = field(default_factory=dict)
-    levels: tuple[LevelInfo, ...] = ()
-    build_args: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
-    imagery_spec: str | None = None  # optional: absent from older manifests, which still open
-
-    def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ConfigError(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
-        if self.dim < 1:
-            raise ConfigError(f"embedding dimension must be positive, got {self.dim}")
-        zooms = tuple(level.zoom for level in self.levels)
-        if zooms != self.schedule.zooms[: len(zooms)]:
-            raise IndexFormatError(
-                f"levels {list(zooms)} are not a prefix of the schedule {list(self.schedule.zooms)}"
-            )
-
-    def level(self, zoom: int) -> LevelInfo | None:
-        return next((lv for lv in self.levels if lv.zoom == zoom), None)
-
-    def with_level(self, info: LevelInfo) -> Manifest:
-        """A copy with ``info`` added, replacing any level of the same zoom and dropping deeper ones."""
-        kept = tuple(lv for lv in self.levels if lv.zoom < info.zoom)
-        return dataclasses.replace(self, levels=kept + (info,))
-
-    def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["schedule"] = {"start": self.schedule.start, "stop": self.schedule.stop, "step": self.schedule.step}
-        return d
-
-    @classmethod
-    def from_json(cls, d: Any, *, where: str = "manifest") -> Manifest:
-        if not isinstance(d, dict):
-            raise IndexFormatError(
-                f"{where}: malformed manifest (a JSON object was expected, got {type(d).__name__}); "
-                "rebuild the index with `python -m pipelines.build_index`"
-            )
-        version = d.get("format_version")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise IndexFormatError(
-                f"{where}: malformed manifest (format_version {version!r} is not a positive integer); "
-                "rebuild the index with `python -m pipelines.build_index`"
-            )
-        if version > FORMAT_VERSION:
-            raise IndexFormatError(
-                f"{where}: format version {version!r} is newer than this geoindex reads "
-                f"({FORMAT_VERSION}); upgrade geoindex or rebuild the index"
-            )
-        try:
-            _expect(d, "dim", int)
-            _expect(d, "codec", str)
-            _expect(d, "imagery", str)
-            if d.get("imagery_spec") is not None:
-                _expect(d, "imagery_spec", str)
-            _expect(d, "schedule", dict)
-            _expect(d, "photo_encoder", dict)
-            _expect(d, "levels", list)
-            _expect(d["photo_encoder"], "name", str)
-            _expect(d["photo_encoder"], "base_fingerprint", str)
-            for lv in d["levels"]:
-                if not isinstance(lv, dict):
-                    raise TypeError(f"a level is {type(lv).__name__}, not an object")
-                _expect(lv, "zoom", int)
-                _expect(lv, "rows", int)
-                _expect(lv, "encoder", dict)
-                _expect(lv, "files", list)
-                for f in lv["files"]:
-                    if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("size"), int)
-                            and isinstance(f.get("sha256"), str)):
-                        raise TypeError(f"level z{lv['zoom']}: file entry {f!r} needs name, size and sha256")
-                    if f["name"] != Path(f["name"]).name or f["name"] in ("", ".", ".."):
-                        raise TypeError(f"level z{lv['zoom']}: file name {f['name']!r} is not a plain file name")
-                if lv["rows"] < 0:
-                    raise TypeError(f"level z{lv['zoom']}: rows {lv['rows']} is negative")
-            return cls(
-                schedule=LevelSchedule(**d["schedule"]),
-                dim=d["dim"],
-                codec=d["codec"],
-                photo_encoder=dict(d["photo_encoder"]),
-                imagery=d["imagery"],
-                coverage=dict(d.get("coverage") or {}),
-                levels=tuple(LevelInfo(**lv) for lv in d["levels"]),
-                build_args=dict(d.get("build_args") or {}),
-                format_version=version,
-                imagery_spec=d.get("imagery_spec"),
-            )
-        except (KeyError, TypeError, ValueError, ConfigError) as e:
-            if isinstance(e, IndexFormatError):
-                raise
-            raise IndexFormatError(
-                f"{where}: malformed manifest ({e}); rebuild the index with `python -m pipelines.build_index`"
-            ) from e
-
-    def save(self, index_dir: Path) -> None:
-        atomic_write_bytes(Path(index_dir) / MANIFEST, json.dumps(self.to_json(), indent=2).encode())
-
-    @classmethod
-    def load(cls, index_dir: Path) -> Manifest:
-        path = Path(index_dir) / MANIFEST
-        if not path.is_file():
-            raise IndexNotFoundError(
-                f"no index at {index_dir} ({MANIFEST} missing); build one with "
-                f"`python -m pipelines.build_index --index {index_dir} --all`"
-            )
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise IndexFormatError(f"{path}: unreadable manifest ({e})") from e
-        return cls.from_json(data, where=str(path))
-
-
-def _expect(d: dict[str, Any], key: str, kind: type) -> None:
-    """TypeError naming ``key`` unless ``d[key]`` is a ``kind`` (bool is not an int here)."""
-    if key not in d:
-        raise KeyError(f"{key!r} is missing")
-    value = d[key]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"{key!r} is {value!r}, expected {kind.__name__}")
 
 
 def level_dir(index_dir: Path, zoom: int) -> Path:
@@ -452,7 +281,7 @@ def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: st
         files += (_file_info(write_exact(index_dir, zoom, dim=dim)),)
     else:
         (ldir / EXACT_FILE).unlink(missing_ok=True)  # a codec change leaves no stale re-ranking file
-    return LevelInfo(zoom=zoom, rows=int(index.ntotal), encoder={}, files=files)
+    return LevelInfo(zoom=zoom, rows=int(index.ntotal), encoder=None, files=files)
 
 
 @dataclass

@@ -27,8 +27,8 @@ from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, PRECISIONS, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError
 from geoindex.lazy import compact, declare_lazy
+from geoindex.manifest import CODECS, Manifest
 from geoindex.sources import open_source
-from geoindex.store import CODECS, Manifest
 from geoindex.tiles import LevelSchedule
 from pipelines._cli import progress_bar, run_main, setup_logging
 

@@ -145,9 +145,9 @@ def run(cfg: Config) -> EvalReport:
                           prior=prior, prior_options=prior_options)
     report = EvalReport(report.mode, report.index, report.photos, report.unreadable, report.zooms, report.results,
                         meta={"photos_csv": str(cfg.photos), "command": cfg.command,
-                              "encoder": index.manifest.photo_encoder["name"],
+                              "encoder": index.manifest.photo_encoder.name,
                               "prior": f"{cfg.prior} ({cfg.prior_mode}, w={cfg.prior_weight})" if cfg.prior else None,
-                              "map_checkpoints": {f"z{lv.zoom:02d}": lv.encoder.get("checkpoint")
+                              "map_checkpoints": {f"z{lv.zoom:02d}": lv.encoder.checkpoint if lv.encoder else None
                                                   for lv in index.manifest.levels}})
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(f"{cfg.out}.json"), json.dumps(report.to_json(), indent=2).encode())

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import geoindex
-from geoindex.errors import ConfigError, EncoderMismatchError
+from geoindex.errors import ConfigError, EncoderMismatchError, IndexMismatchError
 from geoindex.store import list_shards, shard_path
 from pipelines import build_index
 from tests.conftest import render_tile
@@ -86,6 +86,14 @@ def test_refuses_to_mix_encoders(tmp_path, tile_dir, monkeypatch):
     cfg = build_index.parse_args(argv + ["--encoder", "tiny"])
     with pytest.raises(EncoderMismatchError, match="photo encoder"):
         build_index.run(dataclasses.replace(cfg, encoder="tiny-other"))
+
+
+def test_refuses_to_mix_codecs_with_an_index_mismatch(tmp_path, tile_dir):
+    _build(["--zoom", "1", "--index", str(tmp_path), "--source", str(tile_dir)])
+    argv = ["--zoom", "2", "--index", str(tmp_path), "--source", str(tile_dir), "--quiet", *SCHEDULE]
+    with pytest.raises(IndexMismatchError, match="codec 'fp16' vs 'sq8'") as info:
+        build_index.run(build_index.parse_args(argv + ["--encoder", "tiny", "--codec", "sq8"]))
+    assert not isinstance(info.value, EncoderMismatchError)  # the encoders agree: only the codec differs
 
 
 def test_main_reports_errors_with_exit_status(tmp_path, capsys):

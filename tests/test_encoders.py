@@ -184,7 +184,7 @@ def test_reduced_precisions_stay_close_and_are_recorded(tiny_encoder):
 
 def test_levels_record_the_precision_they_were_encoded_at(tmp_path, tiny_encoder, rendered_source, world):
     from geoindex.build import build_level
-    from geoindex.store import Manifest
+    from geoindex.manifest import Manifest
     from geoindex.tiles import LevelSchedule
 
     schedule = LevelSchedule(1, 2, 1)
@@ -192,7 +192,7 @@ def test_levels_record_the_precision_they_were_encoded_at(tmp_path, tiny_encoder
                 schedule=schedule)
     build_level(tmp_path, 2, source=rendered_source, encoder=tiny_encoder.with_precision("fp32"), coverage=world,
                 schedule=schedule)
-    assert [lv.encoder["precision"] for lv in Manifest.load(tmp_path).levels] == ["bf16", "fp32"]
+    assert [lv.encoder.precision for lv in Manifest.load(tmp_path).levels] == ["bf16", "fp32"]
 
 
 def test_query_threads_are_one_unless_asked():

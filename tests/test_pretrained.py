@@ -153,7 +153,7 @@ def test_indexed_equals_on_the_fly(tmp_path, effnet, rendered_source, world):
         build_level(tmp_path, zoom, source=rendered_source, encoder=effnet, coverage=world, schedule=schedule,
                     shard_size=64)
     index = geoindex.open_index(tmp_path)
-    assert index.manifest.photo_encoder["name"] == NAME
+    assert index.manifest.photo_encoder.name == NAME
     rng = np.random.default_rng(0)
     queries = []
     for code in rng.choice(16, size=6, replace=False).tolist():

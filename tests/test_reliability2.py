@@ -16,9 +16,9 @@ from faiss.contrib.ivf_tools import add_preassigned
 
 import geoindex
 from geoindex.errors import IndexFormatError
+from geoindex.manifest import Manifest
 from geoindex.store import (
     FAISS_FILE,
-    Manifest,
     _file_info,
     level_dir,
     list_shards,

@@ -163,6 +163,35 @@ def test_bad_k(small_index, k):
         geoindex.search(_queries(1, zoom=3)[0], k=k, index=small_index)
 
 
+def test_k_is_checked_once_per_call(small_index, monkeypatch):
+    from geoindex import api, beam
+
+    calls = []
+    check_k = beam.check_k
+
+    def counting(k):
+        calls.append(k)
+        return check_k(k)
+
+    monkeypatch.setattr(api, "check_k", counting)
+    monkeypatch.setattr(beam, "check_k", counting)
+    index = geoindex.open_index(small_index)
+    geoindex.search(_queries(1, zoom=3)[0], k=3, index=index)
+    index.search(_queries(2, zoom=3), k=3)
+    index.search_embeddings(np.zeros((1, index.photo_encoder.dim), np.float32), k=3)
+    assert calls == [3, 3, 3]
+
+
+def test_levels_that_take_an_injected_prior_declare_it(small_index):
+    from geoindex.beam import FaissLevel, OnTheFlyLevel, PriorLevel
+    from geoindex.lazy import LazyLevel
+
+    index = geoindex.open_index(small_index)
+    assert all(isinstance(level, PriorLevel) for level in index.levels)
+    assert PriorLevel in FaissLevel.__mro__ and PriorLevel in OnTheFlyLevel.__mro__  # declared, not just shaped
+    assert not hasattr(LazyLevel, "ids_of")  # refused by inject with a ConfigError naming the level
+
+
 def test_search_docstring_documents_k_and_fields():
     doc = geoindex.search.__doc__ or ""
     assert "beam width" in doc

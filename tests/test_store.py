@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import faiss
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from geoindex.beam import FaissLevel, beam_search
-from geoindex.errors import IndexFormatError, IndexNotFoundError
+from geoindex.errors import IndexFormatError
+from geoindex.manifest import EncoderIdentity, Manifest
 from geoindex.store import (
     FAISS_FILE,
-    LevelInfo,
-    Manifest,
     build_faiss_level,
     finish_level,
     level_dir,
@@ -96,7 +93,7 @@ def test_open_store_and_manifest_checks(tmp_path, tiny_encoder):
     info1 = finish_level(tmp_path, 1, n_parents=None, codec="fp16", dim=16)
     info2 = finish_level(tmp_path, 2, n_parents=4, codec="fp16", dim=16)
     manifest = Manifest(schedule=LevelSchedule(1, 2, 1), dim=16, codec="fp16",
-                        photo_encoder={"name": "x", "base_fingerprint": "y"}, imagery="test",
+                        photo_encoder=EncoderIdentity(name="x", base_fingerprint="y"), imagery="test",
                         levels=(info1, info2))
     manifest.save(tmp_path)
     assert Manifest.load(tmp_path) == manifest
@@ -121,42 +118,6 @@ def test_open_store_and_manifest_checks(tmp_path, tiny_encoder):
     shard_path(tmp_path, 2, 0).rename(tmp_path / "elsewhere.parquet")
     with pytest.raises(IndexFormatError, match="missing"):
         open_store(tmp_path)
-
-
-def test_manifest_newer_version_and_missing(tmp_path):
-    with pytest.raises(IndexNotFoundError, match="build_index"):
-        Manifest.load(tmp_path)
-    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": 99}))
-    with pytest.raises(IndexFormatError, match="newer"):
-        Manifest.load(tmp_path)
-    (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(IndexFormatError, match="unreadable"):
-        Manifest.load(tmp_path)
-
-
-def test_manifest_imagery_spec_is_optional(tmp_path):
-    m = Manifest(schedule=LevelSchedule(), dim=4, codec="fp16", photo_encoder={"name": "x", "base_fingerprint": "y"},
-                 imagery="dir:tiles", imagery_spec="dir:tiles")
-    m.save(tmp_path)
-    assert Manifest.load(tmp_path) == m and json.loads((tmp_path / "manifest.json").read_text())["imagery_spec"]
-    old = json.loads(json.dumps(m.to_json()))
-    del old["imagery_spec"]  # written before the spec was recorded
-    assert Manifest.from_json(old).imagery_spec is None
-    with pytest.raises(IndexFormatError, match="'imagery_spec' is 5"):
-        Manifest.from_json({**old, "imagery_spec": 5})
-
-
-def test_manifest_levels_must_follow_schedule():
-    level = LevelInfo(zoom=6, rows=1, encoder={}, files=())
-    with pytest.raises(IndexFormatError, match="prefix"):
-        Manifest(schedule=LevelSchedule(), dim=4, codec="fp16", photo_encoder={}, imagery="x", levels=(level,))
-
-
-def test_with_level_drops_deeper_levels():
-    infos = [LevelInfo(zoom=z, rows=1, encoder={}, files=()) for z in (4, 6, 8)]
-    m = Manifest(schedule=LevelSchedule(), dim=4, codec="fp16", photo_encoder={}, imagery="x", levels=tuple(infos))
-    rebuilt = m.with_level(LevelInfo(zoom=6, rows=2, encoder={}, files=()))
-    assert [lv.zoom for lv in rebuilt.levels] == [4, 6] and rebuilt.levels[1].rows == 2
 
 
 def test_pq_subquantizers_keep_entries_within_100_bytes():
@@ -187,7 +148,7 @@ def test_pq_level_reranks_exactly(tmp_path, children):
     assert [f.name for f in info1.files] == ["part-00000.parquet", FAISS_FILE]  # first level: flat, no exact file
     assert "exact.npy" in [f.name for f in info2.files]
     Manifest(schedule=LevelSchedule(1, 9, 8), dim=d, codec="pq", imagery="x", levels=(info1, info2),
-             photo_encoder={"name": "tiny", "base_fingerprint": "0" * 64}).save(tmp_path)
+             photo_encoder=EncoderIdentity(name="tiny", base_fingerprint="0" * 64)).save(tmp_path)
     _, stored = open_store(tmp_path)
     index = stored[1].index
     assert isinstance(index, faiss.IndexIVFPQ) and not index.by_residual and index.quantizer.ntotal == 0
