@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from geoindex.formats import FORMATS, WRITERS, encode_geojson, encode_map, one_l
 from geoindex.imagery import TileSource, describe_os_error
 from geoindex.threads import configure_query_threads
 
-__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main", "resolve_device"]
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main", "resolve_device", "run_command"]
 
 log = logging.getLogger(__name__)
 
@@ -399,23 +399,36 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("geoindex").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def run_command(body: Callable[[], int], *, interrupted: str = "interrupted") -> int:
+    """Run a command's body; a GeoIndexError becomes one clear line on stderr and exit status 2, Ctrl-C 130.
+
+    Shared by the ``geoindex`` command and the pipelines (``pipelines._cli.run_main``).
+    """
+    try:
+        return body()
+    except GeoIndexError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``geoindex`` console script and ``python -m geoindex``."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    try:
+
+    def body() -> int:
         with warnings.catch_warnings():
             if args.quiet:
                 # Pillow warns about damaged metadata ("Corrupt EXIF data", "Possibly corrupt EXIF
                 # MakerNote") of photos it still decodes; one that cannot be decoded is an error anyway.
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             return int(args.func(args))
-    except GeoIndexError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    try:
+        return run_command(body)
     except BrokenPipeError:  # `geoindex locate ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
