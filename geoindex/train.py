@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -53,8 +53,12 @@ from geoindex.tile_encoding import encode_tile_batches
 from geoindex.tiles import tile_of_code
 from geoindex.train_batches import _Batches, _TrunkCache, batch_targets
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = [
     "EpochRecord",
+    "LevelData",
     "LevelResult",
     "TrainConfig",
     "batch_targets",
@@ -150,6 +154,24 @@ class LevelResult:
     history: tuple[EpochRecord, ...] = field(default_factory=tuple)
     skipped: bool = False
     dropped_photos: int = 0
+
+
+class LevelData(TypedDict):
+    """What every level trains on: keyword arguments of :func:`train_level` and :func:`train_levels`.
+
+    Attributes:
+        photo_emb: (n, d) float32 photo embeddings from the base encoder (see ``dataset.photo_embeddings``).
+        lat, lon: (n,) true coordinates of the photos, degrees.
+        train_rows, val_rows: rows of ``photo_emb`` to train and to validate on (``val_rows`` None: none).
+        source: tile images.
+    """
+
+    photo_emb: npt.NDArray[np.float32]
+    lat: npt.ArrayLike
+    lon: npt.ArrayLike
+    train_rows: npt.ArrayLike
+    val_rows: npt.ArrayLike | None
+    source: TileSource
 
 
 # ------------------------------------------------------------------------------------- the loss
@@ -309,12 +331,6 @@ def train_level(
     base: ImageEncoder,
     zoom: int,
     *,
-    photo_emb: npt.NDArray[np.float32],
-    lat: npt.ArrayLike,
-    lon: npt.ArrayLike,
-    train_rows: npt.ArrayLike,
-    val_rows: npt.ArrayLike | None,
-    source: TileSource,
     out_dir: str | os.PathLike,
     cfg: TrainConfig = TrainConfig(),
     init_from: str | os.PathLike | None = None,
@@ -322,15 +338,14 @@ def train_level(
     on_epoch: Callable[[int, int, int, int], None] | None = None,
     on_step: Callable[[float], None] | None = None,
     negative_pool: npt.ArrayLike | None = None,
+    **data: Unpack[LevelData],
 ) -> LevelResult:
     """Train the map encoder of one zoom level; resume from ``<out>/zNN.state.pt`` if present.
 
     Args:
         base: the frozen photo encoder; its weights are never changed.
-        photo_emb: (n, d) float32 photo embeddings from ``base`` (see ``dataset.photo_embeddings``).
-        lat, lon: (n,) true coordinates of the photos, degrees.
-        train_rows, val_rows: rows of ``photo_emb`` to train and to validate on.
-        source: tile images.
+        data: the photos, their split and the tile images (``photo_emb``, ``lat``, ``lon``,
+            ``train_rows``, ``val_rows``, ``source``; see :class:`LevelData`).
         out_dir: where the state and the finished checkpoint ``zNN.pt`` are written.
         init_from: the finer level's checkpoint to start from; None starts from ``base``.
         run_key: identifies the photos and split; a state from another run is refused.
@@ -367,14 +382,15 @@ def train_level(
     if cfg.negatives and negative_pool is None:
         raise ConfigError(f"z{zoom}: negatives={cfg.negatives} needs the level's tiles (negative_pool)")
     pool = None if negative_pool is None else np.unique(np.asarray(negative_pool, dtype=np.int64))
-    lat = np.asarray(lat, dtype=np.float64)
-    lon = np.asarray(lon, dtype=np.float64)
+    photo_emb, source = data["photo_emb"], data["source"]
+    lat = np.asarray(data["lat"], dtype=np.float64)
+    lon = np.asarray(data["lon"], dtype=np.float64)
     codes = tile_codes(lat, lon, zoom=zoom)
-    train_rows = np.asarray(train_rows, dtype=np.int64)
+    train_rows = np.asarray(data["train_rows"], dtype=np.int64)
     if len(np.unique(codes[train_rows])) < 2:
         raise ConfigError(
             f"z{zoom}: training needs photos in at least 2 distinct tiles, got {len(train_rows)} photos")
-    val = np.asarray(val_rows if val_rows is not None else [], dtype=np.int64)
+    val = np.asarray(data["val_rows"] if data["val_rows"] is not None else [], dtype=np.int64)
     if len(val):
         if cfg.max_val_photos is not None and len(val) > cfg.max_val_photos:
             pick = np.random.default_rng([cfg.seed, zoom]).choice(val, cfg.max_val_photos, replace=False)
@@ -473,18 +489,13 @@ def train_levels(
     base: ImageEncoder,
     zooms: Sequence[int],
     *,
-    photo_emb: npt.NDArray[np.float32],
-    lat: npt.ArrayLike,
-    lon: npt.ArrayLike,
-    train_rows: npt.ArrayLike,
-    val_rows: npt.ArrayLike | None,
-    source: TileSource,
     out_dir: str | os.PathLike,
     cfg: TrainConfig = TrainConfig(),
     run_key: str = "",
     on_epoch: Callable[[int, int, int, int], None] | None = None,
     on_step: Callable[[float], None] | None = None,
     negative_pools: Mapping[int, npt.ArrayLike] | None = None,
+    **data: Unpack[LevelData],
 ) -> list[LevelResult]:
     """Train every level, finest zoom first; each coarser level starts from the finer one's checkpoint.
 
@@ -501,10 +512,8 @@ def train_levels(
     previous: Path | None = None
     for zoom in sorted(zooms, reverse=True):
         result = train_level(
-            base, zoom, photo_emb=photo_emb, lat=lat, lon=lon, train_rows=train_rows, val_rows=val_rows,
-            source=source, out_dir=out, cfg=cfg, init_from=previous, run_key=run_key,
-            on_epoch=on_epoch, on_step=on_step,
-            negative_pool=None if negative_pools is None else negative_pools.get(zoom),
+            base, zoom, out_dir=out, cfg=cfg, init_from=previous, run_key=run_key, on_epoch=on_epoch,
+            on_step=on_step, negative_pool=None if negative_pools is None else negative_pools.get(zoom), **data,
         )
         results.append(result)
         previous = result.checkpoint
