@@ -52,7 +52,7 @@ from geoindex.imagery import TileSource
 from geoindex.sources import open_source
 from geoindex.tiles import MAX_LATITUDE
 from pipelines import build_index, evaluate, train
-from pipelines._cli import progress_bar, run_main, setup_logging
+from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.experiment")
 
@@ -405,9 +405,7 @@ def _section(cfg: Config, source: str, table: PhotoTable, reports: dict[str, Eva
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    setup_logging(cfg.quiet)
-    return run_main(lambda: (run(cfg), 0)[1])
+    return pipeline_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":
