@@ -54,6 +54,17 @@ def add_common_args(p: argparse.ArgumentParser, *, default_encoder: str = "vit-b
     p.add_argument("--seed", type=int, default=0)
 
 
+def benchmark_parser(
+    name: str, doc: str | None, *, raw: bool = False, default_encoder: str = "vit-b-32-random"
+) -> argparse.ArgumentParser:
+    """The parser of ``benchmarks/<name>.py``, with the flags every benchmark takes; ``raw`` keeps the
+    description's line breaks."""
+    p = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter)
+    add_common_args(p, default_encoder=default_encoder)
+    return p
+
+
 def resolve_encoder(args: argparse.Namespace, default: str = "vit-b-32-random") -> str:
     if args.encoder:
         return str(args.encoder)
@@ -273,6 +284,27 @@ class Report:
         results_md = Path(results_md)
         old = results_md.read_text() if results_md.is_file() else _RESULTS_HEADER
         atomic_write_text(results_md, old.rstrip() + "\n\n" + self.markdown())
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """A benchmark run as it starts: its name, the command that reproduces it, the machine before the work."""
+
+    name: str
+    command: str
+    machine: dict[str, Any]
+
+    @classmethod
+    def start(cls, name: str, argv: Sequence[str] | None) -> BenchRun:
+        return cls(name, command_line(name, argv), machine_info())
+
+    def report(
+        self, title: str, encoder: str, results: Any, tables: tuple[str, ...], notes: Sequence[str] = (),
+        targets: Sequence[tuple[str, str, bool | None]] = (),
+    ) -> Report:
+        """The run's :class:`Report`."""
+        return Report(self.name, title, self.command, encoder, self.machine, results, tables, tuple(notes),
+                      tuple(targets))
 
 
 # ---------------------------------------------------------------------------------------------

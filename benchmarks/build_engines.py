@@ -23,15 +23,7 @@ from typing import TYPE_CHECKING
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import (
-    Report,
-    add_common_args,
-    command_line,
-    machine_info,
-    markdown_table,
-    resolve_encoder,
-    run_benchmark,
-)
+from benchmarks._common import BenchRun, Report, benchmark_parser, markdown_table, resolve_encoder, run_benchmark
 
 if TYPE_CHECKING:
     from geoindex.build import BuildSummary
@@ -40,8 +32,7 @@ NAME = "build_engines"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/build_engines.py", description=__doc__)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__)
     p.add_argument("--zoom", type=int, help="zoom of the larger level built (default: 4, the world's 256 tiles; "
                                             "5 with the tiny encoder); zoom - 1 is the smaller")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="coverage (default: world)")
@@ -92,7 +83,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.sources import RasterSource
     from geoindex.tiles import LevelSchedule
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a)
     coverage = Coverage.from_bbox(*a.bbox) if a.bbox else Coverage.world()
     n_tiles = len(coverage.tiles(zoom=a.zoom)[0])
@@ -141,9 +132,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "between the two, fixed = end to end - tiles / marginal (plan, FAISS, manifest; Ray: actor start-up, "
         "each actor imports torch and builds the encoder).",
     ]
-    return Report(NAME, "Build engines: local vs Ray Data", command_line(NAME, argv), enc_name, machine,
-                  {"rows": rows, "zoom": a.zoom, "tiles": n_tiles, "shard_size": shard_size,
-                   "batch_size": a.batch_size}, (table,), tuple(notes))
+    results = {"rows": rows, "zoom": a.zoom, "tiles": n_tiles, "shard_size": shard_size, "batch_size": a.batch_size}
+    return bench.report("Build engines: local vs Ray Data", enc_name, results, (table,), notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -25,22 +25,13 @@ if __package__ in (None, ""):
 import mercantile
 import torch
 
-from benchmarks._common import (
-    Report,
-    add_common_args,
-    command_line,
-    machine_info,
-    markdown_table,
-    resolve_encoder,
-    run_benchmark,
-)
+from benchmarks._common import BenchRun, Report, benchmark_parser, markdown_table, resolve_encoder, run_benchmark
 
 NAME = "build_throughput"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/build_throughput.py", description=__doc__)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__)
     p.add_argument("--zooms", type=int, nargs="+", help="levels to build (default: 4, the world's 256 tiles)")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="coverage (default: world)")
     p.add_argument("--batch-size", type=int, default=64)
@@ -79,7 +70,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.sources import RasterSource
     from pipelines import build_index
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a)
     tiles = _tiles(a)
     source = RasterSource()
@@ -148,8 +139,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         print(s.getvalue(), file=sys.stderr)
     targets = (("build efficiency >= 0.9", f"{res['efficiency']:.3f} end to end; "
                 f"{res['efficiency_build_level']:.3f} for build_level alone", res["efficiency"] >= 0.9),)
-    return Report(NAME, "build throughput", command_line(NAME, argv), enc_name, machine, res, (table,),
-                  tuple(notes), targets)
+    return bench.report("build throughput", enc_name, res, (table,), notes, targets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

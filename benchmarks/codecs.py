@@ -30,25 +30,22 @@ if __package__ in (None, ""):
 import numpy as np
 
 from benchmarks._common import (
+    BenchRun,
     Report,
-    add_common_args,
+    benchmark_parser,
     build_synthetic_index,
-    command_line,
-    machine_info,
     markdown_table,
     resolve_encoder,
     run_benchmark,
 )
-from benchmarks.latency import make_photos, region_coverage
+from benchmarks.latency import build_region_index, make_photos, region_coverage
 
 NAME = "codecs"
 CODECS = ("flat", "fp16", "sq8", "pq")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/codecs.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__, raw=True)
     p.add_argument("--queries", type=int, help="queries per index (default 1000)")
     p.add_argument("--k", type=int, nargs="+", default=[16, 64], help="beam widths (default 16 64)")
     p.add_argument("--region-tiles", type=int, help="zoom-4 tiles of the encoder index (default 2; 1 --quick)")
@@ -134,13 +131,12 @@ def evaluate(paths: dict[str, Path], xq: np.ndarray, ks: Sequence[int]) -> dict[
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    from geoindex.build import build_level
     from geoindex.encoders import create_encoder
     from geoindex.sources import RasterSource
     from geoindex.store import PQ_TRAIN_SAMPLE
     from geoindex.tiles import LevelSchedule
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a)
     work = Path(tempfile.mkdtemp(prefix="geoindex-bench-codecs-"))
     source = RasterSource()
@@ -150,10 +146,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
     # encoder-embedded tiles
     base = work / "enc-fp16"
-    t = time.perf_counter()
-    for zoom in schedule.zooms:
-        build_level(base, zoom, source=source, encoder=encoder, coverage=coverage, schedule=schedule)
-    print(f"encoder index built in {time.perf_counter() - t:.0f} s; embedding {a.queries} queries...", file=sys.stderr)
+    build_s = build_region_index(base, source, encoder, coverage, schedule)
+    print(f"encoder index built in {build_s:.0f} s; embedding {a.queries} queries...", file=sys.stderr)
     photos = make_photos(source, bounds, a.queries, a.seed + 1)
     xq = encoder.encode(photos)
     paths = {"fp16": base}
@@ -232,8 +226,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "added tile = the slope of index.faiss size between the two deepest synthetic levels.",
         "The machine is shared with other engineers' jobs (see the load average): times are indicative only.",
     ]
-    return Report(NAME, "codecs: size and agreement with flat", command_line(NAME, argv), enc_name, machine,
-                  results, (table,), tuple(notes), targets)
+    return bench.report("codecs: size and agreement with flat", enc_name, results, (table,), notes, targets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -32,11 +32,10 @@ import numpy as np
 from PIL import Image
 
 from benchmarks._common import (
+    BenchRun,
     Report,
-    add_common_args,
+    benchmark_parser,
     build_synthetic_index,
-    command_line,
-    machine_info,
     markdown_table,
     pct,
     resolve_encoder,
@@ -48,9 +47,7 @@ ROOT = mercantile.Tile(8, 5, 4)  # Europe; the measured region starts here and r
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/latency.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__, raw=True)
     p.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64], help="beam widths (default 16 32 64)")
     p.add_argument("--queries", type=int, help="photos timed on the indexed path per k (default 30; 20 --quick)")
     p.add_argument("--otf-queries", type=int,
@@ -119,6 +116,16 @@ def region_coverage(n_tiles: int):  # type: ignore[no-untyped-def]
                               max(x.east for x in b) - eps, max(x.north for x in b) - eps), b
 
 
+def build_region_index(path, source, encoder, coverage, schedule, **build_args) -> float:  # type: ignore[no-untyped-def]
+    """Build every level of ``schedule`` over ``coverage`` from real tiles and a real encoder; seconds taken."""
+    from geoindex.build import build_level
+
+    t = time.perf_counter()
+    for zoom in schedule.zooms:
+        build_level(path, zoom, source=source, encoder=encoder, coverage=coverage, schedule=schedule, **build_args)
+    return time.perf_counter() - t
+
+
 def make_photos(source, bounds, n: int, seed: int) -> list[Image.Image]:  # type: ignore[no-untyped-def]
     """Views of the region that align with no tile: random centre, fractional zoom, rotation."""
     rng = np.random.default_rng(seed)
@@ -135,12 +142,11 @@ def make_photos(source, bounds, n: int, seed: int) -> list[Image.Image]:  # type
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     import geoindex
     from geoindex.api import OnTheFlySearcher
-    from geoindex.build import build_level
     from geoindex.encoders import create_encoder
     from geoindex.sources import RasterSource
     from geoindex.tiles import LevelSchedule
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a)
     work = Path(tempfile.mkdtemp(prefix="geoindex-bench-latency-"))
     source = RasterSource()
@@ -149,11 +155,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     schedule = LevelSchedule(*a.measured_zooms)
 
     # 1. the measured index: real tiles, real encoder
-    t = time.perf_counter()
-    for zoom in schedule.zooms:
-        build_level(work / "measured", zoom, source=source, encoder=encoder, coverage=coverage, schedule=schedule,
-                    batch_size=a.batch_size)
-    build_s = time.perf_counter() - t
+    build_s = build_region_index(work / "measured", source, encoder, coverage, schedule, batch_size=a.batch_size)
     measured = geoindex.open_index(work / "measured")
     otf = OnTheFlySearcher.for_index(measured, source, batch_size=a.batch_size)
     rows_measured = [s.rows for s in measured.stored]
@@ -270,10 +272,10 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "per-tile cost x tiles per photo, counted by running OnTheFlySearcher over the world (z4..z16) "
         "with a stub encoder (256 first-level tiles + 16k per later level).",
     ]
-    return Report(NAME, "latency: indexed vs on-the-fly", command_line(NAME, argv), enc_name, machine,
-                  {"per_k": results, "measured_index_rows": rows_measured, "seven_level_rows": list(synth.rows),
-                   "measured_build_s": build_s, "per_tile_ms": per_tile_ms},
-                  (table_7, table_m), tuple(notes), tuple(targets))
+    return bench.report("latency: indexed vs on-the-fly", enc_name,
+                        {"per_k": results, "measured_index_rows": rows_measured, "seven_level_rows": list(synth.rows),
+                         "measured_build_s": build_s, "per_tile_ms": per_tile_ms},
+                        (table_7, table_m), notes, targets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

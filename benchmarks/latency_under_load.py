@@ -32,23 +32,13 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from benchmarks._common import (
-    Report,
-    add_common_args,
-    command_line,
-    machine_info,
-    markdown_table,
-    resolve_encoder,
-    run_benchmark,
-)
+from benchmarks._common import BenchRun, Report, benchmark_parser, markdown_table, resolve_encoder, run_benchmark
 
 NAME = "latency_under_load"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/latency_under_load.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, default_encoder="tiny")
+    p = benchmark_parser(NAME, __doc__, raw=True, default_encoder="tiny")
     p.add_argument("--queries", type=int, help="timed queries per condition and policy (default 60; 20 --quick)")
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--busy", type=int, default=os.cpu_count() or 2, help="busy processes when loaded (default: cores)")
@@ -87,7 +77,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.threads import configure_query_threads
     from geoindex.tiles import LevelSchedule
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a, "tiny")
     work = Path(tempfile.mkdtemp(prefix="geoindex-bench-load-"))
     source = RasterSource()
@@ -139,8 +129,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     notes = [f"Index: world at zoom {list(schedule.zooms)} from the embedded Blue Marble, encoder `{enc_name}`; "
              f"{a.queries} rendered views per cell, one per call, k={a.k}. Loaded: {a.busy} busy Python processes "
              "on the machine's cores, started and stopped by the script."]
-    return Report(NAME, "query latency on a quiet and a busy machine", command_line(NAME, argv), enc_name,
-                  machine, results, (table,), tuple(notes), targets)
+    return bench.report("query latency on a quiet and a busy machine", enc_name, results, (table,), notes, targets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

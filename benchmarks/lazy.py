@@ -33,7 +33,7 @@ import mercantile
 import numpy as np
 from PIL import Image
 
-from benchmarks._common import REPO, Report, add_common_args, command_line, machine_info, markdown_table, run_benchmark
+from benchmarks._common import REPO, BenchRun, Report, benchmark_parser, markdown_table, run_benchmark
 
 NAME = "lazy"
 SHARED = REPO.parent / "shared" / "data"
@@ -44,9 +44,7 @@ SCENES = {  # the areas of the two Landsat scenes (README of ../shared/data)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/lazy.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p, default_encoder="efficientnet-lite0")
+    p = benchmark_parser(NAME, __doc__, raw=True, default_encoder="efficientnet-lite0")
     p.add_argument("--queries", type=int, help="queries in the clustered stream (default 200)")
     p.add_argument("--clusters", type=int, default=4, help="cluster centres of the stream (default 4)")
     p.add_argument("--k", type=int, default=4, help="beam width (default 4)")
@@ -99,7 +97,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.sources import RasterSource
     from geoindex.tiles import LevelSchedule
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     enc_name = a.encoder or ("tiny" if (a.quick or a.smoke) else "efficientnet-lite0")
     roots = [SHARED / name for name in SCENES]
     real = not (a.smoke or a.raster) and all(r.is_dir() for r in roots)
@@ -209,8 +207,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "the stated difference (float summation order).",
         "The machine is shared with other engineers' jobs (see the load average): times are indicative only.",
     )
-    return Report(NAME, "lazy deep levels: first query, repeat, clustered stream, equality with built",
-                  command_line(NAME, argv), enc_name, machine, results, (table, table2), notes, targets)
+    return bench.report("lazy deep levels: first query, repeat, clustered stream, equality with built",
+                        enc_name, results, (table, table2), notes, targets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

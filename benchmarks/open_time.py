@@ -26,12 +26,11 @@ if __package__ in (None, ""):
 
 from benchmarks._common import (
     REPO,
+    BenchRun,
     Report,
-    add_common_args,
+    benchmark_parser,
     build_synthetic_index,
-    command_line,
     level_sizes,
-    machine_info,
     markdown_table,
     run_benchmark,
 )
@@ -50,8 +49,7 @@ print(json.dumps(times))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/open_time.py", description=__doc__)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__)
     p.add_argument("--sizes", type=float, nargs="+", help="deepest-level tiles (default 1e6)")
     p.add_argument("--dim", type=int, default=512, help="embedding dimension (default 512)")
     p.add_argument("--before", default="6402bf0", help="git revision without the checks (default: 6402bf0)")
@@ -74,7 +72,7 @@ def _open_times(tree: Path, index: Path, repeats: int) -> list[float]:
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     rows = []
     a.workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=a.workdir) as before_dir:
@@ -108,8 +106,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "parent and FAISS-id checks). Indexes above 256 MB skip sha256 by default, so these checks are what stands "
         "between a damaged large index and a wrong answer.",
     )
-    return Report(NAME, "open_time: opening an index before and after the open-time checks", command_line(NAME, argv),
-                  f"synthetic d={a.dim}", machine, rows, (table,), notes)
+    return bench.report("open_time: opening an index before and after the open-time checks", f"synthetic d={a.dim}",
+                        rows, (table,), notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 import numpy as np
 from PIL import Image
 
-from benchmarks._common import REPO, Report, add_common_args, command_line, machine_info, markdown_table, run_benchmark
+from benchmarks._common import REPO, BenchRun, Report, benchmark_parser, markdown_table, run_benchmark
 
 NAME = "planet"
 BLUEMARBLE = REPO.parent / "shared" / "data" / "bluemarble" / "6"
@@ -39,9 +39,7 @@ CLUSTER_CORES = 64 * 50  # the Ray cluster the table prices: 50 nodes of 64 core
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/planet.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__, raw=True)
     p.add_argument("--encode-tiles", type=int, help="tiles encoded per encoder to time (default 192)")
     a = p.parse_args(argv)
     a.encode_tiles = a.encode_tiles or (8 if a.smoke else 192)
@@ -93,7 +91,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
     from geoindex.store import pq_subquantizers
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
+    machine = bench.machine
     threads = torch.get_num_threads()
     have_bm = BLUEMARBLE.is_dir() and not a.smoke
     if have_bm:
@@ -179,8 +178,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         f"jobs: load {machine['load_avg_1m']:.1f}); core-hours = tiles x threads / rate / 3600. vit-b-32-random has "
         "the cost of CLIP ViT-B/32. GPU throughput was not measured here.",
     )
-    return Report(NAME, "planet sizing: tiles, bytes per codec, encode core-hours", command_line(NAME, argv),
-                  ", ".join(encoders), machine, results, (size_table, compute_table), notes)
+    return bench.report("planet sizing: tiles, bytes per codec, encode core-hours", ", ".join(encoders), results,
+                        (size_table, compute_table), notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,7 @@ if __package__ in (None, ""):
 
 import numpy as np
 
-from benchmarks._common import Report, add_common_args, command_line, machine_info, markdown_table, run_benchmark
+from benchmarks._common import BenchRun, Report, benchmark_parser, markdown_table, run_benchmark
 
 NAME = "precision"
 ENCODERS = ("vit-b-32-random", "efficientnet-lite0")
@@ -41,9 +41,7 @@ QUALITY_ENCODERS = ("efficientnet-lite0",)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/precision.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__, raw=True)
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS), help="registry names (default: %(default)s)")
     p.add_argument("--queries", type=int, help="views searched per precision (default 600; 100 --quick)")
     p.add_argument("--reps", type=int, help="timed repetitions per precision (default 20; 5 --quick)")
@@ -145,7 +143,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.encoders import ENCODERS as REGISTRY
     from geoindex.encoders import resolve_precision
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     work = Path(tempfile.mkdtemp(prefix="geoindex-bench-precision-"))
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     try:
@@ -187,8 +185,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "fastest precision measured to keep >= 0.99 final-tile agreement (fp32 where nothing was measured).",
     ]
     payload = {"results": results, "default": default, "recommended": recommended}
-    return Report(NAME, "encoder precision: cost and agreement with fp32", command_line(NAME, argv),
-                  ", ".join(a.encoders), machine, payload, (table,), tuple(notes), tuple(targets))
+    return bench.report("encoder precision: cost and agreement with fp32", ", ".join(a.encoders), payload, (table,),
+                        notes, targets)
 
 
 def recommended_precision(by_p: dict[str, dict[str, float | None]]) -> str:

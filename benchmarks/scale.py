@@ -25,12 +25,11 @@ import numpy as np
 
 from benchmarks._common import (
     REPO,
+    BenchRun,
     Report,
-    add_common_args,
+    benchmark_parser,
     build_synthetic_index,
-    command_line,
     level_sizes,
-    machine_info,
     markdown_table,
     mem_available_bytes,
     pct,
@@ -41,8 +40,7 @@ NAME = "scale"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/scale.py", description=__doc__)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__)
     p.add_argument("--sizes", type=float, nargs="+", help="deepest-level tiles (default 1e4 1e5 1e6 1e7)")
     p.add_argument("--dim", type=int, help="embedding dimension (default 512; 64 with --quick)")
     p.add_argument("--k", type=int, default=64, help="beam width (default 64)")
@@ -138,7 +136,7 @@ def _run_worker(index_dir: Path, queries_file: Path, k: int, warmup: int) -> dic
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     rows, notes = [], []
     a.workdir.mkdir(parents=True, exist_ok=True)
     for size in a.sizes:
@@ -217,8 +215,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "upper levels, so they score fewer candidates than large ones.",
         *notes,
     ]
-    return Report(NAME, "scale: search latency vs index size", command_line(NAME, argv), f"synthetic d={a.dim}",
-                  machine, rows, (table,), tuple(notes), tuple(targets))
+    return bench.report("scale: search latency vs index size", f"synthetic d={a.dim}", rows, (table,), notes, targets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,14 +24,13 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO, Report, add_common_args, command_line, machine_info, markdown_table, run_benchmark
+from benchmarks._common import REPO, BenchRun, Report, benchmark_parser, markdown_table, run_benchmark
 
 NAME = "service_memory"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="benchmarks/service_memory.py", description=__doc__)
-    add_common_args(p)
+    p = benchmark_parser(NAME, __doc__)
     p.add_argument("--before", default="6402bf0", help="git revision before the limits (default: 6402bf0)")
     p.add_argument("--sides", type=int, nargs="+", default=[9400, 4900],
                    help="upload sizes in pixels per side (default: 9400, refused after; 4900, 24 MP, accepted)")
@@ -111,7 +110,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     def render_tile(t):  # any distinct image per tile: the index only has to exist
         return Image.new("RGB", (64, 64), ((t.x * 37) % 256, (t.y * 59) % 256, (t.z * 83) % 256))
 
-    machine = machine_info()
+    bench = BenchRun.start(NAME, argv)
     a.workdir.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=a.workdir) as tmp:
@@ -139,8 +138,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     notes = (f"`geoindex serve` (tiny encoder, zoom 1-3 index, OMP_NUM_THREADS=1) in a fresh process per row; "
              f"{a.uploads} uploads from {a.clients} client threads; RSS from /proc/PID/status. before = {a.before}; "
              f"after = this tree with its defaults (--max-megapixels 25, --max-concurrent {slots}).",)
-    return Report(NAME, "service_memory: server RSS through a burst of large-pixel uploads", command_line(NAME, argv),
-                  "tiny", machine, rows, (table,), notes)
+    return bench.report("service_memory: server RSS through a burst of large-pixel uploads", "tiny", rows, (table,),
+                        notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,17 +9,15 @@ left out), so a killed build resumes at the first missing shard and ends with th
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
-import itertools
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,7 +27,6 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import (
@@ -39,7 +36,6 @@ from geoindex.errors import (
     EncoderMismatchError,
     GeoIndexError,
     IndexMismatchError,
-    TileNotFoundError,
 )
 from geoindex.files import atomic_write_bytes
 from geoindex.manifest import CODECS, EncoderIdentity, Manifest, short_id
@@ -52,6 +48,7 @@ from geoindex.store import (
     shard_path,
     write_shard,
 )
+from geoindex.tile_encoding import encode_tile_batches
 from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array, tile_code_array
 
 __all__ = [
@@ -69,7 +66,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 PLAN_FILE = "_build.json"
-PREFETCH_BATCHES = 3  # batches read and preprocessed ahead of the encoder
 _FAILURES_SHOWN = 20  # shards whose errors a BuildIncompleteError spells out
 
 
@@ -179,26 +175,6 @@ def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool)
     atomic_write_bytes(plan_file, json.dumps(identity, indent=2).encode())
 
 
-class _TileLoad:
-    """What reading one tile gave: a tensor, None (the source lacks it) or the error; and the image size."""
-
-    __slots__ = ("error", "size", "tensor")
-
-    def __init__(self, tensor: torch.Tensor | None, size: tuple[int, int] | None = None,
-                 error: GeoIndexError | None = None) -> None:
-        self.tensor, self.size, self.error = tensor, size, error
-
-
-def _load_tile(source: TileSource, encoder: ImageEncoder, x: int, y: int, zoom: int) -> _TileLoad:
-    try:
-        img = source.get(mercantile.Tile(x, y, zoom))
-        return _TileLoad(encoder.preprocess(img), img.size)
-    except TileNotFoundError:
-        return _TileLoad(None)
-    except GeoIndexError as e:  # collected, so that one run names every bad tile of the shard
-        return _TileLoad(None, error=e)
-
-
 def encode_tiles(
     x: npt.NDArray[np.integer], y: npt.NDArray[np.integer], *, zoom: int, source: TileSource, encoder: ImageEncoder,
     pool: ThreadPoolExecutor, batch_size: int, progress: Callable[[int], None] | None = None,
@@ -227,38 +203,20 @@ def encode_tiles(
     emb = np.zeros((n, encoder.dim), dtype=np.float32)
     bad: list[str] = []
     sizes: dict[tuple[int, int], list[str]] = {}
-
-    def submit(start: int) -> tuple[int, list[Future[_TileLoad]]]:
-        return start, [pool.submit(_load_tile, source, encoder, int(x[i]), int(y[i]), zoom)
-                       for i in range(start, min(start + batch_size, n))]
-
-    def batches() -> Iterator[tuple[int, list[_TileLoad]]]:
-        # Read ahead a bounded number of batches: enough to keep the model busy, while a whole shard
-        # of preprocessed tiles (8,192 x 600 KB at 224 px) would not fit in memory.
-        starts = iter(range(0, n, batch_size))
-        ahead = collections.deque(submit(s) for s in itertools.islice(starts, PREFETCH_BATCHES))
-        while ahead:
-            start, futures = ahead.popleft()
-            nxt = next(starts, None)
-            if nxt is not None:
-                ahead.append(submit(nxt))
-            yield start, [f.result() for f in futures]
-
-    for start, loads in batches():
-        for i, load in enumerate(loads):
+    wanted = [mercantile.Tile(int(tx), int(ty), zoom) for tx, ty in zip(x.tolist(), y.tolist())]
+    for batch in encode_tile_batches(source, wanted, encoder, batch_size=batch_size, pool=pool,
+                                     on_error="skip" if skip_bad else "collect"):
+        for i, load in enumerate(batch.loads):
             if load.error is not None:
                 bad.append(str(load.error))
                 if skip_bad and on_bad is not None:
                     on_bad(str(load.error))
             elif load.size is not None:
-                sizes.setdefault(load.size, []).append(f"{zoom}/{int(x[start + i])}/{int(y[start + i])}")
-        ok = [i for i, t in enumerate(loads) if t.tensor is not None]
-        if ok and (skip_bad or not bad):
-            out = encoder.encode_tensor(torch.stack([loads[i].tensor for i in ok]))  # type: ignore[misc]
-            rows = np.asarray(ok) + start
-            emb[rows] = out
-            found[rows] = True
-        progress(len(loads))
+                sizes.setdefault(load.size, []).append(f"{zoom}/{int(x[batch.start + i])}/{int(y[batch.start + i])}")
+        rows = batch.ok + batch.start
+        emb[rows] = batch.emb
+        found[rows] = True
+        progress(len(batch.loads))
     if len(sizes) > 1:
         usual = max(sizes, key=lambda s: len(sizes[s]))
         odd = [(size, tile) for size, tiles in sizes.items() if size != usual for tile in tiles]

@@ -9,22 +9,18 @@ summary go to stderr, so ``--format json`` and ``--format csv`` stay machine-rea
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
-import io
-import json
 import logging
 import math
 import os
-import re
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from PIL import Image
 from tqdm import tqdm
@@ -36,17 +32,16 @@ from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
 from geoindex.files import atomic_write_bytes
+from geoindex.formats import FORMATS, WRITERS, encode_geojson, encode_map, one_line
 from geoindex.imagery import describe_os_error
-from geoindex.render import areas, draw_map, result_to_dict, to_geojson
 from geoindex.sources import TileSource
 from geoindex.threads import configure_query_threads
 
-__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main", "resolve_device"]
+__all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main", "resolve_device", "run_command"]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
-FORMATS = ("table", "json", "csv")
 LOCATE_HELP = """Geolocate photos: the centre of the best map tile, the top candidates with probabilities,
 and the photos' own EXIF GPS with the distance to it. Results go to stdout; progress, errors and a
 closing summary (device, images/s) go to stderr.
@@ -99,7 +94,7 @@ def _expand_one(arg: str) -> tuple[list[str], str | None]:
         hits = sorted(str(p) for p in _walk_images(path, unreadable))
         if unreadable:
             log.warning("%s: %d folder(s) inside could not be read and were skipped, e.g. %s",
-                        _printable(arg), len(unreadable), _printable(unreadable[0]))
+                        one_line(arg), len(unreadable), one_line(unreadable[0]))
         if not hits:
             return [], f"folder holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})" + (
                 f"; {len(unreadable)} folder(s) inside could not be read" if unreadable else "")
@@ -118,14 +113,6 @@ def _walk_images(folder: Path, unreadable: list[str]) -> Iterator[Path]:
             p = Path(root) / f
             if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
                 yield p
-
-
-def _printable(text: str) -> str:
-    """``text`` with control characters (a newline in a file name) escaped, so each record stays one line."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
-
-
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _region(args: argparse.Namespace) -> Coverage | None:
@@ -203,63 +190,6 @@ def _write_output(path: Path, data: bytes, option: str) -> None:
         raise ConfigError(f"{option} {path}: cannot write ({describe_os_error(path, e)})") from e
 
 
-class _Writer:
-    """Streams results to stdout in one of FORMATS."""
-
-    def __init__(self, fmt: str, out: TextIO, *, top_n: int, trace: bool) -> None:
-        self.fmt, self.out, self.top_n, self.trace = fmt, out, top_n, trace
-        self.json_items: list[dict[str, Any]] = []
-        self._csv = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
-        if self._csv is not None:
-            self._csv.writerow(["image", "rank", "lat", "lon", "zoom", "x", "y", "score", "probability",
-                                "area_probability", "exif_lat", "exif_lon", "error_km", "error"])
-        elif fmt == "table":
-            out.write(f"{'image':<32} {'#':>2} {'lat':>9} {'lon':>10} {'tile z/x/y':>14} {'score':>6} "
-                      f"{'prob':>5} {'area':>5}  {'EXIF lat,lon':<20} {'error km':>9}\n")
-
-    def result(self, result: SearchResult, gps: tuple[float, float] | None) -> None:
-        d = result_to_dict(result, exif=gps, top_n=self.top_n, trace=self.trace)
-        area_of = {t: a.probability for a in areas(result) for t in a.tiles}
-        if self.fmt == "json":
-            self.json_items.append(d)
-            return
-        exif = d.get("exif")
-        for rank, c in enumerate(result.candidates[: self.top_n], start=1):
-            first = rank == 1
-            area_p = area_of.get(c.tile, c.probability)
-            if self._csv is not None:
-                e = exif if first and exif else {}
-                self._csv.writerow([result.image, rank, f"{c.lat:.6f}", f"{c.lon:.6f}", c.tile.z, c.tile.x,
-                                    c.tile.y, f"{c.score:.5f}", f"{c.probability:.5f}", f"{area_p:.5f}",
-                                    e.get("lat", ""), e.get("lon", ""),
-                                    f"{e['error_km']:.3f}" if e else "", ""])
-                continue
-            name = _clip(_printable(result.image or ""), 32) if first else ""
-            gps_text = f"{exif['lat']:.5f},{exif['lon']:.5f}" if first and exif else ""
-            err = f"{exif['error_km']:9,.1f}" if first and exif else ""
-            tile = f"{c.tile.z}/{c.tile.x}/{c.tile.y}"
-            row = (f"{name:<32} {rank:>2} {c.lat:>9.5f} {c.lon:>10.5f} {tile:>14} {c.score:>6.3f} "
-                   f"{c.probability:>5.2f} {area_p:>5.2f}  {gps_text:<20} {err:>9}")
-            self.out.write(row.rstrip() + "\n")
-        self.out.flush()
-
-    def failure(self, failed: _Failed) -> None:
-        if self.fmt == "json":
-            self.json_items.append({"image": failed.image, "error": failed.reason})
-        elif self._csv is not None:
-            self._csv.writerow([failed.image] + [""] * 12 + [failed.reason])
-
-    def close(self) -> None:
-        if self.fmt == "json":
-            json.dump(self.json_items, self.out, indent=2)
-            self.out.write("\n")
-        self.out.flush()
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]
-
-
 def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
@@ -275,7 +205,7 @@ def _locate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     images, failed = expand_inputs(args.paths)
     for f in failed:
-        print(f"error: {_printable(f.image)}: {f.reason}", file=sys.stderr)
+        print(f"error: {one_line(f.image)}: {f.reason}", file=sys.stderr)
     if not images:
         raise ConfigError("no input images (give files, folders or glob patterns)")
     if args.map is not None and len(images) != 1:
@@ -291,9 +221,9 @@ def _locate(args: argparse.Namespace) -> int:
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
     map_source = _map_source(index, args.map_source) if args.map is not None else None
-    writer = _Writer(args.format, sys.stdout, top_n=args.top_n, trace=args.trace)
+    writer = WRITERS[args.format](sys.stdout, top_n=args.top_n, trace=args.trace)
     for f in failed:
-        writer.failure(f)
+        writer.failure(f.image, f.reason)
     located: list[tuple[SearchResult, tuple[float, float] | None]] = []
     started = time.perf_counter()
     bar = tqdm(total=len(images), unit="img", file=sys.stderr, dynamic_ncols=True,
@@ -305,8 +235,8 @@ def _locate(args: argparse.Namespace) -> int:
                                   strict=True):
                 if isinstance(item, GeoIndexError):
                     failed.append(_Failed(path, str(item)))
-                    bar.write(f"error: {_printable(str(item))}", file=sys.stderr)
-                    writer.failure(failed[-1])
+                    bar.write(f"error: {one_line(str(item))}", file=sys.stderr)
+                    writer.failure(path, str(item))
                     continue
                 gps = None
                 if not args.ignore_exif:
@@ -323,16 +253,15 @@ def _locate(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
 
     if args.geojson is not None and located:
-        collection = to_geojson([r for r, _ in located], exif=[g for _, g in located])
-        _write_output(args.geojson, json.dumps(collection).encode(), "--geojson")
-        print(f"wrote {args.geojson} ({len(collection['features'])} features)", file=sys.stderr)
+        data, features = encode_geojson([r for r, _ in located], [g for _, g in located])
+        _write_output(args.geojson, data, "--geojson")
+        print(f"wrote {args.geojson} ({features} features)", file=sys.stderr)
     if map_source is not None and located:
         result, gps = located[0]
-        picture = draw_map(result, map_source, truth=gps, photo=images[0])
-        buf = io.BytesIO()
-        picture.save(buf, format=Image.registered_extensions()[args.map.suffix.lower()])
-        _write_output(args.map, buf.getvalue(), "--map")
-        print(f"wrote {args.map} ({picture.width}x{picture.height})", file=sys.stderr)
+        data, (width, height) = encode_map(result, map_source, truth=gps, photo=images[0],
+                                           image_format=Image.registered_extensions()[args.map.suffix.lower()])
+        _write_output(args.map, data, "--map")
+        print(f"wrote {args.map} ({width}x{height})", file=sys.stderr)
 
     n = len(located) + len(failed)
     rate = len(images) / seconds if seconds > 0 else float("inf")
@@ -471,23 +400,36 @@ def _setup_logging(quiet: bool) -> None:
     logging.getLogger("geoindex").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def run_command(body: Callable[[], int], *, interrupted: str = "interrupted") -> int:
+    """Run a command's body; a GeoIndexError becomes one clear line on stderr and exit status 2, Ctrl-C 130.
+
+    Shared by the ``geoindex`` command and the pipelines (``pipelines._cli.run_main``).
+    """
+    try:
+        return body()
+    except GeoIndexError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``geoindex`` console script and ``python -m geoindex``."""
     args = build_parser().parse_args(argv)
     _setup_logging(args.quiet)
-    try:
+
+    def body() -> int:
         with warnings.catch_warnings():
             if args.quiet:
                 # Pillow warns about damaged metadata ("Corrupt EXIF data", "Possibly corrupt EXIF
                 # MakerNote") of photos it still decodes; one that cannot be decoded is an error anyway.
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
             return int(args.func(args))
-    except GeoIndexError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+
+    try:
+        return run_command(body)
     except BrokenPipeError:  # `geoindex locate ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

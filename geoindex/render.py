@@ -1,9 +1,7 @@
-"""What a search result looks like to people and tools: JSON dicts, area probabilities, GeoJSON, PNG maps.
+"""PNG maps of a search result: per level, the kept tiles coloured by probability over the imagery.
 
-Probabilities are a softmax over the scores of all k tiles the final level kept. Neighbouring
-tiles of the final level often look alike (the same forest, the same sea) and split the
-probability between them; :func:`areas` merges tiles that touch (8-neighbourhood, wrapping at
-the antimeridian) into areas and sums their probability, which is the confidence a user wants.
+The other output formats (table, CSV, JSON, GeoJSON) and the registry of formats live in
+:mod:`geoindex.formats`, which hands ``png`` here.
 """
 
 from __future__ import annotations
@@ -12,7 +10,6 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import mercantile
 import numpy as np
@@ -24,221 +21,23 @@ from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
 from geoindex.imagery import ImageInput, load_image
 from geoindex.metrics import great_circle_km
 from geoindex.sources import TileSource
-from geoindex.tiles import merc_xy_array, tile_center, tile_merc_bounds_array
+from geoindex.tiles import merc_xy_array, tile_merc_bounds_array
 
-__all__ = [
-    "Area",
-    "FailFastSource",
-    "areas",
-    "draw_map",
-    "final_level",
-    "result_to_dict",
-    "tile_probabilities",
-    "to_geojson",
-]
+__all__ = ["FailFastSource", "draw_map"]
 
 log = logging.getLogger(__name__)
 
 LatLon = tuple[float, float]
 
 
-def final_level(result: SearchResult) -> LevelTrace:
-    """The trace level the prediction comes from (the deepest level that kept any tile)."""
-    return next(t for t in reversed(result.trace) if t.zoom == result.tile.z)
-
-
 def _softmax(scores: Sequence[float], temperature: float) -> npt.NDArray[np.float64]:
+    """Probabilities of ``scores`` at ``temperature``; the same softmax as the results' candidates."""
     s = np.asarray(scores, dtype=np.float64)
     if not s.size:
         return s
     e = np.exp((s - s.max()) / temperature)
     return np.asarray(e / e.sum())
 
-
-def tile_probabilities(
-    result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE
-) -> list[tuple[mercantile.Tile, float, float]]:
-    """Every tile the final level kept, best first, as (tile, score, probability).
-
-    The probabilities are the same softmax as ``result.candidates`` (over all kept tiles, not just
-    the top-n), so they sum to 1.
-    """
-    level = final_level(result)
-    probs = _softmax(level.scores, temperature)
-    return [(t, float(s), float(p)) for t, s, p in zip(level.tiles, level.scores, probs, strict=True)]
-
-
-@dataclass(frozen=True)
-class Area:
-    """Touching final-level tiles merged into one area, with their summed probability.
-
-    Attributes:
-        tiles: the member tiles, most probable first.
-        probability: the sum of the members' probabilities.
-        best: the most probable member; lat, lon: its centre (degrees).
-        bbox: (west, south, east, north) of the members' union, degrees.
-    """
-
-    tiles: tuple[mercantile.Tile, ...]
-    probability: float
-    best: mercantile.Tile
-    lat: float
-    lon: float
-    bbox: tuple[float, float, float, float]
-
-
-def areas(result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE) -> list[Area]:
-    """Group the final level's kept tiles into areas of touching tiles; most probable area first."""
-    scored = tile_probabilities(result, temperature=temperature)
-    if not scored:
-        return []
-    index = {(t.x, t.y): i for i, (t, _, _) in enumerate(scored)}
-    parent = list(range(len(scored)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    n = 1 << scored[0][0].z
-    for (x, y), i in index.items():
-        for dx in (-1, 0, 1):
-            for dy in (-1, 0, 1):
-                j = index.get(((x + dx) % n, y + dy))
-                if j is not None:
-                    parent[root(i)] = root(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(scored)):  # scored is best first, so each group's members are too
-        groups.setdefault(root(i), []).append(i)
-    out = []
-    for members in groups.values():
-        tiles = tuple(scored[i][0] for i in members)
-        bounds = np.array([mercantile.bounds(t) for t in tiles])
-        bbox = (float(bounds[:, 0].min()), float(bounds[:, 1].min()),
-                float(bounds[:, 2].max()), float(bounds[:, 3].max()))
-        lat, lon = tile_center(tiles[0])
-        out.append(Area(tiles, float(sum(scored[i][2] for i in members)), tiles[0], lat, lon, bbox))
-    return sorted(out, key=lambda a: -a.probability)
-
-
-def _tile_json(t: mercantile.Tile) -> list[int]:
-    return [t.z, t.x, t.y]
-
-
-def result_to_dict(
-    result: SearchResult,
-    *,
-    exif: LatLon | None = None,
-    top_n: int | None = None,
-    trace: bool = False,
-) -> dict[str, Any]:
-    """A JSON-ready dict of a result: prediction, candidates, areas, optionally the trace and EXIF GPS.
-
-    Args:
-        exif: the photo's own GPS position, if known and wanted: adds ``exif`` with the
-            great-circle distance to the prediction.
-        top_n: candidates and areas to include (default: as many candidates as the result has).
-        trace: include the per-level kept tiles and scores.
-    """
-    n = top_n or len(result.candidates)
-    best_area = areas(result)
-    out: dict[str, Any] = {
-        "image": result.image,
-        "lat": result.lat,
-        "lon": result.lon,
-        "tile": _tile_json(result.tile),
-        "bbox": list(result.bbox),
-        "score": result.score,
-        "probability": result.candidates[0].probability,
-        "area_probability": next(a.probability for a in best_area if result.tile in a.tiles),
-        "candidates": [
-            {"lat": c.lat, "lon": c.lon, "tile": _tile_json(c.tile), "score": c.score,
-             "probability": c.probability}
-            for c in result.candidates[:n]
-        ],
-        "areas": [
-            {"lat": a.lat, "lon": a.lon, "tile": _tile_json(a.best), "bbox": list(a.bbox),
-             "tiles": len(a.tiles), "probability": a.probability}
-            for a in best_area[:n]
-        ],
-    }
-    if exif is not None:
-        out["exif"] = {
-            "lat": exif[0],
-            "lon": exif[1],
-            "error_km": float(great_circle_km(exif[0], exif[1], result.lat, result.lon)),
-        }
-    if trace:
-        out["trace"] = [
-            {"zoom": lv.zoom, "tiles": [_tile_json(t) for t in lv.tiles], "scores": list(lv.scores),
-             **({"note": lv.note} if lv.note else {})}  # lazy levels: stored, encoded, or on the fly
-            for lv in result.trace
-        ]
-    return out
-
-
-# -- GeoJSON -----------------------------------------------------------------------------------
-
-
-def _polygon(bbox: Sequence[float]) -> dict[str, Any]:
-    w, s, e, n = (round(float(v), 7) for v in bbox)
-    return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
-
-
-def _point(lat: float, lon: float) -> dict[str, Any]:
-    return {"type": "Point", "coordinates": [round(lon, 7), round(lat, 7)]}
-
-
-def _heat_hex(w: float) -> str:
-    r, g, b = _colormap(w)
-    return f"#{r:02x}{g:02x}{b:02x}"
-
-
-def to_geojson(
-    results: Sequence[SearchResult],
-    *,
-    exif: Sequence[LatLon | None] | None = None,
-    temperature: float = DEFAULT_TEMPERATURE,
-) -> dict[str, Any]:
-    """A GeoJSON FeatureCollection of results: a heat map of candidates with probabilities.
-
-    Per result: one Polygon per kept final tile (``kind: candidate``, ``probability``, ``score``,
-    ``rank``), one Polygon per area (``kind: area``, summed ``probability``), the prediction
-    (``kind: prediction``, a Point) and, when given, the EXIF position (``kind: exif``). Fill
-    colours and opacities follow the simplestyle spec, so geojson.io shows them as a heat map.
-    """
-    features: list[dict[str, Any]] = []
-    for i, result in enumerate(results):
-        base = {"image": result.image}
-        scored = tile_probabilities(result, temperature=temperature)
-        pmax = max(p for _, _, p in scored)
-        for rank, (t, s, p) in enumerate(scored, start=1):
-            w = p / pmax
-            features.append({"type": "Feature", "geometry": _polygon(mercantile.bounds(t)), "properties": {
-                **base, "kind": "candidate", "rank": rank, "tile": _tile_json(t), "score": s,
-                "probability": p, "fill": _heat_hex(w), "fill-opacity": round(0.15 + 0.6 * w, 3),
-                "stroke": _heat_hex(w), "stroke-width": 1,
-            }})
-        for rank, a in enumerate(areas(result, temperature=temperature), start=1):
-            features.append({"type": "Feature", "geometry": _polygon(a.bbox), "properties": {
-                **base, "kind": "area", "rank": rank, "tiles": len(a.tiles), "probability": a.probability,
-                "fill-opacity": 0.0, "stroke": "#ffffff", "stroke-width": 2,
-            }})
-        features.append({"type": "Feature", "geometry": _point(result.lat, result.lon), "properties": {
-            **base, "kind": "prediction", "tile": _tile_json(result.tile), "score": result.score,
-            "probability": result.candidates[0].probability, "marker-color": "#e41a1c",
-        }})
-        truth = exif[i] if exif is not None else None
-        if truth is not None:
-            features.append({"type": "Feature", "geometry": _point(*truth), "properties": {
-                **base, "kind": "exif", "error_km": float(great_circle_km(*truth, result.lat, result.lon)),
-                "marker-color": "#4daf4a",
-            }})
-    return {"type": "FeatureCollection", "features": features}
-
-
-# -- PNG map -----------------------------------------------------------------------------------
 
 # A perceptual dark-blue -> yellow ramp (viridis, 5 stops), so that no plotting library is needed.
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)

@@ -34,8 +34,8 @@ from geoindex.beam import MAX_K, check_k
 from geoindex.coverage import Coverage
 from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError
 from geoindex.exif import read_gps
+from geoindex.formats import encode_map, result_to_dict, to_geojson
 from geoindex.imagery import load_image
-from geoindex.render import draw_map, result_to_dict, to_geojson
 from geoindex.sources import TileSource
 
 __all__ = [
@@ -292,7 +292,7 @@ def create_app(
             try:
                 with lock:  # opens the imagery once
                     source = imagery()
-                out["map_png"] = _png_data_url(draw_map(result, source, truth=gps, photo=data))
+                out["map_png"] = _png_data_url(encode_map(result, source, truth=gps, photo=data)[0])
             except GeoIndexError as e:  # the answer stands without its picture
                 log.warning("no map for %s: %s", name, e)
                 out["map_error"] = str(e)
@@ -328,8 +328,6 @@ def _page() -> str:
     return files("geoindex").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
-def _png_data_url(picture: Image.Image) -> str:
-    buf = io.BytesIO()
-    picture.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+def _png_data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 

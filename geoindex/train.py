@@ -29,10 +29,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -46,13 +46,19 @@ from geoindex.encoders import (
     mark_trainable,
     save_map_checkpoint,
 )
-from geoindex.errors import ConfigError, TileNotFoundError
+from geoindex.errors import ConfigError
 from geoindex.files import atomic_write_bytes, file_sha256
 from geoindex.sources import TileSource
+from geoindex.tile_encoding import encode_tile_batches
 from geoindex.tiles import tile_of_code
+from geoindex.train_batches import _Batches, _TrunkCache, batch_targets
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = [
     "EpochRecord",
+    "LevelData",
     "LevelResult",
     "TrainConfig",
     "batch_targets",
@@ -150,20 +156,25 @@ class LevelResult:
     dropped_photos: int = 0
 
 
-# ------------------------------------------------------------------------------------- the loss
+class LevelData(TypedDict):
+    """What every level trains on: keyword arguments of :func:`train_level` and :func:`train_levels`.
 
-
-def batch_targets(codes: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-    """The distinct tiles of a batch and each photo's class: ``unique[target[i]] == codes[i]``.
-
-    Args:
-        codes: tile code of each photo of the batch, shape (B,).
-
-    Returns:
-        unique tile codes (U,) and target (B,) int64 indices into them.
+    Attributes:
+        photo_emb: (n, d) float32 photo embeddings from the base encoder (see ``dataset.photo_embeddings``).
+        lat, lon: (n,) true coordinates of the photos, degrees.
+        train_rows, val_rows: rows of ``photo_emb`` to train and to validate on (``val_rows`` None: none).
+        source: tile images.
     """
-    unique, target = np.unique(np.asarray(codes, dtype=np.int64), return_inverse=True)
-    return unique, target.reshape(-1).astype(np.int64)
+
+    photo_emb: npt.NDArray[np.float32]
+    lat: npt.ArrayLike
+    lon: npt.ArrayLike
+    train_rows: npt.ArrayLike
+    val_rows: npt.ArrayLike | None
+    source: TileSource
+
+
+# ------------------------------------------------------------------------------------- the loss
 
 
 def contrastive_loss(
@@ -189,109 +200,6 @@ def contrastive_loss(
 # --------------------------------------------------------------------------------------- data
 
 
-class _Batch(NamedTuple):
-    """One step's input: photos, the tiles they are scored against, and each photo's class.
-
-    ``codes`` holds the batch's distinct tiles first, then the extra negatives; ``pixels`` holds the
-    preprocessed tiles for the rows of ``codes`` where ``loaded`` is set (the others are cached).
-    """
-
-    rows: torch.Tensor
-    codes: npt.NDArray[np.int64]
-    pixels: torch.Tensor
-    loaded: npt.NDArray[np.bool_]
-    target: torch.Tensor
-    missing: int
-
-
-class _Batches(torch.utils.data.Dataset):
-    """Batch i of an epoch (see ``_Batch``). Photos whose tile the source lacks are left out of their
-    batch (and counted); missing negatives are dropped. Tiles whose code is in ``cached`` are not loaded.
-    """
-
-    def __init__(self, batches: list[npt.NDArray[np.int64]], codes: npt.NDArray[np.int64],
-                 source: TileSource, preprocess: Callable[[Any], torch.Tensor], zoom: int, *,
-                 negatives: int = 0, pool: npt.NDArray[np.int64] | None = None,
-                 seed: Sequence[int] = (), cached: Set[int] = frozenset()) -> None:
-        self.batches = batches
-        self.codes = codes
-        self.source = source
-        self.preprocess = preprocess
-        self.zoom = zoom
-        self.negatives = negatives
-        self.pool = pool
-        self.seed = list(seed)
-        self.cached = cached
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def _negatives(self, i: int, positives: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-        if not self.negatives or self.pool is None:
-            return np.zeros(0, np.int64)
-        rng = np.random.default_rng(self.seed + [i])  # seeded per step: a resumed run draws the same
-        draw = self.pool[rng.choice(len(self.pool), min(len(self.pool), self.negatives + len(positives)),
-                                    replace=False)]
-        return draw[~np.isin(draw, positives)][: self.negatives]
-
-    def __getitem__(self, i: int) -> _Batch:
-        rows = self.batches[i]
-        unique, target = batch_targets(self.codes[rows])
-        all_codes = np.concatenate([unique, self._negatives(i, unique)])
-        pixels, found = [], np.ones(len(all_codes), dtype=bool)
-        loaded = np.zeros(len(all_codes), dtype=bool)
-        for j, c in enumerate(all_codes.tolist()):
-            if c in self.cached:
-                continue
-            try:
-                pixels.append(self.preprocess(self.source.get(tile_of_code(c, zoom=self.zoom))))
-                loaded[j] = True
-            except TileNotFoundError:
-                found[j] = False
-        missing = int((~found[: len(unique)]).sum())
-        if missing:
-            keep = found[target]
-            rows, target = rows[keep], (np.cumsum(found) - 1)[target[keep]]
-        stacked = torch.stack(pixels) if pixels else torch.zeros(0)
-        return _Batch(torch.from_numpy(rows), all_codes[found], stacked, loaded[found],
-                      torch.from_numpy(target), missing)
-
-
-class _TrunkCache:
-    """Frozen-trunk outputs per tile code, up to a memory budget; a step's tiles in, their features out."""
-
-    def __init__(self, encoder: ImageEncoder, budget_bytes: float) -> None:
-        self.encoder = encoder
-        self.trunk = encoder.split()[0]
-        self.budget = budget_bytes
-        self.used = 0
-        self.store: dict[int, torch.Tensor] = {}
-        self.codes: set[int] = set()  # what _Batches need not load (a set, unlike store.keys(), pickles for workers)
-
-    def features(self, batch: _Batch, amp: bool) -> torch.Tensor:
-        fresh = None
-        if len(batch.pixels):
-            device = self.encoder.device
-            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                fresh = self.trunk(self.encoder.to_device(batch.pixels))
-        if batch.loaded.all() and fresh is not None and self.budget <= 0:
-            return fresh
-        parts, k = [], 0
-        for code, loaded in zip(batch.codes.tolist(), batch.loaded.tolist()):
-            if loaded:
-                assert fresh is not None
-                f = fresh[k]
-                k += 1
-                if self.used + f.numel() * f.element_size() <= self.budget:
-                    self.store[code] = f.clone()
-                    self.codes.add(code)
-                    self.used += f.numel() * f.element_size()
-            else:
-                f = self.store[code]
-            parts.append(f)
-        return torch.stack(parts)
-
-
 def _epoch_batches(n: int, codes: npt.NDArray[np.int64], cfg: TrainConfig, zoom: int, epoch: int
                    ) -> list[npt.NDArray[np.int64]]:
     """The seeded photo order of one epoch cut into batches; batches with one distinct tile are dropped
@@ -308,17 +216,12 @@ def _epoch_batches(n: int, codes: npt.NDArray[np.int64], cfg: TrainConfig, zoom:
 def _encode_tiles(encoder: ImageEncoder, source: TileSource, codes: Sequence[int], zoom: int,
                   batch_size: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
     """Embeddings (m, d) of the tiles the source has, and which of ``codes`` those are (m = found.sum())."""
+    tiles = [tile_of_code(c, zoom=zoom) for c in codes]
     out, found = [], np.zeros(len(codes), dtype=bool)
-    for s in range(0, len(codes), batch_size):
-        pixels = []
-        for j, c in enumerate(codes[s : s + batch_size]):
-            try:
-                pixels.append(encoder.preprocess(source.get(tile_of_code(c, zoom=zoom))))
-                found[s + j] = True
-            except TileNotFoundError:
-                continue
-        if pixels:
-            out.append(encoder.encode_tensor(torch.stack(pixels)))
+    for batch in encode_tile_batches(source, tiles, encoder, batch_size=batch_size):
+        found[batch.ok + batch.start] = True
+        if len(batch.ok):
+            out.append(batch.emb)
     return (np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)), found
 
 
@@ -428,12 +331,6 @@ def train_level(
     base: ImageEncoder,
     zoom: int,
     *,
-    photo_emb: npt.NDArray[np.float32],
-    lat: npt.ArrayLike,
-    lon: npt.ArrayLike,
-    train_rows: npt.ArrayLike,
-    val_rows: npt.ArrayLike | None,
-    source: TileSource,
     out_dir: str | os.PathLike,
     cfg: TrainConfig = TrainConfig(),
     init_from: str | os.PathLike | None = None,
@@ -441,15 +338,14 @@ def train_level(
     on_epoch: Callable[[int, int, int, int], None] | None = None,
     on_step: Callable[[float], None] | None = None,
     negative_pool: npt.ArrayLike | None = None,
+    **data: Unpack[LevelData],
 ) -> LevelResult:
     """Train the map encoder of one zoom level; resume from ``<out>/zNN.state.pt`` if present.
 
     Args:
         base: the frozen photo encoder; its weights are never changed.
-        photo_emb: (n, d) float32 photo embeddings from ``base`` (see ``dataset.photo_embeddings``).
-        lat, lon: (n,) true coordinates of the photos, degrees.
-        train_rows, val_rows: rows of ``photo_emb`` to train and to validate on.
-        source: tile images.
+        data: the photos, their split and the tile images (``photo_emb``, ``lat``, ``lon``,
+            ``train_rows``, ``val_rows``, ``source``; see :class:`LevelData`).
         out_dir: where the state and the finished checkpoint ``zNN.pt`` are written.
         init_from: the finer level's checkpoint to start from; None starts from ``base``.
         run_key: identifies the photos and split; a state from another run is refused.
@@ -486,14 +382,15 @@ def train_level(
     if cfg.negatives and negative_pool is None:
         raise ConfigError(f"z{zoom}: negatives={cfg.negatives} needs the level's tiles (negative_pool)")
     pool = None if negative_pool is None else np.unique(np.asarray(negative_pool, dtype=np.int64))
-    lat = np.asarray(lat, dtype=np.float64)
-    lon = np.asarray(lon, dtype=np.float64)
+    photo_emb, source = data["photo_emb"], data["source"]
+    lat = np.asarray(data["lat"], dtype=np.float64)
+    lon = np.asarray(data["lon"], dtype=np.float64)
     codes = tile_codes(lat, lon, zoom=zoom)
-    train_rows = np.asarray(train_rows, dtype=np.int64)
+    train_rows = np.asarray(data["train_rows"], dtype=np.int64)
     if len(np.unique(codes[train_rows])) < 2:
         raise ConfigError(
             f"z{zoom}: training needs photos in at least 2 distinct tiles, got {len(train_rows)} photos")
-    val = np.asarray(val_rows if val_rows is not None else [], dtype=np.int64)
+    val = np.asarray(data["val_rows"] if data["val_rows"] is not None else [], dtype=np.int64)
     if len(val):
         if cfg.max_val_photos is not None and len(val) > cfg.max_val_photos:
             pick = np.random.default_rng([cfg.seed, zoom]).choice(val, cfg.max_val_photos, replace=False)
@@ -592,18 +489,13 @@ def train_levels(
     base: ImageEncoder,
     zooms: Sequence[int],
     *,
-    photo_emb: npt.NDArray[np.float32],
-    lat: npt.ArrayLike,
-    lon: npt.ArrayLike,
-    train_rows: npt.ArrayLike,
-    val_rows: npt.ArrayLike | None,
-    source: TileSource,
     out_dir: str | os.PathLike,
     cfg: TrainConfig = TrainConfig(),
     run_key: str = "",
     on_epoch: Callable[[int, int, int, int], None] | None = None,
     on_step: Callable[[float], None] | None = None,
     negative_pools: Mapping[int, npt.ArrayLike] | None = None,
+    **data: Unpack[LevelData],
 ) -> list[LevelResult]:
     """Train every level, finest zoom first; each coarser level starts from the finer one's checkpoint.
 
@@ -620,10 +512,8 @@ def train_levels(
     previous: Path | None = None
     for zoom in sorted(zooms, reverse=True):
         result = train_level(
-            base, zoom, photo_emb=photo_emb, lat=lat, lon=lon, train_rows=train_rows, val_rows=val_rows,
-            source=source, out_dir=out, cfg=cfg, init_from=previous, run_key=run_key,
-            on_epoch=on_epoch, on_step=on_step,
-            negative_pool=None if negative_pools is None else negative_pools.get(zoom),
+            base, zoom, out_dir=out, cfg=cfg, init_from=previous, run_key=run_key, on_epoch=on_epoch,
+            on_step=on_step, negative_pool=None if negative_pools is None else negative_pools.get(zoom), **data,
         )
         results.append(result)
         previous = result.checkpoint

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Protocol, TypeVar
 
 from tqdm import tqdm
 
-from geoindex.errors import GeoIndexError
+from geoindex.cli import run_command
 
 
 def setup_logging(quiet: bool) -> None:
@@ -31,11 +32,35 @@ def progress_bar(desc: str, *, quiet: bool, unit: str = "tile") -> Iterator[tqdm
 
 def run_main(body: Callable[[], int]) -> int:
     """Run a command's body; a GeoIndexError becomes one clear line on stderr and exit status 2."""
-    try:
-        return body()
-    except GeoIndexError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished shards and tiles are kept, rerun to resume", file=sys.stderr)
-        return 130
+    return run_command(body, interrupted="interrupted; finished shards and tiles are kept, rerun to resume")
+
+
+class _Options(Protocol):
+    @property
+    def quiet(self) -> bool: ...
+
+
+C = TypeVar("C", bound=_Options)
+R = TypeVar("R")
+
+
+def pipeline_main(
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str] | None], C],
+    run: Callable[[C], R],
+    *,
+    finish: Callable[[C, R], int] | None = None,
+) -> int:
+    """A pipeline's ``main``: parse ``argv``, set up logging, ``run(cfg)`` under :func:`run_main`.
+
+    The exit status is 0, or what ``finish(cfg, result)`` makes of the result (a report to print,
+    a status of its own).
+    """
+    cfg = parse_args(argv)
+    setup_logging(cfg.quiet)
+
+    def body() -> int:
+        result = run(cfg)
+        return 0 if finish is None else finish(cfg, result)
+
+    return run_main(body)

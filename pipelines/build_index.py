@@ -30,7 +30,7 @@ from geoindex.lazy import compact, declare_lazy
 from geoindex.manifest import CODECS, Manifest
 from geoindex.sources import open_source
 from geoindex.tiles import LevelSchedule
-from pipelines._cli import progress_bar, run_main, setup_logging
+from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.build_index")
 ENGINES = ("local", "ray")
@@ -259,9 +259,7 @@ def _build_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[Build
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    setup_logging(cfg.quiet)
-    return run_main(lambda: (run(cfg), 0)[1])
+    return pipeline_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":

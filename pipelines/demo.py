@@ -27,7 +27,7 @@ from geoindex.errors import WeightsNotFoundError
 from geoindex.metrics import great_circle_km
 from geoindex.sources import RasterSource
 from pipelines import build_index
-from pipelines._cli import run_main, setup_logging
+from pipelines._cli import pipeline_main
 
 log = logging.getLogger("pipelines.demo")
 
@@ -147,9 +147,7 @@ def run(cfg: Config) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    setup_logging(cfg.quiet)
-    return run_main(lambda: run(cfg))
+    return pipeline_main(argv, parse_args, run, finish=lambda _cfg, status: status)
 
 
 if __name__ == "__main__":

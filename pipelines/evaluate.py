@@ -32,7 +32,7 @@ from geoindex.errors import ConfigError
 from geoindex.evaluate import EvalReport, Predictions, evaluate
 from geoindex.files import atomic_write_bytes
 from geoindex.sources import open_source
-from pipelines._cli import progress_bar, run_main, setup_logging
+from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.evaluate")
 
@@ -169,17 +169,14 @@ def run(cfg: Config) -> EvalReport:
     return report
 
 
+def _print_report(cfg: Config, report: EvalReport) -> int:
+    if not cfg.quiet:
+        print(report.to_markdown())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    setup_logging(cfg.quiet)
-
-    def body() -> int:
-        report = run(cfg)
-        if not cfg.quiet:
-            print(report.to_markdown())
-        return 0
-
-    return run_main(body)
+    return pipeline_main(argv, parse_args, run, finish=_print_report)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from geoindex.files import atomic_write_bytes
 from geoindex.sources import TileSource, open_source
 from geoindex.tiles import view_merc_grid
 from pipelines import build_index, evaluate, train
-from pipelines._cli import progress_bar, run_main, setup_logging
+from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.experiment")
 
@@ -397,9 +397,7 @@ def _section(cfg: Config, source: str, table: PhotoTable, reports: dict[str, Eva
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    setup_logging(cfg.quiet)
-    return run_main(lambda: (run(cfg), 0)[1])
+    return pipeline_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":

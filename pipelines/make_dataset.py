@@ -21,7 +21,7 @@ from geoindex.dataset import PhotoTable, write_photo_csv
 from geoindex.errors import ConfigError, ImageError
 from geoindex.exif import read_gps
 from geoindex.files import atomic_write_bytes
-from pipelines._cli import progress_bar, run_main, setup_logging
+from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.make_dataset")
 
@@ -110,9 +110,7 @@ def run(cfg: Config) -> Summary:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    setup_logging(cfg.quiet)
-    return run_main(lambda: (run(cfg), 0)[1])
+    return pipeline_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from geoindex.errors import ConfigError
 from geoindex.sources import open_source
 from geoindex.tiles import LevelSchedule, tile_code_array
 from geoindex.train import LevelResult, TrainConfig, train_levels
-from pipelines._cli import progress_bar, run_main, setup_logging
+from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.train")
 
@@ -192,9 +192,7 @@ def _fmt(x: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
-    setup_logging(cfg.quiet)
-    return run_main(lambda: (run(cfg), 0)[1])
+    return pipeline_main(argv, parse_args, run)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,20 @@ def serving(app: Any, *, timeout: float = 30.0) -> Iterator[str]:
         sock.close()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; two oversubscribe a shared 2-core machine badly.
+
+    For a whole module: ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _restore_thread_count():
     """``locate`` and ``serve`` set the process's thread count (geoindex.threads); tests that run them

@@ -8,7 +8,6 @@ import math
 import mercantile
 import numpy as np
 import pytest
-import torch
 
 from geoindex.beam import LevelHits
 from geoindex.dataset import PhotoTable, write_photo_csv
@@ -21,12 +20,7 @@ from tests.conftest import render_tile
 DEG_KM = math.pi * EARTH_RADIUS_KM / 180.0  # one degree of a great circle: 111.195 km
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize(

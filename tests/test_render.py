@@ -12,7 +12,8 @@ from PIL import Image
 import geoindex
 from geoindex.beam import DEFAULT_TEMPERATURE, Candidate, LevelTrace, SearchResult
 from geoindex.errors import TileNotFoundError
-from geoindex.render import areas, draw_map, result_to_dict, tile_probabilities, to_geojson
+from geoindex.formats import areas, result_to_dict, tile_probabilities, to_geojson
+from geoindex.render import draw_map
 from geoindex.sources import MemorySource, RasterSource
 from geoindex.tiles import tile_center
 from tests.conftest import render_tile

@@ -23,14 +23,7 @@ from geoindex.train import (
 )
 from tests.conftest import render_tile
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; two oversubscribe a shared 2-core machine badly."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _photo(tile: mercantile.Tile) -> np.ndarray:
@@ -102,7 +95,7 @@ def test_a_shared_tile_is_not_a_negative():
 
 
 def test_batch_loader_dedupes_tiles(tiny_encoder, rendered_source):
-    from geoindex.train import _Batches
+    from geoindex.train_batches import _Batches
 
     codes = np.array([5, 5, 6, 9], dtype=np.int64)
     ds = _Batches([np.arange(4)], codes, rendered_source, tiny_encoder.preprocess, zoom=2)
@@ -112,7 +105,7 @@ def test_batch_loader_dedupes_tiles(tiny_encoder, rendered_source):
 
 
 def test_batch_loader_adds_level_negatives_and_skips_cached_tiles(tiny_encoder, rendered_source):
-    from geoindex.train import _Batches
+    from geoindex.train_batches import _Batches
 
     codes = np.array([5, 5, 6], dtype=np.int64)
     pool = np.arange(16, dtype=np.int64)  # every zoom-2 tile
@@ -131,7 +124,7 @@ def test_batch_loader_adds_level_negatives_and_skips_cached_tiles(tiny_encoder, 
 
 def test_trunk_cache_gives_the_features_of_the_whole_network(tiny_encoder, rendered_source):
     """Head over cached trunk outputs == the full network on the tiles, in any mix of cached and fresh."""
-    from geoindex.train import _Batches, _TrunkCache
+    from geoindex.train_batches import _Batches, _TrunkCache
 
     enc = init_map_encoder(tiny_encoder, None)
     trunk, head = enc.split()

@@ -1,0 +1,361 @@
+"""Output formats of search results: table, CSV and JSON on a stream; GeoJSON and PNG maps as files.
+
+One home for every format: :data:`WRITERS` maps a ``--format`` name to the writer that streams
+results in it, and :func:`encode_geojson` / :func:`encode_map` give the files' bytes (the map
+is drawn by :mod:`geoindex.render`). Adding a stream format is one class and one entry here.
+
+Probabilities are a softmax over the scores of all k tiles the final level kept. Neighbouring
+tiles of the final level often look alike (the same forest, the same sea) and split the
+probability between them; :func:`areas` merges tiles that touch (8-neighbourhood, wrapping at
+the antimeridian) into areas and sums their probability, which is the confidence a user wants.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import mercantile
+import numpy as np
+
+from geoindex.beam import DEFAULT_TEMPERATURE, Candidate, LevelTrace, SearchResult
+from geoindex.imagery import ImageInput
+from geoindex.metrics import great_circle_km
+from geoindex.render import LatLon, _colormap, _softmax, draw_map
+from geoindex.sources import TileSource
+from geoindex.tiles import tile_center
+
+__all__ = [
+    "FORMATS",
+    "WRITERS",
+    "Area",
+    "ResultWriter",
+    "areas",
+    "encode_geojson",
+    "encode_map",
+    "final_level",
+    "one_line",
+    "result_to_dict",
+    "tile_probabilities",
+    "to_geojson",
+]
+
+
+def final_level(result: SearchResult) -> LevelTrace:
+    """The trace level the prediction comes from (the deepest level that kept any tile)."""
+    return next(t for t in reversed(result.trace) if t.zoom == result.tile.z)
+
+
+
+def tile_probabilities(
+    result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE
+) -> list[tuple[mercantile.Tile, float, float]]:
+    """Every tile the final level kept, best first, as (tile, score, probability).
+
+    The probabilities are the same softmax as ``result.candidates`` (over all kept tiles, not just
+    the top-n), so they sum to 1.
+    """
+    level = final_level(result)
+    probs = _softmax(level.scores, temperature)
+    return [(t, float(s), float(p)) for t, s, p in zip(level.tiles, level.scores, probs, strict=True)]
+
+
+@dataclass(frozen=True)
+class Area:
+    """Touching final-level tiles merged into one area, with their summed probability.
+
+    Attributes:
+        tiles: the member tiles, most probable first.
+        probability: the sum of the members' probabilities.
+        best: the most probable member; lat, lon: its centre (degrees).
+        bbox: (west, south, east, north) of the members' union, degrees.
+    """
+
+    tiles: tuple[mercantile.Tile, ...]
+    probability: float
+    best: mercantile.Tile
+    lat: float
+    lon: float
+    bbox: tuple[float, float, float, float]
+
+
+def areas(result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE) -> list[Area]:
+    """Group the final level's kept tiles into areas of touching tiles; most probable area first."""
+    scored = tile_probabilities(result, temperature=temperature)
+    if not scored:
+        return []
+    index = {(t.x, t.y): i for i, (t, _, _) in enumerate(scored)}
+    parent = list(range(len(scored)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    n = 1 << scored[0][0].z
+    for (x, y), i in index.items():
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                j = index.get(((x + dx) % n, y + dy))
+                if j is not None:
+                    parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(scored)):  # scored is best first, so each group's members are too
+        groups.setdefault(root(i), []).append(i)
+    out = []
+    for members in groups.values():
+        tiles = tuple(scored[i][0] for i in members)
+        bounds = np.array([mercantile.bounds(t) for t in tiles])
+        bbox = (float(bounds[:, 0].min()), float(bounds[:, 1].min()),
+                float(bounds[:, 2].max()), float(bounds[:, 3].max()))
+        lat, lon = tile_center(tiles[0])
+        out.append(Area(tiles, float(sum(scored[i][2] for i in members)), tiles[0], lat, lon, bbox))
+    return sorted(out, key=lambda a: -a.probability)
+
+
+def _tile_json(t: mercantile.Tile) -> list[int]:
+    return [t.z, t.x, t.y]
+
+
+def result_to_dict(
+    result: SearchResult,
+    *,
+    exif: LatLon | None = None,
+    top_n: int | None = None,
+    trace: bool = False,
+) -> dict[str, Any]:
+    """A JSON-ready dict of a result: prediction, candidates, areas, optionally the trace and EXIF GPS.
+
+    Args:
+        exif: the photo's own GPS position, if known and wanted: adds ``exif`` with the
+            great-circle distance to the prediction.
+        top_n: candidates and areas to include (default: as many candidates as the result has).
+        trace: include the per-level kept tiles and scores.
+    """
+    n = top_n or len(result.candidates)
+    best_area = areas(result)
+    out: dict[str, Any] = {
+        "image": result.image,
+        "lat": result.lat,
+        "lon": result.lon,
+        "tile": _tile_json(result.tile),
+        "bbox": list(result.bbox),
+        "score": result.score,
+        "probability": result.candidates[0].probability,
+        "area_probability": next(a.probability for a in best_area if result.tile in a.tiles),
+        "candidates": [
+            {"lat": c.lat, "lon": c.lon, "tile": _tile_json(c.tile), "score": c.score,
+             "probability": c.probability}
+            for c in result.candidates[:n]
+        ],
+        "areas": [
+            {"lat": a.lat, "lon": a.lon, "tile": _tile_json(a.best), "bbox": list(a.bbox),
+             "tiles": len(a.tiles), "probability": a.probability}
+            for a in best_area[:n]
+        ],
+    }
+    if exif is not None:
+        out["exif"] = {
+            "lat": exif[0],
+            "lon": exif[1],
+            "error_km": float(great_circle_km(exif[0], exif[1], result.lat, result.lon)),
+        }
+    if trace:
+        out["trace"] = [
+            {"zoom": lv.zoom, "tiles": [_tile_json(t) for t in lv.tiles], "scores": list(lv.scores),
+             **({"note": lv.note} if lv.note else {})}  # lazy levels: stored, encoded, or on the fly
+            for lv in result.trace
+        ]
+    return out
+
+
+# -- GeoJSON -----------------------------------------------------------------------------------
+
+
+def _polygon(bbox: Sequence[float]) -> dict[str, Any]:
+    w, s, e, n = (round(float(v), 7) for v in bbox)
+    return {"type": "Polygon", "coordinates": [[[w, s], [e, s], [e, n], [w, n], [w, s]]]}
+
+
+def _point(lat: float, lon: float) -> dict[str, Any]:
+    return {"type": "Point", "coordinates": [round(lon, 7), round(lat, 7)]}
+
+
+def _heat_hex(w: float) -> str:
+    r, g, b = _colormap(w)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def to_geojson(
+    results: Sequence[SearchResult],
+    *,
+    exif: Sequence[LatLon | None] | None = None,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> dict[str, Any]:
+    """A GeoJSON FeatureCollection of results: a heat map of candidates with probabilities.
+
+    Per result: one Polygon per kept final tile (``kind: candidate``, ``probability``, ``score``,
+    ``rank``), one Polygon per area (``kind: area``, summed ``probability``), the prediction
+    (``kind: prediction``, a Point) and, when given, the EXIF position (``kind: exif``). Fill
+    colours and opacities follow the simplestyle spec, so geojson.io shows them as a heat map.
+    """
+    features: list[dict[str, Any]] = []
+    for i, result in enumerate(results):
+        base = {"image": result.image}
+        scored = tile_probabilities(result, temperature=temperature)
+        pmax = max(p for _, _, p in scored)
+        for rank, (t, s, p) in enumerate(scored, start=1):
+            w = p / pmax
+            features.append({"type": "Feature", "geometry": _polygon(mercantile.bounds(t)), "properties": {
+                **base, "kind": "candidate", "rank": rank, "tile": _tile_json(t), "score": s,
+                "probability": p, "fill": _heat_hex(w), "fill-opacity": round(0.15 + 0.6 * w, 3),
+                "stroke": _heat_hex(w), "stroke-width": 1,
+            }})
+        for rank, a in enumerate(areas(result, temperature=temperature), start=1):
+            features.append({"type": "Feature", "geometry": _polygon(a.bbox), "properties": {
+                **base, "kind": "area", "rank": rank, "tiles": len(a.tiles), "probability": a.probability,
+                "fill-opacity": 0.0, "stroke": "#ffffff", "stroke-width": 2,
+            }})
+        features.append({"type": "Feature", "geometry": _point(result.lat, result.lon), "properties": {
+            **base, "kind": "prediction", "tile": _tile_json(result.tile), "score": result.score,
+            "probability": result.candidates[0].probability, "marker-color": "#e41a1c",
+        }})
+        truth = exif[i] if exif is not None else None
+        if truth is not None:
+            features.append({"type": "Feature", "geometry": _point(*truth), "properties": {
+                **base, "kind": "exif", "error_km": float(great_circle_km(*truth, result.lat, result.lon)),
+                "marker-color": "#4daf4a",
+            }})
+    return {"type": "FeatureCollection", "features": features}
+
+
+
+# -- streams: table, CSV, JSON -----------------------------------------------------------------
+
+
+class ResultWriter:
+    """Streams results to ``out`` in one format: a header first, then each result and failure, then ``close``."""
+
+    def __init__(self, out: TextIO, *, top_n: int, trace: bool) -> None:
+        self.out, self.top_n, self.trace = out, top_n, trace
+
+    def result(self, result: SearchResult, gps: LatLon | None) -> None:
+        """Write one located image; ``gps`` is its EXIF position, if known."""
+        d = result_to_dict(result, exif=gps, top_n=self.top_n, trace=self.trace)
+        area_of = {t: a.probability for a in areas(result) for t in a.tiles}
+        exif = d.get("exif")
+        for rank, c in enumerate(result.candidates[: self.top_n], start=1):
+            self._row(result, rank, c, area_of.get(c.tile, c.probability), exif if rank == 1 else None)
+        self.out.flush()
+
+    def _row(self, result: SearchResult, rank: int, c: Candidate, area_p: float, exif: dict[str, float] | None) -> None:
+        """One candidate's row; ``exif`` only on the first row of an image that has it."""
+
+    def failure(self, image: str, reason: str) -> None:
+        """Write one input that produced no result (formats without an error column skip it)."""
+
+    def close(self) -> None:
+        self.out.flush()
+
+
+class _Table(ResultWriter):
+    """Aligned columns for people; failures go to stderr only."""
+
+    def __init__(self, out: TextIO, *, top_n: int, trace: bool) -> None:
+        super().__init__(out, top_n=top_n, trace=trace)
+        out.write(f"{'image':<32} {'#':>2} {'lat':>9} {'lon':>10} {'tile z/x/y':>14} {'score':>6} "
+                  f"{'prob':>5} {'area':>5}  {'EXIF lat,lon':<20} {'error km':>9}\n")
+
+    def _row(self, result: SearchResult, rank: int, c: Candidate, area_p: float, exif: dict[str, float] | None) -> None:
+        name = _clip(one_line(result.image or ""), 32) if rank == 1 else ""
+        gps_text = f"{exif['lat']:.5f},{exif['lon']:.5f}" if exif else ""
+        err = f"{exif['error_km']:9,.1f}" if exif else ""
+        tile = f"{c.tile.z}/{c.tile.x}/{c.tile.y}"
+        row = (f"{name:<32} {rank:>2} {c.lat:>9.5f} {c.lon:>10.5f} {tile:>14} {c.score:>6.3f} "
+               f"{c.probability:>5.2f} {area_p:>5.2f}  {gps_text:<20} {err:>9}")
+        self.out.write(row.rstrip() + "\n")
+
+
+class _Csv(ResultWriter):
+    """One row per candidate, one per failure (with its reason in ``error``)."""
+
+    def __init__(self, out: TextIO, *, top_n: int, trace: bool) -> None:
+        super().__init__(out, top_n=top_n, trace=trace)
+        self._csv = csv.writer(out, lineterminator="\n")
+        self._csv.writerow(["image", "rank", "lat", "lon", "zoom", "x", "y", "score", "probability",
+                            "area_probability", "exif_lat", "exif_lon", "error_km", "error"])
+
+    def _row(self, result: SearchResult, rank: int, c: Candidate, area_p: float, exif: dict[str, float] | None) -> None:
+        e = exif or {}
+        self._csv.writerow([result.image, rank, f"{c.lat:.6f}", f"{c.lon:.6f}", c.tile.z, c.tile.x,
+                            c.tile.y, f"{c.score:.5f}", f"{c.probability:.5f}", f"{area_p:.5f}",
+                            e.get("lat", ""), e.get("lon", ""),
+                            f"{e['error_km']:.3f}" if e else "", ""])
+
+    def failure(self, image: str, reason: str) -> None:
+        self._csv.writerow([image] + [""] * 12 + [reason])
+
+
+class _Json(ResultWriter):
+    """One JSON list of :func:`result_to_dict` items and ``{image, error}`` failures, written on close."""
+
+    def __init__(self, out: TextIO, *, top_n: int, trace: bool) -> None:
+        super().__init__(out, top_n=top_n, trace=trace)
+        self.items: list[dict[str, Any]] = []
+
+    def result(self, result: SearchResult, gps: LatLon | None) -> None:
+        self.items.append(result_to_dict(result, exif=gps, top_n=self.top_n, trace=self.trace))
+
+    def failure(self, image: str, reason: str) -> None:
+        self.items.append({"image": image, "error": reason})
+
+    def close(self) -> None:
+        json.dump(self.items, self.out, indent=2)
+        self.out.write("\n")
+        super().close()
+
+
+WRITERS: dict[str, type[ResultWriter]] = {"table": _Table, "json": _Json, "csv": _Csv}
+FORMATS = tuple(WRITERS)
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (a newline in a file name) escaped, so each record stays one line."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
+
+
+# -- files: GeoJSON, PNG -----------------------------------------------------------------------
+
+
+def encode_geojson(results: Sequence[SearchResult], exif: Sequence[LatLon | None]) -> tuple[bytes, int]:
+    """The bytes of a GeoJSON file of ``results`` (see :func:`to_geojson`) and its number of features."""
+    collection = to_geojson(results, exif=exif)
+    return json.dumps(collection).encode(), len(collection["features"])
+
+
+def encode_map(
+    result: SearchResult,
+    source: TileSource,
+    *,
+    image_format: str = "PNG",
+    truth: LatLon | None = None,
+    photo: ImageInput | None = None,
+) -> tuple[bytes, tuple[int, int]]:
+    """The bytes of a map of one result (see :func:`geoindex.render.draw_map`) in a Pillow format, and its size."""
+    picture = draw_map(result, source, truth=truth, photo=photo)
+    buf = io.BytesIO()
+    picture.save(buf, format=image_format)
+    return buf.getvalue(), picture.size
