@@ -14,7 +14,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "file_sha256"]
+__all__ = ["CACHE_ENV", "atomic_path", "atomic_write_bytes", "default_cache_dir", "file_sha256"]
+
+CACHE_ENV = "GEOINDEX_CACHE_DIR"
 
 FILE_MODE = 0o644  # mkstemp creates 0600; indexes, tiles and checkpoints are meant to be shared
 
@@ -57,3 +59,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     """The sha256 of a file's bytes, hex (streamed: large files are not read into memory)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """``$GEOINDEX_CACHE_DIR``, else ``~/.cache/geoindex``: derived files kept between processes."""
+    return Path(os.environ.get(CACHE_ENV) or Path("~/.cache/geoindex").expanduser())

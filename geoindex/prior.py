@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from geoindex.errors import ConfigError, WeightsNotFoundError
-from geoindex.files import atomic_path
+from geoindex.files import CACHE_ENV, atomic_path, default_cache_dir
 from geoindex.imagery import ImageInput, load_image
 from geoindex.tiles import tile_code_array, tile_of_array
 
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 BACKBONE_REPO = "openai/clip-vit-large-patch14"  # what GeoCLIP's ImageEncoder loads by default
 BACKBONE_ENV = "GEOINDEX_GEOCLIP_BACKBONE"
-CACHE_ENV = "GEOINDEX_CACHE_DIR"
 FEATURE_DIM = 768  # ViT-L/14's projected image feature: the input of GeoCLIP's head
 INPUT_SIZE = 224  # ViT-L/14's input side
 INSTALL_HINT = "pip install 'geoindex[geoclip]'"
@@ -412,11 +411,6 @@ def _load_backbone(spec: str | os.PathLike, *, download: bool) -> tuple[Backbone
     for p in model.parameters():
         p.requires_grad_(False)
     return _HFVision(model), _hf_preprocess(processor), source
-
-
-def default_cache_dir() -> Path:
-    """``$GEOINDEX_CACHE_DIR``, else ``~/.cache/geoindex``."""
-    return Path(os.environ.get(CACHE_ENV) or Path("~/.cache/geoindex").expanduser())
 
 
 def load_geoclip_prior(

@@ -122,6 +122,21 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Derived files (exported ONNX graphs, gallery embeddings) go to a folder of this test session,
+    never to the user's ~/.cache/geoindex."""
+    import os
+
+    before = os.environ.get("GEOINDEX_CACHE_DIR")
+    os.environ["GEOINDEX_CACHE_DIR"] = str(tmp_path_factory.mktemp("geoindex-cache"))
+    yield
+    if before is None:
+        os.environ.pop("GEOINDEX_CACHE_DIR", None)
+    else:
+        os.environ["GEOINDEX_CACHE_DIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def _restore_thread_count():
     """``locate`` and ``serve`` set the process's thread count (geoindex.threads); tests that run them

@@ -6,6 +6,7 @@ and say so.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import mercantile
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import geoindex
+from geoindex import onnx_runtime
 from geoindex.api import OnTheFlySearcher
 from geoindex.build import build_level
 from geoindex.encoders import (
@@ -90,6 +92,79 @@ def test_bf16_stays_close_to_fp32(effnet):
     assert cosine.min() > 0.98  # measured 0.987 and 0.999: bf16 moves conv features more than ViT ones
     with pytest.raises(ConfigError, match="convolutional"):
         effnet.with_precision("int8")
+
+
+def _live(encoder, pixels):
+    with torch.inference_mode():
+        return torch.nn.functional.normalize(encoder.visual(encoder.to_device(pixels)), dim=-1).numpy()
+
+
+def _pixels(encoder):
+    return encoder.preprocess_images([_gradient(), np.asarray(render_tile(mercantile.Tile(3, 2, 3), size=256))])
+
+
+def test_folded_batchnorm_is_the_same_function(effnet):
+    """The inference graph folds every BatchNorm into its convolution: the same function of the pixels
+    as the trained network (the slow, obvious path), to fp32 reassociation error."""
+    from geoindex.families import FAMILIES
+
+    folded = FAMILIES["timm"].for_inference(effnet.visual)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in effnet.visual.modules())  # the original is kept
+    pixels = _pixels(effnet)
+    with torch.inference_mode():
+        out = torch.nn.functional.normalize(folded(effnet.to_device(pixels)), dim=-1).numpy()
+    np.testing.assert_allclose(out, _live(effnet, pixels), atol=1e-5)
+
+
+def test_torch_runtime_on_request(effnet, monkeypatch):
+    monkeypatch.setenv(onnx_runtime.RUNTIME_ENV, "torch")
+    encoder = effnet.with_precision("fp32")
+    assert encoder.runtime == "torch"
+    assert isinstance(encoder._inference_network(), torch.nn.Module)
+    pixels = _pixels(encoder)
+    np.testing.assert_allclose(encoder.encode_tensor(pixels), _live(encoder, pixels), atol=1e-5)
+    monkeypatch.setenv(onnx_runtime.RUNTIME_ENV, "onnxruntime")
+    with pytest.raises(ConfigError, match="GEOINDEX_RUNTIME=onnxruntime needs fp32"):
+        effnet.with_precision("bf16").runtime
+
+
+@pytest.mark.skipif(not onnx_runtime.available(), reason="onnxruntime and onnx are not installed (make install adds them)")
+def test_onnxruntime_matches_torch_and_caches_the_graph(effnet, monkeypatch, tmp_path):
+    """fp32 on a CPU runs under ONNX Runtime: the same embeddings as torch's network to 1e-5; the graph
+    is exported once per set of weights, and a later encoder opens the cached file."""
+    monkeypatch.setenv("GEOINDEX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(onnx_runtime.RUNTIME_ENV, raising=False)
+    encoder = effnet.with_precision("fp32")
+    assert encoder.runtime == "onnxruntime"
+    pixels = _pixels(encoder)
+    np.testing.assert_allclose(encoder.encode_tensor(pixels), _live(encoder, pixels), atol=1e-5)
+    assert isinstance(encoder._inference_network(), onnx_runtime.OnnxNetwork)
+    cached = list((tmp_path / "onnx").glob("*.onnx"))
+    assert len(cached) == 1
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the graph is cached")
+
+    monkeypatch.setattr(onnx_runtime, "_export", no_export)
+    again = effnet.with_precision("fp32")
+    np.testing.assert_array_equal(again.encode_tensor(pixels), encoder.encode_tensor(pixels))
+
+
+def test_inference_graph_follows_the_weights(effnet):
+    """Changed weights rebuild the folded graph; weights being trained run live."""
+    encoder = effnet.with_precision("fp32")
+    pixels = encoder.preprocess_images([_gradient()])
+    before = encoder.encode_tensor(pixels)
+    assert encoder._inference_network() is encoder._inference_network()  # cached while unchanged
+    encoder.visual = copy.deepcopy(effnet.visual)
+    with torch.no_grad():
+        encoder.visual.conv_head.weight.mul_(0.5)  # an in-place change, as an optimiser step makes
+    after = encoder.encode_tensor(pixels)
+    assert not np.allclose(before, after, atol=1e-3)
+    np.testing.assert_allclose(after, _live(encoder, pixels), atol=1e-5)
+    mark_trainable(encoder)
+    assert encoder._inference_network() is encoder.visual
 
 
 def test_weights_come_from_the_package_or_an_explicit_file(tmp_path, monkeypatch):
