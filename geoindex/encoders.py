@@ -31,9 +31,9 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
+from geoindex import onnx_runtime
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
 from geoindex.families import FAMILIES, Split, efficientnet_key_map
-from geoindex import onnx_runtime
 from geoindex.files import atomic_path, file_sha256
 from geoindex.imagery import ImageInput, load_image
 
@@ -251,6 +251,7 @@ class ImageEncoder:
         checkpoint_sha256: str | None = None,
         zoom: int | None = None,
         precision: str = "fp32",
+        runtime: str = "auto",
     ) -> None:
         self.spec = spec
         self.visual = visual.eval()
@@ -262,6 +263,9 @@ class ImageEncoder:
             raise ConfigError(f"--precision int8 quantises Linear layers (ViT); {spec.name!r} is convolutional: "
                               "use bf16 or fp32")
         self.precision = resolve_precision(precision, self.device, spec)
+        if runtime not in onnx_runtime.RUNTIMES:
+            raise ConfigError(f"unknown runtime {runtime!r}; choose one of {', '.join(onnx_runtime.RUNTIMES)}")
+        self._runtime = runtime
         self._inference: tuple[tuple[Any, ...], Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     @property
@@ -308,22 +312,24 @@ class ImageEncoder:
         self.visual.to(device)
         return self
 
-    def with_precision(self, precision: str) -> ImageEncoder:
-        """The same weights encoding at another precision (shares the network; int8 makes a quantised copy)."""
+    def with_precision(self, precision: str, *, runtime: str = "auto") -> ImageEncoder:
+        """The same weights encoding at another precision or runtime (shares the network; the
+        inference graph is built on first use)."""
         return ImageEncoder(self.spec, self.visual, self.preprocess, self.base_fingerprint,
-                            checkpoint_sha256=self.checkpoint_sha256, zoom=self.zoom, precision=precision)
+                            checkpoint_sha256=self.checkpoint_sha256, zoom=self.zoom, precision=precision,
+                            runtime=runtime)
 
     @property
     def runtime(self) -> str:
         """What runs ``encode_tensor``: ``onnxruntime`` for fp32 on a CPU where the family exports
         and the packages are installed (about half torch's CPU time for EfficientNet-Lite0, the same
-        function to 1e-5), else ``torch``. ``$GEOINDEX_RUNTIME=torch`` forces torch."""
-        want = onnx_runtime.wanted()
+        function to 1e-5), else ``torch``. ``runtime=`` or ``$GEOINDEX_RUNTIME`` can force either."""
+        want = onnx_runtime.wanted() if self._runtime == "auto" else self._runtime
         can = (self.precision == "fp32" and self.device.type == "cpu"
                and FAMILIES[self.spec.family].exports_onnx)
         if want == "onnxruntime" and not (can and onnx_runtime.available()):
             raise ConfigError(
-                f"{onnx_runtime.RUNTIME_ENV}=onnxruntime needs fp32 on a CPU, a convolutional encoder "
+                f"runtime onnxruntime ({onnx_runtime.RUNTIME_ENV}) needs fp32 on a CPU, a convolutional encoder "
                 f"(this is {self.spec.name!r} at {self.precision} on {self.device.type}) and the packages "
                 "onnxruntime and onnx (pip install onnxruntime onnx); unset it to choose automatically")
         return "onnxruntime" if want != "torch" and can and onnx_runtime.available() else "torch"
@@ -342,12 +348,13 @@ class ImageEncoder:
             return self.visual
         state = self._weights_state()
         if self._inference is None or self._inference[0] != state:
-            network: Callable[[torch.Tensor], torch.Tensor] = FAMILIES[self.spec.family].for_inference(self.visual)
+            graph = FAMILIES[self.spec.family].for_inference(self.visual)
+            network: Callable[[torch.Tensor], torch.Tensor] = graph
             if self.precision == "int8":
                 network = torch.ao.quantization.quantize_dynamic(
-                    copy.deepcopy(network).cpu(), {torch.nn.Linear}, dtype=torch.qint8)
+                    copy.deepcopy(graph).cpu(), {torch.nn.Linear}, dtype=torch.qint8)
             elif self.runtime == "onnxruntime":
-                network = onnx_runtime.OnnxNetwork(network, threads=torch.get_num_threads(),  # type: ignore[arg-type]
+                network = onnx_runtime.OnnxNetwork(graph, threads=torch.get_num_threads(),
                                                    cache=onnx_runtime.onnx_cache_dir())
             self._inference = (state, network)
         return self._inference[1]
@@ -476,4 +483,5 @@ def load_map_encoder(base: ImageEncoder, checkpoint: str | os.PathLike | None) -
     return ImageEncoder(
         base.spec, visual, base.preprocess, base.base_fingerprint,
         checkpoint_sha256=file_sha256(path), zoom=int(payload["zoom"]), precision=base.precision,
+        runtime=base._runtime,
     )

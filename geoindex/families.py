@@ -13,7 +13,6 @@ adding a kind of network is a family here.
 from __future__ import annotations
 
 import copy
-
 import logging
 import os
 from collections.abc import Callable, Sequence

@@ -67,7 +67,7 @@ def _export(network: torch.nn.Module, sample: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices: it is what handles timm
         warnings.simplefilter("ignore")
-        torch.onnx.export(network, (sample,), buffer, dynamo=False, opset_version=_OPSET,
+        torch.onnx.export(network, (sample,), buffer, dynamo=False, opset_version=_OPSET,  # type: ignore[arg-type]
                           input_names=["pixels"], output_names=["features"],
                           dynamic_axes={"pixels": {0: "n"}, "features": {0: "n"}})
     return buffer.getvalue()

@@ -125,11 +125,14 @@ def test_torch_runtime_on_request(effnet, monkeypatch):
     pixels = _pixels(encoder)
     np.testing.assert_allclose(encoder.encode_tensor(pixels), _live(encoder, pixels), atol=1e-5)
     monkeypatch.setenv(onnx_runtime.RUNTIME_ENV, "onnxruntime")
-    with pytest.raises(ConfigError, match="GEOINDEX_RUNTIME=onnxruntime needs fp32"):
-        effnet.with_precision("bf16").runtime
+    with pytest.raises(ConfigError, match=r"runtime onnxruntime \(GEOINDEX_RUNTIME\) needs fp32"):
+        _ = effnet.with_precision("bf16").runtime
+    monkeypatch.delenv(onnx_runtime.RUNTIME_ENV)
+    assert effnet.with_precision("fp32", runtime="torch").runtime == "torch"
 
 
-@pytest.mark.skipif(not onnx_runtime.available(), reason="onnxruntime and onnx are not installed (make install adds them)")
+@pytest.mark.skipif(not onnx_runtime.available(),
+                    reason="onnxruntime and onnx are not installed (make install adds them)")
 def test_onnxruntime_matches_torch_and_caches_the_graph(effnet, monkeypatch, tmp_path):
     """fp32 on a CPU runs under ONNX Runtime: the same embeddings as torch's network to 1e-5; the graph
     is exported once per set of weights, and a later encoder opens the cached file."""
