@@ -182,11 +182,11 @@ class GeoIndex(_Searcher):
     def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                  download: bool = False, device: str = "cpu", verify: bool | None = None,
                  precision: str = "auto", lazy_source: TileSource | None = None,
-                 read_only: bool = False) -> None:
+                 read_only: bool = False, resident: bool | str = "auto") -> None:
         self.path = Path(path)
         self.manifest: Manifest
         self.stored: list[StoredLevel]
-        self.manifest, self.stored = open_store(self.path, verify=verify)
+        self.manifest, self.stored = open_store(self.path, verify=verify, resident=resident)
         spec = self.manifest.photo_encoder
         self.photo_encoder = create_encoder(spec.name, weights=weights, download=download, device=device,
                                             precision=precision)
@@ -244,6 +244,7 @@ def open_index(path: str | os.PathLike | None = None, **kwargs: object) -> GeoIn
     """Open an index directory (default: ``$GEOINDEX_INDEX``, else ``indexes/default``).
 
     Keyword arguments go to :class:`GeoIndex`: ``weights``, ``download``, ``device``, ``verify``,
+    ``resident`` (FAISS files read into RAM: ``auto`` = the upper levels that fit, True, False),
     ``precision`` (the photo encoder's arithmetic; ``auto``: bf16 on CPUs with native bf16, see
     ``encoders.resolve_precision``; any precision searches an index built at another).
     """

@@ -217,7 +217,8 @@ def _locate(args: argparse.Namespace) -> int:
     region = _region(args)
 
     index = open_index(args.index, weights=args.weights, download=args.download, device=device,
-                       verify=args.verify or None, precision=args.precision)
+                       verify=args.verify or None, precision=args.precision,
+                       resident=_RESIDENT[args.resident])
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
     map_source = _map_source(index, args.map_source) if args.map is not None else None
@@ -295,7 +296,8 @@ def _serve(args: argparse.Namespace) -> int:
         limits["max_concurrent"] = args.max_concurrent
     app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
                      weights=args.weights, download=args.download, device=device,
-                     verify=args.verify or None, precision=args.precision)
+                     verify=args.verify or None, precision=args.precision,
+                     resident=_RESIDENT[args.resident])
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder.name} on {index.photo_encoder.device}) at "
           f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
@@ -338,6 +340,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true",
                         help="check every index file's sha256 on open (default: only for indexes up to 256 MB; "
                              "sizes, tile coordinates and FAISS ids are always checked)")
+    parser.add_argument("--resident", choices=tuple(_RESIDENT), default="auto",
+                        help="read FAISS files into RAM instead of mapping them: auto (the upper levels, up to "
+                             "2 GB or a quarter of free memory), yes (all), no (map all)")
+
+
+_RESIDENT: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}
 
 
 def build_parser() -> argparse.ArgumentParser:

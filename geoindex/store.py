@@ -52,6 +52,7 @@ PQ_TRAIN_SAMPLE = 16_384  # rows used to train the product quantizer's codebooks
 PQ_MAX_M = 64  # pq: at most 64 one-byte sub-vector codes per tile (+ an 8-byte id per IVF entry)
 EXACT_FILE = "exact.npy"  # pq levels: (rows, d) float16 embeddings in row order, memory-mapped for re-ranking
 VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total size (about 1 s)
+RESIDENT_AUTO_BYTES = 2 << 30  # resident="auto": at most this much FAISS data read into RAM (and 1/4 of free RAM)
 
 
 def _file_info(path: Path) -> FileInfo:
@@ -286,7 +287,7 @@ def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: st
 
 @dataclass
 class StoredLevel:
-    """A level opened for search: its FAISS index (memory-mapped) and tile coordinates per row."""
+    """A level opened for search: its FAISS index (in RAM or memory-mapped) and tile coordinates per row."""
 
     zoom: int
     index: faiss.Index
@@ -294,6 +295,7 @@ class StoredLevel:
     y: npt.NDArray[np.int32]
     info: LevelInfo
     exact: npt.NDArray[np.float16] | None = None  # pq levels: (rows, d) embeddings for exact re-ranking
+    resident: bool = False  # the FAISS file was read into RAM (else it is memory-mapped)
 
     @property
     def rows(self) -> int:
@@ -457,10 +459,43 @@ def _check_ivf_ids(path: Path, zoom: int, index: faiss.IndexIVF, parent_row: npt
         )
 
 
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def resident_levels(sizes: list[int], resident: bool | str) -> list[bool]:
+    """Which levels' FAISS files to read into RAM, from the top: every query reads the upper levels,
+    and only a few children per kept tile of the deepest, so RAM goes to the upper ones first.
+
+    Args:
+        sizes: each level's FAISS file size in bytes, top level first.
+        resident: True (all), False (none, all memory-mapped) or ``auto``: from the top while the
+            total stays within ``RESIDENT_AUTO_BYTES`` and a quarter of the free memory.
+    """
+    if resident is True or resident is False:
+        return [resident] * len(sizes)
+    if resident != "auto":
+        raise ConfigError(f"resident={resident!r}: use True, False or 'auto' (--resident yes|no|auto)")
+    budget = min(RESIDENT_AUTO_BYTES, _mem_available() // 4)
+    out: list[bool] = []
+    used = 0
+    for size in sizes:
+        used += size
+        out.append(used <= budget and all(out))
+    return out
+
+
 def open_store(
-    index_dir: str | os.PathLike, *, verify: bool | None = None
+    index_dir: str | os.PathLike, *, verify: bool | None = None, resident: bool | str = "auto",
 ) -> tuple[Manifest, list[StoredLevel]]:
-    """Open an index for search: check the manifest and files, memory-map every level's FAISS file.
+    """Open an index for search: check the manifest and files, read or memory-map every level's FAISS file.
 
     Besides file sizes (and sha256 with ``verify``), every open checks what a wrong byte could
     turn into a wrong answer, in O(rows) vectorised work: tile coordinates inside the grid and
@@ -470,6 +505,8 @@ def open_store(
     Args:
         verify: also compare every file's sha256 with the manifest (reads all data once).
             None (default) verifies indexes up to ``VERIFY_AUTO_BYTES`` and checks only sizes above.
+        resident: which FAISS files are read into RAM rather than memory-mapped (see
+            :func:`resident_levels`); ``auto`` holds the upper levels, which every query reads.
 
     Raises:
         IndexNotFoundError: no manifest. IndexFormatError: missing, partial or damaged files,
@@ -482,12 +519,14 @@ def open_store(
     if verify is None:
         verify = sum(f.size for lv in manifest.levels for f in lv.files) <= VERIFY_AUTO_BYTES
     levels: list[StoredLevel] = []
-    for info in manifest.levels:
+    faiss_sizes = [next((f.size for f in lv.files if f.name == FAISS_FILE), 0) for lv in manifest.levels]
+    in_ram = resident_levels(faiss_sizes, resident)
+    for info, ram in zip(manifest.levels, in_ram):
         _check_files(index_dir, info, verify=verify)
         ldir = level_dir(index_dir, info.zoom)
         path = ldir / FAISS_FILE
         try:
-            index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            index = faiss.read_index(str(path), 0 if ram else faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
         except RuntimeError as e:
             raise IndexFormatError(f"{path}: damaged FAISS file ({e}); rebuild it from parquet") from e
         cols = read_level_columns(index_dir, info.zoom, ("x", "y", "parent_row"))
@@ -514,5 +553,5 @@ def open_store(
                 raise IndexFormatError(f"level z{info.zoom}: {EXACT_FILE} has shape {exact.shape}, expected "
                                        f"({info.rows}, {manifest.dim}); rebuild this level")
         levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info,
-                                  exact))
+                                  exact, resident=ram))
     return manifest, levels

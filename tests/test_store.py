@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from geoindex.beam import FaissLevel, beam_search
-from geoindex.errors import IndexFormatError
+from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.manifest import EncoderIdentity, Manifest
 from geoindex.store import (
     FAISS_FILE,
@@ -19,6 +19,7 @@ from geoindex.store import (
     pq_subquantizers,
     read_embeddings,
     read_level_columns,
+    resident_levels,
     shard_path,
     write_shard,
 )
@@ -174,3 +175,29 @@ def test_pq_level_reranks_exactly(tmp_path, children):
     row = int(I[0, 0])
     np.testing.assert_allclose(default.score_ids(xq[:1], np.array([row]), lists[:1]), [stored16[row] @ xq[0]],
                                atol=1e-5)
+
+
+def test_resident_levels_fill_ram_from_the_top(monkeypatch):
+    monkeypatch.setattr("geoindex.store._mem_available", lambda: 64 << 30)
+    mib = 1 << 20
+    assert resident_levels([mib, 10 * mib, 1 << 30, 20 << 30], "auto") == [True, True, True, False]
+    assert resident_levels([mib, 3 << 30, mib], "auto") == [True, False, False]  # never below a mapped level
+    monkeypatch.setattr("geoindex.store._mem_available", lambda: 8 * mib)  # a quarter of free RAM at most
+    assert resident_levels([mib, mib, 4 * mib], "auto") == [True, True, False]
+    assert resident_levels([mib, 20 << 30], True) == [True, True]
+    assert resident_levels([mib, mib], False) == [False, False]
+    with pytest.raises(ConfigError, match="--resident"):
+        resident_levels([mib], "sometimes")
+
+
+def test_resident_and_mapped_levels_search_alike(small_index):
+    """Reading FAISS files into RAM changes where the bytes live, not what a search returns."""
+    _, mapped = open_store(small_index, resident=False)
+    _, in_ram = open_store(small_index, resident=True)
+    assert not any(s.resident for s in mapped) and all(s.resident for s in in_ram)
+    rng = np.random.default_rng(3)
+    xq = _unit(rng, 20, mapped[0].index.d)
+    for a, b in zip(beam_search(xq, [FaissLevel(s) for s in mapped], 8),
+                    beam_search(xq, [FaissLevel(s) for s in in_ram], 8)):
+        np.testing.assert_array_equal(a.I, b.I)
+        np.testing.assert_array_equal(a.D, b.D)
