@@ -18,9 +18,10 @@ import numpy as np
 import numpy.typing as npt
 
 from geoindex.encoders import ImageEncoder
-from geoindex.errors import ConfigError, IndexFormatError, TileNotFoundError
+from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.sources import TileSource
 from geoindex.store import StoredLevel
+from geoindex.tile_encoding import encode_tile_batches
 from geoindex.tiles import children_array, tile_center, tile_code_array, tile_of_code, tile_xy_of_code_array
 
 __all__ = [
@@ -437,19 +438,16 @@ class OnTheFlyLevel(PriorLevel):
 
     def _encode(self, codes: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
         """Embed the tiles of ``codes``; returns (embeddings (m, d), found mask (m,))."""
-        images, found = [], np.zeros(len(codes), dtype=bool)
-        for i, code in enumerate(codes.tolist()):
-            try:
-                images.append(self.source.get(tile_of_code(code, zoom=self.zoom)))
-                found[i] = True
-            except TileNotFoundError:
-                continue
+        tiles = [tile_of_code(code, zoom=self.zoom) for code in codes.tolist()]
         emb = np.zeros((len(codes), self.encoder.dim), dtype=np.float32)
-        if images:
-            emb[found] = self.encoder.encode(images, batch_size=self.batch_size)
+        found = np.zeros(len(codes), dtype=bool)
+        for batch in encode_tile_batches(self.source, tiles, self.encoder, batch_size=self.batch_size):
+            rows = batch.start + batch.ok
+            emb[rows] = batch.emb
+            found[rows] = True
         if self.round_to is not None:
             emb = emb.astype(self.round_to).astype(np.float32)
-        self.tiles_encoded += len(images)
+        self.tiles_encoded += int(found.sum())
         return emb, found
 
     def _candidates(self, parents: npt.NDArray[np.int64] | None, n_queries: int) -> npt.NDArray[np.int64]:

@@ -1,9 +1,10 @@
 """Tiles of a source -> embeddings: read and preprocess each tile, leave out the missing, encode in batches.
 
-The one reader -> encoder step of building an index (``build.encode_tiles``) and of training
-(``train``'s validation and batches). Batches are runs of ``batch_size`` consecutive tiles of the
-request; a tile the source lacks is left out of its batch, so what a batch holds depends only on
-the tiles asked for, and every caller gets the same embeddings for the same tiles.
+The one reader -> encoder step of building an index (``build.encode_tiles``), of on-the-fly and
+lazy levels (``beam.OnTheFlyLevel``) and of training (``train``'s validation and batches).
+Batches are runs of ``batch_size`` consecutive tiles of the request; a tile the source lacks is
+left out of its batch, so what a batch holds depends only on the tiles asked for, and every
+caller gets the same embeddings for the same tiles.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import GeoIndexError, TileNotFoundError
+from geoindex.imagery import load_image
 from geoindex.sources import TileSource
 
 __all__ = ["PREFETCH_BATCHES", "EncodedBatch", "TileLoad", "encode_tile_batches", "load_tile"]
@@ -42,10 +44,14 @@ class TileLoad:
 
 
 def load_tile(source: TileSource, preprocess: Callable[[Any], torch.Tensor], tile: mercantile.Tile) -> TileLoad:
-    """Read one tile and preprocess it; a missing tile gives no tensor, an unreadable one its error."""
+    """Read one tile and preprocess it; a missing tile gives no tensor, an unreadable one its error.
+
+    The image goes through ``load_image`` as a photo does (RGB; transparency over white, 16-bit
+    scaled), so a source returning RGBA or 16-bit tiles is encoded the same in every caller.
+    """
     try:
         img = source.get(tile)
-        return TileLoad(preprocess(img), img.size)
+        return TileLoad(preprocess(load_image(img)), img.size)
     except TileNotFoundError:
         return TileLoad(None)
     except GeoIndexError as e:  # kept, so that a caller can name every bad tile of a shard

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mercantile
 import numpy as np
 import pytest
+from PIL import Image
 
 import geoindex
 from geoindex.api import OnTheFlySearcher
@@ -197,3 +198,32 @@ def test_search_docstring_documents_k_and_fields():
     assert "beam width" in doc
     for field in ("lat", "lon", "tile", "bbox", "score", "candidates", "probability", "trace"):
         assert field in doc
+
+
+def test_build_and_on_the_fly_read_rgba_tiles_alike(tiny_encoder):
+    """A source whose tiles carry transparency: the build's reader and the on-the-fly level share one
+    step (tile_encoding), so both composite over white and give the same embeddings."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from geoindex.beam import OnTheFlyLevel
+    from geoindex.build import encode_tiles
+    from geoindex.tiles import tile_code_array
+
+    rng = np.random.default_rng(0)
+    tiles = [mercantile.Tile(x, y, 2) for x in range(4) for y in range(4)]
+    rgba = {t: render_tile(t, size=64).convert("RGBA") for t in tiles}
+    for img in rgba.values():
+        img.putalpha(Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)))
+    del rgba[tiles[5]]  # one missing tile
+    source = MemorySource(rgba)
+    x = np.array([t.x for t in tiles])
+    y = np.array([t.y for t in tiles])
+    with ThreadPoolExecutor(2) as pool:
+        found, built = encode_tiles(x, y, zoom=2, source=source, encoder=tiny_encoder, pool=pool, batch_size=5)
+    level = OnTheFlyLevel(2, tiny_encoder, source, batch_size=5, round_to=None)
+    fly, fly_found = level._encode(tile_code_array(x, y, zoom=2))
+    np.testing.assert_array_equal(found, fly_found)
+    assert not found[5] and found.sum() == 15
+    np.testing.assert_allclose(fly, built, atol=1e-6)
+    white = tiny_encoder.encode([Image.alpha_composite(Image.new("RGBA", (64, 64), "white"), rgba[tiles[0]])])
+    np.testing.assert_allclose(built[0], white[0], atol=1e-6)
