@@ -8,7 +8,6 @@ See ``help(geoindex.search)`` for the fields of a result.
 """
 
 from geoindex.api import GeoIndex, OnTheFlySearcher, open_index, search
-from geoindex.beam import Candidate, LevelTrace, SearchResult
 from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import (
@@ -24,6 +23,7 @@ from geoindex.errors import (
     TileSourceError,
     WeightsNotFoundError,
 )
+from geoindex.results import Candidate, LevelTrace, SearchResult
 from geoindex.tiles import LevelSchedule
 
 __version__ = "0.1.0"

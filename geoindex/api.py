@@ -12,18 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from geoindex.beam import (
-    FaissLevel,
-    Level,
-    OnTheFlyLevel,
-    PriorMode,
-    PriorOptions,
-    SearchResult,
-    TilePrior,
-    _beam_search,
-    check_k,
-    make_results,
-)
+from geoindex.beam import FaissLevel, Level, OnTheFlyLevel, PriorMode, PriorOptions, TilePrior, _beam_search, check_k
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
@@ -31,6 +20,7 @@ from geoindex.imagery import ImageInput, load_image
 from geoindex.lazy import LazyLevel, open_lazy_levels
 from geoindex.manifest import Manifest, short_id
 from geoindex.prior import GeoCLIPPrior, get_prior
+from geoindex.results import SearchResult, make_results
 from geoindex.sources import TileSource
 from geoindex.store import StoredLevel, open_store
 from geoindex.tiles import LevelSchedule

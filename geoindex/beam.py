@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast, get_args, runtime_checkable
 
 import faiss
-import mercantile
 import numpy as np
 import numpy.typing as npt
 
@@ -22,26 +21,22 @@ from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.sources import TileSource
 from geoindex.store import StoredLevel
 from geoindex.tile_encoding import encode_tile_batches
-from geoindex.tiles import children_array, tile_center, tile_code_array, tile_of_code, tile_xy_of_code_array
+from geoindex.tiles import children_array, tile_code_array, tile_of_code, tile_xy_of_code_array
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "MAX_K",
-    "Candidate",
     "FaissLevel",
     "Level",
     "LevelHits",
-    "LevelTrace",
     "OnTheFlyLevel",
     "PQ_RERANK",
     "PriorLevel",
     "PriorMode",
     "PriorOptions",
-    "SearchResult",
     "TilePrior",
     "beam_search",
     "check_k",
-    "make_results",
 ]
 
 MAX_K = 2048  # FAISS GPU's top-k limit; keeps CPU and GPU builds interchangeable
@@ -514,104 +509,3 @@ class OnTheFlyLevel(PriorLevel):
         scores = np.einsum("qd,qd->q", emb[pos], xq[rows]).astype(np.float32)
         out[rows] = np.where(found[pos], scores, NEG)
         return out
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One final-level tile: its centre, similarity score and probability (softmax over the beam)."""
-
-    tile: mercantile.Tile
-    lat: float
-    lon: float
-    score: float
-    probability: float
-
-
-@dataclass(frozen=True)
-class LevelTrace:
-    """The tiles one level kept (best first) with their scores, and how the level answered (``note``)."""
-
-    zoom: int
-    tiles: tuple[mercantile.Tile, ...]
-    scores: tuple[float, ...]
-    note: str | None = None  # e.g. a lazy level: "lazy: encoded 16 new tiles ...", or "on-the-fly: ..."
-
-
-@dataclass(frozen=True)
-class SearchResult:
-    """Where a photo was taken, by hierarchical retrieval.
-
-    Attributes:
-        lat, lon: centre of the best tile of the deepest level that found any tile (degrees).
-        tile: that tile, ``mercantile.Tile(x, y, z)``.
-        bbox: its bounds, ``mercantile.LngLatBbox(west, south, east, north)``.
-        score: its cosine similarity with the photo.
-        candidates: the top-n tiles of that level with probabilities (softmax over the scores
-            of all k kept tiles at ``temperature``), best first.
-        trace: per level, coarsest first, the k tiles kept and their scores.
-        image: a name for the query image (its path where it had one), or None.
-    """
-
-    lat: float
-    lon: float
-    tile: mercantile.Tile
-    bbox: mercantile.LngLatBbox
-    score: float
-    candidates: tuple[Candidate, ...]
-    trace: tuple[LevelTrace, ...]
-    image: str | None = None
-
-
-def _new_tile(xyz: tuple[int, int, int]) -> mercantile.Tile:
-    return tuple.__new__(mercantile.Tile, xyz)
-
-
-def make_results(
-    hits: Sequence[LevelHits],
-    *,
-    top_n: int = 5,
-    temperature: float = DEFAULT_TEMPERATURE,
-    names: Sequence[str | None] | None = None,
-) -> list[SearchResult]:
-    """Turn per-level hits for a batch into one SearchResult per query.
-
-    ``temperature`` 0.01 equals CLIP's logit scale of 100.
-    """
-    if top_n < 1:
-        raise ConfigError(f"top_n must be >= 1, got {top_n}")
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-    n = hits[0].D.shape[0]
-    results = []
-    for q in range(n):
-        # tolist() first, and tuple.__new__ for tiles the index holds (valid by construction):
-        # numpy scalars and mercantile's validating Tile() were most of a query's search time
-        trace = tuple(
-            LevelTrace(
-                h.zoom,
-                tuple(_new_tile((a, b, h.zoom)) for a, b in zip(h.x[q][ok].tolist(), h.y[q][ok].tolist())),
-                tuple(h.D[q][ok].tolist()),
-                h.note,
-            )
-            for h in hits
-            for ok in (h.I[q] >= 0,)
-        )
-        final = next((t for t in reversed(trace) if t.tiles), None)
-        if final is None:
-            raise ConfigError("the search found no tile at any level: the index is empty for this query")
-        scores = np.asarray(final.scores, dtype=np.float64)
-        logits = (scores - scores.max()) / temperature
-        probs = np.exp(logits) / np.exp(logits).sum()
-        candidates = tuple(
-            Candidate(t, *tile_center(t), float(s), float(p))
-            for t, s, p in zip(final.tiles[:top_n], final.scores[:top_n], probs[:top_n])
-        )
-        best = candidates[0]
-        results.append(
-            SearchResult(
-                lat=best.lat, lon=best.lon, tile=best.tile, bbox=mercantile.bounds(best.tile),
-                score=best.score, candidates=candidates, trace=trace,
-                image=names[q] if names is not None else None,
-            )
-        )
-    return results

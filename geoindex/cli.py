@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, RegionSearcher, open_index
-from geoindex.beam import SearchResult, check_k
+from geoindex.beam import check_k
 from geoindex.coverage import Coverage
 from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
@@ -34,6 +34,7 @@ from geoindex.exif import read_gps
 from geoindex.files import atomic_write_bytes
 from geoindex.formats import FORMATS, WRITERS, encode_geojson, encode_map, one_line
 from geoindex.imagery import describe_os_error
+from geoindex.results import SearchResult
 from geoindex.sources import TileSource
 from geoindex.threads import configure_query_threads
 

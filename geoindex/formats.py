@@ -23,10 +23,11 @@ from typing import Any, TextIO
 import mercantile
 import numpy as np
 
-from geoindex.beam import DEFAULT_TEMPERATURE, Candidate, LevelTrace, SearchResult
+from geoindex.beam import DEFAULT_TEMPERATURE
 from geoindex.imagery import ImageInput
 from geoindex.metrics import great_circle_km
 from geoindex.render import LatLon, _colormap, _softmax, draw_map
+from geoindex.results import Candidate, LevelTrace, SearchResult
 from geoindex.sources import TileSource
 from geoindex.tiles import tile_center
 

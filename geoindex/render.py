@@ -16,10 +16,11 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
-from geoindex.beam import DEFAULT_TEMPERATURE, LevelTrace, SearchResult
+from geoindex.beam import DEFAULT_TEMPERATURE
 from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
 from geoindex.imagery import ImageInput, load_image
 from geoindex.metrics import great_circle_km
+from geoindex.results import LevelTrace, SearchResult
 from geoindex.sources import TileSource
 from geoindex.tiles import merc_xy_array, tile_merc_bounds_array
 

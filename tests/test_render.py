@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 import geoindex
-from geoindex.beam import DEFAULT_TEMPERATURE, Candidate, LevelTrace, SearchResult
+from geoindex.beam import DEFAULT_TEMPERATURE
 from geoindex.errors import TileNotFoundError
 from geoindex.formats import areas, result_to_dict, tile_probabilities, to_geojson
 from geoindex.render import draw_map
+from geoindex.results import Candidate, LevelTrace, SearchResult
 from geoindex.sources import MemorySource, RasterSource
 from geoindex.tiles import tile_center
 from tests.conftest import render_tile
