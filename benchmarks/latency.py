@@ -29,6 +29,7 @@ if __package__ in (None, ""):
 
 import mercantile
 import numpy as np
+import torch
 from PIL import Image
 
 from benchmarks._common import (
@@ -79,8 +80,11 @@ class _StubEncoder:
         self.dim = dim
         self._rng = np.random.default_rng(seed)
 
-    def encode(self, images: Sequence[object], *, batch_size: int = 64) -> np.ndarray:
-        x = self._rng.standard_normal((len(images), self.dim)).astype(np.float32)
+    def preprocess(self, image: object) -> torch.Tensor:
+        return torch.zeros(1)
+
+    def encode_tensor(self, pixels: torch.Tensor) -> np.ndarray:
+        x = self._rng.standard_normal((len(pixels), self.dim)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -98,7 +102,7 @@ def count_onthefly_tiles(ks: Sequence[int], dim: int, queries: int = 3) -> dict[
         for q in range(queries):
             stub = _StubEncoder(dim, seed=q)
             otf = OnTheFlySearcher(source, stub, schedule=LevelSchedule(4, 16, 2))  # type: ignore[arg-type]
-            otf.search_embeddings(stub.encode([None]), k)
+            otf.search_embeddings(stub.encode_tensor(torch.zeros(1, 1)), k)
             counts.append(otf.tiles_encoded)
         out[k] = counts
     return out

@@ -52,13 +52,15 @@ def test_latency(tmp_path):
 
 def test_scale(tmp_path):
     res, _ = _run("scale", tmp_path, "--workdir", str(tmp_path / "work"))
-    assert [r["tiles"] for r in res] == [1000, 10000]
+    assert [(r["tiles"], r["setting"]) for r in res] == [
+        (1000, "mapped"), (1000, "resident"), (10000, "mapped"), (10000, "resident")]
+    assert [r["resident_levels"] for r in res] == [0, 7, 0, 7]  # small indexes fit in RAM whole
     for r in res:
         for key in ("search_ms_p50", "search_ms_p95", "index_bytes", "rss_mb", "build_s"):
             assert _positive(r[key]), key
         assert r["search_ms_p95"] >= r["search_ms_p50"]
         assert r["recall_at_1"] > 0.5  # the structured embeddings make the beam find the source leaf
-    assert res[1]["index_bytes"] > res[0]["index_bytes"]
+    assert res[2]["index_bytes"] > res[0]["index_bytes"]
 
 
 def test_build_throughput(tmp_path):
