@@ -73,10 +73,11 @@ def _export(network: torch.nn.Module, sample: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _model_bytes(network: torch.nn.Module, sample: torch.Tensor, cache: Path | None) -> bytes:
-    path = None if cache is None else cache / f"{_weights_key(network, tuple(sample.shape[1:]))[:32]}.onnx"
-    if path is not None and path.is_file():
-        return path.read_bytes()
+def _cache_path(network: torch.nn.Module, sample: torch.Tensor, cache: Path | None) -> Path | None:
+    return None if cache is None else cache / f"{_weights_key(network, tuple(sample.shape[1:]))[:32]}.onnx"
+
+
+def _export_and_cache(network: torch.nn.Module, sample: torch.Tensor, path: Path | None) -> bytes:
     model = _export(network, sample)
     if path is not None:
         try:
@@ -110,8 +111,17 @@ class OnnxNetwork:
         # Idle pool threads that spin steal the cores of loader threads and of other queries.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        return ort.InferenceSession(_model_bytes(self.network, sample, self.cache), options,
-                                    providers=["CPUExecutionProvider"])
+
+        def session(model: bytes) -> Any:
+            return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+        path = _cache_path(self.network, sample, self.cache)
+        if path is not None and path.is_file():
+            try:
+                return session(path.read_bytes())
+            except Exception as e:  # unreadable or damaged: export again and replace it
+                log.warning("cached ONNX graph %s is unusable (%s); exporting it again", path, e)
+        return session(_export_and_cache(self.network, sample, path))
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.detach().to("cpu", torch.float32).contiguous()

@@ -154,6 +154,19 @@ def test_onnxruntime_matches_torch_and_caches_the_graph(effnet, monkeypatch, tmp
     np.testing.assert_array_equal(again.encode_tensor(pixels), encoder.encode_tensor(pixels))
 
 
+@pytest.mark.skipif(not onnx_runtime.available(),
+                    reason="onnxruntime and onnx are not installed (make install adds them)")
+def test_a_damaged_cached_graph_is_exported_again(effnet, monkeypatch, tmp_path):
+    monkeypatch.setenv("GEOINDEX_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv(onnx_runtime.RUNTIME_ENV, raising=False)
+    pixels = _pixels(effnet)
+    want = effnet.with_precision("fp32").encode_tensor(pixels)
+    (cached,) = (tmp_path / "onnx").glob("*.onnx")
+    cached.write_bytes(b"not a graph")
+    np.testing.assert_array_equal(effnet.with_precision("fp32").encode_tensor(pixels), want)
+    assert cached.stat().st_size > 1_000_000  # replaced by a good export
+
+
 def test_inference_graph_follows_the_weights(effnet):
     """Changed weights rebuild the folded graph; weights being trained run live."""
     encoder = effnet.with_precision("fp32")
