@@ -24,6 +24,7 @@ __all__ = [
     "decode_tile",
     "describe_os_error",
     "load_image",
+    "to_rgb",
 ]
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _describe(src: object) -> str:
     return f"<{type(src).__name__}>"
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. Transparent pixels are composited over white, 16-bit scaled to 8-bit."""
     if img.mode == "RGB":
         return img
@@ -137,7 +138,7 @@ def load_image(
     """
     name = _describe(src)
     if isinstance(src, np.ndarray):
-        return _array_to_rgb(src, name)
+        return _arrayto_rgb(src, name)
     if isinstance(src, Image.Image):
         img = src
     else:
@@ -172,7 +173,7 @@ def load_image(
         if max(img.size) > max_side:
             img = img.copy()
             img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-        rgb = _to_rgb(img)
+        rgb = to_rgb(img)
         return rgb.copy() if rgb is img else rgb
     except ImageError:
         raise
@@ -180,7 +181,7 @@ def load_image(
         raise ImageError(f"{name}: cannot decode image ({e})") from e
 
 
-def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
+def _arrayto_rgb(arr: np.ndarray, name: str) -> Image.Image:
     shape = arr.shape  # report the caller's shape, not the expanded one
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
@@ -191,7 +192,7 @@ def _array_to_rgb(arr: np.ndarray, name: str) -> Image.Image:
             arr = arr * 255.0
         arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
     mode = "RGB" if arr.shape[2] == 3 else "RGBA"
-    return _to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode))
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr), mode))
 
 
 def decode_tile(data: bytes, *, what: str = "tile") -> Image.Image:

@@ -23,7 +23,7 @@ import torch
 
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import GeoIndexError, TileNotFoundError
-from geoindex.imagery import load_image
+from geoindex.imagery import to_rgb
 from geoindex.sources import TileSource
 
 __all__ = ["PREFETCH_BATCHES", "EncodedBatch", "TileLoad", "encode_tile_batches", "load_tile"]
@@ -46,12 +46,12 @@ class TileLoad:
 def load_tile(source: TileSource, preprocess: Callable[[Any], torch.Tensor], tile: mercantile.Tile) -> TileLoad:
     """Read one tile and preprocess it; a missing tile gives no tensor, an unreadable one its error.
 
-    The image goes through ``load_image`` as a photo does (RGB; transparency over white, 16-bit
+    The image is made RGB as a photo is (``imagery.to_rgb``: transparency over white, 16-bit
     scaled), so a source returning RGBA or 16-bit tiles is encoded the same in every caller.
     """
     try:
         img = source.get(tile)
-        return TileLoad(preprocess(load_image(img)), img.size)
+        return TileLoad(preprocess(to_rgb(img)), img.size)
     except TileNotFoundError:
         return TileLoad(None)
     except GeoIndexError as e:  # kept, so that a caller can name every bad tile of a shard

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError
-from geoindex.imagery import _to_rgb
+from geoindex.imagery import to_rgb
 from geoindex.tiles import merc_latlon_array, view_merc_grid
 
 __all__ = ["RasterSource", "embedded_world_raster", "open_raster"]
@@ -71,7 +71,7 @@ class RasterSource:
         try:
             Image.MAX_IMAGE_PIXELS = None  # a trusted local raster, often very large
             with Image.open(self.path) as img:
-                rgb = np.asarray(_to_rgb(img), dtype=np.uint8)
+                rgb = np.asarray(to_rgb(img), dtype=np.uint8)
         except (OSError, UnidentifiedImageError) as e:
             raise ImageError(f"{self.path}: cannot read raster ({e})") from e
         finally:
