@@ -363,7 +363,8 @@ class ImageEncoder:
                 network = torch.ao.quantization.quantize_dynamic(
                     copy.deepcopy(graph).cpu(), {torch.nn.Linear}, dtype=torch.qint8)
             elif self.runtime == "onnxruntime":
-                network = onnx_runtime.OnnxNetwork(graph, threads=torch.get_num_threads(),
+                network = onnx_runtime.OnnxNetwork(graph, weights=_state_fingerprint(graph),
+                                                   threads=torch.get_num_threads(),
                                                    cache=onnx_runtime.onnx_cache_dir())
             self._inference = (state, network)
         return self._inference[1]

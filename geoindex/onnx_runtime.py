@@ -53,16 +53,6 @@ def available() -> bool:
     return True
 
 
-def _weights_key(network: torch.nn.Module, sample_shape: tuple[int, ...]) -> str:
-    """Names the exported graph: the tensors, the input shape and the exporter's version."""
-    h = hashlib.sha256(f"{torch.__version__};{_OPSET};{sample_shape};{type(network).__name__};".encode())
-    for name, tensor in network.state_dict().items():
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _export(network: torch.nn.Module, sample: torch.Tensor) -> bytes:
     buffer = io.BytesIO()
     with warnings.catch_warnings():  # the TorchScript exporter's deprecation notices: it is what handles timm
@@ -73,8 +63,12 @@ def _export(network: torch.nn.Module, sample: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _cache_path(network: torch.nn.Module, sample: torch.Tensor, cache: Path | None) -> Path | None:
-    return None if cache is None else cache / f"{_weights_key(network, tuple(sample.shape[1:]))[:32]}.onnx"
+def _cache_path(weights: str, sample: torch.Tensor, cache: Path | None) -> Path | None:
+    """Names the exported graph: the weights' fingerprint, the input shape and the exporter's version."""
+    if cache is None:
+        return None
+    key = hashlib.sha256(f"{torch.__version__};{_OPSET};{tuple(sample.shape[1:])};{weights}".encode()).hexdigest()
+    return cache / f"{key[:32]}.onnx"
 
 
 def _export_and_cache(network: torch.nn.Module, sample: torch.Tensor, path: Path | None) -> bytes:
@@ -94,12 +88,13 @@ class OnnxNetwork:
 
     Args:
         network: a frozen network on the CPU (eval mode, no weight being trained); not modified.
+        weights: a fingerprint of ``network``'s tensors (``encoders._state_fingerprint``): names the cached graph.
         threads: ONNX Runtime's intra-op threads (the caller passes torch's, so one knob sets both).
         cache: folder for exported graphs; None exports in memory every time.
     """
 
-    def __init__(self, network: torch.nn.Module, *, threads: int, cache: Path | None = None) -> None:
-        self.network, self.threads, self.cache = network, max(1, threads), cache
+    def __init__(self, network: torch.nn.Module, *, weights: str, threads: int, cache: Path | None = None) -> None:
+        self.network, self.weights, self.threads, self.cache = network, weights, max(1, threads), cache
         self.session: Any = None
 
     def _open(self, sample: torch.Tensor) -> Any:
@@ -115,7 +110,7 @@ class OnnxNetwork:
         def session(model: bytes) -> Any:
             return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
-        path = _cache_path(self.network, sample, self.cache)
+        path = _cache_path(self.weights, sample, self.cache)
         if path is not None and path.is_file():
             try:
                 return session(path.read_bytes())
