@@ -155,13 +155,6 @@ def proc_status() -> dict[str, float]:
     return out
 
 
-def mem_available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def pct(samples_s: Sequence[float] | npt.NDArray[np.float64], q: float) -> float:
     """Percentile ``q`` of durations in seconds, in milliseconds."""
     return float(np.percentile(np.asarray(samples_s, dtype=np.float64), q) * 1e3)

@@ -31,7 +31,6 @@ from benchmarks._common import (
     build_synthetic_index,
     level_sizes,
     markdown_table,
-    mem_available_bytes,
     pct,
     proc_status,
 )
@@ -156,6 +155,8 @@ def _run_worker(index_dir: Path, queries_file: Path, k: int, warmup: int, settin
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
+    from geoindex.store import mem_available_bytes  # here: the search worker measures RSS before importing geoindex
+
     bench = BenchRun.start(NAME, argv)
     rows, notes = [], []
     a.workdir.mkdir(parents=True, exist_ok=True)

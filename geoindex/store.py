@@ -459,7 +459,8 @@ def _check_ivf_ids(path: Path, zoom: int, index: faiss.IndexIVF, parent_row: npt
         )
 
 
-def _mem_available() -> int:
+def mem_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo in bytes; 0 where it cannot be read."""
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -483,7 +484,7 @@ def resident_levels(sizes: list[int], resident: bool | str) -> list[bool]:
         return [resident] * len(sizes)
     if resident != "auto":
         raise ConfigError(f"resident={resident!r}: use True, False or 'auto' (--resident yes|no|auto)")
-    budget = min(RESIDENT_AUTO_BYTES, _mem_available() // 4)
+    budget = min(RESIDENT_AUTO_BYTES, mem_available_bytes() // 4)
     out: list[bool] = []
     used = 0
     for size in sizes:

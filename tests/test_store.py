@@ -178,11 +178,11 @@ def test_pq_level_reranks_exactly(tmp_path, children):
 
 
 def test_resident_levels_fill_ram_from_the_top(monkeypatch):
-    monkeypatch.setattr("geoindex.store._mem_available", lambda: 64 << 30)
+    monkeypatch.setattr("geoindex.store.mem_available_bytes", lambda: 64 << 30)
     mib = 1 << 20
     assert resident_levels([mib, 10 * mib, 1 << 30, 20 << 30], "auto") == [True, True, True, False]
     assert resident_levels([mib, 3 << 30, mib], "auto") == [True, False, False]  # never below a mapped level
-    monkeypatch.setattr("geoindex.store._mem_available", lambda: 8 * mib)  # a quarter of free RAM at most
+    monkeypatch.setattr("geoindex.store.mem_available_bytes", lambda: 8 * mib)  # a quarter of free RAM at most
     assert resident_levels([mib, mib, 4 * mib], "auto") == [True, True, False]
     assert resident_levels([mib, 20 << 30], True) == [True, True]
     assert resident_levels([mib, mib], False) == [False, False]
