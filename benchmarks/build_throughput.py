@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+import os
 import pstats
 import shutil
 import sys
@@ -89,14 +90,22 @@ def cpu_ms_per_tile(source, encoder, tiles: list[mercantile.Tile]) -> dict[str, 
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    import os
+    """``measure`` with ``$GEOINDEX_RUNTIME`` set to ``--runtime`` (read by every encoder this process
+    makes, the build's too), restored afterwards: tests run this in their own process."""
+    from unittest import mock
 
+    from geoindex.onnx_runtime import RUNTIME_ENV
+
+    with mock.patch.dict(os.environ, {RUNTIME_ENV: a.runtime}):
+        return measure(a, argv)
+
+
+def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.encoders import create_encoder
     from geoindex.sources import RasterSource
     from pipelines import build_index
 
     bench = BenchRun.start(NAME, argv)
-    os.environ["GEOINDEX_RUNTIME"] = a.runtime  # read by every encoder this process makes, the build's too
     enc_name = resolve_encoder(a)
     tiles = _tiles(a)
     source = RasterSource()
