@@ -485,12 +485,8 @@ def resident_levels(sizes: list[int], resident: bool | str) -> list[bool]:
     if resident != "auto":
         raise ConfigError(f"resident={resident!r}: use True, False or 'auto' (--resident yes|no|auto)")
     budget = min(RESIDENT_AUTO_BYTES, mem_available_bytes() // 4)
-    out: list[bool] = []
-    used = 0
-    for size in sizes:
-        used += size
-        out.append(used <= budget and all(out))
-    return out
+    fits = int(np.searchsorted(np.cumsum(sizes), budget, side="right"))  # levels from the top within budget
+    return [i < fits for i in range(len(sizes))]
 
 
 def open_store(
