@@ -36,6 +36,7 @@ from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundEr
 from geoindex.families import FAMILIES, Split, efficientnet_key_map
 from geoindex.files import atomic_path, file_sha256
 from geoindex.imagery import ImageInput, load_image
+from geoindex.pixels import fast_preprocess
 
 __all__ = [
     "ENCODERS",
@@ -383,8 +384,11 @@ class ImageEncoder:
     def encode_tensor(self, pixels: torch.Tensor) -> npt.NDArray[np.float32]:
         """Preprocessed pixels (n, 3, S, S) -> L2-normalised embeddings (n, d) float32."""
         dtype = _AUTOCAST.get(self.precision)
+        network = self._inference_network()
+        # ONNX Runtime takes contiguous NCHW as it comes: channels-last would be copied there and back
+        x = pixels.contiguous() if isinstance(network, onnx_runtime.OnnxNetwork) else self.to_device(pixels)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            features = self._inference_network()(self.to_device(pixels))
+            features = network(x)
         features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -424,6 +428,7 @@ def create_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         visual, preprocess = FAMILIES[spec.family].build(spec, path)
+    preprocess = fast_preprocess(preprocess)  # the same tensors, without torch threads
     visual.requires_grad_(False)
     visual.to(device)
     return ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision)

@@ -1,0 +1,61 @@
+"""ResizeCropNormalize computes what torchvision's eval pipelines compute, bit for bit, without torch threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from geoindex.encoders import create_encoder
+from geoindex.families import FAMILIES
+from geoindex.pixels import ResizeCropNormalize, fast_preprocess
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# portrait, landscape, square, already the crop size, one pixel off, odd ratios, tiny and huge ratios
+SIZES = [(480, 640), (640, 480), (256, 256), (224, 224), (225, 224), (224, 225), (223, 300), (1000, 333),
+         (300, 301), (50, 60), (17, 900)]
+
+
+def _torchvision(size: int, mean=MEAN, std=STD) -> T.Compose:
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(mean, std)])
+
+
+@pytest.mark.parametrize("hw", SIZES)
+def test_identical_to_torchvision(hw):
+    img = Image.fromarray(np.random.default_rng(sum(hw)).integers(0, 256, (*hw, 3), dtype=np.uint8))
+    want = _torchvision(224)(img)
+    got = ResizeCropNormalize(224, MEAN, STD)(img)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (3, 224, 224)
+    assert torch.equal(got, want)
+
+
+def test_encoder_pipelines_are_replaced_and_still_identical():
+    """Both families' own pipelines (open_clip's has an RGB conversion step) are recognised and swapped."""
+    rng = np.random.default_rng(1)
+    for name in ("tiny", "efficientnet-lite0"):
+        enc = create_encoder(name)
+        assert isinstance(enc.preprocess, ResizeCropNormalize)
+        _, original = FAMILIES[enc.spec.family].build(enc.spec, None)
+        for hw in [(480, 640), (256, 256), (100, 37)]:
+            for mode in ("RGB", "L", "RGBA"):
+                img = Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).convert(mode)
+                if mode != "RGB" and enc.spec.family == "timm":
+                    continue  # timm's pipeline has no RGB step: geoindex always hands it RGB
+                assert torch.equal(enc.preprocess(img), original(img)), (name, hw, mode)
+
+
+def test_other_pipelines_are_left_alone():
+    bilinear = T.Compose([T.Resize(224), T.CenterCrop(224), T.ToTensor(), T.Normalize(MEAN, STD)])
+    other_crop = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224),
+                            T.ToTensor(), T.Normalize(MEAN, STD)])
+    extra = T.Compose([*_torchvision(224).transforms, T.RandomHorizontalFlip()])
+
+    def plain(img):
+        return torch.zeros(3)
+
+    for p in (bilinear, other_crop, extra, plain):
+        assert fast_preprocess(p) is p
+    assert isinstance(fast_preprocess(_torchvision(64)), ResizeCropNormalize)
