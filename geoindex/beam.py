@@ -8,6 +8,7 @@ level encodes the children's tiles at query time, as the paper did. ``beam_searc
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, cast, get_args, runtime_checkable
@@ -301,16 +302,20 @@ class FaissLevel(PriorLevel):
         return np.einsum("qmd,qd->qm", emb.reshape(*I.shape, -1), xq).astype(np.float32)
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        if ids.size and (int(ids.max()) >= self.stored.rows or int(ids.min()) < -1):
-            bad = int(ids.max()) if int(ids.max()) >= self.stored.rows else int(ids.min())
+        lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
+        if hi >= self.stored.rows or lo < -1:
             raise IndexFormatError(
-                f"level z{self.zoom}: FAISS returned id {bad} outside its {self.stored.rows} rows; the index "
-                f"file changed after it was opened. Reopen it with --verify, or rebuild level z{self.zoom}"
+                f"level z{self.zoom}: FAISS returned id {hi if hi >= self.stored.rows else lo} outside its "
+                f"{self.stored.rows} rows; the index file changed after it was opened. Reopen it with --verify, "
+                f"or rebuild level z{self.zoom}"
             )
-        valid = ids >= 0
-        safe = np.where(valid, ids, 0)
-        x = np.where(valid, self.stored.x[safe], -1).astype(np.int64)
-        y = np.where(valid, self.stored.y[safe], -1).astype(np.int64)
+        # id -1 reads the last row (numpy's negative index), then is masked back to -1
+        x = self.stored.x.take(ids).astype(np.int64)
+        y = self.stored.y.take(ids).astype(np.int64)
+        if lo < 0:
+            missing = ids < 0
+            x[missing] = -1
+            y[missing] = -1
         return x, y
 
     def ids_of(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
@@ -351,6 +356,17 @@ class FaissLevel(PriorLevel):
         return out
 
 
+@functools.lru_cache(maxsize=64)
+def _ivf_params(nprobe: int, selector: faiss.IDSelector | None = None) -> faiss.SearchParametersIVF:
+    """Search parameters probing ``nprobe`` lists; cached without a selector (FAISS only reads them,
+    so threads can share one), made per call with one (selectors live as long as their level)."""
+    params = faiss.SearchParametersIVF()
+    params.nprobe = nprobe
+    if selector is not None:
+        params.sel = selector
+    return params
+
+
 def _search_lists(
     index: faiss.IndexIVF,
     xq: npt.NDArray[np.float32],
@@ -365,10 +381,7 @@ def _search_lists(
     lists = np.ascontiguousarray(parents[:, : min(parents.shape[1], index.nlist)], dtype=np.int64)
     # Per-call parameters instead of index.nprobe: one opened index is shared across threads
     # (the Python wrapper of search_preassigned rejects params=, so call the C++ entry point).
-    params = faiss.SearchParametersIVF()
-    params.nprobe = lists.shape[1]
-    if selector is not None:
-        params.sel = selector
+    params = _ivf_params(lists.shape[1]) if selector is None else _ivf_params.__wrapped__(lists.shape[1], selector)
     D = np.empty((n, k), dtype=np.float32)
     I = np.empty((n, k), dtype=np.int64)  # noqa: E741
     coarse = np.zeros(lists.shape, dtype=np.float32)  # unused: by_residual is off

@@ -7,6 +7,8 @@ API build on these.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,8 +68,16 @@ class SearchResult:
     image: str | None = None
 
 
-def _new_tile(xyz: tuple[int, int, int]) -> mercantile.Tile:
-    return tuple.__new__(mercantile.Tile, xyz)
+# tuple.__new__ for tiles the index holds (valid by construction), mapped in C: numpy scalars and
+# mercantile's validating Tile() were most of a query's search time
+_new_tile = functools.partial(tuple.__new__, mercantile.Tile)
+
+
+def _level_trace(h: LevelHits, q: int) -> LevelTrace:
+    ok = h.I[q] >= 0
+    xs, ys, scores = (h.x[q], h.y[q], h.D[q]) if ok.all() else (h.x[q][ok], h.y[q][ok], h.D[q][ok])
+    tiles = tuple(map(_new_tile, zip(xs.tolist(), ys.tolist(), itertools.repeat(h.zoom))))
+    return LevelTrace(h.zoom, tiles, tuple(scores.tolist()), h.note)
 
 
 def make_results(
@@ -88,18 +98,7 @@ def make_results(
     n = hits[0].D.shape[0]
     results = []
     for q in range(n):
-        # tolist() first, and tuple.__new__ for tiles the index holds (valid by construction):
-        # numpy scalars and mercantile's validating Tile() were most of a query's search time
-        trace = tuple(
-            LevelTrace(
-                h.zoom,
-                tuple(_new_tile((a, b, h.zoom)) for a, b in zip(h.x[q][ok].tolist(), h.y[q][ok].tolist())),
-                tuple(h.D[q][ok].tolist()),
-                h.note,
-            )
-            for h in hits
-            for ok in (h.I[q] >= 0,)
-        )
+        trace = tuple(_level_trace(h, q) for h in hits)
         final = next((t for t in reversed(trace) if t.tiles), None)
         if final is None:
             raise ConfigError("the search found no tile at any level: the index is empty for this query")
