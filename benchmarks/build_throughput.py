@@ -36,7 +36,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--zooms", type=int, nargs="+", help="levels to build (default: 4, the world's 256 tiles)")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="coverage (default: world)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="build_index's tile-loading threads (its default: 4)")
+    p.add_argument("--workers", type=int,
+                   help="build_index's tile-loading threads (default: its own, geoindex.threads.loader_threads)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="encoder runtime for both passes (sets $GEOINDEX_RUNTIME; default: auto)")
@@ -102,10 +103,13 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
 def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.encoders import create_encoder
+    from geoindex.malloc import keep_freed_memory
     from geoindex.sources import RasterSource
+    from geoindex.threads import cpu_cores, loader_threads
     from pipelines import build_index
 
     bench = BenchRun.start(NAME, argv)
+    keep_freed_memory()  # as the build_index command does (pipeline_main), for both passes alike
     enc_name = resolve_encoder(a)
     tiles = _tiles(a)
     source = RasterSource()
@@ -122,11 +126,13 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
     work = Path(tempfile.mkdtemp(prefix="geoindex-bench-build-"))
     argv_build = ["--zoom", *map(str, a.zooms), "--index", str(work / "index"), "--source", "bluemarble",
-                  "--encoder", enc_name, "--batch-size", str(a.batch_size), "--workers", str(a.workers),
-                  "--device", a.device, "--quiet"]
+                  "--encoder", enc_name, "--batch-size", str(a.batch_size), "--device", a.device, "--quiet"]
+    if a.workers:
+        argv_build += ["--workers", str(a.workers)]
     if a.bbox:
         argv_build += ["--bbox", *map(str, a.bbox)]
     cfg = build_index.parse_args(argv_build)
+    workers = a.workers or loader_threads(cpu_cores())  # what build_index chooses
     print("build...", file=sys.stderr)
     prof = cProfile.Profile() if a.profile else None
     t = time.perf_counter()
@@ -145,7 +151,7 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     level_s = sum(s.seconds for s in summaries)
     encode_s = (before + after) / 2
     res = {
-        "tiles": n, "tiles_built": built, "batch_size": a.batch_size, "device": a.device, "workers": a.workers,
+        "tiles": n, "tiles_built": built, "batch_size": a.batch_size, "device": a.device, "workers": workers,
         "runtime": encoder.runtime, "precision": encoder.precision, "cpu_ms_per_tile": stages,
         "efficiency_ceiling": stages["encode"] / sum(stages.values()),
         "encode_only_s": [before, after],
@@ -170,7 +176,7 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         f"{res['efficiency_ceiling']:.2f} unless the loaders had cores of their own.",
         f"Tiles: zoom(s) {a.zooms} of {'bbox ' + str(a.bbox) if a.bbox else 'the world'}, from the embedded Blue "
         f"Marble raster (RasterSource renders each tile); device {a.device}, batch {a.batch_size}, "
-        f"{a.workers} loader threads, torch {torch.get_num_threads()} threads.",
+        f"{workers} loader threads, torch {torch.get_num_threads()} threads.",
         "encode-only = encode_tensor over the same tiles' preprocessed pixels (rendering and preprocessing "
         "untimed); mean of the passes before and after the build is the reference. build_index = "
         "pipelines.build_index.run end to end; build_level only = the sum of BuildSummary.seconds "

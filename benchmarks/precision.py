@@ -212,8 +212,10 @@ def quality(name: str, n_queries: int, seed: int, work: Path) -> dict[str, dict[
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.encoders import ENCODERS as REGISTRY
+    from geoindex.malloc import keep_freed_memory
 
     bench = BenchRun.start(NAME, argv)
+    keep_freed_memory()  # batches of 64 would otherwise page-fault their activations in on every call
     work = Path(tempfile.mkdtemp(prefix="geoindex-bench-precision-"))
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     try:

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import (
@@ -48,6 +49,7 @@ from geoindex.store import (
     shard_path,
     write_shard,
 )
+from geoindex.threads import loader_threads
 from geoindex.tile_encoding import encode_tile_batches
 from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array, tile_code_array
 
@@ -426,7 +428,7 @@ def build_level(
     checkpoint: str | None = None,
     shard_size: int = 8192,
     batch_size: int = 64,
-    workers: int = 4,
+    workers: int | None = None,
     overwrite: bool = False,
     build_args: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
@@ -441,6 +443,8 @@ def build_level(
         coverage: which tiles to index. schedule, codec: fixed by the first level built.
         checkpoint: path of the map-encoder checkpoint, recorded in the manifest.
         shard_size: planned tiles per parquet shard (the unit of resumption).
+        workers: threads reading and preprocessing tiles; default ``threads.loader_threads`` of
+            torch's thread count.
         progress: called with the number of tiles handled after each batch.
         on_plan: called once with (planned tiles, tiles already done in reused shards).
         skip_bad_tiles: leave tiles that cannot be read out of the level, as if the source lacked
@@ -461,6 +465,7 @@ def build_level(
     failures: list[str] = []
     bad: list[str] = []
     plan = job.plan
+    workers = workers or loader_threads(torch.get_num_threads())
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for s in job.todo:
             sl = job.rows(s)

@@ -1,4 +1,6 @@
-"""Thread count for the query path (``locate``, ``serve``): one by default, overridable with ``--threads``.
+"""Thread counts: the query path (``locate``, ``serve``) runs on one thread, a build on every core.
+
+Both are overridable (``--threads``; a build's tile loaders with ``--workers``).
 
 A query is one photo's forward pass and a few thousand children scored per level: on this 2-core
 CPU neither gains from a second thread when the machine is quiet (EfficientNet-Lite0: 20.2 ms p50
@@ -11,7 +13,11 @@ runtime here (setting either's count sets the other's), so there is one knob for
 
 from __future__ import annotations
 
-__all__ = ["configure_query_threads"]
+import contextlib
+import os
+from collections.abc import Iterator
+
+__all__ = ["build_threads", "configure_query_threads", "cpu_cores", "loader_threads"]
 
 
 def configure_query_threads(threads: int | None = None, *, apply: bool = True) -> int:
@@ -25,9 +31,51 @@ def configure_query_threads(threads: int | None = None, *, apply: bool = True) -
     """
     count = max(1, threads or 1)
     if apply:
-        import faiss
-        import torch
-
-        faiss.omp_set_num_threads(count)
-        torch.set_num_threads(count)
+        _set_threads(count)
     return count
+
+
+def cpu_cores() -> int:
+    """CPUs this process may run on: its affinity mask where the OS has one, else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def build_threads(threads: int | None = None) -> Iterator[int]:
+    """Run a build on ``threads`` threads of the encoder (torch, and ONNX Runtime, which takes
+    torch's count) and of FAISS: every core this process may use (``cpu_cores``) unless given.
+    Yields the count; the previous counts are restored on exit (builds also run inside other programs)."""
+    import faiss
+    import torch
+
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    count = max(1, threads or cpu_cores())
+    _set_threads(count)
+    try:
+        yield count
+    finally:
+        torch.set_num_threads(before[0])
+        faiss.omp_set_num_threads(before[1])
+
+
+def loader_threads(encoder_threads: int) -> int:
+    """Tile-reading and preprocessing threads that keep an encoder on ``encoder_threads`` threads fed.
+
+    Reading and preprocessing a tile takes a fifth to a quarter of the CPU time of encoding it
+    (EfficientNet-Lite0 under ONNX Runtime; much less for a ViT), and loaders also wait on disks and
+    tile servers, so one loader per encoder thread, and at least two, keeps a batch ready without
+    a crowd of threads contending for the GIL. Measured on 2 cores: benchmarks/build_throughput.py
+    --workers (RESULTS.md).
+    """
+    return max(2, encoder_threads)
+
+
+def _set_threads(count: int) -> None:
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(count)
+    torch.set_num_threads(count)

@@ -11,6 +11,7 @@ from typing import Protocol, TypeVar
 from tqdm import tqdm
 
 from geoindex.cli import run_command
+from geoindex.malloc import keep_freed_memory
 
 
 def setup_logging(quiet: bool) -> None:
@@ -53,11 +54,14 @@ def pipeline_main(
 ) -> int:
     """A pipeline's ``main``: parse ``argv``, set up logging, ``run(cfg)`` under :func:`run_main`.
 
+    Pipelines are batch programs: freed memory is kept for the next batch (``keep_freed_memory``).
+
     The exit status is 0, or what ``finish(cfg, result)`` makes of the result (a report to print,
     a status of its own).
     """
     cfg = parse_args(argv)
     setup_logging(cfg.quiet)
+    keep_freed_memory()
 
     def body() -> int:
         result = run(cfg)

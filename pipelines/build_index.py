@@ -29,6 +29,7 @@ from geoindex.errors import ConfigError
 from geoindex.lazy import compact, declare_lazy
 from geoindex.manifest import CODECS, Manifest
 from geoindex.sources import open_source
+from geoindex.threads import build_threads, loader_threads
 from geoindex.tiles import LevelSchedule
 from pipelines._cli import pipeline_main, progress_bar
 
@@ -52,7 +53,8 @@ class Config:
     batch_size: int = 64
     codec: str = "fp16"
     shard_size: int = 8192
-    workers: int = 4
+    workers: int | None = None  # None: geoindex.threads.loader_threads(threads)
+    threads: int | None = None  # None: every core (geoindex.threads.cpu_cores)
     schedule: LevelSchedule = LevelSchedule()
     bbox: tuple[float, float, float, float] | None = None
     geojson: Path | None = None
@@ -72,6 +74,9 @@ class Config:
             self.schedule.index_of(self.lazy_from)
             if self.lazy_from == self.schedule.start:
                 raise ConfigError(f"--lazy-from {self.lazy_from}: the first level must be built; choose a deeper zoom")
+        for flag, value in (("--threads", self.threads), ("--workers", self.workers)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}; leave it out to choose from the CPU count")
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown --engine {self.engine!r}; choose one of {list(ENGINES)}")
         if self.engine == "ray" and self.skip_bad_tiles:
@@ -115,7 +120,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch (default: 64)")
     p.add_argument("--codec", default="fp16", choices=CODECS, help="FAISS codec of levels after the first")
     p.add_argument("--shard-size", type=int, default=8192, help="tiles per parquet shard, the unit of resumption")
-    p.add_argument("--workers", type=int, default=4, help="threads reading and preprocessing tiles")
+    p.add_argument("--threads", type=int,
+                   help="encoder and FAISS threads (default: every CPU this process may use)")
+    p.add_argument("--workers", type=int,
+                   help="threads reading and preprocessing tiles (default: one per encoder thread, at least 2)")
     p.add_argument("--schedule", type=int, nargs=3, metavar=("START", "STOP", "STEP"), default=(4, 16, 2),
                    help="zoom levels of the hierarchy (default: 4 16 2, the paper's)")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="index only this area")
@@ -149,7 +157,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         compact=a.compact, index=a.index, source=a.source, encoder=a.encoder,
         weights=a.weights, download=a.download, map_checkpoints=a.map_checkpoints, device=device,
         precision=a.precision,
-        batch_size=a.batch_size, codec=a.codec, shard_size=a.shard_size, workers=a.workers,
+        batch_size=a.batch_size, codec=a.codec, shard_size=a.shard_size, workers=a.workers, threads=a.threads,
         schedule=schedule, bbox=tuple(a.bbox) if a.bbox else None, geojson=a.geojson,
         overwrite=a.overwrite, skip_bad_tiles=a.skip_bad_tiles, quiet=a.quiet, engine=a.engine,
         ray_address=a.ray_address, ray_actors=a.ray_actors,
@@ -194,15 +202,17 @@ def _run(cfg: Config) -> list[BuildSummary]:
     resolve_device(cfg.device)  # a one-line error for a device this machine lacks, not a torch traceback
     base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device,
                           precision=cfg.precision)
+    with build_threads(cfg.threads) as threads:
+        workers = cfg.workers or loader_threads(threads)
 
-    def local(zoom: int, **kw: Any) -> BuildSummary:
-        checkpoint = _checkpoint(cfg, zoom)
-        return build_level(cfg.index, zoom, source=source, encoder=load_map_encoder(base, checkpoint),
-                           coverage=coverage, schedule=cfg.schedule, codec=cfg.codec, checkpoint=checkpoint,
-                           shard_size=cfg.shard_size, batch_size=cfg.batch_size, workers=cfg.workers,
-                           overwrite=cfg.overwrite, skip_bad_tiles=cfg.skip_bad_tiles, **kw)
+        def local(zoom: int, **kw: Any) -> BuildSummary:
+            checkpoint = _checkpoint(cfg, zoom)
+            return build_level(cfg.index, zoom, source=source, encoder=load_map_encoder(base, checkpoint),
+                               coverage=coverage, schedule=cfg.schedule, codec=cfg.codec, checkpoint=checkpoint,
+                               shard_size=cfg.shard_size, batch_size=cfg.batch_size, workers=workers,
+                               overwrite=cfg.overwrite, skip_bad_tiles=cfg.skip_bad_tiles, **kw)
 
-    return _run_levels(cfg, local)
+        return _run_levels(cfg, local)
 
 
 def _ray_engine(cfg: Config, coverage: Coverage) -> Callable[..., BuildSummary]:
@@ -214,7 +224,9 @@ def _ray_engine(cfg: Config, coverage: Coverage) -> Callable[..., BuildSummary]:
         recipe = EncoderRecipe(cfg.encoder, cfg.weights, cfg.download, _checkpoint(cfg, zoom), cfg.precision)
         return build_level_ray(cfg.index, zoom, source=cfg.source, encoder=recipe, coverage=coverage,
                                schedule=cfg.schedule, codec=cfg.codec, shard_size=cfg.shard_size,
-                               batch_size=cfg.batch_size, workers=cfg.workers, overwrite=cfg.overwrite,
+                               batch_size=cfg.batch_size,
+                               workers=cfg.workers or loader_threads(max(1, int(cfg.ray_cpus_per_actor))),
+                               overwrite=cfg.overwrite,
                                options=options, **kw)
 
     return ray

@@ -217,3 +217,13 @@ def test_manifest_records_the_source_spec_and_fills_in_an_old_one(tmp_path, tile
     assert geoindex.open_index(index).manifest.imagery_spec is None
     _build(["--zoom", "2", "--index", str(index), "--source", str(tile_dir)])
     assert geoindex.open_index(index).manifest.imagery_spec == f"dir:{tile_dir}"
+
+
+def test_thread_counts_are_checked_and_default_to_the_cpu_count():
+    cfg = build_index.parse_args(["--zoom", "2"])
+    assert cfg.threads is None and cfg.workers is None  # chosen at run time from the cores
+    cfg = build_index.parse_args(["--zoom", "2", "--threads", "1", "--workers", "3"])
+    assert (cfg.threads, cfg.workers) == (1, 3)
+    for flag in ("--threads", "--workers"):
+        with pytest.raises(ConfigError, match=f"{flag} must be at least 1"):
+            build_index.parse_args(["--zoom", "2", flag, "0"])

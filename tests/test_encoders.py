@@ -207,3 +207,24 @@ def test_query_threads_are_one_unless_asked():
         assert configure_query_threads() == 1 and (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)
     finally:
         configure_query_threads(before)
+
+
+def test_build_threads_use_every_core_and_are_restored(monkeypatch):
+    import faiss
+
+    from geoindex import threads
+    from geoindex.threads import build_threads, configure_query_threads, loader_threads
+
+    before = torch.get_num_threads()
+    try:
+        configure_query_threads(1)
+        monkeypatch.setattr(threads, "cpu_cores", lambda: 3)
+        with build_threads() as n:
+            assert n == 3 and (torch.get_num_threads(), faiss.omp_get_max_threads()) == (3, 3)
+        assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (1, 1)  # a build leaves no trace
+        with build_threads(2) as n:
+            assert n == 2 and torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        configure_query_threads(before)
+    assert [loader_threads(n) for n in (1, 2, 8)] == [2, 2, 8]
