@@ -67,8 +67,8 @@ def loader_threads(encoder_threads: int) -> int:
     Reading and preprocessing a tile takes a fifth to a quarter of the CPU time of encoding it
     (EfficientNet-Lite0 under ONNX Runtime; much less for a ViT), and loaders also wait on disks and
     tile servers, so one loader per encoder thread, and at least two, keeps a batch ready without
-    a crowd of threads contending for the GIL. Measured on 2 cores: benchmarks/build_throughput.py
-    --workers (RESULTS.md).
+    a crowd of threads contending for the GIL. On 2 cores the count hardly matters: 1, 2 and 4
+    loaders built 101, 103 and 106 tiles/s (benchmarks/build_throughput.py --workers, RESULTS.md).
     """
     return max(2, encoder_threads)
 
