@@ -59,12 +59,7 @@ def _ray(argv: list[str]) -> list:
 def local_index(tmp_path_factory, tile_dir) -> Path:
     """The reference: the local engine, with the torch threads of a 1-CPU Ray actor (GEMM sums depend on them)."""
     path = tmp_path_factory.mktemp("local")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        _build(["--all", "--index", str(path), "--source", str(tile_dir), "--shard-size", "7"])
-    finally:
-        torch.set_num_threads(threads)
+    _build(["--all", "--index", str(path), "--source", str(tile_dir), "--shard-size", "7", "--threads", "1"])
     return path
 
 
