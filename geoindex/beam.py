@@ -356,15 +356,18 @@ class FaissLevel(PriorLevel):
         return out
 
 
-@functools.lru_cache(maxsize=64)
 def _ivf_params(nprobe: int, selector: faiss.IDSelector | None = None) -> faiss.SearchParametersIVF:
-    """Search parameters probing ``nprobe`` lists; cached without a selector (FAISS only reads them,
-    so threads can share one), made per call with one (selectors live as long as their level)."""
+    """Search parameters probing ``nprobe`` lists, skipping what ``selector`` excludes."""
     params = faiss.SearchParametersIVF()
     params.nprobe = nprobe
     if selector is not None:
         params.sel = selector
     return params
+
+
+# Without a selector, one parameter object per nprobe serves every query: FAISS only reads it, so
+# threads can share it (making one per call cost about 10 us per level).
+_shared_ivf_params = functools.lru_cache(maxsize=64)(_ivf_params)
 
 
 def _search_lists(
@@ -381,7 +384,7 @@ def _search_lists(
     lists = np.ascontiguousarray(parents[:, : min(parents.shape[1], index.nlist)], dtype=np.int64)
     # Per-call parameters instead of index.nprobe: one opened index is shared across threads
     # (the Python wrapper of search_preassigned rejects params=, so call the C++ entry point).
-    params = _ivf_params(lists.shape[1]) if selector is None else _ivf_params.__wrapped__(lists.shape[1], selector)
+    params = _shared_ivf_params(lists.shape[1]) if selector is None else _ivf_params(lists.shape[1], selector)
     D = np.empty((n, k), dtype=np.float32)
     I = np.empty((n, k), dtype=np.int64)  # noqa: E741
     coarse = np.zeros(lists.shape, dtype=np.float32)  # unused: by_residual is off
