@@ -43,6 +43,7 @@ from geoindex.errors import (
 )
 from geoindex.files import atomic_path
 from geoindex.store import level_dir
+from geoindex.threads import loader_threads
 from geoindex.tiles import LevelSchedule
 
 __all__ = ["EncoderRecipe", "RayOptions", "build_level_ray", "init_ray", "shutdown_ray"]
@@ -191,7 +192,7 @@ class _ShardEncoder:
 
     def __init__(
         self, *, index_dir: str, zoom: int, plan_file: str, identity: dict[str, Any], shard_size: int,
-        source: str, encoder: EncoderRecipe, device: str, threads: int, batch_size: int, workers: int,
+        source: str, encoder: EncoderRecipe, device: str, threads: int, batch_size: int, workers: int | None,
     ) -> None:
         import torch
 
@@ -203,7 +204,7 @@ class _ShardEncoder:
         self.plan: np.ndarray | None = None  # opened on the first shard: a spare actor may start after the end
         self.shard_size = shard_size
         self.batch_size = batch_size
-        self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers or loader_threads(threads)))
         self.setup_error: GeoIndexError | None = None
         try:
             self._setup(identity, source, encoder, device)
@@ -268,7 +269,7 @@ def build_level_ray(
     codec: str = "fp16",
     shard_size: int = 8192,
     batch_size: int = 64,
-    workers: int = 4,
+    workers: int | None = None,
     overwrite: bool = False,
     options: RayOptions = RayOptions(),
     build_args: dict[str, Any] | None = None,
@@ -281,7 +282,8 @@ def build_level_ray(
         source: a ``--source`` string (see ``geoindex.sources.open_source``); actors open the spec of the
             driver's opened source, so every node reads the same tiles.
         encoder: how actors (and the driver, for the manifest) build this zoom's map encoder.
-        batch_size, workers: per actor, as in the local engine (tiles per forward pass, loading threads).
+        batch_size, workers: per actor, as in the local engine (tiles per forward pass, loading threads;
+            default ``threads.loader_threads`` of the actor's CPUs).
         options: cluster address and actor pool shape. Connects with ``init_ray`` if not connected yet.
         Other arguments: as ``build_level``; ``progress`` is called once per finished shard.
 
@@ -317,7 +319,7 @@ def build_level_ray(
 
 def _run_pool(
     ray: ModuleType, job: LevelJob, plan_path: Path, *, source: str, encoder: EncoderRecipe, batch_size: int,
-    workers: int, options: RayOptions, progress: Callable[[int], None] | None,
+    workers: int | None, options: RayOptions, progress: Callable[[int], None] | None,
 ) -> list[str]:
     """Encode and write the unfinished shards of ``job`` on the cluster; returns one line per failed shard."""
     size = options.pool_size(ray.cluster_resources(), len(job.todo))

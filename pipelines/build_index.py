@@ -29,7 +29,7 @@ from geoindex.errors import ConfigError
 from geoindex.lazy import compact, declare_lazy
 from geoindex.manifest import CODECS, Manifest
 from geoindex.sources import open_source
-from geoindex.threads import build_threads, loader_threads
+from geoindex.threads import build_threads
 from geoindex.tiles import LevelSchedule
 from pipelines._cli import pipeline_main, progress_bar
 
@@ -53,7 +53,7 @@ class Config:
     batch_size: int = 64
     codec: str = "fp16"
     shard_size: int = 8192
-    workers: int | None = None  # None: geoindex.threads.loader_threads(threads)
+    workers: int | None = None  # None: geoindex.threads.loader_threads of the encoder threads
     threads: int | None = None  # None: every core (geoindex.threads.cpu_cores)
     schedule: LevelSchedule = LevelSchedule()
     bbox: tuple[float, float, float, float] | None = None
@@ -202,16 +202,15 @@ def _run(cfg: Config) -> list[BuildSummary]:
     resolve_device(cfg.device)  # a one-line error for a device this machine lacks, not a torch traceback
     base = create_encoder(cfg.encoder, weights=cfg.weights, download=cfg.download, device=cfg.device,
                           precision=cfg.precision)
-    with build_threads(cfg.threads) as threads:
-        workers = cfg.workers or loader_threads(threads)
 
-        def local(zoom: int, **kw: Any) -> BuildSummary:
-            checkpoint = _checkpoint(cfg, zoom)
-            return build_level(cfg.index, zoom, source=source, encoder=load_map_encoder(base, checkpoint),
-                               coverage=coverage, schedule=cfg.schedule, codec=cfg.codec, checkpoint=checkpoint,
-                               shard_size=cfg.shard_size, batch_size=cfg.batch_size, workers=workers,
-                               overwrite=cfg.overwrite, skip_bad_tiles=cfg.skip_bad_tiles, **kw)
+    def local(zoom: int, **kw: Any) -> BuildSummary:
+        checkpoint = _checkpoint(cfg, zoom)
+        return build_level(cfg.index, zoom, source=source, encoder=load_map_encoder(base, checkpoint),
+                           coverage=coverage, schedule=cfg.schedule, codec=cfg.codec, checkpoint=checkpoint,
+                           shard_size=cfg.shard_size, batch_size=cfg.batch_size, workers=cfg.workers,
+                           overwrite=cfg.overwrite, skip_bad_tiles=cfg.skip_bad_tiles, **kw)
 
+    with build_threads(cfg.threads):  # build_level sizes its loaders from these threads unless --workers
         return _run_levels(cfg, local)
 
 
@@ -224,9 +223,7 @@ def _ray_engine(cfg: Config, coverage: Coverage) -> Callable[..., BuildSummary]:
         recipe = EncoderRecipe(cfg.encoder, cfg.weights, cfg.download, _checkpoint(cfg, zoom), cfg.precision)
         return build_level_ray(cfg.index, zoom, source=cfg.source, encoder=recipe, coverage=coverage,
                                schedule=cfg.schedule, codec=cfg.codec, shard_size=cfg.shard_size,
-                               batch_size=cfg.batch_size,
-                               workers=cfg.workers or loader_threads(max(1, int(cfg.ray_cpus_per_actor))),
-                               overwrite=cfg.overwrite,
+                               batch_size=cfg.batch_size, workers=cfg.workers, overwrite=cfg.overwrite,
                                options=options, **kw)
 
     return ray
