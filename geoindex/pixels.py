@@ -4,9 +4,10 @@ Both encoder families preprocess with torchvision's ``Resize(S, bicubic) -> Cent
 ToTensor -> Normalize``. ``ResizeCropNormalize`` computes the same tensor bit for bit (PIL does the
 resize and the crop, as torchvision does; numpy does the arithmetic in the same order, in float32)
 but runs no torch operator: torch's element-wise kernels start OpenMP threads whose spin-wait
-afterwards takes the cores from the ONNX Runtime forward pass that follows (measured: about 1 ms of
-an 11 ms EfficientNet-Lite0 photo query on 2 cores). ``fast_preprocess`` swaps it in for a
-torchvision pipeline of exactly that shape and leaves any other pipeline as it is.
+afterwards takes the cores from the ONNX Runtime forward pass that follows (about 1 ms of a 9 ms
+EfficientNet-Lite0 forward pass on 2 cores, in a probe, not a recorded benchmark).
+``fast_preprocess`` swaps it in for a torchvision pipeline of exactly that shape and leaves any
+other pipeline as it is.
 """
 
 from __future__ import annotations
