@@ -68,7 +68,14 @@ def test_build_throughput(tmp_path):
     for key in ("encode_only_tiles_per_s", "build_tiles_per_s", "efficiency"):
         assert _positive(res[key]), key
     assert res["tiles"] == res["tiles_built"] == 17
-    assert res["efficiency"] == pytest.approx(res["build_tiles_per_s"] / res["encode_only_tiles_per_s"])
+    assert len(res["rounds"]) == 2 and len(res["encode_only_s"]) == 3  # pass, build, pass, build, pass
+    for i, r in enumerate(res["rounds"]):
+        reference = 17 / ((res["encode_only_s"][i] + res["encode_only_s"][i + 1]) / 2)
+        assert r["encode_only_tiles_per_s"] == pytest.approx(reference)
+        assert r["efficiency"] == pytest.approx(r["build_tiles_per_s"] / reference)
+    assert res["efficiency"] == pytest.approx(sum(r["efficiency"] for r in res["rounds"]) / 2)  # median of 2
+    assert res["efficiency_range"] == [min(r["efficiency"] for r in res["rounds"]),
+                                       max(r["efficiency"] for r in res["rounds"])]
 
 
 def test_codecs(tmp_path):
