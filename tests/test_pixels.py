@@ -32,6 +32,16 @@ def test_identical_to_torchvision(hw):
     assert torch.equal(got, want)
 
 
+def test_every_byte_value_in_every_channel():
+    """The per-channel table is right for all 256 values, with each channel's own mean and std, at the crop size
+    (no resampling), so every value reaches the table unchanged."""
+    rgb = ((np.arange(224 * 224)[:, None] + [0, 77, 155]) % 256).astype(np.uint8).reshape(224, 224, 3)
+    img = Image.fromarray(rgb)
+    for mean, std in ((MEAN, STD), ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))):
+        assert torch.equal(ResizeCropNormalize(224, mean, std)(img), _torchvision(224, mean, std)(img))
+    assert all(len(np.unique(rgb[..., c])) == 256 for c in range(3))
+
+
 def test_encoder_pipelines_are_replaced_and_still_identical():
     """Both families' own pipelines (open_clip's has an RGB conversion step) are recognised and swapped."""
     rng = np.random.default_rng(1)
