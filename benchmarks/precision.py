@@ -207,11 +207,10 @@ def quality(name: str, n_queries: int, seed: int, work: Path) -> dict[str, dict[
                         schedule=schedule, shard_size=8192)
         out[p] = {"build_s": time.perf_counter() - t}
         print(f"{name} {p}: index built in {out[p]['build_s']:.0f} s", file=sys.stderr)
-        queries[p] = encoder.encode(images)
+        queries[p] = encoder.encode(images)  # this variant's runtime for the queries too, encoded once
         for index_p in {p, BASELINE}:
-            index = geoindex.open_index(work / f"{name}-{index_p}", precision=variant[0])
-            index.photo_encoder = encoder  # this variant's runtime for the queries too
-            results = index.search(images, k=16)
+            index = geoindex.open_index(work / f"{name}-{index_p}")
+            results = index.search_embeddings(queries[p], k=16)
             finals[(p, index_p)] = np.array([(r.tile.x, r.tile.y) for r in results])
     truth = np.stack([tx, ty], axis=1)
     for p in out:
