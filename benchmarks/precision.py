@@ -90,21 +90,29 @@ def _openvino_available() -> bool:
 
 
 class _OpenVinoNetwork:
-    """pixels (n, 3, S, S) -> features, the folded network exported to ONNX and compiled by OpenVINO."""
+    """pixels (n, 3, S, S) -> features, the folded network exported to ONNX and compiled by OpenVINO
+    on the first call, for that call's image size (as ``onnx_runtime.OnnxNetwork`` does)."""
 
     def __init__(self, graph, precision: str, threads: int) -> None:  # type: ignore[no-untyped-def]
+        self.graph, self.precision, self.threads = graph, precision, threads
+        self.request = None
+
+    def _compile(self, sample: torch.Tensor):  # type: ignore[no-untyped-def]
         import openvino as ov
 
         from geoindex import onnx_runtime
 
-        model = ov.Core().read_model(io.BytesIO(onnx_runtime._export(graph, torch.zeros(1, 3, 224, 224))))
-        self.compiled = ov.Core().compile_model(model, "CPU", {
-            "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]})
-        self.request = self.compiled.create_infer_request()
+        model = ov.Core().read_model(io.BytesIO(onnx_runtime._export(self.graph, sample)))
+        compiled = ov.Core().compile_model(model, "CPU", {
+            "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[self.precision]})
+        return compiled.create_infer_request()
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.request.infer({0: pixels.contiguous().numpy()})[0].copy())
+        x = pixels.contiguous()
+        if self.request is None:
+            self.request = self._compile(torch.zeros_like(x[:1]))
+        return torch.from_numpy(self.request.infer({0: x.numpy()})[0].copy())
 
 
 def _encoder(base, variant: tuple[str, str]):  # type: ignore[no-untyped-def]
