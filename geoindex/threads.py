@@ -7,9 +7,9 @@ CPU neither gains from a second thread when the machine is quiet (EfficientNet-L
 with 2 threads, 12.3 ms with 1), while threads that wait for cores other processes hold make
 queries slow when it is busy (2 busy processes, p50 / p95: EfficientNet-Lite0 35 / 42 ms with 2
 threads against 24.5 / 31.1 ms with 1; demo index, tiny encoder, 6.5 / 8.1 against 2.5 / 7.6 ms;
-benchmarks/latency_under_load.py, RESULTS.md). A service answers concurrent
-requests on concurrent threads, which is where the cores go. torch and FAISS share one OpenMP
-runtime here (setting either's count sets the other's), so there is one knob for both.
+benchmarks/latency_under_load.py, RESULTS.md). A service answers concurrent requests on
+concurrent threads, which is where the cores go. torch and FAISS share one OpenMP runtime here
+(setting either's count sets the other's), so there is one knob for both.
 """
 
 from __future__ import annotations
