@@ -79,10 +79,10 @@ def encode_only(encoder, pixels: torch.Tensor, batch_size: int) -> float:  # typ
 
 def cpu_ms_per_tile(source, encoder, tiles: list[mercantile.Tile]) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """CPU ms per tile of each stage of a build, one thread: render (the source), preprocess, encode."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        encoder.encode_tensor(encoder.preprocess(source.get(tiles[0]))[None])  # build the inference graph
+    from geoindex.threads import build_threads
+
+    with build_threads(1):  # restores the previous counts
+        encoder.encode_tensor(encoder.preprocess(source.get(tiles[0]))[None])  # its 1-thread inference graph
         t = time.process_time()
         images = [source.get(tile) for tile in tiles]
         render = time.process_time() - t
@@ -92,8 +92,6 @@ def cpu_ms_per_tile(source, encoder, tiles: list[mercantile.Tile]) -> dict[str, 
         t = time.process_time()
         encoder.encode_tensor(pixels)
         enc = time.process_time() - t
-    finally:
-        torch.set_num_threads(before)
     n = len(tiles) / 1e3
     return {"render": render / n, "preprocess": prep / n, "encode": enc / n}
 
