@@ -38,9 +38,8 @@ from typing import Any
 
 import mercantile
 import numpy as np
-import numpy.typing as npt
 import torch
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import ImageEnhance, ImageFilter
 
 from geoindex.dataset import PhotoTable, write_photo_csv
 from geoindex.encoders import ENCODERS, PRECISIONS, resolve_precision
@@ -48,7 +47,7 @@ from geoindex.errors import ConfigError, TileNotFoundError
 from geoindex.evaluate import EvalReport, KResult
 from geoindex.files import atomic_write_bytes
 from geoindex.sources import TileSource, open_source
-from geoindex.tiles import view_merc_grid
+from geoindex.views import Mosaic
 from pipelines import build_index, evaluate, train
 from pipelines._cli import pipeline_main, progress_bar
 
@@ -142,48 +141,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 # ------------------------------------------------------------------------------------------ views
 
 
-class _Mosaic:
-    """Samples the imagery of one zoom level of a tile source at arbitrary Web-Mercator points."""
-
-    def __init__(self, source: TileSource, zoom: int) -> None:
-        self.source = source
-        self.zoom = zoom
-        self._tiles: dict[tuple[int, int], npt.NDArray[np.uint8]] = {}
-
-    def _tile(self, x: int, y: int) -> npt.NDArray[np.uint8]:
-        key = (x % (1 << self.zoom), min(max(y, 0), (1 << self.zoom) - 1))
-        if key not in self._tiles:
-            try:
-                img = self.source.get(mercantile.Tile(key[0], key[1], self.zoom)).resize((256, 256))
-                self._tiles[key] = np.asarray(img, dtype=np.uint8)
-            except TileNotFoundError:
-                self._tiles[key] = np.zeros((256, 256, 3), np.uint8)
-        return self._tiles[key]
-
-    def view(self, lat: float, lon: float, *, zoom: float, rotation_deg: float, size: int = 256) -> Image.Image:
-        """Like ``RasterSource.render_view``: a view spanning 2**-zoom of the world, rotated about its centre."""
-        world = 256 * (1 << self.zoom)
-        fx_view, fy_view = view_merc_grid(lat, lon, zoom=zoom, size=size, rotation_deg=rotation_deg)
-        px = fx_view * world - 0.5  # mosaic pixel coordinates, 0 at a pixel's centre
-        py = np.clip(fy_view * world - 0.5, 0, world - 1)
-        x0, y0 = np.floor(px).astype(np.int64), np.floor(py).astype(np.int64)
-        fx, fy = (px - x0)[..., None], (py - y0)[..., None]
-
-        def sample(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-            xs = xs % world
-            ys = np.clip(ys, 0, world - 1)
-            out = np.empty(xs.shape + (3,), np.float32)
-            tx, ty = xs // 256, ys // 256
-            for kx, ky in set(zip(tx.ravel().tolist(), ty.ravel().tolist())):
-                m = (tx == kx) & (ty == ky)
-                out[m] = self._tile(kx, ky)[ys[m] % 256, xs[m] % 256]
-            return out
-
-        top = sample(x0, y0) * (1 - fx) + sample(x0 + 1, y0) * fx
-        bottom = sample(x0, y0 + 1) * (1 - fx) + sample(x0 + 1, y0 + 1) * fx
-        return Image.fromarray(np.clip(top * (1 - fy) + bottom * fy + 0.5, 0, 255).astype(np.uint8), "RGB")
-
-
 def _texture(source: TileSource, tile: mercantile.Tile) -> float:
     try:
         grey = np.asarray(source.get(tile).convert("L").resize((64, 64)), dtype=np.float32)
@@ -202,7 +159,7 @@ def make_views(cfg: Config, source: TileSource) -> PhotoTable:
     candidates = [mercantile.Tile(*pool[i], VIEW_ZOOM) for i in picks]
     texture = np.array([_texture(source, t) for t in candidates])
     chosen = [candidates[i] for i in np.argsort(-texture, kind="stable")[: cfg.tiles]]
-    mosaic = _Mosaic(source, VIEW_ZOOM)
+    mosaic = Mosaic(source, VIEW_ZOOM)
     folder = cfg.out / "views"
     folder.mkdir(parents=True, exist_ok=True)
     paths, lats, lons, splits = [], [], [], []
@@ -218,7 +175,7 @@ def make_views(cfg: Config, source: TileSource) -> PhotoTable:
                 lon = b.west + fx * (b.east - b.west)
                 lat = mercantile.lnglat(*(np.array(mercantile.xy(b.west, b.north)) + fy * (
                     np.array(mercantile.xy(b.east, b.south)) - np.array(mercantile.xy(b.west, b.north))))).lat
-                img = mosaic.view(lat, lon, zoom=float(rng.uniform(5.4, 6.6)),
+                img = mosaic.render_view(lat, lon, zoom=float(rng.uniform(5.4, 6.6)),
                                   rotation_deg=float(rng.uniform(-180.0, 180.0)))
                 img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.75, 1.25)))
                 img = ImageEnhance.Color(img).enhance(float(rng.uniform(0.6, 1.4)))
