@@ -33,13 +33,14 @@ from PIL import Image
 
 from geoindex import onnx_runtime
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
-from geoindex.families import FAMILIES, Split, efficientnet_key_map
+from geoindex.families import FAMILIES, HEADS, Split, efficientnet_key_map
 from geoindex.files import atomic_path, file_sha256
 from geoindex.imagery import ImageInput, load_image
 from geoindex.pixels import fast_preprocess
 
 __all__ = [
     "ENCODERS",
+    "HEADS",
     "PRECISIONS",
     "EncoderSpec",
     "ImageEncoder",
@@ -238,6 +239,8 @@ class ImageEncoder:
         base_fingerprint: sha256 of the base weights before any map-encoder checkpoint.
         checkpoint_sha256: sha256 of the map-encoder checkpoint file applied, or None.
         zoom: the zoom level of a map encoder's checkpoint, or None.
+        head: what a map encoder fine-tunes (``families.HEADS``): ``stages`` (the paper's last two
+            blocks and output layers) or ``projection`` (the output layers only).
         precision: the arithmetic of ``encode``: fp32, bf16 or fp16 (autocast), or int8 (dynamically
             quantised Linear layers, open_clip ViTs only). Training always runs the fp32 weights.
     """
@@ -253,8 +256,12 @@ class ImageEncoder:
         zoom: int | None = None,
         precision: str = "fp32",
         runtime: str = "auto",
+        head: str = "stages",
     ) -> None:
+        if head not in HEADS:
+            raise ConfigError(f"unknown map-encoder head {head!r}; choose one of {', '.join(HEADS)} (--head)")
         self.spec = spec
+        self.head = head
         self.visual = visual.eval()
         self.preprocess = preprocess
         self.base_fingerprint = base_fingerprint
@@ -292,14 +299,14 @@ class ImageEncoder:
     @property
     def head_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of the fine-tuned part of a map encoder (the rest stays frozen)."""
-        return FAMILIES[self.spec.family].head_prefixes(self.visual)
+        return FAMILIES[self.spec.family].head_prefixes(self.visual, self.head)
 
     def split(self) -> Split:
         """(trunk, head) callables with ``head(trunk(pixels)) == visual(pixels)``; the head is the fine-tuned part.
 
         Training caches ``trunk`` outputs per tile: only the head changes, so they stay valid.
         """
-        return FAMILIES[self.spec.family].split(self.visual)
+        return FAMILIES[self.spec.family].split(self.visual, self.head)
 
     def train_head(self, mode: bool = True) -> None:
         """Train mode for the fine-tuned modules only: frozen BatchNorm statistics must not move."""
@@ -319,7 +326,7 @@ class ImageEncoder:
         inference graph is built on first use)."""
         return ImageEncoder(self.spec, self.visual, self.preprocess, self.base_fingerprint,
                             checkpoint_sha256=self.checkpoint_sha256, zoom=self.zoom, precision=precision,
-                            runtime=runtime)
+                            runtime=runtime, head=self.head)
 
     @property
     def runtime(self) -> str:
@@ -458,6 +465,7 @@ def save_map_checkpoint(encoder: ImageEncoder, path: str | os.PathLike, *, zoom:
         "base": encoder.spec.name,
         "base_fingerprint": encoder.base_fingerprint,
         "zoom": zoom,
+        "head": encoder.head,
         "state_dict": tensors,
     }
     with atomic_path(path) as tmp:
@@ -489,14 +497,18 @@ def load_map_encoder(base: ImageEncoder, checkpoint: str | os.PathLike | None) -
             f"(weights {payload['base_fingerprint'][:12]}), not on {base.spec.name!r} "
             f"(weights {base.base_fingerprint[:12]}); pass the base it was trained on"
         )
-    prefixes = base.head_prefixes
+    head = payload.get("head", "stages")  # checkpoints before heads were selectable trained the stages
+    if head not in HEADS:
+        raise EncoderMismatchError(f"{path}: unknown fine-tuned head {head!r} (this geoindex knows {HEADS})")
+    prefixes = FAMILIES[base.spec.family].head_prefixes(base.visual, head)
     expected = {k for k in base.visual.state_dict() if _is_trainable(k, prefixes)}
     if set(payload["state_dict"]) != expected:
-        raise EncoderMismatchError(f"{path}: tensors do not match the fine-tuned part of {base.spec.name!r}")
+        raise EncoderMismatchError(
+            f"{path}: tensors do not match the fine-tuned part ({head}) of {base.spec.name!r}")
     visual = copy.deepcopy(base.visual)
     visual.load_state_dict(payload["state_dict"], strict=False)
     return ImageEncoder(
         base.spec, visual, base.preprocess, base.base_fingerprint,
         checkpoint_sha256=file_sha256(path), zoom=int(payload["zoom"]), precision=base.precision,
-        runtime=base._runtime,
+        runtime=base._runtime, head=head,
     )

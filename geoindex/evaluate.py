@@ -161,6 +161,31 @@ class EvalReport:
             ],
         }
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EvalReport:
+        """The report that :meth:`to_json` wrote (``ms_per_image`` is derived again).
+
+        Raises:
+            KeyError, TypeError, ValueError: ``data`` is not such a report.
+        """
+        known = {"mode", "index", "photos", "unreadable", "zooms", "results"}
+        results = tuple(
+            KResult(
+                k=int(r["k"]), n=int(r["n"]),
+                accuracy={float(t.removesuffix("km")): float(v) for t, v in r["accuracy"].items()},
+                median_km=float(r["median_km"]), mean_km=float(r["mean_km"]),
+                tile_top1={int(z.removeprefix("z")): float(v) for z, v in r["tile_top1"].items()},
+                beam_recall={int(z.removeprefix("z")): float(v) for z, v in r["beam_recall"].items()},
+                embed_ms_per_image=float(r["embed_ms_per_image"]),
+                search_ms_per_image=float(r["search_ms_per_image"]),
+                tiles_encoded_per_image=r.get("tiles_encoded_per_image"),
+            )
+            for r in data["results"]
+        )
+        return cls(str(data["mode"]), str(data["index"]), int(data["photos"]), int(data["unreadable"]),
+                   tuple(int(z) for z in data["zooms"]), results,
+                   meta={k: v for k, v in data.items() if k not in known})
+
     def to_markdown(self) -> str:
         """The paper's Table 1 layout (accuracy and time per k), then per-level top-1 and beam recall."""
         thresholds = list(self.results[0].accuracy) if self.results else list(THRESHOLDS_KM)

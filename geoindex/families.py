@@ -28,13 +28,24 @@ from geoindex.errors import ConfigError, WeightsNotFoundError
 if TYPE_CHECKING:
     from geoindex.encoders import EncoderSpec
 
-__all__ = ["FAMILIES", "Preprocess", "Split", "efficientnet_key_map"]
+__all__ = ["FAMILIES", "HEADS", "Preprocess", "Split", "efficientnet_key_map"]
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 
 Preprocess = Callable[[Image.Image], torch.Tensor]
 # A frozen-trunk / fine-tuned-head split: head(trunk(pixels)) == visual(pixels).
 Split = tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]
+
+# What a map encoder fine-tunes. ``stages``: the paper's last two transformer blocks (or convnet
+# stages) with the output layers; ``projection``: only the output layers (the ViT's ``ln_post`` and
+# ``proj``; EfficientNet's head convolution and its BatchNorm). Fewer weights learn a mapping that
+# carries over to tiles never trained on, and a checkpoint fits in a few MB (benchmarks/RESULTS.md).
+HEADS = ("stages", "projection")
+
+
+def _check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ConfigError(f"unknown map-encoder head {head!r}; choose one of {', '.join(HEADS)} (--head)")
 
 
 class _DropRandomInitNotice(logging.Filter):
@@ -94,32 +105,38 @@ def _open_clip_build(spec: EncoderSpec, path: Path | None) -> tuple[torch.nn.Mod
     return model.visual, preprocess  # the text tower is never used
 
 
-def _open_clip_head(visual: torch.nn.Module) -> tuple[str, ...]:
+def _open_clip_head(visual: torch.nn.Module, head: str) -> tuple[str, ...]:
+    _check_head(head)
     blocks = len(visual.transformer.resblocks)  # type: ignore[union-attr,arg-type]
+    if head == "projection":
+        return ("ln_post.", "proj")
     if blocks < 2:
         raise ConfigError(f"a map encoder needs at least 2 transformer blocks, the base has {blocks}")
     return (f"transformer.resblocks.{blocks - 2}.", f"transformer.resblocks.{blocks - 1}.", "ln_post.", "proj")
 
 
-def _open_clip_split(visual: Any) -> Split:
-    """The ViT's forward (open_clip ``VisionTransformer.forward``) cut before its last two blocks."""
+def _open_clip_split(visual: Any, head: str) -> Split:
+    """The ViT's forward (open_clip ``VisionTransformer.forward``) cut before its last two blocks
+    (``stages``) or before the pooling and projection (``projection``)."""
+    _check_head(head)
     blocks = list(visual.transformer.resblocks)
     batch_first = visual.transformer.batch_first
+    cut = len(blocks) - 2 if head == "stages" else len(blocks)
 
     def trunk(pixels: torch.Tensor) -> torch.Tensor:
         x = visual._embeds(pixels)
         x = x if batch_first else x.transpose(0, 1)
-        for block in blocks[:-2]:
+        for block in blocks[:cut]:
             x = block(x)
         return x
 
-    def head(x: torch.Tensor) -> torch.Tensor:
-        for block in blocks[-2:]:
+    def head_fn(x: torch.Tensor) -> torch.Tensor:
+        for block in blocks[cut:]:
             x = block(x)
         pooled, _ = visual._pool(x if batch_first else x.transpose(0, 1))
         return pooled @ visual.proj if visual.proj is not None else pooled
 
-    return trunk, head
+    return trunk, head_fn
 
 
 # ---------------------------------------------------------------------------------- timm family
@@ -206,27 +223,32 @@ def _timm_build(spec: EncoderSpec, path: Path | None) -> tuple[torch.nn.Module, 
     return model.to(memory_format=torch.channels_last), preprocess
 
 
-def _timm_head(visual: torch.nn.Module) -> tuple[str, ...]:
+def _timm_head(visual: torch.nn.Module, head: str) -> tuple[str, ...]:
+    _check_head(head)
     stages = len(visual.blocks)  # type: ignore[arg-type]
-    return (f"blocks.{stages - 2}.", f"blocks.{stages - 1}.", "conv_head.", "bn2.")
+    last = ("conv_head.", "bn2.")
+    return last if head == "projection" else (f"blocks.{stages - 2}.", f"blocks.{stages - 1}.", *last)
 
 
-def _timm_split(visual: Any) -> Split:
-    """timm's EfficientNet forward (stem, stages, head conv, pool) cut before its last two stages."""
+def _timm_split(visual: Any, head: str) -> Split:
+    """timm's EfficientNet forward (stem, stages, head conv, pool) cut before its last two stages
+    (``stages``) or before the head convolution (``projection``)."""
+    _check_head(head)
     stages = list(visual.blocks)
+    cut = len(stages) - 2 if head == "stages" else len(stages)
 
     def trunk(pixels: torch.Tensor) -> torch.Tensor:
         x = visual.bn1(visual.conv_stem(pixels))
-        for stage in stages[:-2]:
+        for stage in stages[:cut]:
             x = stage(x)
         return x
 
-    def head(x: torch.Tensor) -> torch.Tensor:
-        for stage in stages[-2:]:
+    def head_fn(x: torch.Tensor) -> torch.Tensor:
+        for stage in stages[cut:]:
             x = stage(x)
         return visual.forward_head(visual.bn2(visual.conv_head(x)))
 
-    return trunk, head
+    return trunk, head_fn
 
 
 def _fold_batchnorm(visual: torch.nn.Module) -> torch.nn.Module:
@@ -262,8 +284,8 @@ class _Family:
     build: Callable[[EncoderSpec, Path | None], tuple[torch.nn.Module, Preprocess]]
     local_weights: Callable[[EncoderSpec], Path | None]
     download: Callable[[EncoderSpec], Path]
-    head_prefixes: Callable[[torch.nn.Module], tuple[str, ...]]
-    split: Callable[[Any], Split]
+    head_prefixes: Callable[[torch.nn.Module, str], tuple[str, ...]]
+    split: Callable[[Any, str], Split]
     for_inference: Callable[[torch.nn.Module], torch.nn.Module] = _unchanged
     exports_onnx: bool = False  # its inference graph exports to ONNX (open_clip's fused attention does not)
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from geoindex.dataset import tile_codes
 from geoindex.encoders import (
+    HEADS,
     ImageEncoder,
     load_map_encoder,
     mark_trainable,
@@ -93,6 +94,10 @@ class TrainConfig:
         negatives: tiles per step drawn at random from the whole level (``negative_pool``) as extra
             negatives, beside the batch's own tiles; 0 is the paper's in-batch recipe.
         cache_trunk_gb: memory for frozen-trunk outputs of tiles, kept across steps (0: no cache).
+        head: what the map encoder fine-tunes (``encoders.HEADS``): ``stages`` (the paper's last two
+            blocks) or ``projection`` (the output layers only, which carries over to unseen tiles).
+        l2sp: weight of the L2-SP penalty ``sum((w - w0)**2)`` that keeps the trained weights near
+            the level's starting weights ``w0``; 0 turns it off.
     """
 
     epochs: int = 5
@@ -108,6 +113,8 @@ class TrainConfig:
     val_batch_size: int = 256
     negatives: int = 0
     cache_trunk_gb: float = 0.0
+    head: str = "stages"
+    l2sp: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 2 or self.lr <= 0 or self.logit_scale <= 0:
@@ -120,14 +127,16 @@ class TrainConfig:
             raise ConfigError("checkpoint_every and val_batch_size must be >= 1 and workers >= 0")
         if self.max_val_photos is not None and self.max_val_photos < 1:
             raise ConfigError(f"max_val_photos must be >= 1 or None, got {self.max_val_photos}")
-        if self.negatives < 0 or self.cache_trunk_gb < 0:
-            raise ConfigError(f"negatives and cache_trunk_gb must be >= 0, got {self.negatives} "
-                              f"and {self.cache_trunk_gb}")
+        if self.negatives < 0 or self.cache_trunk_gb < 0 or not self.l2sp >= 0:
+            raise ConfigError(f"negatives, cache_trunk_gb and l2sp must be >= 0, got {self.negatives}, "
+                              f"{self.cache_trunk_gb} and {self.l2sp}")
+        if self.head not in HEADS:
+            raise ConfigError(f"unknown map-encoder head {self.head!r}; choose one of {', '.join(HEADS)} (--head)")
 
     def identity(self) -> dict[str, Any]:
         """What decides the trained weights; a resumed state must match it."""
         return {"batch_size": self.batch_size, "lr": self.lr, "logit_scale": self.logit_scale,
-                "seed": self.seed, "negatives": self.negatives}
+                "seed": self.seed, "negatives": self.negatives, "head": self.head, "l2sp": self.l2sp}
 
 
 @dataclass(frozen=True)
@@ -258,13 +267,21 @@ def tile_accuracy(
 # ------------------------------------------------------------------------------------ training
 
 
-def init_map_encoder(base: ImageEncoder, previous: str | os.PathLike | None) -> ImageEncoder:
-    """A trainable map encoder: a copy of ``base``, or of the previous (finer) level's checkpoint."""
+def init_map_encoder(base: ImageEncoder, previous: str | os.PathLike | None, *, head: str = "stages"
+                     ) -> ImageEncoder:
+    """A trainable map encoder: a copy of ``base``, or of the previous (finer) level's checkpoint.
+
+    Raises:
+        ConfigError: ``previous`` fine-tuned another head than ``head``.
+    """
     if previous is None:
         enc = ImageEncoder(base.spec, copy.deepcopy(base.visual), base.preprocess, base.base_fingerprint,
-                           precision=base.precision)
+                           precision=base.precision, head=head)
     else:
         enc = load_map_encoder(base, previous)
+        if enc.head != head:
+            raise ConfigError(f"{previous} fine-tuned the {enc.head!r} head, this level trains {head!r}: "
+                              "train every level with the same --head")
     enc.to(base.device)
     mark_trainable(enc)
     return enc
@@ -280,8 +297,10 @@ def train_step(
     logit_scale: float = 100.0,
     scaler: torch.amp.GradScaler | None = None,
     from_trunk: bool = False,
+    l2sp: float = 0.0,
+    anchor: Sequence[torch.Tensor] = (),
 ) -> float:
-    """One optimizer step of the recipe on one batch; returns the batch's loss before the step.
+    """One optimizer step of the recipe on one batch; returns the batch's contrastive loss before the step.
 
     Args:
         encoder: the trainable map encoder. optimizer: over its trainable parameters.
@@ -289,6 +308,8 @@ def train_step(
             or with ``from_trunk`` their frozen-trunk outputs. target: (B,) int64, each photo's row
             in ``pixels``; rows no photo points at are extra negatives.
         scaler: a CUDA GradScaler for mixed precision; autocast is on when it is enabled.
+        l2sp, anchor: adds ``l2sp * sum((w - w0)**2)`` over the trainable parameters ``w`` (in the
+            order of ``encoder.visual.parameters()``) and their starting values ``anchor``.
     """
     device = encoder.device
     amp = scaler is not None and scaler.is_enabled()
@@ -296,6 +317,10 @@ def train_step(
         network = encoder.split()[1] if from_trunk else encoder.visual
         tiles = network(encoder.to_device(pixels))
     loss = contrastive_loss(photo.to(device), tiles, target.to(device), logit_scale=logit_scale)
+    reported = loss
+    if l2sp:
+        trainable = [p for p in encoder.visual.parameters() if p.requires_grad]
+        loss = loss + l2sp * sum(((w - w0) ** 2).sum() for w, w0 in zip(trainable, anchor, strict=True))
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None and amp:
         scaler.scale(loss).backward()
@@ -304,7 +329,7 @@ def train_step(
     else:
         loss.backward()
         optimizer.step()
-    return float(loss.detach())
+    return float(reported.detach())
 
 
 def _state_path(out_dir: Path, zoom: int) -> Path:
@@ -398,9 +423,10 @@ def train_level(
 
     dropped = 0  # training photos whose tile the source lacks (counted in the first epoch)
     device = torch.device(cfg.device)
-    encoder = init_map_encoder(base, init_from)
+    encoder = init_map_encoder(base, init_from, head=cfg.head)
     encoder.to(device)
     params = [p for p in encoder.visual.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params]  # the level's starting weights (L2-SP), before any resume
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -466,7 +492,8 @@ def train_level(
                 continue
             features = trunk_cache.features(batch, use_amp)
             value = train_step(encoder, optimizer, photo_all[batch.rows], features, batch.target,
-                               logit_scale=cfg.logit_scale, scaler=scaler, from_trunk=True)
+                               logit_scale=cfg.logit_scale, scaler=scaler, from_trunk=True,
+                               l2sp=cfg.l2sp, anchor=anchor)
             step += 1
             loss_sum += value
             loss_n += 1

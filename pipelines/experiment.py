@@ -1,23 +1,32 @@
 """End-to-end experiment on real imagery: views -> train map encoders -> build index -> evaluate, before and after.
 
-`python -m pipelines.experiment` (about 20-25 minutes on a 2-core CPU with the default, pretrained
+`python -m pipelines.experiment` (about 15-25 minutes on a 2-core CPU with the default, pretrained
 EfficientNet-Lite0; `--encoder tiny` runs the same mechanics with a random-init encoder):
 
-1. picks the most textured zoom-6 tiles of the imagery (Blue Marble: ../shared/data/bluemarble, else the
-   embedded raster) and renders views of them with known centres: off-grid crops at other scales
-   (zoom 5.4-6.6) and rotations, with colour and blur changes; the views of each tile are split
-   into train / val / held-out (test) sets;
-2. builds an index (zoom 4 and 6, whole world) with the untrained encoders and evaluates both the
-   training views and the held-out views with pipelines.evaluate;
-3. trains the zoom-6 then the zoom-4 map encoder with pipelines.train (the paper's recipe, plus
-   --negatives tiles per step drawn from the whole level: in-batch negatives alone leave the tiles
-   no view lies in untrained, and those are the distractors at search time);
-4. builds the index again with the trained map encoders and evaluates the same views;
-5. appends a dated section to benchmarks/RESULTS.md (append only) with the command and the figures,
-   and writes the before/after figures to benchmarks/results/experiment.json.
+1. plans the places (zoom-6 tiles of the imagery, |lat| < 70; Blue Marble from
+   ../shared/data/bluemarble, else the embedded raster): the ``--tiles`` most textured of
+   ``--candidates`` random tiles are the evaluation tiles; ``--heldout-share`` of them are held
+   out (no view of them is ever trained on); ``--regions`` blocks of 2x2 neighbouring zoom-4
+   tiles are held out whole, with their most textured tiles evaluated; with ``--train-tiles all``
+   every other tile of the level contributes ``--train-views`` training views;
+2. renders views with known centres (``geoindex.views``: off-grid, zoom 5.4-6.6, any rotation,
+   colour and blur changes);
+3. builds an index (zoom 4 and 6, whole world) with the untrained encoders and evaluates four
+   splits: ``heldout`` (other views of trained tiles), ``heldout_tiles`` (tiles never trained
+   on), ``heldout_regions`` (whole regions never trained on) and ``train`` (the training views
+   of the evaluation tiles);
+4. trains the zoom-6 then the zoom-4 map encoder with pipelines.train (``--head``, ``--l2sp``,
+   ``--negatives``, ``--lr``, ``--epochs`` choose the recipe);
+5. builds the index again with the trained map encoders and evaluates the same views;
+6. appends a dated section to benchmarks/RESULTS.md (append only) and writes the before/after
+   figures of every split to benchmarks/results/experiment.json.
 
-The recipe presumes a pretrained photo encoder: with the random-init `tiny` no accuracy bar
-applies. With CLIP weights, pass --encoder clip-vit-b-32 --weights FILE.
+Views and the untrained index are reused by a rerun with the same places (``<out>/plan.json``), so
+several recipes can be compared on the same views with ``--recipe-name`` folders.
+
+Views of trained tiles measure memorisation; the held-out tiles and regions measure what a new
+place gets. The recipe presumes a pretrained photo encoder: with the random-init `tiny` no
+accuracy bar applies. With CLIP weights, pass --encoder clip-vit-b-32 --weights FILE.
 """
 
 from __future__ import annotations
@@ -32,22 +41,21 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import mercantile
 import numpy as np
 import torch
-from PIL import ImageEnhance, ImageFilter
 
 from geoindex.dataset import PhotoTable, write_photo_csv
-from geoindex.encoders import ENCODERS, PRECISIONS, resolve_precision
+from geoindex.encoders import ENCODERS, HEADS, PRECISIONS, resolve_precision
 from geoindex.errors import ConfigError, TileNotFoundError
 from geoindex.evaluate import EvalReport, KResult
 from geoindex.files import atomic_write_bytes
 from geoindex.sources import TileSource, open_source
-from geoindex.views import Mosaic
+from geoindex.views import random_views
 from pipelines import build_index, evaluate, train
 from pipelines._cli import pipeline_main, progress_bar
 
@@ -57,6 +65,14 @@ SHARED_BLUEMARBLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "b
 RESULTS_MD = Path(__file__).resolve().parents[1] / "benchmarks" / "RESULTS.md"
 RESULTS_JSON = RESULTS_MD.parent / "results" / "experiment.json"
 VIEW_ZOOM = 6
+MAX_ABS_LAT = 70.0
+# Evaluation splits: (CSV name, JSON key, what it measures).
+SPLITS = (
+    ("heldout-tiles", "heldout_tiles", "views of tiles never trained on"),
+    ("heldout-regions", "heldout_regions", "views in regions never trained on"),
+    ("heldout", "heldout", "other views of trained tiles"),
+    ("train", "train", "training views"),
+)
 
 
 @dataclass(frozen=True)
@@ -72,11 +88,19 @@ class Config:
     views: int = 9
     val_views: int = 1
     test_views: int = 2
+    heldout_share: float = 0.5
+    regions: int = 4
+    train_tiles: str = "all"
+    train_views: int = 2
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-4
     logit_scale: float = 1 / 0.07
-    negatives: int = 448
+    negatives: int = 0
+    head: str = "projection"
+    l2sp: float = 0.0
+    recipe_name: str = "trained"
+    schedule: tuple[int, int, int] = (4, VIEW_ZOOM, 2)
     ks: tuple[int, ...] = (16, 256)
     seed: int = 0
     threads: int = 2
@@ -91,6 +115,27 @@ class Config:
             raise ConfigError(f"--views {self.views} leaves no training view after --val-views and --test-views")
         if not 2 <= self.tiles <= self.candidates:
             raise ConfigError(f"need 2 <= --tiles <= --candidates, got {self.tiles} and {self.candidates}")
+        if not 0 < self.heldout_share < 1:
+            raise ConfigError(f"--heldout-share must be in (0, 1), got {self.heldout_share}")
+        if self.regions < 0 or self.train_views < 1 or self.train_tiles not in ("all", "eval"):
+            raise ConfigError(f"need --regions >= 0, --train-views >= 1 and --train-tiles all|eval; got "
+                              f"{self.regions}, {self.train_views}, {self.train_tiles!r}")
+        if self.schedule[1] != VIEW_ZOOM or self.schedule[0] > VIEW_ZOOM or self.schedule[2] < 1:
+            raise ConfigError(f"--schedule must end at zoom {VIEW_ZOOM} (the views' zoom), got {self.schedule}")
+        if not self.recipe_name or "/" in self.recipe_name or self.recipe_name.startswith("."):
+            raise ConfigError(f"--recipe-name must be a plain folder name, got {self.recipe_name!r}")
+
+    def plan_identity(self) -> dict[str, Any]:
+        """What decides the places and views: a rerun with the same identity reuses them."""
+        return {"source": self.source, "tiles": self.tiles, "candidates": self.candidates, "views": self.views,
+                "val_views": self.val_views, "test_views": self.test_views, "heldout_share": self.heldout_share,
+                "regions": self.regions, "train_tiles": self.train_tiles, "train_views": self.train_views,
+                "seed": self.seed, "encoder": self.encoder, "precision": self.precision,
+                "schedule": list(self.schedule), "format": 2}
+
+    @property
+    def zooms(self) -> list[int]:
+        return list(range(self.schedule[0], self.schedule[1] + 1, self.schedule[2]))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -103,19 +148,34 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--encoder", default=Config.encoder, choices=sorted(ENCODERS),
                    help=f"base encoder (default: {Config.encoder})")
     p.add_argument("--weights", help="local weights file for the encoder")
-    p.add_argument("--tiles", type=int, default=Config.tiles, help="zoom-6 tiles to make views of")
+    p.add_argument("--tiles", type=int, default=Config.tiles, help="zoom-6 evaluation tiles")
     p.add_argument("--candidates", type=int, default=Config.candidates,
                    help="random zoom-6 tiles (|lat| < 70) the most textured --tiles are chosen from")
-    p.add_argument("--views", type=int, default=Config.views, help="views per tile")
+    p.add_argument("--views", type=int, default=Config.views, help="views per evaluation tile")
     p.add_argument("--val-views", type=int, default=Config.val_views, help="of which validation views")
     p.add_argument("--test-views", type=int, default=Config.test_views, help="of which held-out views")
+    p.add_argument("--heldout-share", type=float, default=Config.heldout_share,
+                   help=f"share of the evaluation tiles never trained on (default {Config.heldout_share})")
+    p.add_argument("--regions", type=int, default=Config.regions,
+                   help=f"blocks of 2x2 zoom-4 tiles held out whole (default {Config.regions})")
+    p.add_argument("--train-tiles", choices=("all", "eval"), default=Config.train_tiles,
+                   help="train on views of every tile not held out (all), or only of the evaluation tiles")
+    p.add_argument("--train-views", type=int, default=Config.train_views,
+                   help=f"training views per tile beyond the evaluation tiles (default {Config.train_views})")
     p.add_argument("--epochs", type=int, default=Config.epochs, help="epochs per level")
     p.add_argument("--batch-size", type=int, default=Config.batch_size)
     p.add_argument("--lr", type=float, default=Config.lr)
     p.add_argument("--logit-scale", type=float, default=Config.logit_scale,
                    help=f"1/temperature of the contrastive loss (default {Config.logit_scale:.2f}: tau 0.07)")
     p.add_argument("--negatives", type=int, default=Config.negatives,
-                   help=f"extra negatives per step from the whole level (default {Config.negatives}; 0: in-batch only)")
+                   help=f"extra negatives per step from the whole level (default {Config.negatives}: in-batch only)")
+    p.add_argument("--head", choices=HEADS, default=Config.head,
+                   help=f"what the map encoders fine-tune (default {Config.head})")
+    p.add_argument("--l2sp", type=float, default=Config.l2sp, help="weight of the pull towards the start weights")
+    p.add_argument("--recipe-name", default=Config.recipe_name,
+                   help="folder under --out for this recipe's checkpoints, index and reports (default: trained)")
+    p.add_argument("--schedule", type=int, nargs=3, default=list(Config.schedule), metavar=("START", "STOP", "STEP"),
+                   help=f"zoom levels of the index and of training; STOP must be {VIEW_ZOOM} (default 4 6 2)")
     p.add_argument("--k", type=int, nargs="+", default=list(Config.ks), help="beam widths to evaluate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=Config.threads, help=f"torch threads (default {Config.threads})")
@@ -130,15 +190,17 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     return Config(
         out=a.out, source=a.source, encoder=a.encoder, weights=a.weights, tiles=a.tiles, candidates=a.candidates,
-        views=a.views, val_views=a.val_views, test_views=a.test_views, epochs=a.epochs, batch_size=a.batch_size,
-        lr=a.lr, logit_scale=a.logit_scale, negatives=a.negatives, ks=tuple(a.k), seed=a.seed, threads=a.threads,
-        precision=a.precision,
+        views=a.views, val_views=a.val_views, test_views=a.test_views, heldout_share=a.heldout_share,
+        regions=a.regions, train_tiles=a.train_tiles, train_views=a.train_views, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, logit_scale=a.logit_scale, negatives=a.negatives, head=a.head,
+        l2sp=a.l2sp, recipe_name=a.recipe_name, schedule=tuple(a.schedule), ks=tuple(a.k), seed=a.seed,
+        threads=a.threads, precision=a.precision,
         results_md=None if a.no_record else a.results_md, results_json=None if a.no_record else a.results_json,
         quiet=a.quiet, command=command.strip(),
     )
 
 
-# ------------------------------------------------------------------------------------------ views
+# ------------------------------------------------------------------------------------------ places
 
 
 def _texture(source: TileSource, tile: mercantile.Tile) -> float:
@@ -149,58 +211,125 @@ def _texture(source: TileSource, tile: mercantile.Tile) -> float:
     return float(grey.std())
 
 
-def make_views(cfg: Config, source: TileSource) -> PhotoTable:
-    """Views of the most textured zoom-6 tiles with known centres, split by view; written under <out>/views."""
+def _most_textured(source: TileSource, tiles: Sequence[mercantile.Tile], n: int) -> list[mercantile.Tile]:
+    texture = np.array([_texture(source, t) for t in tiles])
+    return [tiles[i] for i in np.argsort(-texture, kind="stable")[:n] if texture[i] >= 0]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The zoom-6 tiles of each role: evaluation tiles trained on, held out, held-out regions, extra training."""
+
+    trained: tuple[mercantile.Tile, ...]
+    heldout_tiles: tuple[mercantile.Tile, ...]
+    heldout_regions: tuple[mercantile.Tile, ...]
+    region_blocks: tuple[tuple[int, int], ...]  # (x, y) of each block's north-west zoom-4 tile
+    extra: tuple[mercantile.Tile, ...]
+
+
+def plan_places(cfg: Config, source: TileSource) -> Plan:
+    """Seeded choice of the places of every split; held-out tiles and regions never reach training."""
     rng = np.random.default_rng(cfg.seed)
     n = 1 << VIEW_ZOOM
-    lim = mercantile.tile(0, 70.0, VIEW_ZOOM).y, mercantile.tile(0, -70.0, VIEW_ZOOM).y
-    pool = [(x, y) for x in range(n) for y in range(lim[0], lim[1] + 1)]
-    picks = rng.choice(len(pool), size=min(cfg.candidates, len(pool)), replace=False)
-    candidates = [mercantile.Tile(*pool[i], VIEW_ZOOM) for i in picks]
-    texture = np.array([_texture(source, t) for t in candidates])
-    chosen = [candidates[i] for i in np.argsort(-texture, kind="stable")[: cfg.tiles]]
-    mosaic = Mosaic(source, VIEW_ZOOM)
+    rows = range(mercantile.tile(0, MAX_ABS_LAT, VIEW_ZOOM).y, mercantile.tile(0, -MAX_ABS_LAT, VIEW_ZOOM).y + 1)
+    pool = [mercantile.Tile(x, y, VIEW_ZOOM) for y in rows for x in range(n)]
+    # Regions: non-overlapping blocks of 2x2 zoom-4 tiles (8x8 zoom-6 tiles) inside the rows.
+    block_rows = range(-(-rows.start // 8), (rows.stop - 8) // 8 + 1)
+    blocks = [(bx, by) for by in block_rows for bx in range(n // 8)]
+    chosen_blocks = [blocks[i] for i in sorted(rng.choice(len(blocks), size=min(cfg.regions, len(blocks)),
+                                                          replace=False).tolist())]
+    in_region = {(bx * 8 + dx, by * 8 + dy) for bx, by in chosen_blocks for dx in range(8) for dy in range(8)}
+    outside = [t for t in pool if (t.x, t.y) not in in_region]
+    picks = rng.choice(len(outside), size=min(cfg.candidates, len(outside)), replace=False)
+    evaluation = _most_textured(source, [outside[i] for i in picks], cfg.tiles)
+    order = rng.permutation(len(evaluation))
+    n_held = int(round(cfg.heldout_share * len(evaluation)))
+    held = [evaluation[i] for i in sorted(order[:n_held].tolist())]
+    trained = [evaluation[i] for i in sorted(order[n_held:].tolist())]
+    region_tiles = [t for t in pool if (t.x, t.y) in in_region]
+    region_eval = _most_textured(source, region_tiles, cfg.tiles // 2)
+    used = set(evaluation)
+    extra = [t for t in outside if t not in used] if cfg.train_tiles == "all" else []
+    return Plan(tuple(trained), tuple(held), tuple(region_eval),
+                tuple((bx * 2, by * 2) for bx, by in chosen_blocks), tuple(extra))
+
+
+# ------------------------------------------------------------------------------------------ views
+
+
+def make_views(cfg: Config, source: TileSource, plan: Plan) -> dict[str, PhotoTable]:
+    """Render the views of every role under <out>/views; returns the tables by CSV name.
+
+    ``training`` holds the views training may use (train and val roles, plus the trained
+    evaluation tiles' test views as ``test``, which training ignores); the evaluation tables are
+    those of ``SPLITS``.
+    """
     folder = cfg.out / "views"
     folder.mkdir(parents=True, exist_ok=True)
-    paths, lats, lons, splits = [], [], [], []
     n_train = cfg.views - cfg.val_views - cfg.test_views
-    roles = ["train"] * n_train + ["val"] * cfg.val_views + ["test"] * cfg.test_views
+    role_rng = np.random.default_rng([cfg.seed, 1])
+    groups = [("trained", plan.trained, cfg.views), ("heldout_tiles", plan.heldout_tiles, cfg.views),
+              ("heldout_regions", plan.heldout_regions, cfg.views), ("extra", plan.extra, cfg.train_views)]
+    rows: dict[str, list[tuple[str, float, float, str]]] = {
+        name: [] for name in ("training", *(csv for csv, _, _ in SPLITS))}
     with progress_bar("views", quiet=cfg.quiet, unit="view") as bar:
-        bar.reset(total=len(chosen) * cfg.views)
-        for tile in chosen:
-            b = mercantile.bounds(tile)
-            for j, role in enumerate(rng.permutation(roles).tolist()):
-                # A centre anywhere in the tile (its Mercator square), so the true tile is this one.
-                fx, fy = rng.uniform(0.02, 0.98, size=2)
-                lon = b.west + fx * (b.east - b.west)
-                lat = mercantile.lnglat(*(np.array(mercantile.xy(b.west, b.north)) + fy * (
-                    np.array(mercantile.xy(b.east, b.south)) - np.array(mercantile.xy(b.west, b.north))))).lat
-                img = mosaic.render_view(lat, lon, zoom=float(rng.uniform(5.4, 6.6)),
-                                  rotation_deg=float(rng.uniform(-180.0, 180.0)))
-                img = ImageEnhance.Brightness(img).enhance(float(rng.uniform(0.75, 1.25)))
-                img = ImageEnhance.Color(img).enhance(float(rng.uniform(0.6, 1.4)))
-                img = ImageEnhance.Contrast(img).enhance(float(rng.uniform(0.8, 1.2)))
-                img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.5))))
-                path = folder / f"{tile.x}_{tile.y}_{j:02d}.jpg"
-                img.save(path, quality=90)
-                paths.append(str(path))
-                lats.append(lat)
-                lons.append(lon)
-                splits.append(role)
-                bar.update(1)
-    table = PhotoTable(tuple(paths), np.array(lats), np.array(lons), tuple(splits), source="views")
-    write_photo_csv(cfg.out / "views.csv", table, relative_to=cfg.out)
-    for role in ("train", "test"):
-        write_photo_csv(cfg.out / f"views-{role}.csv", table.subset(
-            [i for i, s in enumerate(splits) if s == role]), relative_to=cfg.out)
-    return table
+        bar.reset(total=sum(len(tiles) * per for _, tiles, per in groups))
+        for g, (group, tiles, per) in enumerate(groups):
+            for start in range(0, len(tiles), 64):
+                chunk = tiles[start : start + 64]
+                views = random_views(source, chunk, per_tile=per, seed=[cfg.seed, g, start])
+                for i, view in enumerate(views):
+                    path = folder / f"{group}-{view.tile.x}_{view.tile.y}_{i % per:02d}.jpg"
+                    view.image.save(path, quality=90)
+                    if group == "trained":
+                        if i % per == 0:  # each tile's roles, in a seeded order
+                            roles = role_rng.permutation(["train"] * n_train + ["val"] * cfg.val_views
+                                                         + ["test"] * cfg.test_views).tolist()
+                        role = roles[i % per]
+                        rows["training"].append((str(path), view.lat, view.lon, role))
+                        rows["heldout" if role == "test" else "train"].append((str(path), view.lat, view.lon, "test"))
+                    elif group == "extra":
+                        rows["training"].append((str(path), view.lat, view.lon, "train"))
+                    else:
+                        rows[group.replace("_", "-")].append((str(path), view.lat, view.lon, "test"))
+                bar.update(len(views))
+    tables = {}
+    for name, items in rows.items():
+        table = PhotoTable(tuple(r[0] for r in items), np.array([r[1] for r in items]),
+                           np.array([r[2] for r in items]), tuple(r[3] for r in items), source=f"views-{name}")
+        write_photo_csv(cfg.out / f"views-{name}.csv", table, relative_to=cfg.out)
+        tables[name] = table
+    return tables
+
+
+def _prepare(cfg: Config, source: TileSource) -> tuple[Plan, dict[str, int]]:
+    """The plan and views, made once per plan identity (``<out>/plan.json`` is written last)."""
+    plan_file = cfg.out / "plan.json"
+    identity = cfg.plan_identity()
+    if plan_file.is_file():
+        saved = json.loads(plan_file.read_text())
+        if saved.get("identity") == identity:
+            tiles = {k: tuple(mercantile.Tile(*t) for t in saved["plan"][k])
+                     for k in ("trained", "heldout_tiles", "heldout_regions", "extra")}
+            plan = Plan(tiles["trained"], tiles["heldout_tiles"], tiles["heldout_regions"],
+                        tuple(tuple(b) for b in saved["plan"]["region_blocks"]), tiles["extra"])
+            log.info("reusing the places and views of %s", plan_file)
+            return plan, saved["counts"]
+        log.info("%s was made with other settings: planning and rendering again", plan_file)
+        plan_file.unlink()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    plan = plan_places(cfg, source)
+    tables = make_views(cfg, source, plan)
+    counts = {name: len(t) for name, t in tables.items()}
+    atomic_write_bytes(plan_file, json.dumps({"identity": identity, "plan": asdict(plan), "counts": counts}).encode())
+    return plan, counts
 
 
 # ------------------------------------------------------------------------------------------- run
 
 
 def _build(cfg: Config, source_spec: str, index: Path, checkpoints: Path | None) -> None:
-    args = ["--all", "--schedule", "4", "6", "2", "--index", str(index), "--source", source_spec,
+    args = ["--all", "--schedule", *map(str, cfg.schedule), "--index", str(index), "--source", source_spec,
             "--encoder", cfg.encoder, "--shard-size", "4096", "--workers", "2", "--precision", cfg.precision]
     args += ["--weights", cfg.weights] if cfg.weights else []
     args += ["--map-checkpoints", str(checkpoints)] if checkpoints else []
@@ -208,11 +337,41 @@ def _build(cfg: Config, source_spec: str, index: Path, checkpoints: Path | None)
     build_index.run(build_index.parse_args(args))
 
 
-def _evaluate(cfg: Config, index: Path, split: str, name: str) -> EvalReport:
+def _evaluate(cfg: Config, index: Path, split: str, out: Path) -> EvalReport:
     args = ["--photos", str(cfg.out / f"views-{split}.csv"), "--index", str(index), "--k", *map(str, cfg.ks),
-            "--out", str(cfg.out / "eval" / name), "--quiet", "--precision", cfg.precision]
+            "--out", str(out), "--quiet", "--precision", cfg.precision]
     args += ["--weights", cfg.weights] if cfg.weights else []
     return evaluate.run(evaluate.parse_args(args))
+
+
+def _train(cfg: Config, source_spec: str, checkpoints: Path) -> list[train.LevelResult]:
+    args = ["--photos", str(cfg.out / "views-training.csv"), "--source", source_spec, "--out", str(checkpoints),
+            "--zooms", *map(str, cfg.zooms), "--encoder", cfg.encoder, "--epochs", str(cfg.epochs), "--batch-size",
+            str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--device", "cpu", "--workers", "0",
+            "--max-val-photos", "0", "--logit-scale", str(cfg.logit_scale), "--negatives", str(cfg.negatives),
+            "--cache-trunk-gb", "2", "--head", cfg.head, "--l2sp", str(cfg.l2sp)]
+    args += ["--weights", cfg.weights] if cfg.weights else []
+    args += ["--quiet"] if cfg.quiet else []
+    return train.run(train.parse_args(args))
+
+
+def _untrained_reports(cfg: Config, source_spec: str) -> dict[str, EvalReport]:
+    """The untrained index and its reports, reused while the plan is (they do not depend on the recipe)."""
+    index = cfg.out / "index-untrained"
+    reports = {}
+    for split, _, _ in SPLITS:
+        out = cfg.out / "eval" / f"untrained-{split}"
+        cached = out.with_suffix(".json")
+        if cached.is_file() and (index / "manifest.json").is_file():
+            try:
+                reports[split] = EvalReport.from_json(json.loads(cached.read_text()))
+                continue
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("%s is not a readable report (%s): evaluating again", cached, e)
+        if not (index / "manifest.json").is_file():
+            _build(cfg, source_spec, index, None)
+        reports[split] = _evaluate(cfg, index, split, out)
+    return reports
 
 
 def run(cfg: Config) -> dict[str, EvalReport]:
@@ -220,54 +379,48 @@ def run(cfg: Config) -> dict[str, EvalReport]:
     torch.set_num_threads(cfg.threads)
     source_spec = cfg.source or (str(SHARED_BLUEMARBLE) if SHARED_BLUEMARBLE.is_dir() else "bluemarble")
     source = open_source(source_spec)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    table = make_views(cfg, source)
-    timings = {"views": time.perf_counter() - t0}
-    log.info("%d views of %d tiles in %.0f s", len(table), cfg.tiles, timings["views"])
+    plan, counts = _prepare(cfg, source)
+    timings = {"places + views": time.perf_counter() - t0}
+    log.info("views: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
 
-    reports: dict[str, EvalReport] = {}
     t0 = time.perf_counter()
-    _build(cfg, source_spec, cfg.out / "index-untrained", None)
-    for split in ("train", "test"):
-        reports[f"before-{split}"] = _evaluate(cfg, cfg.out / "index-untrained", split, f"before-{split}")
+    reports = {f"before-{k}": v for k, v in _untrained_reports(cfg, source_spec).items()}
     timings["build + evaluate (untrained)"] = time.perf_counter() - t0
 
+    recipe = cfg.out / cfg.recipe_name
     t0 = time.perf_counter()
-    train_args = ["--photos", str(cfg.out / "views.csv"), "--source", source_spec, "--out",
-                  str(cfg.out / "checkpoints"), "--zooms", "4", "6", "--encoder", cfg.encoder, "--epochs",
-                  str(cfg.epochs), "--batch-size", str(cfg.batch_size), "--lr", str(cfg.lr), "--seed",
-                  str(cfg.seed), "--device", "cpu", "--workers", "0", "--max-val-photos", "0",
-                  "--logit-scale", str(cfg.logit_scale), "--negatives", str(cfg.negatives), "--cache-trunk-gb", "2"]
-    train_args += ["--weights", cfg.weights] if cfg.weights else []
-    train_args += ["--quiet"] if cfg.quiet else []
-    results = train.run(train.parse_args(train_args))
+    results = _train(cfg, source_spec, recipe / "checkpoints")
     timings["train"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    _build(cfg, source_spec, cfg.out / "index-trained", cfg.out / "checkpoints")
-    for split in ("train", "test"):
-        reports[f"after-{split}"] = _evaluate(cfg, cfg.out / "index-trained", split, f"after-{split}")
+    _build(cfg, source_spec, recipe / "index", recipe / "checkpoints")
+    for split, _, _ in SPLITS:
+        reports[f"after-{split}"] = _evaluate(cfg, recipe / "index", split, recipe / "eval" / split)
     timings["build + evaluate (trained)"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
 
     history = {r.zoom: [(h.epoch, h.loss, h.val_top1, h.val_top5) for h in r.history] for r in results}
-    section = _section(cfg, source_spec, table, reports, history, timings)
-    (cfg.out / "experiment.md").write_text(section)
-    (cfg.out / "experiment.json").write_text(json.dumps(
-        {"command": cfg.command, "timings_s": timings, "history": history,
-         "reports": {k: v.to_json() for k, v in reports.items()}}, indent=2))
+    section = _section(cfg, source_spec, plan, counts, reports, history, timings)
+    (recipe / "experiment.md").write_text(section)
+    figs = figures(cfg, plan, counts, reports, timings)
+    (recipe / "experiment.json").write_text(json.dumps({**figs, "history": history}, indent=2))
     if cfg.results_md is not None:
         with open(cfg.results_md, "a", encoding="utf-8") as f:  # append only: others write here too
             f.write("\n" + section)
     if cfg.results_json is not None:
-        atomic_write_bytes(cfg.results_json, json.dumps(figures(cfg, reports, timings), indent=2).encode())
-    r = reports
-    log.info("experiment done in %.0f s: held-out z06 top-1 (k=%d) %.1f %% -> %.1f %%, median error %.0f -> %.0f km;"
-             " report %s", timings["total"], cfg.ks[-1], 100 * r["before-test"].results[-1].tile_top1[6],
-             100 * r["after-test"].results[-1].tile_top1[6], r["before-test"].results[-1].median_km,
-             r["after-test"].results[-1].median_km, cfg.results_md or cfg.out / "experiment.md")
+        atomic_write_bytes(cfg.results_json, json.dumps(figs, indent=2).encode())
+    r, k = reports, cfg.ks[-1]
+    log.info("experiment done in %.0f s (k=%d, z06 top-1 / median km): tiles never trained on %s -> %s; "
+             "regions never trained on %s -> %s; other views of trained tiles %s -> %s; report %s",
+             timings["total"], k, *(_brief(r[f"{w}-{s}"]) for s in ("heldout-tiles", "heldout-regions", "heldout")
+                                   for w in ("before", "after")), cfg.results_md or recipe / "experiment.md")
     return reports
+
+
+def _brief(report: EvalReport) -> str:
+    last = report.results[-1]
+    return f"{100 * last.tile_top1[VIEW_ZOOM]:.1f} % / {last.median_km:,.0f}"
 
 
 def _level_figures(r: KResult) -> dict[str, float]:
@@ -280,13 +433,16 @@ def _level_figures(r: KResult) -> dict[str, float]:
     return out
 
 
-def figures(cfg: Config, reports: dict[str, EvalReport], timings: dict[str, float]) -> dict[str, Any]:
-    """The before/after figures as fractions: ``results[untrained|trained][heldout|train]`` at the widest k
-    (k=256 keeps every z4 tile, so z6 is exhaustive over the level), and every k under ``by_k``."""
+def figures(cfg: Config, plan: Plan, counts: dict[str, int], reports: dict[str, EvalReport],
+            timings: dict[str, float]) -> dict[str, Any]:
+    """The before/after figures as fractions: ``results[untrained|trained][split]`` at the widest k
+    (k=256 keeps every z4 tile, so z6 is exhaustive over the level), and every k under ``by_k``.
+    Splits: ``heldout_tiles`` and ``heldout_regions`` (places never trained on), ``heldout``
+    (other views of trained tiles) and ``train``."""
     results: dict[str, Any] = {}
     for when, label in (("before", "untrained"), ("after", "trained")):
         results[label] = {}
-        for split, name in (("test", "heldout"), ("train", "train")):
+        for split, name, _ in SPLITS:
             rep = reports[f"{when}-{split}"]
             results[label][name] = {**_level_figures(rep.results[-1]), "k": rep.results[-1].k,
                                     "views": rep.results[-1].n,
@@ -296,8 +452,13 @@ def figures(cfg: Config, reports: dict[str, EvalReport], timings: dict[str, floa
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}",
         "precision": resolve_precision(cfg.precision, spec=ENCODERS[cfg.encoder]),
-        "recipe": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr, "logit_scale": cfg.logit_scale,
-                   "negatives": cfg.negatives, "tiles": cfg.tiles, "views_per_tile": cfg.views},
+        "recipe": {"head": cfg.head, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                   "logit_scale": cfg.logit_scale, "negatives": cfg.negatives, "l2sp": cfg.l2sp,
+                   "train_tiles": cfg.train_tiles, "train_views_per_extra_tile": cfg.train_views},
+        "places": {"trained_eval_tiles": len(plan.trained), "heldout_tiles": len(plan.heldout_tiles),
+                   "heldout_region_tiles": len(plan.heldout_regions),
+                   "region_blocks_z4": [list(b) for b in plan.region_blocks],
+                   "extra_training_tiles": len(plan.extra), "views": counts},
         "timings_s": timings, "results": results,
     }
 
@@ -306,25 +467,26 @@ def _pct(x: float | None) -> str:
     return "-" if x is None or x != x else f"{100 * x:.1f} %"
 
 
-def _section(cfg: Config, source: str, table: PhotoTable, reports: dict[str, EvalReport],
+def _section(cfg: Config, source: str, plan: Plan, counts: dict[str, int], reports: dict[str, EvalReport],
              history: dict[int, list[tuple[int, float | None, float | None, float | None]]],
              timings: dict[str, float]) -> str:
-    split = np.asarray(table.split)
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     lines = [
-        f"## training experiment: map encoders on Blue Marble views, before and after: {now}",
+        f"## training experiment: map encoders on Blue Marble views, held out by place: {now}",
         "",
         f"- command: `{cfg.command}`",
         f"- machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}"
         f" ({cfg.threads} thread{'s' if cfg.threads > 1 else ''}), load avg {os.getloadavg()[0]:.2f} at end",
         f"- imagery: `{source}` (zoom 4 and 6); index: whole world, levels z4 (256 tiles) and z6 (4,096 tiles)",
-        f"- encoder: `{cfg.encoder}` (photo encoder frozen; map encoders trained z6 then z4, "
+        f"- encoder: `{cfg.encoder}` (photo encoder frozen; map encoders trained z6 then z4, head `{cfg.head}`, "
         f"{cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, logit scale {cfg.logit_scale:.2f}, "
-        f"{cfg.negatives} negatives per step from the whole level)",
-        f"- queries: {len(table)} views of the {cfg.tiles} most textured of {cfg.candidates} random zoom-6 tiles "
-        f"(|lat| < 70): centre anywhere in the tile, zoom 5.4-6.6, any rotation, brightness/colour/contrast "
-        f"changes, Gaussian blur 0-1.5 px; split by view: {int((split == 'train').sum())} train, "
-        f"{int((split == 'val').sum())} val, {int((split == 'test').sum())} held-out",
+        f"{cfg.negatives} extra negatives per step, L2-SP {cfg.l2sp:g})",
+        f"- places (|lat| < 70): {len(plan.trained)} evaluation tiles trained on, {len(plan.heldout_tiles)} "
+        f"evaluation tiles never trained on, {len(plan.heldout_regions)} tiles evaluated in {len(plan.region_blocks)} "
+        f"regions of 2x2 zoom-4 tiles never trained on, {len(plan.extra)} further training tiles "
+        f"({cfg.train_views} views each)",
+        "- views: centre anywhere in the tile, zoom 5.4-6.6, any rotation, brightness/colour/contrast changes, "
+        "Gaussian blur 0-1.5 px; " + ", ".join(f"{v} {k}" for k, v in counts.items()),
         "- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
         "",
         "Tile top-1 = the true tile ranked first at that level; k = beam width (k=256 keeps every z4 tile, "
@@ -334,7 +496,7 @@ def _section(cfg: Config, source: str, table: PhotoTable, reports: dict[str, Eva
         "| median error km | 200 km | 750 km | 2500 km |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for split_name, label in (("train", "training views"), ("test", "held-out views")):
+    for split_name, _, label in SPLITS:
         for when in ("before", "after"):
             rep = reports[f"{when}-{split_name}"]
             for r in rep.results:
@@ -343,12 +505,10 @@ def _section(cfg: Config, source: str, table: PhotoTable, reports: dict[str, Eva
                     f"| {_pct(r.beam_recall[4])} | {_pct(r.tile_top1[6])} | {_pct(r.beam_recall[6])} "
                     f"| {r.median_km:,.0f} "
                     f"| {_pct(r.accuracy[200.0])} | {_pct(r.accuracy[750.0])} | {_pct(r.accuracy[2500.0])} |")
-    lines += ["", "Training (validation = the val views, tile top-1/top-5 among the val views' own tiles):", "",
-              "| level | epoch | mean loss | val top-1 | val top-5 |", "|---|---:|---:|---:|---:|"]
+    lines += ["", "Training (loss per epoch):", "", "| level | epoch | mean loss |", "|---|---:|---:|"]
     for zoom in sorted(history, reverse=True):
-        for epoch, loss, top1, top5 in history[zoom]:
-            lines.append(f"| z{zoom} | {epoch} | {'-' if loss is None else f'{loss:.3f}'} | {_pct(top1)} "
-                         f"| {_pct(top5)} |")
+        for epoch, loss, _top1, _top5 in history[zoom]:
+            lines.append(f"| z{zoom} | {epoch} | {'-' if loss is None else f'{loss:.3f}'} |")
     lines += ["", ""]  # a blank line after the table, so that notes appended below stay out of it
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from geoindex.coverage import Coverage
 from geoindex.dataset import SPLITS, photo_embeddings, read_photo_csv, table_splits, write_photo_csv
-from geoindex.encoders import ENCODERS, create_encoder
+from geoindex.encoders import ENCODERS, HEADS, create_encoder
 from geoindex.errors import ConfigError
 from geoindex.sources import open_source
 from geoindex.tiles import LevelSchedule, tile_code_array
@@ -56,6 +56,8 @@ class Config:
     logit_scale: float = TrainConfig.logit_scale
     negatives: int = 0
     cache_trunk_gb: float = 0.0
+    head: str = TrainConfig.head
+    l2sp: float = 0.0
     bbox: tuple[float, float, float, float] | None = None
     geojson: Path | None = None
     quiet: bool = False
@@ -64,7 +66,8 @@ class Config:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
                            device=self.device, workers=self.workers, checkpoint_every=self.checkpoint_every,
                            max_val_photos=self.max_val_photos, logit_scale=self.logit_scale,
-                           negatives=self.negatives, cache_trunk_gb=self.cache_trunk_gb)
+                           negatives=self.negatives, cache_trunk_gb=self.cache_trunk_gb, head=self.head,
+                           l2sp=self.l2sp)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -103,6 +106,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                         "(default 0: the paper's in-batch negatives only)")
     p.add_argument("--cache-trunk-gb", type=float, default=0.0,
                    help="keep each tile's frozen-trunk output in this much memory (speeds up --negatives)")
+    p.add_argument("--head", default=TrainConfig.head, choices=HEADS,
+                   help="what each map encoder fine-tunes: the paper's last two stages, or only the output "
+                        f"projection (default: {TrainConfig.head})")
+    p.add_argument("--l2sp", type=float, default=0.0,
+                   help="weight of the penalty that keeps the trained weights near their start (default 0: off)")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"),
                    help="the region --negatives are drawn from (default: the world)")
     p.add_argument("--geojson", type=Path, help="the region --negatives are drawn from, as polygons")
@@ -119,8 +127,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         weights=a.weights, download=a.download, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
         split=tuple(a.split), seed=a.seed, device=device, workers=a.workers,
         max_val_photos=a.max_val_photos or None, checkpoint_every=a.checkpoint_every, threads=a.threads,
-        logit_scale=a.logit_scale, negatives=a.negatives, cache_trunk_gb=a.cache_trunk_gb,
-        bbox=tuple(a.bbox) if a.bbox else None, geojson=a.geojson, quiet=a.quiet,
+        logit_scale=a.logit_scale, negatives=a.negatives, cache_trunk_gb=a.cache_trunk_gb, head=a.head,
+        l2sp=a.l2sp, bbox=tuple(a.bbox) if a.bbox else None, geojson=a.geojson, quiet=a.quiet,
     )
 
 

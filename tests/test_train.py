@@ -322,3 +322,44 @@ def test_train_pipeline_end_to_end(tmp_path, tiny_encoder, caplog):
     caplog.set_level("INFO", logger="geoindex")
     assert train_pipeline.main(argv[:-1]) == 0  # a rerun resumes: nothing left to train
     assert "z02 already trained" in caplog.text
+
+
+def test_the_projection_head_trains_only_the_output_layers(tmp_path, tiny_encoder, rendered_source, data):
+    base_state = {k: v.clone() for k, v in tiny_encoder.visual.state_dict().items()}
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, head="projection", cache_trunk_gb=0.1)
+    (result,) = _train(tmp_path, tiny_encoder, rendered_source, data, cfg=cfg)
+    payload = torch.load(result.checkpoint, weights_only=True)
+    assert payload["head"] == "projection" and set(payload["state_dict"]) == {
+        "ln_post.weight", "ln_post.bias", "proj"}
+    trained = load_map_encoder(tiny_encoder, result.checkpoint)
+    assert trained.head == "projection"
+    changed = {k for k, v in trained.visual.state_dict().items() if not torch.equal(v, base_state[k])}
+    assert "proj" in changed and changed <= {"ln_post.weight", "ln_post.bias", "proj"}
+    # The split is where the head starts: its trunk output is what the whole network pools and projects.
+    trunk, head = trained.split()
+    pixels = torch.stack([trained.preprocess(render_tile(mercantile.Tile(1, 2, 3)))])
+    with torch.no_grad():
+        torch.testing.assert_close(head(trunk(pixels)), trained.visual(pixels), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="same --head"):  # a coarser level must continue the same head
+        init_map_encoder(tiny_encoder, result.checkpoint, head="stages")
+
+
+def test_l2sp_keeps_the_weights_closer_to_their_start(tiny_encoder, tiles8):
+    photo, pixels = _pairs(tiny_encoder, tiles8)
+    target = torch.arange(len(tiles8))
+
+    def drift(l2sp: float) -> float:
+        enc = init_map_encoder(tiny_encoder, None, head="projection")
+        params = [p for p in enc.visual.parameters() if p.requires_grad]
+        start = [p.detach().clone() for p in params]
+        opt = torch.optim.SGD(params, lr=0.05)
+        for _ in range(20):
+            train_step(enc, opt, photo, pixels, target, l2sp=l2sp, anchor=start)
+        return float(sum(((p - s) ** 2).sum() for p, s in zip(params, start)))
+
+    assert drift(5.0) < 0.5 * drift(0.0)
+
+
+def test_an_unknown_head_is_refused():
+    with pytest.raises(ConfigError, match="--head"):
+        TrainConfig(head="everything")
