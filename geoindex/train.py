@@ -5,8 +5,12 @@ photos; its tiles are the distinct tiles of those photos, each encoded once by t
 encoder. Each photo's (frozen, cached) embedding is scored against every tile of the batch by
 cosine similarity times a fixed logit scale, and cross-entropy takes the photo's own tile as the
 class. Because tiles are deduplicated, a tile shared by two photos of a batch is the positive of
-both and a negative of neither. Only the map encoder's head trains (``ImageEncoder.split``: the
-ViT's last two blocks, ``ln_post`` and ``proj``; EfficientNet's last two stages and head conv).
+both and a negative of neither. Only the map encoder's head trains (``ImageEncoder.split``):
+``stages``, the paper's choice (the ViT's last two blocks, ``ln_post`` and ``proj``; EfficientNet's
+last two stages and head conv), or ``projection`` (only ``ln_post`` and ``proj``; the head conv and
+its BatchNorm). Trained on views of a few tiles, ``stages`` memorises them and makes every other
+place worse; ``projection`` trained on views of every tile of a level also improves tiles it never
+saw (benchmarks/RESULTS.md, "training experiment"). ``l2sp`` pulls the weights towards their start.
 
 In-batch negatives alone leave every tile no photo of the batch lies in untrained, and at search
 time those tiles are the distractors. ``negatives=N`` adds N tiles per step drawn at random from

@@ -93,8 +93,8 @@ class Config:
     train_tiles: str = "all"
     train_views: int = 2
     epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-4
+    batch_size: int = 128
+    lr: float = 3e-4
     logit_scale: float = 1 / 0.07
     negatives: int = 0
     head: str = "projection"
@@ -104,6 +104,7 @@ class Config:
     ks: tuple[int, ...] = (16, 256)
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"
     precision: str = "auto"
     results_md: Path | None = RESULTS_MD
     results_json: Path | None = RESULTS_JSON
@@ -179,8 +180,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--k", type=int, nargs="+", default=list(Config.ks), help="beam widths to evaluate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=Config.threads, help=f"torch threads (default {Config.threads})")
+    p.add_argument("--device", default=Config.device,
+                   help="torch device for training, building and evaluating: cpu, cuda (default: cpu)")
     p.add_argument("--precision", default=Config.precision, choices=PRECISIONS,
-                   help="encoder arithmetic for building and querying (training always runs fp32)")
+                   help="encoder arithmetic for building and querying (training runs fp32, with fp16 autocast "
+                        "on CUDA)")
     p.add_argument("--results-md", type=Path, default=RESULTS_MD, help="the RESULTS.md to append to")
     p.add_argument("--results-json", type=Path, default=RESULTS_JSON, help="where to write the figures as JSON")
     p.add_argument("--no-record", action="store_true", help="write neither RESULTS.md nor the JSON figures")
@@ -194,7 +198,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         regions=a.regions, train_tiles=a.train_tiles, train_views=a.train_views, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, logit_scale=a.logit_scale, negatives=a.negatives, head=a.head,
         l2sp=a.l2sp, recipe_name=a.recipe_name, schedule=tuple(a.schedule), ks=tuple(a.k), seed=a.seed,
-        threads=a.threads, precision=a.precision,
+        threads=a.threads, device=a.device, precision=a.precision,
         results_md=None if a.no_record else a.results_md, results_json=None if a.no_record else a.results_json,
         quiet=a.quiet, command=command.strip(),
     )
@@ -330,7 +334,7 @@ def _prepare(cfg: Config, source: TileSource) -> tuple[Plan, dict[str, int]]:
 
 def _build(cfg: Config, source_spec: str, index: Path, checkpoints: Path | None) -> None:
     args = ["--all", "--schedule", *map(str, cfg.schedule), "--index", str(index), "--source", source_spec,
-            "--encoder", cfg.encoder, "--shard-size", "4096", "--workers", "2", "--precision", cfg.precision]
+            "--encoder", cfg.encoder, "--shard-size", "4096", "--precision", cfg.precision, "--device", cfg.device]
     args += ["--weights", cfg.weights] if cfg.weights else []
     args += ["--map-checkpoints", str(checkpoints)] if checkpoints else []
     args += ["--quiet"] if cfg.quiet else []
@@ -339,7 +343,7 @@ def _build(cfg: Config, source_spec: str, index: Path, checkpoints: Path | None)
 
 def _evaluate(cfg: Config, index: Path, split: str, out: Path) -> EvalReport:
     args = ["--photos", str(cfg.out / f"views-{split}.csv"), "--index", str(index), "--k", *map(str, cfg.ks),
-            "--out", str(out), "--quiet", "--precision", cfg.precision]
+            "--out", str(out), "--quiet", "--precision", cfg.precision, "--device", cfg.device]
     args += ["--weights", cfg.weights] if cfg.weights else []
     return evaluate.run(evaluate.parse_args(args))
 
@@ -347,7 +351,7 @@ def _evaluate(cfg: Config, index: Path, split: str, out: Path) -> EvalReport:
 def _train(cfg: Config, source_spec: str, checkpoints: Path) -> list[train.LevelResult]:
     args = ["--photos", str(cfg.out / "views-training.csv"), "--source", source_spec, "--out", str(checkpoints),
             "--zooms", *map(str, cfg.zooms), "--encoder", cfg.encoder, "--epochs", str(cfg.epochs), "--batch-size",
-            str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--device", "cpu", "--workers", "0",
+            str(cfg.batch_size), "--lr", str(cfg.lr), "--seed", str(cfg.seed), "--device", cfg.device, "--workers", "0",
             "--max-val-photos", "0", "--logit-scale", str(cfg.logit_scale), "--negatives", str(cfg.negatives),
             "--cache-trunk-gb", "2", "--head", cfg.head, "--l2sp", str(cfg.l2sp)]
     args += ["--weights", cfg.weights] if cfg.weights else []
