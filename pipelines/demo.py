@@ -22,9 +22,10 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import geoindex
 from geoindex.api import OnTheFlySearcher
-from geoindex.encoders import ENCODERS, resolve_weights
+from geoindex.encoders import ENCODERS, create_encoder, resolve_weights
 from geoindex.errors import WeightsNotFoundError
 from geoindex.metrics import great_circle_km
+from geoindex.shipped import SHIPPED_ROOT, shipped_encoders
 from geoindex.sources import RasterSource
 from pipelines import build_index
 from pipelines._cli import pipeline_main
@@ -50,6 +51,7 @@ class Config:
     weights: str | None = None
     k: int = 16
     onthefly_queries: int | None = None  # None: all with the tiny encoder, 2 with a real one
+    untrained: bool = False
     quiet: bool = False
 
 
@@ -60,9 +62,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--weights", help="CLIP ViT-B/32 weights file (else the local caches, else EfficientNet-Lite0)")
     p.add_argument("-k", type=int, default=Config.k, help="beam width (default: 16)")
     p.add_argument("--onthefly-queries", type=int, help="how many queries to repeat on the fly")
+    p.add_argument("--untrained", action="store_true",
+                   help="build with the untrained base as every map encoder, not the shipped fine-tuned ones")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    return Config(a.index, a.weights, a.k, a.onthefly_queries, a.quiet)
+    return Config(a.index, a.weights, a.k, a.onthefly_queries, a.untrained, a.quiet)
 
 
 def make_view(raster: RasterSource, lat: float, lon: float) -> Image.Image:
@@ -93,9 +97,13 @@ def run(cfg: Config) -> int:
     print(f"geoindex demo: encoder {encoder}, embedded NASA Blue Marble imagery, zoom levels 2, 4, 6")
     print("queries: views of the same satellite imagery (off-grid centre, zoom 5.3, rotated 15 degrees, "
           "recoloured, blurred), not ground photos")
+    shipped = None
+    if meaningful and not cfg.untrained and (SHIPPED_ROOT / encoder).is_dir():
+        shipped = shipped_encoders(create_encoder(encoder, weights=cfg.weights if encoder == "clip-vit-b-32" else None))
     if encoder == "efficientnet-lite0":
-        print("encoder: EfficientNet-Lite0 pretrained on ImageNet, untrained map encoders (the same network "
-              "for views and tiles); no CLIP weights on this machine\n"
+        maps = (f"map encoders fine-tuned per zoom on views of this imagery (shipped in {shipped.folder})"
+                if shipped else "untrained map encoders (the same network for views and tiles)")
+        print(f"encoder: EfficientNet-Lite0 pretrained on ImageNet, {maps}; no CLIP weights on this machine\n"
               "         (the paper's encoder: make demo DEMO_ARGS='--weights /path/to/open_clip_model.safetensors')")
     if not meaningful:
         print("!! No pretrained weights on this machine, so this demo uses a tiny RANDOM-INIT encoder.\n"
@@ -105,6 +113,7 @@ def run(cfg: Config) -> int:
     args = ["--all", "--schedule", "2", "6", "2", "--index", str(cfg.index), "--source", "bluemarble",
             "--encoder", encoder, "--shard-size", "1024"]
     args += ["--weights", cfg.weights] if cfg.weights and encoder == "clip-vit-b-32" else []
+    args += ["--map-checkpoints", str(shipped.folder)] if shipped else []
     args += ["--quiet"] if cfg.quiet else []
     print(f"\n$ python -m pipelines.build_index {' '.join(args)}")
     build_index.run(build_index.parse_args(args))
