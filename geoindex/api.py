@@ -13,6 +13,7 @@ import numpy.typing as npt
 import torch
 
 from geoindex.beam import FaissLevel, Level, OnTheFlyLevel, PriorMode, PriorOptions, TilePrior, _beam_search, check_k
+from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
@@ -41,6 +42,8 @@ class _Searcher:
 
     photo_encoder: ImageEncoder
     levels: Sequence[Level]
+    calibration: Calibration | None = None  # the index's (manifest), else uncalibrated probabilities
+    ood_reference: npt.NDArray[np.float16] | None = None  # the calibration queries' embeddings (m, d)
 
     def embed(self, images: Sequence[ImageInput], *, batch_size: int = 64) -> npt.NDArray[np.float32]:
         """Photo embeddings (n, d) float32, L2-normalised."""
@@ -78,7 +81,10 @@ class _Searcher:
         if xq.shape[1] != self.photo_encoder.dim:
             raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
         hits = _beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
-        return make_results(hits, top_n=top_n, names=names)
+        scores = None
+        if self.calibration is not None and self.ood_reference is not None:
+            scores = ood_scores(xq, self.ood_reference, neighbours=self.calibration.ood_neighbours).tolist()
+        return make_results(hits, top_n=top_n, names=names, calibration=self.calibration, ood_scores=scores)
 
     def search(
         self,
@@ -177,6 +183,9 @@ class GeoIndex(_Searcher):
         self.manifest: Manifest
         self.stored: list[StoredLevel]
         self.manifest, self.stored = open_store(self.path, verify=verify, resident=resident)
+        self.calibration = self.manifest.calibration
+        if self.calibration is not None:
+            self.ood_reference = read_embeddings(self.path, self.calibration, dim=self.manifest.dim)
         spec = self.manifest.photo_encoder
         self.photo_encoder = create_encoder(spec.name, weights=weights, download=download, device=device,
                                             precision=precision)
@@ -219,6 +228,8 @@ class RegionSearcher(_Searcher):
         self.index = index
         self.region = region
         self.photo_encoder = index.photo_encoder
+        self.calibration = index.calibration
+        self.ood_reference = index.ood_reference
         masks = [region.intersects(s.x, s.y, zoom=s.zoom) for s in index.stored]
         if not masks[0].any():
             raise ConfigError(
@@ -399,6 +410,9 @@ class OnTheFlySearcher(_Searcher):
             return np.fromiter(((a, b) in have for a, b in zip(x.ravel().tolist(), y.ravel().tolist())),
                                dtype=bool, count=x.size).reshape(x.shape)
 
-        return cls(source, index.photo_encoder, map_encoders=map_encoders, schedule=schedule,
-                   first_tiles=(first.x.astype(np.int64), first.y.astype(np.int64)), keep=keep,
-                   **kwargs)  # type: ignore[arg-type]
+        searcher = cls(source, index.photo_encoder, map_encoders=map_encoders, schedule=schedule,
+                       first_tiles=(first.x.astype(np.int64), first.y.astype(np.int64)), keep=keep,
+                       **kwargs)  # type: ignore[arg-type]
+        searcher.calibration = index.calibration  # the same scores, so the same calibration
+        searcher.ood_reference = index.ood_reference
+        return searcher
