@@ -301,8 +301,8 @@ def fit_temperature(
     Args:
         D: (n, k) float scores of the kept tiles; NaN (or -inf) where fewer than k were kept.
         labels: (n,) int, the column of the true tile in ``D``, or -1 when it was not kept.
-        ridge: a small L2 penalty on (1 / T, c) that keeps the fit finite when no query (or
-            every query) lost its true tile.
+        ridge: a small L2 penalty on the bias that keeps it finite when no query (or every
+            query) lost its true tile; 1 / T gets 1e-6 of it (finite when the true tile is always first).
         iterations: Newton steps at most.
 
     Returns:
@@ -330,6 +330,7 @@ def fit_temperature(
     mask = np.concatenate([valid, np.ones((n, 1), bool)], axis=1)
     target = np.where(y >= 0, y, k)
     chosen = feats[np.arange(n), target]  # (n, 2)
+    penalty = np.array([ridge * 1e-6, ridge])
 
     def objective(theta: npt.NDArray[np.float64]) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]]:
         logits = np.where(mask, feats @ theta, -np.inf)
@@ -338,11 +339,11 @@ def fit_temperature(
         z = e.sum(axis=1, keepdims=True)
         p = e / z
         lse = (top + np.log(z))[:, 0]
-        nll = float(np.mean(lse - chosen @ theta)) + ridge * float(theta @ theta) / 2
+        nll = float(np.mean(lse - chosen @ theta)) + float(penalty @ theta**2) / 2
         mean_f = np.einsum("nk,nkd->nd", p, feats)
-        grad = (mean_f - chosen).mean(axis=0) + ridge * theta
+        grad = (mean_f - chosen).mean(axis=0) + penalty * theta
         second = np.einsum("nk,nkd,nke->de", p, feats, feats) / n
-        hess = second - np.einsum("nd,ne->de", mean_f, mean_f) / n + ridge * np.eye(2)
+        hess = second - np.einsum("nd,ne->de", mean_f, mean_f) / n + np.diag(penalty)
         return nll, grad, hess
 
     def newton(theta: npt.NDArray[np.float64], free: npt.NDArray[np.bool_]) -> npt.NDArray[np.float64]:
