@@ -41,7 +41,7 @@ from geoindex.files import atomic_write_bytes
 from geoindex.imagery import ImageInput
 from geoindex.manifest import Manifest
 from geoindex.results import SearchResult
-from geoindex.sources import TileSource, is_local_spec, open_source
+from geoindex.sources import TileSource, is_local_spec, open_source, source_spec
 from geoindex.views import random_views
 
 __all__ = [
@@ -105,7 +105,7 @@ def view_queries(index: GeoIndex, source: TileSource, *, count: int = DEFAULT_CO
     tiles = [mercantile.Tile(int(level.x[r]), int(level.y[r]), zoom) for r in rows]
     views = random_views(source, tiles, per_tile=1, seed=seed)
     return KnownQueries(tuple(v.image for v in views), tuple(v.lat for v in views), tuple(v.lon for v in views),
-                        kind="views", source=getattr(source, "spec", source.name), seed=seed, zoom=zoom)
+                        kind="views", source=source_spec(source) or source.name, seed=seed, zoom=zoom)
 
 
 def photo_queries(csv_path: str | os.PathLike) -> KnownQueries:
@@ -161,10 +161,14 @@ def fit_calibration(index: GeoIndex, queries: KnownQueries, *, k: int = DEFAULT_
         compares new queries with (:func:`save_calibration` writes both).
 
     Raises:
-        ConfigError: ``ood_quantile`` is outside (0, 1). ImageError: a photo cannot be read.
+        ConfigError: ``ood_quantile`` is outside (0, 1), or fewer than 2 queries.
+        ImageError: a photo cannot be read.
     """
     if not 0 < ood_quantile < 1:
         raise ConfigError(f"ood_quantile must be in (0, 1), got {ood_quantile}")
+    if len(queries.images) < 2:
+        raise ConfigError(f"calibration needs at least 2 queries ({queries.source} has {len(queries.images)}); "
+                          "each is compared with the others to set the confidence threshold")
     results: list[SearchResult] = []
     lat: list[float] = []
     lon: list[float] = []

@@ -365,9 +365,10 @@ def fit_temperature(
         return theta
 
     theta = newton(np.array([1.0 / DEFAULT_TEMPERATURE, 0.0]), np.array([True, True]))
-    if theta[0] < min_inverse:
+    if theta[0] < min_inverse and valid.sum(axis=1).max() > 1:  # one kept tile per query: nothing to rank
         log.warning("calibration: the scores do not rank the true tile above the other kept tiles (1/T = %.3g); "
                     "the kept tiles get nearly equal probabilities (T = %.3g)", theta[0], 1 / min_inverse)
+    if theta[0] < min_inverse:
         theta = newton(np.array([min_inverse, theta[1]]), np.array([False, True]))
     return 1.0 / float(theta[0]), float(theta[1])
 
