@@ -81,10 +81,12 @@ class _Searcher:
         if xq.shape[1] != self.photo_encoder.dim:
             raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
         hits = _beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
+        # rerank replaces the cosines by combined scores, on which the calibration was not fitted
+        calibration = self.calibration if prior_options is None or prior_options.mode != "rerank" else None
         scores = None
-        if self.calibration is not None and self.ood_reference is not None:
-            scores = ood_scores(xq, self.ood_reference, neighbours=self.calibration.ood_neighbours).tolist()
-        return make_results(hits, top_n=top_n, names=names, calibration=self.calibration, ood_scores=scores)
+        if calibration is not None and self.ood_reference is not None:
+            scores = ood_scores(xq, self.ood_reference, neighbours=calibration.ood_neighbours).tolist()
+        return make_results(hits, top_n=top_n, names=names, calibration=calibration, ood_scores=scores)
 
     def search(
         self,
@@ -305,7 +307,9 @@ def search(
         A SearchResult (a list of them for a list input) with fields:
         ``lat``, ``lon`` (centre of the best final tile, degrees), ``tile`` (z, x, y),
         ``bbox`` (west, south, east, north), ``score`` (cosine similarity), ``candidates``
-        (top-n final tiles with ``probability``, a softmax over the final scores), ``trace``
+        (top-n final tiles with ``probability``: calibrated where the index is, else a softmax
+        over the final scores), ``calibrated``, ``radius_km`` (50 % and 90 % radii),
+        ``confident`` and ``reason`` ("no confident match"), ``trace``
         (per level: the kept tiles and their scores), ``image`` (the path, if any).
 
     Raises:
