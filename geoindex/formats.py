@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -162,7 +163,7 @@ def result_to_dict(
         "radius_km": {_level_key(q): r for q, r in zip(RADIUS_LEVELS, result.radius_km, strict=True)},
         "confident": result.confident,
         "reason": result.reason,
-        "ood_score": result.ood_score,
+        "ood_score": result.ood_score if math.isfinite(result.ood_score) else None,  # NaN is not JSON
         "candidates": [
             {"lat": c.lat, "lon": c.lon, "tile": _tile_json(c.tile), "score": c.score,
              "probability": c.probability}

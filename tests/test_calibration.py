@@ -146,6 +146,8 @@ def test_an_old_manifest_opens_and_its_answers_say_uncalibrated(small_index):
     assert "uncalibrated" in result.reason
     d = result_to_dict(result)
     assert d["calibrated"] is False and d["confident"] is None and "uncalibrated" in d["reason"]
+    assert d["ood_score"] is None
+    json.dumps(d, allow_nan=False)  # strict JSON: no NaN
     assert sum(c["probability"] for c in d["candidates"]) <= 1 + 1e-9
     out = io.StringIO()
     writer = WRITERS["table"](out, top_n=2, trace=False)
