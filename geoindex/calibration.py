@@ -23,6 +23,7 @@ its answers say ``calibrated: false``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -60,10 +61,10 @@ __all__ = [
     "required_mass",
 ]
 
-DEFAULT_TEMPERATURE = 0.01  # uncalibrated indexes: CLIP's logit scale of 100, whatever the encoder
-EVERYWHERE_KM = 20_037.5  # half the Earth's circumference: a radius that holds every place
 log = logging.getLogger(__name__)
 
+DEFAULT_TEMPERATURE = 0.01  # uncalibrated indexes: CLIP's logit scale of 100, whatever the encoder
+EVERYWHERE_KM = 20_037.5  # half the Earth's circumference: a radius that holds every place
 RADIUS_LEVELS = (0.5, 0.9)  # the coverage the two reported radii aim at
 FIT_KINDS = ("views", "photos")  # what a calibration was fitted on
 EMBEDDINGS_FILE = "calibration.npy"  # the calibration queries' embeddings (m, d) float16, in the index folder
@@ -143,6 +144,9 @@ class Calibration:
         lo, hi = self.radius_mass
         if not 0 < lo <= hi <= 1:
             raise ConfigError(f"radius masses {self.radius_mass} must satisfy 0 < m50 <= m90 <= 1")
+        if not (math.isfinite(self.ood_threshold) and 0 < self.ood_quantile < 1 and self.ood_neighbours >= 1):
+            raise ConfigError(f"confidence test out of range: threshold {self.ood_threshold}, quantile "
+                              f"{self.ood_quantile}, neighbours {self.ood_neighbours}")
 
     def level(self, zoom: int) -> LevelCalibration | None:
         return next((lv for lv in self.levels if lv.zoom == zoom), None)
@@ -155,8 +159,7 @@ class Calibration:
             "ood_quantile": self.ood_quantile,
             "ood_neighbours": self.ood_neighbours,
             "embeddings_sha256": self.embeddings_sha256,
-            "fitted_on": {"kind": self.fitted_on.kind, "count": self.fitted_on.count, "seed": self.fitted_on.seed,
-                          "k": self.fitted_on.k, "source": self.fitted_on.source, "zoom": self.fitted_on.zoom},
+            "fitted_on": dataclasses.asdict(self.fitted_on),
         }
 
     @classmethod
