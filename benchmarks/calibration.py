@@ -50,7 +50,8 @@ PHOTOS = REPO.parent / "shared" / "data" / "photos" / "photos.csv"
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = benchmark_parser(NAME, __doc__, raw=True, default_encoder="efficientnet-lite0")
-    p.add_argument("--index", type=Path, default=Path("indexes/demo"), help="index to judge (default: indexes/demo)")
+    p.add_argument("--index", type=Path, nargs="+", default=[Path("indexes/demo")],
+                   help="indexes to judge, each on its own views (default: indexes/demo)")
     p.add_argument("--views", type=int, default=512, help="held-out views (default 512)")
     p.add_argument("--eval-seed", type=int, default=1, help="seed of the held-out views (default 1)")
     p.add_argument("--calibrate-count", type=int, default=DEFAULT_COUNT)
@@ -135,11 +136,21 @@ def _smoke_index(workdir: Path) -> Path:
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     bench = BenchRun.start(NAME, argv)
     with tempfile.TemporaryDirectory() as tmp:
-        index_dir = _smoke_index(Path(tmp)) if a.smoke else a.index
-        return _run(a, bench, geoindex.open_index(index_dir))
+        dirs = [_smoke_index(Path(tmp))] if a.smoke else a.index
+        judged = [_judge(a, geoindex.open_index(d)) for d in dirs]
+    encoders = sorted({j["encoder"] for j in judged})
+    results = {"indexes": [j["results"] for j in judged]}
+    tables = tuple(t for j in judged for t in j["tables"])
+    notes = [n for j in judged for n in j["notes"]]
+    targets = [(f"{j['label']}: {t}", v, ok) for j in judged for t, v, ok in j["targets"]]
+    if a.smoke:
+        notes.append("smoke run: tiny random-init encoder; figures say nothing about quality")
+    return bench.report("Calibration: probabilities, radii, no confident match", ", ".join(encoders), results,
+                        tables, notes, targets)
 
 
-def _run(a: argparse.Namespace, bench: BenchRun, index: geoindex.GeoIndex) -> Report:
+def _judge(a: argparse.Namespace, index: geoindex.GeoIndex) -> dict[str, Any]:
+    """One index: fit in memory, judge on held-out views and photos; results, tables, notes, targets."""
     from geoindex.calibrate import photo_queries, view_queries
 
     source = calibration_source(index.manifest)
@@ -197,7 +208,8 @@ def _run(a: argparse.Namespace, bench: BenchRun, index: geoindex.GeoIndex) -> Re
             ["median 90 % radius, km", s_before["median_r90_km"], s_after["median_r90_km"]],
             ["90 % radius 'anywhere'", s_before["r90_anywhere"], s_after["r90_anywhere"]],
             ["median error, km", s_before["median_error_km"], s_after["median_error_km"]]]
-    table = markdown_table(["held-out views", "uncalibrated", "calibrated"], rows)
+    label = str(index.path)
+    table = f"**{label}**\n\n" + markdown_table(["held-out views", "uncalibrated", "calibrated"], rows)
     ood_rows = [["held-out views", len(after), views_flagged],
                 ["real photos", photos.get("count", 0), photos.get("flagged", float("nan"))],
                 ["flat grey image", 1, float(grey.confident is False)]]
@@ -227,10 +239,8 @@ def _run(a: argparse.Namespace, bench: BenchRun, index: geoindex.GeoIndex) -> Re
     ]
     if not photos["available"]:
         notes.append(f"{a.photos} is absent: the photo rows are empty")
-    if a.smoke:
-        notes.append("smoke run: tiny random-init encoder; figures say nothing about quality")
-    return bench.report("Calibration: probabilities, radii, no confident match", encoder, results,
-                        (table, ood_table), notes, targets)
+    return {"label": label, "encoder": encoder, "results": results, "tables": (table, ood_table), "notes": notes,
+            "targets": targets}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

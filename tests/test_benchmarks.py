@@ -143,9 +143,10 @@ def test_latency_under_load(tmp_path):
 
 def test_calibration(tmp_path):
     res, text = _run("calibration", tmp_path)
-    views = res["held_out_views"]
+    (judged,) = res["indexes"]
+    views = judged["held_out_views"]
     for when in ("before", "after"):
         assert 0 <= views[when]["ece_tile"] <= 1 and 0 <= views[when]["coverage_r90"] <= 1
         assert views[when]["median_r50_km"] <= views[when]["median_r90_km"]
-    assert res["calibration"]["fitted_on"]["seed"] != views["seed"]  # held-out views are not the calibration's
+    assert judged["calibration"]["fitted_on"]["seed"] != views["seed"]  # held-out views are not the calibration's
     assert "ECE" in text and "no confident match" in text
