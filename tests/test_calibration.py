@@ -278,3 +278,12 @@ def test_ground_photos_are_flagged_on_a_real_index(tmp_path):
     views = view_queries(index, source, count=16, seed=8)  # held out: other views of the same imagery
     flagged = [r.confident is False for r in index.search(list(views.images), k=16)]
     assert sum(flagged) <= 4  # about 5 % expected; 16 views leave room for chance
+
+
+def test_remote_imagery_is_not_rendered_from(small_index):
+    from geoindex.calibrate import calibration_source
+
+    manifest = dataclasses.replace(Manifest.load(small_index), imagery="https://tiles.example/{z}/{x}/{y}.png",
+                                   imagery_spec="https://tiles.example/{z}/{x}/{y}.png")
+    with pytest.raises(ConfigError, match="--calibrate-photos"):
+        calibration_source(manifest)
