@@ -75,7 +75,7 @@ class Config:
     lazy_from: int | None = None
     compact: bool = False
     calibrate: bool = False  # only calibrate the index (no level is built)
-    auto_calibrate: bool = True  # --all: calibrate at the end when the encoder and imagery allow
+    auto_calibrate: bool = False  # --all sets it: calibrate at the end when the encoder and imagery allow
     calibrate_photos: Path | None = None
     calibrate_count: int = DEFAULT_COUNT
     calibrate_seed: int = DEFAULT_SEED
