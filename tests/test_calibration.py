@@ -287,3 +287,15 @@ def test_remote_imagery_is_not_rendered_from(small_index):
                                    imagery_spec="https://tiles.example/{z}/{x}/{y}.png")
     with pytest.raises(ConfigError, match="--calibrate-photos"):
         calibration_source(manifest)
+
+
+def test_build_index_all_calibrates_unless_told_not_to():
+    from pipelines import build_index
+
+    assert build_index.parse_args(["--all"]).auto_calibrate
+    assert not build_index.parse_args(["--all", "--no-calibrate"]).auto_calibrate
+    assert not build_index.parse_args(["--zoom", "4"]).auto_calibrate
+    cfg = build_index.parse_args(["--calibrate", "--calibrate-count", "32", "--calibrate-seed", "9"])
+    assert cfg.calibrate and cfg.zooms == () and (cfg.calibrate_count, cfg.calibrate_seed) == (32, 9)
+    with pytest.raises(ConfigError, match="--calibrate-count"):
+        build_index.parse_args(["--calibrate", "--calibrate-count", "1"])
