@@ -13,6 +13,7 @@ import numpy.typing as npt
 import torch
 
 from geoindex.beam import FaissLevel, Level, OnTheFlyLevel, PriorMode, PriorOptions, TilePrior, _beam_search, check_k
+from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
@@ -41,6 +42,8 @@ class _Searcher:
 
     photo_encoder: ImageEncoder
     levels: Sequence[Level]
+    calibration: Calibration | None = None  # the index's (manifest), else uncalibrated probabilities
+    ood_reference: npt.NDArray[np.float16] | None = None  # the calibration queries' embeddings (m, d)
 
     def embed(self, images: Sequence[ImageInput], *, batch_size: int = 64) -> npt.NDArray[np.float32]:
         """Photo embeddings (n, d) float32, L2-normalised."""
@@ -78,7 +81,12 @@ class _Searcher:
         if xq.shape[1] != self.photo_encoder.dim:
             raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
         hits = _beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
-        return make_results(hits, top_n=top_n, names=names)
+        # rerank replaces the cosines by combined scores, on which the calibration was not fitted
+        calibration = self.calibration if prior_options is None or prior_options.mode != "rerank" else None
+        scores = None
+        if calibration is not None and self.ood_reference is not None:
+            scores = ood_scores(xq, self.ood_reference, neighbours=calibration.ood_neighbours).tolist()
+        return make_results(hits, top_n=top_n, names=names, calibration=calibration, ood_scores=scores)
 
     def search(
         self,
@@ -177,6 +185,9 @@ class GeoIndex(_Searcher):
         self.manifest: Manifest
         self.stored: list[StoredLevel]
         self.manifest, self.stored = open_store(self.path, verify=verify, resident=resident)
+        self.calibration = self.manifest.calibration
+        if self.calibration is not None:
+            self.ood_reference = read_embeddings(self.path, self.calibration, dim=self.manifest.dim)
         spec = self.manifest.photo_encoder
         self.photo_encoder = create_encoder(spec.name, weights=weights, download=download, device=device,
                                             precision=precision)
@@ -219,6 +230,8 @@ class RegionSearcher(_Searcher):
         self.index = index
         self.region = region
         self.photo_encoder = index.photo_encoder
+        self.calibration = index.calibration
+        self.ood_reference = index.ood_reference
         masks = [region.intersects(s.x, s.y, zoom=s.zoom) for s in index.stored]
         if not masks[0].any():
             raise ConfigError(
@@ -294,7 +307,9 @@ def search(
         A SearchResult (a list of them for a list input) with fields:
         ``lat``, ``lon`` (centre of the best final tile, degrees), ``tile`` (z, x, y),
         ``bbox`` (west, south, east, north), ``score`` (cosine similarity), ``candidates``
-        (top-n final tiles with ``probability``, a softmax over the final scores), ``trace``
+        (top-n final tiles with ``probability``: calibrated where the index is, else a softmax
+        over the final scores), ``calibrated``, ``radius_km`` (50 % and 90 % radii),
+        ``confident`` and ``reason`` ("no confident match"), ``trace``
         (per level: the kept tiles and their scores), ``image`` (the path, if any).
 
     Raises:
@@ -399,6 +414,9 @@ class OnTheFlySearcher(_Searcher):
             return np.fromiter(((a, b) in have for a, b in zip(x.ravel().tolist(), y.ravel().tolist())),
                                dtype=bool, count=x.size).reshape(x.shape)
 
-        return cls(source, index.photo_encoder, map_encoders=map_encoders, schedule=schedule,
-                   first_tiles=(first.x.astype(np.int64), first.y.astype(np.int64)), keep=keep,
-                   **kwargs)  # type: ignore[arg-type]
+        searcher = cls(source, index.photo_encoder, map_encoders=map_encoders, schedule=schedule,
+                       first_tiles=(first.x.astype(np.int64), first.y.astype(np.int64)), keep=keep,
+                       **kwargs)  # type: ignore[arg-type]
+        searcher.calibration = index.calibration  # the same scores, so the same calibration
+        searcher.ood_reference = index.ood_reference
+        return searcher

@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from geoindex.calibration import DEFAULT_TEMPERATURE  # an uncalibrated index's softmax temperature
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.sources import TileSource
@@ -42,7 +43,6 @@ __all__ = [
 
 MAX_K = 2048  # FAISS GPU's top-k limit; keeps CPU and GPU builds interchangeable
 NEG = np.float32(-np.finfo(np.float32).max)  # what FAISS reports for an empty result slot
-DEFAULT_TEMPERATURE = 0.01  # softmax temperature of final probabilities: CLIP's logit scale of 100
 PQ_RERANK = 4  # pq levels: re-rank the top rerank * k PQ candidates of each level exactly (benchmarks/codecs.py)
 
 

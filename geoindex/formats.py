@@ -4,7 +4,8 @@ One home for every format: :data:`WRITERS` maps a ``--format`` name to the write
 results in it, and :func:`encode_geojson` / :func:`encode_map` give the files' bytes (the map
 is drawn by :mod:`geoindex.render`). Adding a stream format is one class and one entry here.
 
-Probabilities are a softmax over the scores of all k tiles the final level kept. Neighbouring
+Probabilities are those of the result's final level (calibrated where the index is; see
+``geoindex.calibration``), over all k tiles the final level kept. Neighbouring
 tiles of the final level often look alike (the same forest, the same sea) and split the
 probability between them; :func:`areas` merges tiles that touch (8-neighbourhood, wrapping at
 the antimeridian) into areas and sums their probability, which is the confidence a user wants.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +25,10 @@ from typing import Any, TextIO
 import mercantile
 import numpy as np
 
-from geoindex.beam import DEFAULT_TEMPERATURE
+from geoindex.calibration import EVERYWHERE_KM, RADIUS_LEVELS, describe_radius
 from geoindex.imagery import ImageInput
-from geoindex.metrics import great_circle_km
-from geoindex.render import LatLon, _colormap, _softmax, draw_map
+from geoindex.metrics import circle_points, great_circle_km
+from geoindex.render import LatLon, _colormap, draw_map
 from geoindex.results import Candidate, LevelTrace, SearchResult
 from geoindex.sources import TileSource
 from geoindex.tiles import tile_center
@@ -53,17 +55,14 @@ def final_level(result: SearchResult) -> LevelTrace:
 
 
 
-def tile_probabilities(
-    result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE
-) -> list[tuple[mercantile.Tile, float, float]]:
+def tile_probabilities(result: SearchResult) -> list[tuple[mercantile.Tile, float, float]]:
     """Every tile the final level kept, best first, as (tile, score, probability).
 
-    The probabilities are the same softmax as ``result.candidates`` (over all kept tiles, not just
-    the top-n), so they sum to 1.
+    The probabilities are those of ``result.candidates`` (over all kept tiles, not just the
+    top-n): they sum to 1 uncalibrated, to 1 minus the chance that the truth lies elsewhere calibrated.
     """
     level = final_level(result)
-    probs = _softmax(level.scores, temperature)
-    return [(t, float(s), float(p)) for t, s, p in zip(level.tiles, level.scores, probs, strict=True)]
+    return [(t, float(s), float(p)) for t, s, p in zip(level.tiles, level.scores, level.probabilities, strict=True)]
 
 
 @dataclass(frozen=True)
@@ -85,9 +84,9 @@ class Area:
     bbox: tuple[float, float, float, float]
 
 
-def areas(result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE) -> list[Area]:
+def areas(result: SearchResult) -> list[Area]:
     """Group the final level's kept tiles into areas of touching tiles; most probable area first."""
-    scored = tile_probabilities(result, temperature=temperature)
+    scored = tile_probabilities(result)
     if not scored:
         return []
     index = {(t.x, t.y): i for i, (t, _, _) in enumerate(scored)}
@@ -120,6 +119,11 @@ def areas(result: SearchResult, *, temperature: float = DEFAULT_TEMPERATURE) -> 
     return sorted(out, key=lambda a: -a.probability)
 
 
+def _level_key(q: float) -> str:
+    """``"50"``, ``"90"``: a radius's key in JSON, by the percentage it holds."""
+    return f"{100 * q:g}"
+
+
 def _tile_json(t: mercantile.Tile) -> list[int]:
     return [t.z, t.x, t.y]
 
@@ -131,11 +135,16 @@ def result_to_dict(
     top_n: int | None = None,
     trace: bool = False,
 ) -> dict[str, Any]:
-    """A JSON-ready dict of a result: prediction, candidates, areas, optionally the trace and EXIF GPS.
+    """A JSON-ready dict of a result: prediction, radii, confidence, candidates, areas, optionally trace and EXIF GPS.
+
+    ``calibrated`` says whether the probabilities were fitted (``build_index --calibrate``);
+    ``radius_km`` holds the radii around the prediction that hold the truth with 50 % and 90 %
+    probability (20,037.5: anywhere); ``confident`` is false, with a ``reason``, when the photo
+    does not resemble what the index can match (null, with the reason, for an uncalibrated index).
 
     Args:
         exif: the photo's own GPS position, if known and wanted: adds ``exif`` with the
-            great-circle distance to the prediction.
+            great-circle distance to the prediction and whether it lies inside each radius.
         top_n: candidates and areas to include (default: as many candidates as the result has).
         trace: include the per-level kept tiles and scores.
     """
@@ -150,6 +159,11 @@ def result_to_dict(
         "score": result.score,
         "probability": result.candidates[0].probability,
         "area_probability": next(a.probability for a in best_area if result.tile in a.tiles),
+        "calibrated": result.calibrated,
+        "radius_km": {_level_key(q): r for q, r in zip(RADIUS_LEVELS, result.radius_km, strict=True)},
+        "confident": result.confident,
+        "reason": result.reason,
+        "ood_score": result.ood_score if math.isfinite(result.ood_score) else None,  # NaN is not JSON
         "candidates": [
             {"lat": c.lat, "lon": c.lon, "tile": _tile_json(c.tile), "score": c.score,
              "probability": c.probability}
@@ -162,10 +176,12 @@ def result_to_dict(
         ],
     }
     if exif is not None:
+        error = float(great_circle_km(exif[0], exif[1], result.lat, result.lon))
         out["exif"] = {
             "lat": exif[0],
             "lon": exif[1],
-            "error_km": float(great_circle_km(exif[0], exif[1], result.lat, result.lon)),
+            "error_km": error,
+            "inside_radius": {_level_key(q): error <= r for q, r in zip(RADIUS_LEVELS, result.radius_km, strict=True)},
         }
     if trace:
         out["trace"] = [
@@ -197,19 +213,22 @@ def to_geojson(
     results: Sequence[SearchResult],
     *,
     exif: Sequence[LatLon | None] | None = None,
-    temperature: float = DEFAULT_TEMPERATURE,
 ) -> dict[str, Any]:
     """A GeoJSON FeatureCollection of results: a heat map of candidates with probabilities.
 
     Per result: one Polygon per kept final tile (``kind: candidate``, ``probability``, ``score``,
-    ``rank``), one Polygon per area (``kind: area``, summed ``probability``), the prediction
-    (``kind: prediction``, a Point) and, when given, the EXIF position (``kind: exif``). Fill
-    colours and opacities follow the simplestyle spec, so geojson.io shows them as a heat map.
+    ``rank``), one Polygon per area (``kind: area``, summed ``probability``), the uncertainty
+    radii as geodesic circles (``kind: radius``, ``level`` 0.5 or 0.9, ``radius_km``; a radius
+    of "anywhere" has no circle; longitudes are unwrapped around the prediction so that a circle
+    across the antimeridian stays one ring), the prediction (``kind: prediction``, a Point, with
+    ``calibrated``, ``confident`` and ``reason``) and, when given, the EXIF position (``kind:
+    exif``). Fill colours and opacities follow the simplestyle spec, so geojson.io shows them as
+    a heat map.
     """
     features: list[dict[str, Any]] = []
     for i, result in enumerate(results):
         base = {"image": result.image}
-        scored = tile_probabilities(result, temperature=temperature)
+        scored = tile_probabilities(result)
         pmax = max(p for _, _, p in scored)
         for rank, (t, s, p) in enumerate(scored, start=1):
             w = p / pmax
@@ -218,14 +237,24 @@ def to_geojson(
                 "probability": p, "fill": _heat_hex(w), "fill-opacity": round(0.15 + 0.6 * w, 3),
                 "stroke": _heat_hex(w), "stroke-width": 1,
             }})
-        for rank, a in enumerate(areas(result, temperature=temperature), start=1):
+        for rank, a in enumerate(areas(result), start=1):
             features.append({"type": "Feature", "geometry": _polygon(a.bbox), "properties": {
                 **base, "kind": "area", "rank": rank, "tiles": len(a.tiles), "probability": a.probability,
                 "fill-opacity": 0.0, "stroke": "#ffffff", "stroke-width": 2,
             }})
+        for q, r in zip(RADIUS_LEVELS, result.radius_km, strict=True):
+            if r < EVERYWHERE_KM:
+                circle = circle_points(result.lat, result.lon, r)
+                ring = [[round(float(lo), 7), round(float(la), 7)] for la, lo in circle]
+                features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+                                 "properties": {**base, "kind": "radius", "level": q, "radius_km": r,
+                                                "calibrated": result.calibrated, "fill-opacity": 0.0,
+                                                "stroke": "#ffffff" if q < 0.9 else "#00c8ff", "stroke-width": 2}})
         features.append({"type": "Feature", "geometry": _point(result.lat, result.lon), "properties": {
             **base, "kind": "prediction", "tile": _tile_json(result.tile), "score": result.score,
-            "probability": result.candidates[0].probability, "marker-color": "#e41a1c",
+            "probability": result.candidates[0].probability, "calibrated": result.calibrated,
+            "radius_km": list(result.radius_km), "confident": result.confident, "reason": result.reason,
+            "marker-color": "#e41a1c",
         }})
         truth = exif[i] if exif is not None else None
         if truth is not None:
@@ -253,7 +282,11 @@ class ResultWriter:
         exif = d.get("exif")
         for rank, c in enumerate(result.candidates[: self.top_n], start=1):
             self._row(result, rank, c, area_of.get(c.tile, c.probability), exif if rank == 1 else None)
+        self._note(result)
         self.out.flush()
+
+    def _note(self, result: SearchResult) -> None:
+        """After an image's rows: whatever its answer should be read with (formats with columns for it skip it)."""
 
     def _row(self, result: SearchResult, rank: int, c: Candidate, area_p: float, exif: dict[str, float] | None) -> None:
         """One candidate's row; ``exif`` only on the first row of an image that has it."""
@@ -271,16 +304,33 @@ class _Table(ResultWriter):
     def __init__(self, out: TextIO, *, top_n: int, trace: bool) -> None:
         super().__init__(out, top_n=top_n, trace=trace)
         out.write(f"{'image':<32} {'#':>2} {'lat':>9} {'lon':>10} {'tile z/x/y':>14} {'score':>6} "
-                  f"{'prob':>5} {'area':>5}  {'EXIF lat,lon':<20} {'error km':>9}\n")
+                  f"{'prob':>5} {'area':>5} {'r50 km':>8} {'r90 km':>8}  {'EXIF lat,lon':<20} {'error km':>9}\n")
 
     def _row(self, result: SearchResult, rank: int, c: Candidate, area_p: float, exif: dict[str, float] | None) -> None:
         name = _clip(one_line(result.image or ""), 32) if rank == 1 else ""
         gps_text = f"{exif['lat']:.5f},{exif['lon']:.5f}" if exif else ""
         err = f"{exif['error_km']:9,.1f}" if exif else ""
         tile = f"{c.tile.z}/{c.tile.x}/{c.tile.y}"
+        r50, r90 = (_radius_cell(r) for r in result.radius_km) if rank == 1 else ("", "")
         row = (f"{name:<32} {rank:>2} {c.lat:>9.5f} {c.lon:>10.5f} {tile:>14} {c.score:>6.3f} "
-               f"{c.probability:>5.2f} {area_p:>5.2f}  {gps_text:<20} {err:>9}")
+               f"{c.probability:>5.2f} {area_p:>5.2f} {r50:>8} {r90:>8}  {gps_text:<20} {err:>9}")
         self.out.write(row.rstrip() + "\n")
+
+    def _note(self, result: SearchResult) -> None:
+        if result.confident is False:
+            self.out.write(f"{'':<32}  ! {_NO_MATCH_LINE}\n")
+        elif not result.calibrated:
+            self.out.write(f"{'':<32}  ! {_UNCALIBRATED_LINE}\n")
+
+
+_NO_MATCH_LINE = ("no confident match: the photo does not resemble what this index can match; "
+                  "the candidates above are likely wrong")
+_UNCALIBRATED_LINE = ("uncalibrated index: prob is a fixed softmax, not a calibrated probability "
+                      "(python -m pipelines.build_index --calibrate)")
+
+
+def _radius_cell(km: float) -> str:
+    return "anywhere" if km >= EVERYWHERE_KM else describe_radius(km).removesuffix(" km")
 
 
 class _Csv(ResultWriter):
@@ -290,17 +340,20 @@ class _Csv(ResultWriter):
         super().__init__(out, top_n=top_n, trace=trace)
         self._csv = csv.writer(out, lineterminator="\n")
         self._csv.writerow(["image", "rank", "lat", "lon", "zoom", "x", "y", "score", "probability",
-                            "area_probability", "exif_lat", "exif_lon", "error_km", "error"])
+                            "area_probability", "exif_lat", "exif_lon", "error_km", "radius50_km", "radius90_km",
+                            "calibrated", "confident", "reason", "error"])
 
     def _row(self, result: SearchResult, rank: int, c: Candidate, area_p: float, exif: dict[str, float] | None) -> None:
         e = exif or {}
         self._csv.writerow([result.image, rank, f"{c.lat:.6f}", f"{c.lon:.6f}", c.tile.z, c.tile.x,
                             c.tile.y, f"{c.score:.5f}", f"{c.probability:.5f}", f"{area_p:.5f}",
                             e.get("lat", ""), e.get("lon", ""),
-                            f"{e['error_km']:.3f}" if e else "", ""])
+                            f"{e['error_km']:.3f}" if e else "", f"{result.radius_km[0]:.1f}",
+                            f"{result.radius_km[1]:.1f}", str(result.calibrated).lower(),
+                            "" if result.confident is None else str(result.confident).lower(), result.reason or "", ""])
 
     def failure(self, image: str, reason: str) -> None:
-        self._csv.writerow([image] + [""] * 12 + [reason])
+        self._csv.writerow([image] + [""] * 17 + [reason])
 
 
 class _Json(ResultWriter):

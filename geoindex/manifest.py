@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geoindex.calibration import Calibration
 from geoindex.errors import ConfigError, IndexFormatError, IndexNotFoundError
 from geoindex.files import atomic_write_bytes
 from geoindex.tiles import LevelSchedule
@@ -173,6 +174,8 @@ class Manifest:
         build_args: the arguments of the build, for reproduction.
         imagery_spec: the source's spec (``geoindex.sources.open_source`` reopens it), so maps
             can draw over the imagery; None in indexes built before it was recorded.
+        calibration: the fitted probabilities, radii and confidence threshold
+            (``geoindex.calibrate``); None for an uncalibrated index, whose answers say so.
 
     A field annotated ``str | None`` with default None is an optional entry: read when present,
     written only when set. Adding one is that one line; manifests without it keep opening.
@@ -188,6 +191,7 @@ class Manifest:
     build_args: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     imagery_spec: str | None = None
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -204,9 +208,12 @@ class Manifest:
         return next((lv for lv in self.levels if lv.zoom == zoom), None)
 
     def with_level(self, info: LevelInfo) -> Manifest:
-        """A copy with ``info`` added, replacing any level of the same zoom and dropping deeper ones."""
+        """A copy with ``info`` added, replacing any level of the same zoom and dropping deeper ones.
+
+        The calibration is dropped: it was fitted on the scores of the levels as they were.
+        """
         kept = tuple(lv for lv in self.levels if lv.zoom < info.zoom)
-        return dataclasses.replace(self, levels=kept + (info,))
+        return dataclasses.replace(self, levels=kept + (info,), calibration=None)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of ``manifest.json``."""
@@ -214,6 +221,10 @@ class Manifest:
         d["schedule"] = {"start": self.schedule.start, "stop": self.schedule.stop, "step": self.schedule.step}
         d["photo_encoder"] = self.photo_encoder.to_dict()
         d["levels"] = [lv.to_dict() for lv in self.levels]
+        if self.calibration is None:
+            del d["calibration"]  # absent, as in manifests written before calibration existed
+        else:
+            d["calibration"] = self.calibration.to_dict()
         return d
 
     @classmethod
@@ -255,6 +266,7 @@ class Manifest:
                 levels=tuple(LevelInfo.from_dict(lv) for lv in d["levels"]),
                 build_args=dict(d.get("build_args") or {}),
                 format_version=version,
+                calibration=Calibration.from_dict(d["calibration"]) if d.get("calibration") is not None else None,
                 **{key: _optional_text(d, key) for key in _optional_text_fields(cls)},
             )
         except (KeyError, TypeError, ValueError, ConfigError) as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["EARTH_RADIUS_KM", "THRESHOLDS_KM", "accuracy_at", "great_circle_km"]
+__all__ = ["EARTH_RADIUS_KM", "THRESHOLDS_KM", "accuracy_at", "circle_points", "great_circle_km"]
 
 EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
 THRESHOLDS_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)  # street, city, region, country, continent
@@ -26,3 +26,19 @@ def accuracy_at(errors_km: npt.ArrayLike, thresholds_km: tuple[float, ...] = THR
     """Fraction of errors at or below each threshold."""
     e = np.asarray(errors_km, dtype=np.float64)
     return {t: float(np.mean(e <= t)) if e.size else float("nan") for t in thresholds_km}
+
+
+def circle_points(lat: float, lon: float, radius_km: float, *, n: int = 72) -> npt.NDArray[np.float64]:
+    """(n + 1, 2) (lat, lon) points, degrees, of the geodesic circle of ``radius_km`` around (lat, lon), closed.
+
+    Longitudes are unwrapped around ``lon`` (they may leave -180..180), so that a circle across the
+    antimeridian stays one ring; latitudes stop at the poles' +-90.
+    """
+    bearing = np.radians(np.linspace(0.0, 360.0, n + 1))
+    d = min(radius_km, np.pi * EARTH_RADIUS_KM) / EARTH_RADIUS_KM
+    p1 = np.radians(lat)
+    p2 = np.arcsin(np.clip(np.sin(p1) * np.cos(d) + np.cos(p1) * np.sin(d) * np.cos(bearing), -1.0, 1.0))
+    dl = np.arctan2(np.sin(bearing) * np.sin(d) * np.cos(p1), np.cos(d) - np.sin(p1) * np.sin(p2))
+    out = np.stack([np.degrees(p2), lon + np.degrees(dl)], axis=1)
+    out[-1] = out[0]
+    return out

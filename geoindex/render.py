@@ -16,10 +16,10 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
-from geoindex.beam import DEFAULT_TEMPERATURE
+from geoindex.calibration import EVERYWHERE_KM, describe_radius
 from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
 from geoindex.imagery import ImageInput, load_image
-from geoindex.metrics import great_circle_km
+from geoindex.metrics import circle_points, great_circle_km
 from geoindex.results import LevelTrace, SearchResult
 from geoindex.sources import TileSource
 from geoindex.tiles import merc_xy_array, tile_merc_bounds_array
@@ -29,15 +29,7 @@ __all__ = ["FailFastSource", "draw_map"]
 log = logging.getLogger(__name__)
 
 LatLon = tuple[float, float]
-
-
-def _softmax(scores: Sequence[float], temperature: float) -> npt.NDArray[np.float64]:
-    """Probabilities of ``scores`` at ``temperature``; the same softmax as the results' candidates."""
-    s = np.asarray(scores, dtype=np.float64)
-    if not s.size:
-        return s
-    e = np.exp((s - s.max()) / temperature)
-    return np.asarray(e / e.sum())
+_RADIUS_COLOURS = ((255, 255, 255), (0, 200, 255))  # the 50 % and 90 % radii
 
 
 # A perceptual dark-blue -> yellow ramp (viridis, 5 stops), so that no plotting library is needed.
@@ -193,15 +185,15 @@ def _panel(
     view: _View,
     *,
     max_zoom: int,
-    temperature: float,
     next_box: tuple[float, float, float, float] | None,
     points: list[tuple[LatLon, tuple[int, int, int]]],
     path: mercantile.Tile,
+    rings: Sequence[tuple[npt.NDArray[np.float64], tuple[int, int, int]]] = (),
 ) -> Image.Image:
     base = _basemap(source, view, max_zoom).convert("RGBA")
     overlay = Image.new("RGBA", base.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    probs = _softmax(level.scores, temperature)
+    probs = np.asarray(level.probabilities, dtype=np.float64)
     pmax = float(probs.max()) if probs.size else 1.0
     for t, p in reversed(list(zip(level.tiles, probs, strict=True))):  # best drawn last, on top
         w = float(p) / pmax
@@ -214,6 +206,9 @@ def _panel(
         x0, y0 = view.px(next_box[0], next_box[1])
         x1, y1 = view.px(next_box[2], next_box[3])
         draw.rectangle((x0, y0, x1, y1), outline=(255, 255, 255, 230), width=2)
+    for ring, colour in rings:
+        fx, fy = merc_xy_array(ring[:, 0], ring[:, 1])
+        draw.line([view.px(float(a), float(b)) for a, b in zip(fx, fy)], fill=(*colour, 255), width=2)
     for (lat, lon), colour in points:
         _marker(draw, view.px(*_merc(lat, lon)), colour)
     return Image.alpha_composite(base, overlay).convert("RGB")
@@ -227,7 +222,6 @@ def draw_map(
     photo: ImageInput | None = None,
     panel_size: int = 360,
     max_zoom: int = 18,
-    temperature: float = DEFAULT_TEMPERATURE,
     attribution: str | None = None,
 ) -> Image.Image:
     """A picture of one result: per level, the kept tiles coloured by probability over the imagery.
@@ -268,13 +262,15 @@ def draw_map(
     guarded = source if isinstance(source, FailFastSource) else FailFastSource(source)
     source = guarded
     predicted = ((result.lat, result.lon), (228, 26, 28))
+    rings = [(circle_points(result.lat, result.lon, r), colour)  # the uncertainty radii; "anywhere" is not drawn
+             for r, colour in zip(result.radius_km, _RADIUS_COLOURS, strict=True) if r < EVERYWHERE_KM]
     marks = [predicted] + ([(truth, (77, 175, 74))] if truth is not None else [])
     panels = []
     for i, (lv, view) in enumerate(zip(levels, views, strict=True)):
         nxt = views[i + 1] if i + 1 < len(views) else None
         next_box = (nxt.fx0, nxt.fy0, nxt.fx0 + nxt.span, nxt.fy0 + nxt.span) if nxt else None
-        panels.append(_panel(source, lv, view, max_zoom=max_zoom, temperature=temperature,
-                             next_box=next_box, points=marks, path=paths[i]))
+        panels.append(_panel(source, lv, view, max_zoom=max_zoom,
+                             next_box=next_box, points=marks, path=paths[i], rings=rings))
     if guarded.broken:
         log.warning("the map's imagery %s failed %d times in a row and was not asked again (last: %s); tiles it "
                     "did not give are grey. Check the server or choose other imagery (--map-source)",
@@ -308,10 +304,14 @@ def _compose(
     big, small = _font(16), _font(12)
     p = result.candidates[0].probability
     t = result.tile
+    r50, r90 = result.radius_km
     title = (f"{result.image or 'photo'}: {result.lat:.5f}, {result.lon:.5f}  tile {t.z}/{t.x}/{t.y}  "
-             f"score {result.score:.3f}  p {p:.2f}")
-    draw.text((gap, 8), title, fill=(240, 240, 240), font=big)
-    sub = "red: prediction and its tile at each zoom"
+             f"score {result.score:.3f}  p {p:.2f}{'' if result.calibrated else ' (uncalibrated)'}  "
+             f"radius 50 %: {describe_radius(r50)}, 90 %: {describe_radius(r90)}")
+    if result.confident is False:
+        title = "NO CONFIDENT MATCH  " + title
+    draw.text((gap, 8), title, fill=(255, 120, 100) if result.confident is False else (240, 240, 240), font=big)
+    sub = "red: prediction and its tile at each zoom; white / blue circle: 50 % / 90 % radius"
     if truth is not None:
         err = float(great_circle_km(truth[0], truth[1], result.lat, result.lon))
         sub += f"   green: EXIF GPS {truth[0]:.5f}, {truth[1]:.5f} ({err:,.1f} km away)"

@@ -13,18 +13,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mercantile
-import numpy as np
 
-from geoindex.beam import DEFAULT_TEMPERATURE, LevelHits
+from geoindex.beam import LevelHits
+from geoindex.calibration import (
+    DEFAULT_TEMPERATURE,
+    RADIUS_LEVELS,
+    Calibration,
+    kept_probabilities,
+    radii_km,
+)
 from geoindex.errors import ConfigError
 from geoindex.tiles import tile_center
 
-__all__ = ["Candidate", "LevelTrace", "SearchResult", "make_results"]
+__all__ = ["UNCALIBRATED_REASON", "Candidate", "LevelTrace", "SearchResult", "make_results", "no_match_reason"]
 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One final-level tile: its centre, similarity score and probability (softmax over the beam)."""
+    """One final-level tile: its centre, similarity score and probability (see ``SearchResult``)."""
 
     tile: mercantile.Tile
     lat: float
@@ -35,12 +41,24 @@ class Candidate:
 
 @dataclass(frozen=True)
 class LevelTrace:
-    """The tiles one level kept (best first) with their scores, and how the level answered (``note``)."""
+    """The tiles one level kept (best first) with their scores and probabilities, and how the level answered.
+
+    ``probabilities`` are the level's (calibrated, where the index is) probabilities that each kept
+    tile holds the truth; left out, they are the uncalibrated softmax of ``scores`` at temperature 0.01.
+    """
 
     zoom: int
     tiles: tuple[mercantile.Tile, ...]
     scores: tuple[float, ...]
     note: str | None = None  # e.g. a lazy level: "lazy: encoded 16 new tiles ...", or "on-the-fly: ..."
+    probabilities: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.probabilities and self.scores:
+            p = kept_probabilities(self.scores, temperature=DEFAULT_TEMPERATURE, bias=None)
+            object.__setattr__(self, "probabilities", tuple(p.tolist()))
+        if len(self.probabilities) != len(self.scores):
+            raise ConfigError(f"z{self.zoom}: {len(self.probabilities)} probabilities for {len(self.scores)} tiles")
 
 
 @dataclass(frozen=True)
@@ -52,10 +70,21 @@ class SearchResult:
         tile: that tile, ``mercantile.Tile(x, y, z)``.
         bbox: its bounds, ``mercantile.LngLatBbox(west, south, east, north)``.
         score: its cosine similarity with the photo.
-        candidates: the top-n tiles of that level with probabilities (softmax over the scores
-            of all k kept tiles at ``temperature``), best first.
-        trace: per level, coarsest first, the k tiles kept and their scores.
+        candidates: the top-n tiles of that level with probabilities, best first. Calibrated
+            (``calibrated``): the probability that the tile holds the photo's position, fitted
+            on queries with known positions; the kept tiles' probabilities then sum to less than
+            1, the rest being the chance that the truth lies elsewhere. Uncalibrated: a softmax
+            over the k kept tiles' scores at temperature 0.01, which says little.
+        trace: per level, coarsest first, the k tiles kept, their scores and probabilities.
         image: a name for the query image (its path where it had one), or None.
+        calibrated: whether the index holds a calibration (``build_index --calibrate``).
+        radius_km: radii (km) around (lat, lon) that hold the truth with 50 % and 90 %
+            probability (:func:`geoindex.calibration.radii_km`); 20,037.5 km means anywhere.
+        confident: False when the photo does not resemble what the index can match (its
+            ``ood_score`` is below the threshold set on the calibration queries); None when the
+            index is uncalibrated. ``reason`` then says why in words.
+        ood_score: the mean cosine of the photo's embedding to its nearest calibration queries
+            (:func:`geoindex.calibration.ood_scores`; higher: more alike); NaN uncalibrated.
     """
 
     lat: float
@@ -66,6 +95,15 @@ class SearchResult:
     candidates: tuple[Candidate, ...]
     trace: tuple[LevelTrace, ...]
     image: str | None = None
+    calibrated: bool = False
+    radius_km: tuple[float, float] = (float("nan"), float("nan"))
+    confident: bool | None = None
+    reason: str | None = None
+    ood_score: float = float("nan")
+
+
+UNCALIBRATED_REASON = ("uncalibrated index: the probabilities are an uncalibrated softmax and no confidence test "
+                       "applies; fit one with `python -m pipelines.build_index --calibrate --index INDEX`")
 
 
 # tuple.__new__ for tiles the index holds (valid by construction), mapped in C: numpy scalars and
@@ -73,48 +111,71 @@ class SearchResult:
 _new_tile = functools.partial(tuple.__new__, mercantile.Tile)
 
 
-def _level_trace(h: LevelHits, q: int) -> LevelTrace:
+def _level_trace(h: LevelHits, q: int, calibration: Calibration | None) -> LevelTrace:
     ok = h.I[q] >= 0
     xs, ys, scores = (h.x[q], h.y[q], h.D[q]) if ok.all() else (h.x[q][ok], h.y[q][ok], h.D[q][ok])
     tiles = tuple(map(_new_tile, zip(xs.tolist(), ys.tolist(), itertools.repeat(h.zoom))))
-    return LevelTrace(h.zoom, tiles, tuple(scores.tolist()), h.note)
+    fitted = calibration.level(h.zoom) if calibration is not None else None
+    probs = (kept_probabilities(scores, temperature=fitted.temperature, bias=fitted.bias) if fitted is not None
+             else kept_probabilities(scores, temperature=DEFAULT_TEMPERATURE, bias=None))
+    return LevelTrace(h.zoom, tiles, tuple(scores.tolist()), h.note, tuple(probs.tolist()))
+
+
+def no_match_reason(score: float, calibration: Calibration) -> str:
+    """Why an answer is "no confident match", in words: its score against the calibration's threshold."""
+    f = calibration.fitted_on
+    what = "views rendered from the index's own imagery" if f.kind == "views" else "calibration photos"
+    return (f"no confident match: the photo does not resemble what this index can match (similarity "
+            f"{score:.3f} to its {calibration.ood_neighbours} nearest {what} is below {calibration.ood_threshold:.3f}, "
+            f"which {100 * (1 - calibration.ood_quantile):.0f} % of the {f.count} calibration queries exceed); "
+            "the candidates are shown but are likely wrong")
 
 
 def make_results(
     hits: Sequence[LevelHits],
     *,
     top_n: int = 5,
-    temperature: float = DEFAULT_TEMPERATURE,
+    calibration: Calibration | None = None,
+    ood_scores: Sequence[float] | None = None,
     names: Sequence[str | None] | None = None,
 ) -> list[SearchResult]:
     """Turn per-level hits for a batch into one SearchResult per query.
 
-    ``temperature`` 0.01 equals CLIP's logit scale of 100.
+    Without ``calibration`` the probabilities are a softmax at temperature 0.01 (CLIP's logit
+    scale of 100) and the results say ``calibrated=False``. ``ood_scores`` (n,), from
+    :func:`geoindex.calibration.ood_scores`, decide ``confident``; without them it is None.
     """
     if top_n < 1:
         raise ConfigError(f"top_n must be >= 1, got {top_n}")
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
     n = hits[0].D.shape[0]
+    masses = calibration.radius_mass if calibration is not None else RADIUS_LEVELS
     results = []
     for q in range(n):
-        trace = tuple(_level_trace(h, q) for h in hits)
+        trace = tuple(_level_trace(h, q, calibration) for h in hits)
         final = next((t for t in reversed(trace) if t.tiles), None)
         if final is None:
             raise ConfigError("the search found no tile at any level: the index is empty for this query")
-        scores = np.asarray(final.scores, dtype=np.float64)
-        logits = (scores - scores.max()) / temperature
-        probs = np.exp(logits) / np.exp(logits).sum()
         candidates = tuple(
             Candidate(t, *tile_center(t), float(s), float(p))
-            for t, s, p in zip(final.tiles[:top_n], final.scores[:top_n], probs[:top_n])
+            for t, s, p in zip(final.tiles[:top_n], final.scores[:top_n], final.probabilities[:top_n])
         )
         best = candidates[0]
+        r50, r90 = radii_km(best.lat, best.lon, final.tiles, final.probabilities, masses)
+        score = float(ood_scores[q]) if ood_scores is not None else float("nan")
+        if calibration is None:
+            confident, reason = None, UNCALIBRATED_REASON
+        elif ood_scores is None:
+            confident, reason = None, None
+        elif score < calibration.ood_threshold:
+            confident, reason = False, no_match_reason(score, calibration)
+        else:
+            confident, reason = True, None
         results.append(
             SearchResult(
                 lat=best.lat, lon=best.lon, tile=best.tile, bbox=mercantile.bounds(best.tile),
                 score=best.score, candidates=candidates, trace=trace,
-                image=names[q] if names is not None else None,
+                image=names[q] if names is not None else None, calibrated=calibration is not None,
+                radius_km=(r50, r90), confident=confident, reason=reason, ood_score=score,
             )
         )
     return results

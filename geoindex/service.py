@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import dataclasses
 import functools
 import io
 import json
@@ -23,6 +24,7 @@ import threading
 import time
 from typing import Annotated, Any
 
+import mercantile
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse
 from PIL import Image
@@ -36,6 +38,7 @@ from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLarg
 from geoindex.exif import read_gps
 from geoindex.formats import encode_map, result_to_dict, to_geojson
 from geoindex.imagery import load_image
+from geoindex.manifest import Manifest
 from geoindex.sources import TileSource
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "DEFAULT_MAX_UPLOAD_BYTES",
     "MAX_TOP_N",
     "app_from_env",
+    "competence",
     "create_app",
 ]
 
@@ -200,6 +204,14 @@ def create_app(
 
         return index_imagery(opened.manifest.imagery, imagery_spec=opened.manifest.imagery_spec)
 
+    coverage = Coverage.from_json(opened.manifest.coverage)
+    deepest = opened.stored[-1].zoom
+
+    def covers(position: tuple[float, float]) -> bool:
+        """Whether the index's coverage holds a (lat, lon): a photo taken outside it cannot be found."""
+        t = mercantile.tile(position[1], position[0], deepest)
+        return bool(coverage.intersects([t.x], [t.y], zoom=deepest)[0])
+
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse(_page())
@@ -213,6 +225,9 @@ def create_app(
             "device": str(opened.photo_encoder.device),
             "levels": [{"zoom": s.zoom, "tiles": s.rows} for s in opened.stored],
             "imagery": opened.manifest.imagery,
+            "calibrated": opened.calibration is not None,
+            "calibration": dataclasses.asdict(opened.calibration.fitted_on) if opened.calibration is not None else None,
+            "matches": competence(opened.manifest),
             "max_upload_bytes": max_upload_bytes,
             "default_k": default_k,
             "max_pixels": max_pixels,
@@ -284,6 +299,8 @@ def create_app(
             raise HTTPException(422, str(e)) from e
         searched_s = time.perf_counter()
         out = result_to_dict(result, exif=gps, top_n=top_n, trace=True)
+        if gps is not None:
+            out["exif"]["in_coverage"] = covers(gps)
         out["k"] = k
         if include_geojson:
             out["geojson"] = to_geojson([result], exif=[gps])
@@ -307,6 +324,18 @@ def create_app(
         return out
 
     return app
+
+
+def competence(manifest: Manifest) -> str:
+    """What the index's encoders were trained to match, in words, for the page."""
+    name = manifest.photo_encoder.name
+    tuned = [lv.zoom for lv in manifest.levels if lv.encoder is not None and lv.encoder.checkpoint_sha256]
+    if not tuned:
+        return (f"The map encoders are the untrained {name} network, the same as the photo encoder: it matches "
+                "pictures that look like the map tiles (satellite views), not ground photos.")
+    return (f"The map encoders of zoom {', '.join(map(str, tuned))} are fine-tuned {name} checkpoints; they match "
+            "what they were trained on: ground photos to tiles when trained on photo/tile pairs (pipelines.train), "
+            "satellite views to tiles when trained on views (pipelines.experiment).")
 
 
 def app_from_env() -> FastAPI:

@@ -5,6 +5,11 @@ first level), encoded with zoom z's map encoder. Interrupted builds resume at sh
 an index never mixes encoders. `--engine ray` encodes the shards on a Ray cluster (an optional
 extra: pip install geoindex[ray]) and writes the same shards as the default local engine.
 
+`--calibrate` fits the index's calibrated probabilities, uncertainty radii and "no confident
+match" threshold on views rendered from its own imagery (or on `--calibrate-photos CSV`) and
+stores them in the manifest; `--all` does so at the end when the encoder is pretrained and the
+imagery is on this machine (`--no-calibrate` skips it).
+
 `--all --lazy-from 12` builds the levels above zoom 12 and declares 12 and deeper lazy: their tiles
 are fetched from `--source` and encoded the first time a query needs them, then kept in the index
 (geoindex.lazy). `--compact` folds a lazy index's appended rows into sorted parts.
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from geoindex.build import BuildSummary, build_level
+from geoindex.calibrate import DEFAULT_COUNT, DEFAULT_SEED, calibrate_index
 from geoindex.cli import resolve_device
 from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, PRECISIONS, create_encoder, load_map_encoder
@@ -68,6 +74,11 @@ class Config:
     ray_cpus_per_actor: float = 1.0
     lazy_from: int | None = None
     compact: bool = False
+    calibrate: bool = False  # only calibrate the index (no level is built)
+    auto_calibrate: bool = False  # --all sets it: calibrate at the end when the encoder and imagery allow
+    calibrate_photos: Path | None = None
+    calibrate_count: int = DEFAULT_COUNT
+    calibrate_seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         if self.lazy_from is not None:
@@ -77,6 +88,8 @@ class Config:
         for flag, value in (("--threads", self.threads), ("--workers", self.workers)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} must be at least 1, got {value}; leave it out to choose from the CPU count")
+        if self.calibrate_count < 2:
+            raise ConfigError(f"--calibrate-count must be at least 2, got {self.calibrate_count}")
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown --engine {self.engine!r}; choose one of {list(ENGINES)}")
         if self.engine == "ray" and self.skip_bad_tiles:
@@ -99,6 +112,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     which.add_argument("--all", action="store_true", help="build every level of the schedule, coarsest first")
     which.add_argument("--compact", action="store_true",
                        help="fold the rows that queries appended to the index's lazy levels into sorted parts")
+    which.add_argument("--calibrate", action="store_true",
+                       help="fit the index's calibrated probabilities, radii and confidence threshold (stored in its "
+                            "manifest) on views of its own imagery, or on --calibrate-photos")
     p.add_argument("--lazy-from", type=int, metavar="ZOOM",
                    help="build only the levels above ZOOM; ZOOM and deeper are encoded from --source on first use")
     p.add_argument("--index", type=Path, default=Path(os.environ.get("GEOINDEX_INDEX", "indexes/default")),
@@ -133,6 +149,14 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                    help="leave tiles that cannot be read out of the index, as if missing (counted in the summary), "
                         "instead of stopping the level")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    cal = p.add_argument_group("calibration (--calibrate, and the end of --all)")
+    cal.add_argument("--calibrate-photos", type=Path, metavar="CSV",
+                     help="fit on these photos (columns file,lat,lon; files relative to the CSV) instead of views")
+    cal.add_argument("--calibrate-count", type=int, default=DEFAULT_COUNT,
+                     help=f"views to fit on (default: {DEFAULT_COUNT})")
+    cal.add_argument("--calibrate-seed", type=int, default=DEFAULT_SEED,
+                     help=f"seed of the views (default: {DEFAULT_SEED}; evaluate on other seeds)")
+    cal.add_argument("--no-calibrate", action="store_true", help="--all: leave the index uncalibrated")
     ray = p.add_argument_group("distributed builds (--engine ray; --batch-size and --workers apply per actor)")
     ray.add_argument("--engine", choices=ENGINES, default="local",
                      help="local: this process (default); ray: an actor pool on a Ray cluster (pip install "
@@ -153,8 +177,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     return Config(
-        zooms=() if a.compact else schedule.zooms if a.all else tuple(a.zoom), lazy_from=a.lazy_from,
-        compact=a.compact, index=a.index, source=a.source, encoder=a.encoder,
+        zooms=() if a.compact or a.calibrate else schedule.zooms if a.all else tuple(a.zoom), lazy_from=a.lazy_from,
+        compact=a.compact, calibrate=a.calibrate, auto_calibrate=a.all and not a.no_calibrate,
+        calibrate_photos=a.calibrate_photos, calibrate_count=a.calibrate_count, calibrate_seed=a.calibrate_seed,
+        index=a.index, source=a.source, encoder=a.encoder,
         weights=a.weights, download=a.download, map_checkpoints=a.map_checkpoints, device=device,
         precision=a.precision,
         batch_size=a.batch_size, codec=a.codec, shard_size=a.shard_size, workers=a.workers, threads=a.threads,
@@ -182,6 +208,9 @@ def run(cfg: Config) -> list[BuildSummary]:
         for c in compact(cfg.index):
             log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts, c.rows)
         return []
+    if cfg.calibrate:
+        _calibrate(cfg)
+        return []
     if cfg.lazy_from is not None:
         cfg = dataclasses.replace(cfg, zooms=tuple(z for z in cfg.zooms if z < cfg.lazy_from))
     summaries = _run(cfg)
@@ -189,7 +218,29 @@ def run(cfg: Config) -> list[BuildSummary]:
         lazy = declare_lazy(cfg.index, from_zoom=cfg.lazy_from, source=cfg.source, batch_size=cfg.batch_size,
                             checkpoints={z: _checkpoint(cfg, z) for z in cfg.schedule.zooms if z >= cfg.lazy_from})
         log.info("levels %s of %s are lazy: encoded from %s on first use", list(lazy.zooms), cfg.index, cfg.source)
+    if cfg.auto_calibrate:
+        if not ENCODERS[cfg.encoder].meaningful:
+            log.info("%s is left uncalibrated: the %s encoder is random-init", cfg.index, cfg.encoder)
+        elif cfg.lazy_from is not None:
+            log.info("%s is left uncalibrated: calibrating would encode lazy areas; run --calibrate when wanted",
+                     cfg.index)
+        else:
+            try:
+                _calibrate(cfg)
+            except ConfigError as e:  # e.g. remote imagery: the build stands, uncalibrated
+                log.warning("%s is left uncalibrated: %s", cfg.index, e)
     return summaries
+
+
+def _calibrate(cfg: Config) -> None:
+    calibration = calibrate_index(cfg.index, photos=cfg.calibrate_photos, count=cfg.calibrate_count,
+                                  seed=cfg.calibrate_seed, weights=cfg.weights, download=cfg.download,
+                                  device=resolve_device(cfg.device))
+    f = calibration.fitted_on
+    temps = ", ".join(f"z{lv.zoom} T={lv.temperature:.3g}" for lv in calibration.levels)
+    log.info("calibrated %s on %d %s (seed %s, k=%d): %s; radii hold %.2f / %.2f of the probability; "
+             "no confident match below %.3f", cfg.index, f.count, f.kind, f.seed, f.k, temps,
+             *calibration.radius_mass, calibration.ood_threshold)
 
 
 def _run(cfg: Config) -> list[BuildSummary]:

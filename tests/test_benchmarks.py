@@ -139,3 +139,14 @@ def test_latency_under_load(tmp_path):
     assert res["policies"]["tuned"] == {"threads": 1}
     for condition in ("quiet", "loaded"):
         assert _positive(res[condition]["p50_ms"]) and res[condition]["p95_ms"] >= res[condition]["p50_ms"]
+
+
+def test_calibration(tmp_path):
+    res, text = _run("calibration", tmp_path)
+    (judged,) = res["indexes"]
+    views = judged["held_out_views"]
+    for when in ("before", "after"):
+        assert 0 <= views[when]["ece_tile"] <= 1 and 0 <= views[when]["coverage_r90"] <= 1
+        assert views[when]["median_r50_km"] <= views[when]["median_r90_km"]
+    assert judged["calibration"]["fitted_on"]["seed"] != views["seed"]  # held-out views are not the calibration's
+    assert "ECE" in text and "no confident match" in text

@@ -79,8 +79,9 @@ def test_locate_table(capsys, small_index, photos):
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["image", "#", "lat", "lon"]
-    assert len(lines) == 1 + 3
+    assert len(lines) == 1 + 3 + 1  # header, 3 candidates, and the line saying the index is uncalibrated
     assert "3/5/2" in lines[1] and str(photos / "a.png")[-20:] in lines[1]
+    assert "uncalibrated index" in lines[4]
     assert "1 of 1 images located" in err and "on cpu" in err and "images/s" in err
 
 

@@ -196,8 +196,14 @@ def test_page_locates_photos_in_a_browser(browser, page_server, tmp_path, shots)
     assert "%" in rows[0].text
     img = card.find_element(By.CSS_SELECTOR, "img.map-image")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 300
-    assert "EXIF GPS says 48.85667, 2.35083" in card.find_element(By.CSS_SELECTOR, ".exif").text
-    assert "km away" in card.text
+    exif_line = card.find_element(By.CSS_SELECTOR, ".exif")
+    assert "EXIF GPS says 48.85667, 2.35083" in exif_line.text
+    assert "km away" in card.text and "the 90 % radius" in exif_line.text
+    inside = "inside the 90 % radius" in exif_line.text
+    assert ("exif-ok" if inside else "exif-bad") in exif_line.get_attribute("class")  # green only when inside
+    assert "Uncalibrated index" in card.find_element(By.CSS_SELECTOR, ".radius").text
+    assert "uncalibrated" in browser.find_element(By.ID, "server").text
+    assert not card.find_elements(By.CSS_SELECTOR, ".banner")
     assert "No GPS position" in by_name["plain.png"].find_element(By.CSS_SELECTOR, ".exif").text
 
     link = card.find_element(By.CSS_SELECTOR, "a.geojson")
@@ -211,6 +217,55 @@ def test_page_locates_photos_in_a_browser(browser, page_server, tmp_path, shots)
     _screenshot(browser, shots / "service-page-narrow.png", 390)
     # A phone-width window must not scroll sideways: wide parts (map, table) scroll in their own boxes.
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+
+@pytest.fixture(scope="module")
+def strict_server(tmp_path_factory, small_index, rendered_source) -> Iterator[str]:
+    """The small index calibrated, with a threshold no photo reaches and a coverage far from Paris."""
+    import dataclasses
+
+    from geoindex import open_index
+    from geoindex.calibrate import fit_calibration, save_calibration, view_queries
+    from geoindex.manifest import Manifest
+
+    path = tmp_path_factory.mktemp("strict") / "index"
+    shutil.copytree(small_index, path)
+    index = open_index(path, device="cpu")
+    calibration, embeddings = fit_calibration(index, view_queries(index, rendered_source, count=32, seed=3), k=8)
+    save_calibration(path, dataclasses.replace(calibration, ood_threshold=2.0), embeddings)
+    manifest = Manifest.load(path)
+    dataclasses.replace(manifest, coverage={"bboxes": [[100.0, -10.0, 120.0, 10.0]], "polygons": []}).save(path)
+    app = create_app(path, max_upload_bytes=LIMIT, default_k=8, device="cpu", map_source=rendered_source)
+    with serving(app) as base:
+        yield base
+
+
+def test_no_confident_match_and_coverage_in_the_answer(strict_server, tmp_path):
+    photo = _photo_with_gps(tmp_path / "paris.jpg")
+    r = httpx.post(f"{strict_server}/locate", files={"image": ("paris.jpg", photo.read_bytes())}, timeout=60)
+    assert r.status_code == 200
+    d = r.json()
+    assert d["calibrated"] is True and d["confident"] is False and d["reason"].startswith("no confident match")
+    assert d["candidates"] and d["exif"]["in_coverage"] is False
+    assert httpx.get(f"{strict_server}/health", timeout=30).json()["calibration"]["kind"] == "views"
+
+
+def test_page_shows_the_no_confident_match_banner(browser, strict_server, tmp_path, shots):
+    from selenium.webdriver.common.by import By
+
+    _open(browser, strict_server)
+    assert "calibrated on 32 views" in browser.find_element(By.ID, "server").text
+    assert "not ground photos" in browser.find_element(By.ID, "server").text  # what the encoders match
+    _upload(browser, _photo_with_gps(tmp_path / "paris.jpg"))
+    (card,) = _settled(browser, 1)
+    banner = card.find_element(By.CSS_SELECTOR, ".banner")
+    assert banner.get_attribute("role") == "alert"
+    assert banner.text.startswith("No confident match")
+    assert card.find_elements(By.CSS_SELECTOR, "table.candidates tbody tr")  # the candidates are still shown
+    assert "with 90 %" in card.find_element(By.CSS_SELECTOR, ".radius").text
+    assert banner.text.count("no confident match") == 0  # the reason is not repeated after the headline
+    assert "outside the area this index covers" in card.find_element(By.CSS_SELECTOR, ".exif-coverage").text
+    _screenshot(browser, shots / "service-page-no-match.png", 1280)
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ __all__ = [
     "TileSource",
     "embedded_world_raster",
     "fetch_to_directory",
+    "is_local_spec",
     "map_source",
     "open_source",
     "source_spec",
@@ -110,6 +111,12 @@ def _scheme(spec: str) -> Scheme | None:
     scheme, colon, _ = spec.partition(":")
     entry = SCHEMES.get(scheme if colon else spec)
     return entry if entry is not None and entry.bare == (not colon) else None
+
+
+def is_local_spec(spec: str) -> bool:
+    """True when ``spec`` names a scheme whose tiles are on this machine (``dir:``, ``mbtiles:``, ``raster:``, ...)."""
+    entry = _scheme(spec)
+    return entry is not None and entry.local
 
 
 def _guess(spec: str, http_options: Mapping[str, Any]) -> TileSource:
