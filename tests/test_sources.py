@@ -473,3 +473,33 @@ def test_raster_sampling_equals_the_direct_formula(tmp_path):
     lon = (tile.x + t) / 4 * 360 - 180
     rows, cols = source._pixel_of(lat[:, None], lon[None, :])
     np.testing.assert_array_equal(np.asarray(source.get(tile)), _bilinear_reference(pixels, rows, cols))
+
+
+# --- tile folders: every extension the reader reads, in any case ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["5.jpg", "5.jpeg", "5.JPG", "5.JPEG", "5.png", "5.PNG", "5.webp", "5.WebP"])
+def test_tile_folder_of_any_readable_extension_opens_and_reads(tmp_path, name):
+    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[name.split(".")[1].lower()]
+    (tmp_path / "4" / "3").mkdir(parents=True)
+    (tmp_path / "4" / "3" / name).write_bytes(encode_tile(TILE, fmt))
+    src = open_source(str(tmp_path))
+    assert isinstance(src, DirectorySource)
+    assert src.get(TILE).size == (16, 16)
+    from geoindex.sources import stored_tile_path
+
+    assert stored_tile_path(tmp_path, TILE) == tmp_path / "4" / "3" / name
+
+
+def test_tile_folder_of_unreadable_files_names_what_it_reads(tmp_path):
+    (tmp_path / "4" / "3").mkdir(parents=True)
+    (tmp_path / "4" / "3" / "5.txt").write_text("not a tile")
+    with pytest.raises(ConfigError, match=r"holds no .*jpg.*--source"):
+        open_source(str(tmp_path))
+
+
+def test_real_landsat_jpg_folder_opens(shared_data):
+    src = open_source(str(shared_data / "landsat-sf"))
+    tile = next(mercantile.Tile(int(p.parent.name), int(p.stem), 12)
+                for p in sorted((shared_data / "landsat-sf" / "12").glob("*/*.jpg")))
+    assert src.get(tile).size == (256, 256)

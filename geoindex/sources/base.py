@@ -18,9 +18,11 @@ from geoindex.imagery import decode_tile
 
 __all__ = ["TILE_EXTENSIONS", "ByteTileSource", "TileSource", "source_spec"]
 
-# Pillow format name -> file extension. DirectorySource reads one extension per store.
+# Pillow format name -> the file extension fetch_tiles writes tiles of that format with.
 _FORMAT_EXTENSIONS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
-TILE_EXTENSIONS = tuple(_FORMAT_EXTENSIONS.values())
+# Every extension a tile folder is read with (compared case-insensitively): what is written, and
+# ``jpg``, which other tools (GDAL, QGIS, the Landsat tiles in ../shared/data) use for JPEG.
+TILE_EXTENSIONS = ("jpeg", "jpg", "png", "webp")
 
 
 @runtime_checkable
