@@ -255,11 +255,12 @@ def _build_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[Build
 
             summary = build(zoom, build_args=args, progress=bar.update, on_plan=on_plan)
         log.info(
-            "z%02d: %d rows (%d of %d planned tiles missing from the source%s) in %.1f s, %.0f tiles/s; "
+            "z%02d: %d rows (%d of %d planned tiles missing from the source%s%s) in %.1f s, %s; "
             "%d shards written, %d reused -> %s",
             zoom, summary.rows, summary.missing, summary.planned,
             f", {summary.bad_skipped} of them unreadable and skipped" if summary.bad_skipped else "",
-            summary.seconds, summary.tiles_per_s, summary.shards_written, summary.shards_reused, cfg.index,
+            f"; {summary.orphaned} more tiles of the source skipped: parent tile missing" if summary.orphaned else "",
+            summary.seconds, summary.rate_text, summary.shards_written, summary.shards_reused, cfg.index,
         )
         summaries.append(summary)
     manifest = Manifest.load(cfg.index)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mercantile
+import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
@@ -47,6 +49,19 @@ class DirectorySource:
         """The file holding ``tile``, or None if there is none."""
         return _find_tile_file(self.root / str(tile.z) / str(tile.x), tile.y,
                                (self.ext,) if self.ext else self.EXTENSIONS)
+
+    def tiles(self, *, zoom: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The x and y of every tile file under ``root/{zoom}`` (one per tile whatever its extensions)."""
+        wanted = {e.lower() for e in ((self.ext,) if self.ext else self.EXTENSIONS)}
+        found: set[tuple[int, int]] = set()
+        z_dir = self.root / str(zoom)
+        for x_dir in (p for p in z_dir.iterdir() if p.is_dir() and p.name.isdigit()) if z_dir.is_dir() else ():
+            for f in x_dir.iterdir():
+                stem, _, ext = f.name.partition(".")
+                if stem.isdigit() and ext.lower() in wanted:
+                    found.add((int(x_dir.name), int(stem)))
+        xy = np.array(sorted(found), dtype=np.int64).reshape(-1, 2)
+        return xy[:, 0].copy(), xy[:, 1].copy()
 
     def get(self, tile: mercantile.Tile) -> Image.Image:
         path = self.path(tile)
