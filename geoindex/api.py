@@ -280,7 +280,7 @@ def search(
         index: an opened GeoIndex or an index directory; default ``$GEOINDEX_INDEX``, else
             ``indexes/default``. Directories are opened once and cached.
         top_n: number of final candidates to report.
-        prior: ``"geoclip"`` (needs ``pip install geoindex[geoclip]`` and a local CLIP ViT-L/14,
+        prior: ``"geoclip"`` (needs ``pip install -e '.[geoclip]'`` in the checkout and a local CLIP ViT-L/14,
             see ``geoindex.prior.load_geoclip_prior``) or a loaded ``GeoCLIPPrior``: GeoCLIP's
             belief about the photo's location joins the search. None: retrieval only.
         prior_mode: ``inject`` (the paper's Table 3: the tile holding GeoCLIP's top-1 location

@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--ignore-exif", action="store_true", help="do not read or show the photos' EXIF GPS")
     loc.add_argument("--trace", action="store_true", help="include the per-level trace in --format json")
     loc.add_argument("--prior", choices=["geoclip"],
-                     help="add GeoCLIP's belief to the search (pip install 'geoindex[geoclip]')")
+                     help="add GeoCLIP's belief to the search (pip install -e '.[geoclip]' in the geoindex checkout)")
     loc.add_argument("--prior-mode", choices=["inject", "rerank"], default="inject",
                      help="inject: GeoCLIP's top tile joins the beam at every level (the paper); "
                           "rerank: tile scores are combined with GeoCLIP's probability (default: inject)")

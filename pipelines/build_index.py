@@ -3,7 +3,7 @@
 Level z holds the tiles of zoom z under the rows of the level above (every covered tile for the
 first level), encoded with zoom z's map encoder. Interrupted builds resume at shard granularity;
 an index never mixes encoders. `--engine ray` encodes the shards on a Ray cluster (an optional
-extra: pip install geoindex[ray]) and writes the same shards as the default local engine.
+extra: pip install -e '.[ray]' in the checkout) and writes the same shards as the default local engine.
 
 `--all --lazy-from 12` builds the levels above zoom 12 and declares 12 and deeper lazy: their tiles
 are fetched from `--source` and encoded the first time a query needs them, then kept in the index
@@ -135,8 +135,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     ray = p.add_argument_group("distributed builds (--engine ray; --batch-size and --workers apply per actor)")
     ray.add_argument("--engine", choices=ENGINES, default="local",
-                     help="local: this process (default); ray: an actor pool on a Ray cluster (pip install "
-                          "geoindex[ray]); the index folder must be on a filesystem every node mounts")
+                     help="local: this process (default); ray: an actor pool on a Ray cluster (pip install -e "
+                          "'.[ray]' in the checkout); the index folder must be on a filesystem every node mounts")
     ray.add_argument("--ray-address", help="Ray cluster address, e.g. auto or ray://head:10001 "
                                            "(default: $RAY_ADDRESS, else a local Ray instance)")
     ray.add_argument("--ray-actors", type=int, help="encoder actors (default: as many as the cluster's GPUs "

@@ -281,4 +281,4 @@ def test_prior_without_geoclip_backbone_fails_clearly(small_index, tmp_path, cap
     code = main(["locate", str(image), "--index", str(small_index), "-k", "4", "--prior", "geoclip", "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "geoindex[geoclip]" in err or "--geoclip-backbone" in err
+    assert ".[geoclip]" in err or "--geoclip-backbone" in err

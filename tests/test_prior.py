@@ -373,4 +373,4 @@ def test_evaluate_pipeline_prior_offline_fails_clearly(small_index, tmp_path, ca
                                    "--out", str(tmp_path / "r"), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "geoindex[geoclip]" in err or "--geoclip-backbone" in err
+    assert ".[geoclip]" in err or "--geoclip-backbone" in err
