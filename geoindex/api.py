@@ -18,7 +18,7 @@ from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
 from geoindex.imagery import ImageInput, load_image
 from geoindex.lazy import LazyLevel, open_lazy_levels
-from geoindex.manifest import Manifest, short_id
+from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, Manifest, short_id
 from geoindex.prior import GeoCLIPPrior, get_prior
 from geoindex.results import SearchResult, make_results
 from geoindex.sources import TileSource
@@ -27,8 +27,6 @@ from geoindex.tiles import LevelSchedule
 
 __all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "RegionSearcher", "open_index", "search"]
 
-INDEX_ENV = "GEOINDEX_INDEX"
-DEFAULT_INDEX = Path("indexes") / "default"
 OnError = Literal["raise", "return"]
 
 

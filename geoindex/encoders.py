@@ -36,6 +36,7 @@ from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundEr
 from geoindex.families import FAMILIES, Split, efficientnet_key_map
 from geoindex.files import atomic_path, file_sha256
 from geoindex.imagery import ImageInput, load_image
+from geoindex.manifest import PRECISIONS
 from geoindex.pixels import fast_preprocess
 
 __all__ = [
@@ -58,7 +59,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "geoindex-map-encoder/1"
 WEIGHTS_ENV = "GEOINDEX_CLIP_WEIGHTS"
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
