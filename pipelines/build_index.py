@@ -24,10 +24,17 @@ from typing import Any
 from geoindex.build import BuildSummary, build_level
 from geoindex.cli import resolve_device
 from geoindex.coverage import Coverage
-from geoindex.encoders import ENCODERS, PRECISIONS, create_encoder, load_map_encoder
+from geoindex.encoders import (
+    AUTO_ENCODER,
+    ENCODER_CHOICES,
+    PRECISIONS,
+    choose_encoder,
+    create_encoder,
+    load_map_encoder,
+)
 from geoindex.errors import ConfigError
 from geoindex.lazy import compact, declare_lazy
-from geoindex.manifest import CODECS, Manifest
+from geoindex.manifest import CODECS, MANIFEST, Manifest
 from geoindex.sources import open_source
 from geoindex.threads import build_threads
 from geoindex.tiles import LevelSchedule
@@ -44,7 +51,7 @@ class Config:
     zooms: tuple[int, ...]
     index: Path = Path("indexes/default")
     source: str = "bluemarble"
-    encoder: str = "clip-vit-b-32"
+    encoder: str = AUTO_ENCODER  # resolved by ``run``: the index's encoder, else CLIP if found, else EfficientNet
     weights: str | None = None
     download: bool = False
     map_checkpoints: Path | None = None
@@ -106,8 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--source", default="bluemarble",
                    help="tile source: bluemarble (embedded, offline), a tile folder, .mbtiles, "
                         "an XYZ URL template or an xyzservices name (default: bluemarble)")
-    p.add_argument("--encoder", default="clip-vit-b-32", choices=sorted(ENCODERS),
-                   help="base encoder of photos and maps (default: clip-vit-b-32, the paper's)")
+    p.add_argument("--encoder", default=AUTO_ENCODER, choices=ENCODER_CHOICES,
+                   help="base encoder of photos and maps (default: auto: the encoder of an index being extended, "
+                        "else clip-vit-b-32, the paper's, when its weights are here, else efficientnet-lite0)")
     p.add_argument("--weights", help="local weights file for the encoder (else the local model caches)")
     p.add_argument("--download", action="store_true", help="download missing encoder weights")
     p.add_argument("--map-checkpoints", type=Path,
@@ -182,6 +190,7 @@ def run(cfg: Config) -> list[BuildSummary]:
         for c in compact(cfg.index):
             log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts, c.rows)
         return []
+    cfg = _choose_encoder(cfg)
     if cfg.lazy_from is not None:
         cfg = dataclasses.replace(cfg, zooms=tuple(z for z in cfg.zooms if z < cfg.lazy_from))
     summaries = _run(cfg)
@@ -190,6 +199,19 @@ def run(cfg: Config) -> list[BuildSummary]:
                             checkpoints={z: _checkpoint(cfg, z) for z in cfg.schedule.zooms if z >= cfg.lazy_from})
         log.info("levels %s of %s are lazy: encoded from %s on first use", list(lazy.zooms), cfg.index, cfg.source)
     return summaries
+
+
+def _choose_encoder(cfg: Config) -> Config:
+    """``--encoder auto`` made concrete, saying which encoder and why: an index being extended keeps its
+    encoder; a new one gets CLIP ViT-B/32 when its weights are here, else EfficientNet-Lite0."""
+    if cfg.encoder != AUTO_ENCODER:
+        return cfg
+    if (cfg.index / MANIFEST).is_file():
+        name, why = Manifest.load(cfg.index).photo_encoder.name, f"the encoder of the levels already in {cfg.index}"
+    else:
+        name, why = choose_encoder(cfg.weights, download=cfg.download)
+    log.info("encoder %s (--encoder auto: %s)", name, why)
+    return dataclasses.replace(cfg, encoder=name)
 
 
 def _run(cfg: Config) -> list[BuildSummary]:

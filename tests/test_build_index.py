@@ -270,3 +270,47 @@ def test_real_landsat_deep_level_counts_tiles_without_a_parent(tmp_path, shared_
     held = len(list((src / "14").glob("*/*.jpg")))
     assert z14.orphaned is not None and z14.orphaned > 0
     assert z14.rows + z14.orphaned == held
+
+
+def _no_clip_here(monkeypatch) -> None:
+    """As on a fresh machine: no CLIP weights in the caches (the installed EfficientNet-Lite0 stays)."""
+    from geoindex.encoders import find_cached_weights
+
+    monkeypatch.setattr("geoindex.encoders.find_cached_weights",
+                        lambda spec: None if spec.family == "open_clip" else find_cached_weights(spec))
+
+
+def test_encoder_auto_is_the_default_and_falls_back_to_efficientnet_without_clip(monkeypatch, tmp_path):
+    from geoindex.encoders import choose_encoder
+    from pipelines import train
+
+    monkeypatch.delenv("GEOINDEX_CLIP_WEIGHTS", raising=False)
+    _no_clip_here(monkeypatch)
+    assert build_index.parse_args(["--all"]).encoder == "auto"
+    assert train.parse_args(["--photos", "p.csv"]).encoder == "auto"
+    name, why = choose_encoder()
+    assert name == "efficientnet-lite0" and "no CLIP ViT-B/32 weights" in why and "--weights" in why
+    weights = tmp_path / "open_clip_model.safetensors"
+    weights.write_bytes(b"found, not loaded")
+    assert choose_encoder(weights) == ("clip-vit-b-32", f"CLIP ViT-B/32 weights found at {weights}")
+    with pytest.raises(geoindex.WeightsNotFoundError):  # asked for CLIP and it is not there: no silent swap
+        choose_encoder(tmp_path / "missing.safetensors")
+
+
+def test_encoder_auto_extends_an_index_with_its_own_encoder(tmp_path, tile_dir, caplog):
+    _build(["--zoom", "1", "--index", str(tmp_path), "--source", str(tile_dir)])
+    caplog.set_level("INFO")
+    build_index.run(build_index.parse_args(["--zoom", "2", "--index", str(tmp_path), "--source", str(tile_dir),
+                                            "--quiet"] + SCHEDULE))
+    assert f"encoder tiny (--encoder auto: the encoder of the levels already in {tmp_path})" in caplog.text
+    assert geoindex.open_index(tmp_path).manifest.level(2) is not None
+
+
+def test_create_encoder_auto_says_which_and_why(monkeypatch, caplog):
+    from geoindex.encoders import create_encoder
+
+    monkeypatch.delenv("GEOINDEX_CLIP_WEIGHTS", raising=False)
+    _no_clip_here(monkeypatch)
+    caplog.set_level("INFO")
+    assert create_encoder("auto").spec.name == "efficientnet-lite0"
+    assert "encoder efficientnet-lite0 (auto: no CLIP ViT-B/32 weights on this machine" in caplog.text
