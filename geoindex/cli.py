@@ -371,6 +371,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb}")
     if not (math.isfinite(args.max_megapixels) and args.max_megapixels > 0):
         raise ConfigError(f"--max-megapixels must be a positive number, got {args.max_megapixels}")
+    if args.max_photos < 1:
+        raise ConfigError(f"--max-photos must be >= 1, got {args.max_photos}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_k(args.k)
@@ -380,7 +382,7 @@ def _serve(args: argparse.Namespace) -> int:
         from geoindex.service import create_app
     device = resolve_device(args.device)
     configure_query_threads(args.threads)
-    limits: dict[str, Any] = {"max_pixels": max(1, int(args.max_megapixels * 1e6))}
+    limits: dict[str, Any] = {"max_pixels": max(1, int(args.max_megapixels * 1e6)), "max_photos": args.max_photos}
     if args.max_concurrent is not None:
         limits["max_concurrent"] = args.max_concurrent
     with _loading(f"the index {args.index} and its photo encoder", quiet=args.quiet):
@@ -501,6 +503,8 @@ def _serve_options(srv: argparse.ArgumentParser) -> None:
     srv.add_argument("--max-megapixels", type=float, default=25.0,
                      help="largest decoded photo in millions of pixels; JPEGs count at their reduced decoding size, "
                           "so phone photos pass (default: 25)")
+    srv.add_argument("--max-photos", type=int, default=16,
+                     help="photos in one POST /locate, all within --max-upload-mb together (default: 16)")
     srv.add_argument("--max-concurrent", type=int, default=None,
                      help="photos decoded and encoded at once; others wait, then get 503 (default: CPU cores, <= 4)")
     srv.set_defaults(func=_serve)
