@@ -503,3 +503,32 @@ def test_real_landsat_jpg_folder_opens(shared_data):
     tile = next(mercantile.Tile(int(p.parent.name), int(p.stem), 12)
                 for p in sorted((shared_data / "landsat-sf" / "12").glob("*/*.jpg")))
     assert src.get(tile).size == (256, 256)
+
+
+def _dns_failure() -> requests.ConnectionError:
+    """What requests raises when the host name does not resolve (urllib3 2.x wraps the socket.gaierror)."""
+    import socket
+
+    import urllib3.exceptions
+
+    gai = socket.gaierror(-2, "Name or service not known")
+    try:
+        try:
+            raise gai
+        except socket.gaierror as e:
+            raise urllib3.exceptions.NameResolutionError("tiles.test", None, e) from e  # type: ignore[arg-type]
+    except urllib3.exceptions.NameResolutionError as e:
+        return requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/4/3/5.png", reason=e))  # type: ignore[arg-type]
+
+
+def test_a_host_that_does_not_resolve_is_named_not_blamed_on_retries_or_rate():
+    session, sleeps = ScriptedSession(_dns_failure()), []
+    with pytest.raises(TileSourceError, match=r"cannot resolve the host name 'tiles.test'") as info:
+        http_source(session, sleeps, max_retries=5).fetch_bytes(TILE)
+    assert "--retries" not in str(info.value) and "--max-rps" not in str(info.value)
+    assert "online" in str(info.value) and len(session.urls) == 2  # one retry for a resolver's hiccup, no more
+
+
+def test_one_dns_hiccup_is_retried():
+    session, sleeps = ScriptedSession(_dns_failure(), response(body=GOOD)), []
+    assert http_source(session, sleeps).fetch_bytes(TILE) == GOOD and len(session.urls) == 2
