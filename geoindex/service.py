@@ -371,8 +371,8 @@ def create_app(
             searcher = searcher_for(_parse_bbox(bbox) if bbox else None)
         except ConfigError as e:
             raise HTTPException(422, str(e)) from e
-        options = {"k": k, "top_n": top_n, "ignore_exif": ignore_exif, "include_map": include_map,
-                   "include_geojson": include_geojson}
+        options: dict[str, Any] = {"k": k, "top_n": top_n, "ignore_exif": ignore_exif, "include_map": include_map,
+                                   "include_geojson": include_geojson}
         if len(image) == 1:
             return locate_one(image[0], image[0].file.read(max_upload_bytes + 1), searcher, started=started,
                               **options)
