@@ -47,6 +47,11 @@ closing summary (device, images/s) go to stderr.
 
 exit status: 0 every image located; 1 some images could not be read (each is named on stderr,
 the others are still answered); 2 nothing could run (bad arguments, no index, no input images)."""
+EXPORT_HELP = """Write one level of an index as a single parquet file, for dataframes, DuckDB or a vector database.
+
+Columns: row (the FAISS id in the index), z, x, y (XYZ tile, y from the north), lat, lon (the
+tile's centre, degrees), embedding (fixed-size list of float32, or float16 with --dtype float16).
+Rows are in the index's order. Lazy levels are not exported."""
 RESPONSIBLE_USE = (
     "Geolocating other people's photos can reveal where they live, work or travel. Locate only photos "
     "you own or have permission to analyse, and never to find or follow a person."
@@ -440,7 +445,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 _RESIDENT: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}
 
 
-COMMANDS = ("locate", "serve")
+COMMANDS = ("locate", "serve", "export")
 
 
 def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
@@ -458,11 +463,39 @@ def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RESPONSIBLE_USE)
     srv = sub.add_parser("serve", help="HTTP service: a web page at /, POST /locate, GET /health, docs at /docs",
                          epilog=RESPONSIBLE_USE)
+    exp = sub.add_parser("export", help="write one level's tiles and embeddings as a parquet file for other tools",
+                         description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     if "locate" in commands:
         _locate_options(loc)
     if "serve" in commands:
         _serve_options(srv)
+    if "export" in commands:
+        _export_options(exp)
     return parser
+
+
+def _export_options(exp: argparse.ArgumentParser) -> None:
+    exp.add_argument("--index", type=Path, default=Path(os.environ.get(INDEX_ENV) or DEFAULT_INDEX),
+                     help=f"index folder (default: ${INDEX_ENV} or {DEFAULT_INDEX})")
+    exp.add_argument("--zoom", type=int, required=True, help="the level to export (one of the index's zooms)")
+    exp.add_argument("--out", type=Path, required=True, metavar="FILE", help="the parquet file to write")
+    exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                     help="embedding type: float32 (default, what most tools read) or float16 (as stored, half size)")
+    exp.add_argument("--quiet", "-q", action="store_true", help="no summary line")
+    exp.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from geoindex.export import export_level
+
+    if args.out.suffix.lower() != ".parquet":
+        raise ConfigError(f"--out {args.out}: name the file *.parquet, e.g. --out {args.out.with_suffix('.parquet')}")
+    _check_output(args.out, "--out", image=False)
+    done = export_level(args.index, args.zoom, args.out, dtype=args.dtype)
+    if not args.quiet:
+        print(f"wrote {done.path}: {done.rows} tiles of zoom {done.zoom} with {done.dim}-d {done.dtype} embeddings "
+              f"({done.bytes / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
 
 
 def _locate_options(loc: argparse.ArgumentParser) -> None:
