@@ -27,3 +27,19 @@ def test_readme_installs_from_the_checkout_and_says_the_name_is_not_on_pypi():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "pip install -e '.[serve]'" in readme
     assert "not on PyPI" in readme
+
+
+def test_readme_documents_the_geoclip_prior_with_only_recorded_figures():
+    """The prior's section quotes change rates that benchmarks/results/prior.json holds, and claims no accuracy."""
+    import json
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("### The GeoCLIP prior (`--prior geoclip`)")
+    section = readme[start:readme.index("\n### ", start + 1)]
+    assert "--prior geoclip" in section and "inject" in section and "rerank" in section
+    assert "not whether it helps" in section
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "prior.json").read_text())["results"]["changes"]
+    by_k = {row[0]: row for row in recorded}  # k, inject, rerank w=0.1, rerank w=0.5
+    for k, inject, rerank in ((1, "62 %", "100 %"), (4, "45 %", "100 %"), (16, "3 %", "98 %")):
+        assert by_k[k][1] == inject.replace(" ", "") and by_k[k][3] == rerank.replace(" ", "")
+        assert inject in section and rerank in section
