@@ -139,3 +139,10 @@ def test_latency_under_load(tmp_path):
     assert res["policies"]["tuned"] == {"threads": 1}
     for condition in ("quiet", "loaded"):
         assert _positive(res[condition]["p50_ms"]) and res[condition]["p95_ms"] >= res[condition]["p50_ms"]
+
+
+def test_startup(tmp_path):
+    res, text = _run("startup", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert [r["command"] for r in res] == ["geoindex --help", "geoindex locate (1 photo)"]
+    assert all(_positive(t) for r in res for t in r["before_s"] + r["after_s"])
+    assert "before" in text and "after" in text and "geoindex --help < 0.5 s" in text
