@@ -242,7 +242,8 @@ def test_children_of_missing_parents_are_counted_and_explained(tmp_path, caplog)
     absent = mercantile.Tile(1, 1, 1)
     tiles = [t for t in mercantile.tiles(-180, -85, 180, 85, [1, 2]) if t != absent]
     source = _tile_folder(tmp_path / "tiles", tiles)
-    caplog.set_level("INFO")
+    for name in ("geoindex", "pipelines"):  # an earlier --quiet run may have raised their levels
+        caplog.set_level("INFO", logger=name)
     summaries = build_index.run(build_index.parse_args(
         ["--all", "--index", str(tmp_path / "index"), "--source", str(source), "--encoder", "tiny", "--quiet",
          "--schedule", "1", "2", "1"]))
@@ -299,7 +300,8 @@ def test_encoder_auto_is_the_default_and_falls_back_to_efficientnet_without_clip
 
 def test_encoder_auto_extends_an_index_with_its_own_encoder(tmp_path, tile_dir, caplog):
     _build(["--zoom", "1", "--index", str(tmp_path), "--source", str(tile_dir)])
-    caplog.set_level("INFO")
+    for name in ("geoindex", "pipelines"):  # an earlier --quiet run may have raised their levels
+        caplog.set_level("INFO", logger=name)
     build_index.run(build_index.parse_args(["--zoom", "2", "--index", str(tmp_path), "--source", str(tile_dir),
                                             "--quiet"] + SCHEDULE))
     assert f"encoder tiny (--encoder auto: the encoder of the levels already in {tmp_path})" in caplog.text
@@ -311,6 +313,7 @@ def test_create_encoder_auto_says_which_and_why(monkeypatch, caplog):
 
     monkeypatch.delenv("GEOINDEX_CLIP_WEIGHTS", raising=False)
     _no_clip_here(monkeypatch)
-    caplog.set_level("INFO")
+    for name in ("geoindex", "pipelines"):  # an earlier --quiet run may have raised their levels
+        caplog.set_level("INFO", logger=name)
     assert create_encoder("auto").spec.name == "efficientnet-lite0"
     assert "encoder efficientnet-lite0 (auto: no CLIP ViT-B/32 weights on this machine" in caplog.text
