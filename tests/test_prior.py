@@ -95,7 +95,7 @@ def test_importing_geoindex_does_not_import_geoclip():
 
 def test_missing_package_is_a_config_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "geoclip", None)  # makes `import geoclip` raise ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'geoindex\[geoclip\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[geoclip\]'"):
         gp.load_geoclip_prior(PooledPixels())
 
 
