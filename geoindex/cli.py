@@ -1,4 +1,4 @@
-"""The ``geoindex`` command: ``geoindex locate PHOTO...`` and ``geoindex serve``.
+"""The ``geoindex`` command: ``geoindex locate PHOTO...``, ``geoindex serve`` and ``geoindex export``.
 
 Exit status of ``locate``: 0 when every image was located, 1 when some could not be read
 (each is named on stderr; the others are still answered), 2 when nothing could run (bad
@@ -246,7 +246,7 @@ def _loading(what: str, *, quiet: bool, after: float = 1.0) -> Iterator[None]:
         timer.cancel()
 
 
-def map_paths(path: Path, images: Sequence[str]) -> list[Path]:
+def _map_paths(path: Path, images: Sequence[str]) -> list[Path]:
     """Where ``--map PATH`` draws each image's map: PATH itself for one image, else one file per image
     named after it beside PATH (``maps/map.png`` and ``a/berlin.jpg`` -> ``maps/map-berlin.png``);
     photos of the same name get ``-2``, ``-3``."""
@@ -290,7 +290,7 @@ def _locate(args: argparse.Namespace) -> int:
         print(f"error: {one_line(f.image)}: {f.reason}", file=sys.stderr)
     if not images:
         raise ConfigError("no input images (give files, folders or glob patterns)")
-    maps = map_paths(args.map, images) if args.map is not None else []
+    maps = _map_paths(args.map, images) if args.map is not None else []
     if args.map is not None:
         _check_output(args.map, "--map", image=True)
     if args.geojson is not None:
