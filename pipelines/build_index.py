@@ -3,7 +3,7 @@
 Level z holds the tiles of zoom z under the rows of the level above (every covered tile for the
 first level), encoded with zoom z's map encoder. Interrupted builds resume at shard granularity;
 an index never mixes encoders. `--engine ray` encodes the shards on a Ray cluster (an optional
-extra: pip install geoindex[ray]) and writes the same shards as the default local engine.
+extra: pip install -e '.[ray]' in the checkout) and writes the same shards as the default local engine.
 
 `--calibrate` fits the index's calibrated probabilities, uncertainty radii and "no confident
 match" threshold on views rendered from its own imagery (or on `--calibrate-photos CSV`) and
@@ -30,10 +30,18 @@ from geoindex.build import BuildSummary, build_level
 from geoindex.calibrate import DEFAULT_COUNT, DEFAULT_SEED, calibrate_index
 from geoindex.cli import resolve_device
 from geoindex.coverage import Coverage
-from geoindex.encoders import ENCODERS, PRECISIONS, create_encoder, load_map_encoder
+from geoindex.encoders import (
+    AUTO_ENCODER,
+    ENCODER_CHOICES,
+    ENCODERS,
+    PRECISIONS,
+    choose_encoder,
+    create_encoder,
+    load_map_encoder,
+)
 from geoindex.errors import ConfigError
 from geoindex.lazy import compact, declare_lazy
-from geoindex.manifest import CODECS, Manifest
+from geoindex.manifest import CODECS, MANIFEST, Manifest
 from geoindex.sources import open_source
 from geoindex.threads import build_threads
 from geoindex.tiles import LevelSchedule
@@ -50,7 +58,7 @@ class Config:
     zooms: tuple[int, ...]
     index: Path = Path("indexes/default")
     source: str = "bluemarble"
-    encoder: str = "clip-vit-b-32"
+    encoder: str = AUTO_ENCODER  # resolved by ``run``: the index's encoder, else CLIP if found, else EfficientNet
     weights: str | None = None
     download: bool = False
     map_checkpoints: Path | None = None
@@ -122,8 +130,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--source", default="bluemarble",
                    help="tile source: bluemarble (embedded, offline), a tile folder, .mbtiles, "
                         "an XYZ URL template or an xyzservices name (default: bluemarble)")
-    p.add_argument("--encoder", default="clip-vit-b-32", choices=sorted(ENCODERS),
-                   help="base encoder of photos and maps (default: clip-vit-b-32, the paper's)")
+    p.add_argument("--encoder", default=AUTO_ENCODER, choices=ENCODER_CHOICES,
+                   help="base encoder of photos and maps (default: auto: the encoder of an index being extended, "
+                        "else clip-vit-b-32, the paper's, when its weights are here, else efficientnet-lite0)")
     p.add_argument("--weights", help="local weights file for the encoder (else the local model caches)")
     p.add_argument("--download", action="store_true", help="download missing encoder weights")
     p.add_argument("--map-checkpoints", type=Path,
@@ -159,8 +168,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     cal.add_argument("--no-calibrate", action="store_true", help="--all: leave the index uncalibrated")
     ray = p.add_argument_group("distributed builds (--engine ray; --batch-size and --workers apply per actor)")
     ray.add_argument("--engine", choices=ENGINES, default="local",
-                     help="local: this process (default); ray: an actor pool on a Ray cluster (pip install "
-                          "geoindex[ray]); the index folder must be on a filesystem every node mounts")
+                     help="local: this process (default); ray: an actor pool on a Ray cluster (pip install -e "
+                          "'.[ray]' in the checkout); the index folder must be on a filesystem every node mounts")
     ray.add_argument("--ray-address", help="Ray cluster address, e.g. auto or ray://head:10001 "
                                            "(default: $RAY_ADDRESS, else a local Ray instance)")
     ray.add_argument("--ray-actors", type=int, help="encoder actors (default: as many as the cluster's GPUs "
@@ -208,6 +217,7 @@ def run(cfg: Config) -> list[BuildSummary]:
         for c in compact(cfg.index):
             log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts, c.rows)
         return []
+    cfg = _choose_encoder(cfg)
     if cfg.calibrate:
         _calibrate(cfg)
         return []
@@ -241,6 +251,19 @@ def _calibrate(cfg: Config) -> None:
     log.info("calibrated %s on %d %s (seed %s, k=%d): %s; radii hold %.2f / %.2f of the probability; "
              "no confident match below %.3f", cfg.index, f.count, f.kind, f.seed, f.k, temps,
              *calibration.radius_mass, calibration.ood_threshold)
+
+
+def _choose_encoder(cfg: Config) -> Config:
+    """``--encoder auto`` made concrete, saying which encoder and why: an index being extended keeps its
+    encoder; a new one gets CLIP ViT-B/32 when its weights are here, else EfficientNet-Lite0."""
+    if cfg.encoder != AUTO_ENCODER:
+        return cfg
+    if (cfg.index / MANIFEST).is_file():
+        name, why = Manifest.load(cfg.index).photo_encoder.name, f"the encoder of the levels already in {cfg.index}"
+    else:
+        name, why = choose_encoder(cfg.weights, download=cfg.download)
+    log.info("encoder %s (--encoder auto: %s)", name, why)
+    return dataclasses.replace(cfg, encoder=name)
 
 
 def _run(cfg: Config) -> list[BuildSummary]:
@@ -306,11 +329,12 @@ def _build_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[Build
 
             summary = build(zoom, build_args=args, progress=bar.update, on_plan=on_plan)
         log.info(
-            "z%02d: %d rows (%d of %d planned tiles missing from the source%s) in %.1f s, %.0f tiles/s; "
+            "z%02d: %d rows (%d of %d planned tiles missing from the source%s%s) in %.1f s, %s; "
             "%d shards written, %d reused -> %s",
             zoom, summary.rows, summary.missing, summary.planned,
             f", {summary.bad_skipped} of them unreadable and skipped" if summary.bad_skipped else "",
-            summary.seconds, summary.tiles_per_s, summary.shards_written, summary.shards_reused, cfg.index,
+            f"; {summary.orphaned} more tiles of the source skipped: parent tile missing" if summary.orphaned else "",
+            summary.seconds, summary.rate_text, summary.shards_written, summary.shards_reused, cfg.index,
         )
         summaries.append(summary)
     manifest = Manifest.load(cfg.index)

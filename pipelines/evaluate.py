@@ -91,7 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--predictions", action="store_true", help="also write <out>.predictions.csv")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
-    p.add_argument("--prior", choices=["geoclip"], help="add GeoCLIP's belief (pip install 'geoindex[geoclip]')")
+    p.add_argument("--prior", choices=["geoclip"],
+                   help="add GeoCLIP's belief (pip install -e '.[geoclip]' in the geoindex checkout)")
     p.add_argument("--prior-mode", choices=["inject", "rerank"], default="inject",
                    help="inject: GeoCLIP's top tile joins the beam (the paper's Table 3); rerank: combined scores")
     p.add_argument("--prior-weight", type=float, default=0.5, help="rerank weight in [0, 1] (default: 0.5)")

@@ -334,8 +334,9 @@ def _prepare(cfg: Config, source: TileSource) -> tuple[Plan, dict[str, int]]:
 
 def _build(cfg: Config, source_spec: str, index: Path, checkpoints: Path | None) -> None:
     # --no-calibrate: the experiment scores tiles, not probabilities; calibration would add a minute per build.
-    args = ["--all", "--no-calibrate", "--schedule", *map(str, cfg.schedule), "--index", str(index), "--source", source_spec,
-            "--encoder", cfg.encoder, "--shard-size", "4096", "--precision", cfg.precision, "--device", cfg.device]
+    args = ["--all", "--no-calibrate", "--schedule", *map(str, cfg.schedule), "--index", str(index),
+            "--source", source_spec, "--encoder", cfg.encoder, "--shard-size", "4096", "--precision", cfg.precision,
+            "--device", cfg.device]
     args += ["--weights", cfg.weights] if cfg.weights else []
     args += ["--map-checkpoints", str(checkpoints)] if checkpoints else []
     args += ["--quiet"] if cfg.quiet else []

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from geoindex.coverage import Coverage
 from geoindex.dataset import SPLITS, photo_embeddings, read_photo_csv, table_splits, write_photo_csv
-from geoindex.encoders import ENCODERS, HEADS, create_encoder
+from geoindex.encoders import AUTO_ENCODER, ENCODER_CHOICES, HEADS, create_encoder
 from geoindex.errors import ConfigError
 from geoindex.sources import open_source
 from geoindex.tiles import LevelSchedule, tile_code_array
@@ -40,7 +40,7 @@ class Config:
     out: Path = Path("checkpoints")
     image_root: Path | None = None
     zooms: tuple[int, ...] = LevelSchedule().zooms
-    encoder: str = "clip-vit-b-32"
+    encoder: str = AUTO_ENCODER  # CLIP when its weights are here, else EfficientNet-Lite0
     weights: str | None = None
     download: bool = False
     epochs: int = 5
@@ -82,8 +82,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     which.add_argument("--zooms", type=int, nargs="+", help="zoom levels to train (trained finest first)")
     which.add_argument("--schedule", type=int, nargs=3, metavar=("START", "STOP", "STEP"),
                        help="train every level of this schedule (default: 4 16 2, the paper's)")
-    p.add_argument("--encoder", default=Config.encoder, choices=sorted(ENCODERS),
-                   help="base encoder: the frozen photo encoder and every map encoder's start")
+    p.add_argument("--encoder", default=Config.encoder, choices=ENCODER_CHOICES,
+                   help="base encoder: the frozen photo encoder and every map encoder's start (default: auto, "
+                        "CLIP ViT-B/32 when its weights are here, else EfficientNet-Lite0)")
     p.add_argument("--weights", help="local weights file for the encoder (else the local model caches)")
     p.add_argument("--download", action="store_true", help="download missing encoder weights")
     p.add_argument("--epochs", type=int, default=Config.epochs, help="epochs per level (paper: 5)")

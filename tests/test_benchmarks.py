@@ -150,3 +150,10 @@ def test_calibration(tmp_path):
         assert views[when]["median_r50_km"] <= views[when]["median_r90_km"]
     assert judged["calibration"]["fitted_on"]["seed"] != views["seed"]  # held-out views are not the calibration's
     assert "ECE" in text and "no confident match" in text
+
+
+def test_startup(tmp_path):
+    res, text = _run("startup", tmp_path, "--workdir", str(tmp_path / "work"))
+    assert [r["command"] for r in res] == ["geoindex --help", "geoindex locate (1 photo)"]
+    assert all(_positive(t) for r in res for t in r["before_s"] + r["after_s"])
+    assert "before" in text and "after" in text and "geoindex --help < 0.5 s" in text

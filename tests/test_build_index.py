@@ -227,3 +227,93 @@ def test_thread_counts_are_checked_and_default_to_the_cpu_count():
     for flag in ("--threads", "--workers"):
         with pytest.raises(ConfigError, match=f"{flag} must be at least 1"):
             build_index.parse_args(["--zoom", "2", flag, "0"])
+
+
+def _tile_folder(root: Path, tiles: list[mercantile.Tile]) -> Path:
+    for t in tiles:
+        path = root / str(t.z) / str(t.x) / f"{t.y}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        render_tile(t).save(path)
+    return root
+
+
+def test_children_of_missing_parents_are_counted_and_explained(tmp_path, caplog):
+    """A zoom-2 tile whose zoom-1 parent the source lacks cannot be planned: say how many, and what to do."""
+    absent = mercantile.Tile(1, 1, 1)
+    tiles = [t for t in mercantile.tiles(-180, -85, 180, 85, [1, 2]) if t != absent]
+    source = _tile_folder(tmp_path / "tiles", tiles)
+    for name in ("geoindex", "pipelines"):  # an earlier --quiet run may have raised their levels
+        caplog.set_level("INFO", logger=name)
+    summaries = build_index.run(build_index.parse_args(
+        ["--all", "--index", str(tmp_path / "index"), "--source", str(source), "--encoder", "tiny", "--quiet",
+         "--schedule", "1", "2", "1"]))
+    assert [s.rows for s in summaries] == [3, 12]
+    assert summaries[0].orphaned is None and summaries[1].orphaned == 4
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "left out" in r.getMessage())
+    assert "4 tiles" in warning and "zoom-1 parent" in warning and "--schedule 2" in warning
+    assert "4 more tiles of the source skipped: parent tile missing" in caplog.text
+
+
+def test_a_build_of_a_few_tiles_does_not_report_zero_tiles_per_second():
+    from geoindex.build import BuildSummary
+
+    assert BuildSummary(2, 1, 1, 0, 1, 0, seconds=4.0).rate_text == "0.25 tiles/s"
+    assert BuildSummary(4, 256, 256, 0, 1, 0, seconds=10.0).rate_text == "26 tiles/s"
+
+
+def test_real_landsat_deep_level_counts_tiles_without_a_parent(tmp_path, shared_data):
+    """landsat-sf holds 445 zoom-14 tiles but only 21 zoom-12 parents; the others are reported, not silent."""
+    src = shared_data / "landsat-sf"
+    summaries = build_index.run(build_index.parse_args(
+        ["--all", "--index", str(tmp_path), "--source", str(src), "--encoder", "tiny", "--quiet",
+         "--schedule", "12", "14", "2", "--bbox", "-122.7", "37.5", "-122.0", "38.0"]))
+    z14 = summaries[-1]
+    held = len(list((src / "14").glob("*/*.jpg")))
+    assert z14.orphaned is not None and z14.orphaned > 0
+    assert z14.rows + z14.orphaned == held
+
+
+def _no_clip_here(monkeypatch) -> None:
+    """As on a fresh machine: no CLIP weights in the caches (the installed EfficientNet-Lite0 stays)."""
+    from geoindex.encoders import find_cached_weights
+
+    monkeypatch.setattr("geoindex.encoders.find_cached_weights",
+                        lambda spec: None if spec.family == "open_clip" else find_cached_weights(spec))
+
+
+def test_encoder_auto_is_the_default_and_falls_back_to_efficientnet_without_clip(monkeypatch, tmp_path):
+    from geoindex.encoders import choose_encoder
+    from pipelines import train
+
+    monkeypatch.delenv("GEOINDEX_CLIP_WEIGHTS", raising=False)
+    _no_clip_here(monkeypatch)
+    assert build_index.parse_args(["--all"]).encoder == "auto"
+    assert train.parse_args(["--photos", "p.csv"]).encoder == "auto"
+    name, why = choose_encoder()
+    assert name == "efficientnet-lite0" and "no CLIP ViT-B/32 weights" in why and "--weights" in why
+    weights = tmp_path / "open_clip_model.safetensors"
+    weights.write_bytes(b"found, not loaded")
+    assert choose_encoder(weights) == ("clip-vit-b-32", f"CLIP ViT-B/32 weights found at {weights}")
+    with pytest.raises(geoindex.WeightsNotFoundError):  # asked for CLIP and it is not there: no silent swap
+        choose_encoder(tmp_path / "missing.safetensors")
+
+
+def test_encoder_auto_extends_an_index_with_its_own_encoder(tmp_path, tile_dir, caplog):
+    _build(["--zoom", "1", "--index", str(tmp_path), "--source", str(tile_dir)])
+    for name in ("geoindex", "pipelines"):  # an earlier --quiet run may have raised their levels
+        caplog.set_level("INFO", logger=name)
+    build_index.run(build_index.parse_args(["--zoom", "2", "--index", str(tmp_path), "--source", str(tile_dir),
+                                            "--quiet"] + SCHEDULE))
+    assert f"encoder tiny (--encoder auto: the encoder of the levels already in {tmp_path})" in caplog.text
+    assert geoindex.open_index(tmp_path).manifest.level(2) is not None
+
+
+def test_create_encoder_auto_says_which_and_why(monkeypatch, caplog):
+    from geoindex.encoders import create_encoder
+
+    monkeypatch.delenv("GEOINDEX_CLIP_WEIGHTS", raising=False)
+    _no_clip_here(monkeypatch)
+    for name in ("geoindex", "pipelines"):  # an earlier --quiet run may have raised their levels
+        caplog.set_level("INFO", logger=name)
+    assert create_encoder("auto").spec.name == "efficientnet-lite0"
+    assert "encoder efficientnet-lite0 (auto: no CLIP ViT-B/32 weights on this machine" in caplog.text

@@ -80,7 +80,7 @@ def test_locate_table(capsys, small_index, photos):
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["image", "#", "lat", "lon"]
     assert len(lines) == 1 + 3 + 1  # header, 3 candidates, and the line saying the index is uncalibrated
-    assert "3/5/2" in lines[1] and str(photos / "a.png")[-20:] in lines[1]
+    assert "3/5/2" in lines[1] and lines[1].split()[0].endswith("/photos/a.png")
     assert "uncalibrated index" in lines[4]
     assert "1 of 1 images located" in err and "on cpu" in err and "images/s" in err
 
@@ -142,10 +142,88 @@ def test_locate_map_and_geojson(capsys, small_index, photos, tmp_path):
     assert f"wrote {png}" in err and f"wrote {gj}" in err
 
 
-def test_map_needs_exactly_one_image(capsys, small_index, photos, tmp_path):
-    code, _, err = _run(capsys, "locate", str(photos), "--index", str(small_index), "--map",
-                        str(tmp_path / "m.png"))
-    assert code == 2 and "--map draws one image; 2 were given" in err
+def test_map_of_several_photos_draws_one_png_per_photo_named_after_it(capsys, small_index, photos, tmp_path):
+    (photos / "sub" / "a.png").write_bytes((photos / "a.png").read_bytes())  # two photos named a.png
+    code, _, err = _run(capsys, "locate", str(photos), "--index", str(small_index), "-k", "4", "--map",
+                        str(tmp_path / "m.png"), "--map-source", "bluemarble", "--device", "cpu")
+    assert code == 0, err
+    drawn = sorted(p.name for p in tmp_path.glob("m-*.png"))
+    assert drawn == ["m-a-2.png", "m-a.png", "m-b.png"] and not (tmp_path / "m.png").exists()
+    for name in drawn:
+        with Image.open(tmp_path / name) as img:
+            assert img.format == "PNG" and img.width > 100
+    assert f"wrote {tmp_path / 'm-b.png'}" in err and str(photos / "sub" / "b.png") in err
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv"])
+def test_trace_with_a_format_that_cannot_hold_it_is_refused(capsys, small_index, photos, fmt):
+    code, out, err = _run(capsys, "locate", str(photos / "a.png"), "--index", str(small_index), "--trace",
+                          "--format", fmt)
+    assert code == 2 and out == ""
+    assert "--trace is written in --format json only" in err and "--format json --trace" in err
+
+
+@pytest.mark.parametrize(("name", "start", "end"), [
+    ("holiday-" + "x" * 40 + "-berlin-dom.png", "holiday-", "-berlin-dom.png"),  # a long name: both its ends
+    ("berlin.png", None, "/berlin.png"),                                          # a long folder: the whole name
+])
+def test_table_cuts_long_file_names_in_the_middle(capsys, small_index, tmp_path, name, start, end):
+    folder = tmp_path / ("f" * 40)
+    folder.mkdir()
+    _save(T(5, 2, 3), folder / name)
+    code, out, _ = _run(capsys, "locate", str(folder / name), "--index", str(small_index), "--device", "cpu",
+                        "--top-n", "1")
+    shown = out.splitlines()[1][:32]
+    assert code == 0 and "..." in shown and shown.endswith(end)
+    assert shown.startswith(start or str(tmp_path)[:5])
+
+
+def test_clip_keeps_short_names_and_fits_the_width():
+    from geoindex.formats import _clip
+
+    assert _clip("a.png", 32) == "a.png"
+    for text in ("/very/long/folder/name/that/goes/on/and/on/photo.jpg", "x" * 100, "/" + "y" * 100):
+        assert len(_clip(text, 32)) == 32
+
+
+def test_no_index_points_at_the_demo_not_at_a_planet_build(capsys, photos, tmp_path):
+    code, _, err = _run(capsys, "locate", str(photos / "a.png"), "--index", str(tmp_path / "nope"))
+    assert code == 2 and "make demo" in err and "--index indexes/demo" in err and "--bbox" in err
+
+
+def test_help_and_bare_import_load_no_heavy_library():
+    """`geoindex --help` must answer at once: torch, FAISS, fastapi, timm, open_clip, onnx load only when used."""
+    heavy = ["torch", "faiss", "fastapi", "timm", "open_clip", "onnx", "onnxruntime", "pyarrow", "requests"]
+    code = ("import sys, io, contextlib\n"
+            "import geoindex, geoindex.cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n        geoindex.cli.main(['--help'])\n    except SystemExit:\n        pass\n"
+            "assert 'locate' in out.getvalue()\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_public_names_still_resolve_lazily():
+    for name in geoindex.__all__:
+        assert getattr(geoindex, name) is not None
+    assert geoindex.SearchResult.__module__ == "geoindex.results"
+
+
+def test_slow_loading_is_announced_on_stderr(capsys):
+    import time
+
+    from geoindex.cli import _loading
+
+    with _loading("the thing", quiet=False, after=0.05):
+        time.sleep(0.3)
+    with _loading("the quick thing", quiet=False, after=5.0):
+        pass
+    with _loading("the quiet thing", quiet=True, after=0.05):
+        time.sleep(0.2)
+    err = capsys.readouterr().err
+    assert err == "loading the thing ...\n"
 
 
 @pytest.mark.parametrize(
@@ -282,4 +360,4 @@ def test_prior_without_geoclip_backbone_fails_clearly(small_index, tmp_path, cap
     code = main(["locate", str(image), "--index", str(small_index), "-k", "4", "--prior", "geoclip", "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "geoindex[geoclip]" in err or "--geoclip-backbone" in err
+    assert ".[geoclip]" in err or "--geoclip-backbone" in err

@@ -327,3 +327,10 @@ def test_http_spec_round_trips_against_a_loopback_server(tile_server):
     assert isinstance(again, HttpSource) and again.name == source.name
     for tile in world(1):
         assert again.fetch_bytes(tile) == source.fetch_bytes(tile)
+
+
+def test_summary_of_a_slow_fetch_does_not_say_zero_tiles_per_second():
+    from geoindex.sources import FetchSummary
+
+    assert "(0.033 tiles/s)" in FetchSummary(1, 0, 0, 0, 1, seconds=30.0).line()
+    assert "(25.0 tiles/s)" in FetchSummary(50, 50, 0, 0, 0, seconds=2.0).line()

@@ -95,7 +95,7 @@ def test_importing_geoindex_does_not_import_geoclip():
 
 def test_missing_package_is_a_config_error_naming_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "geoclip", None)  # makes `import geoclip` raise ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'geoindex\[geoclip\]'"):
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[geoclip\]'"):
         gp.load_geoclip_prior(PooledPixels())
 
 
@@ -373,4 +373,4 @@ def test_evaluate_pipeline_prior_offline_fails_clearly(small_index, tmp_path, ca
                                    "--out", str(tmp_path / "r"), "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
-    assert "geoindex[geoclip]" in err or "--geoclip-backbone" in err
+    assert ".[geoclip]" in err or "--geoclip-backbone" in err

@@ -1,7 +1,7 @@
 """The Ray engine writes what the local engine writes: same shards, rows, FAISS files and search results; resumable.
 
 Runs on a local Ray instance (``ray.init(num_cpus=2)``) with the tiny encoder. Skipped, with the
-reason, where Ray Data is not installed (``pip install geoindex[ray]``).
+reason, where Ray Data is not installed (``pip install -e '.[ray]'`` in the checkout).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCHEDULE = ["--schedule", "1", "3", "1"]
 # Ray Data reads its own deprecated settings when it pickles its context; nothing here sets them.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
-RAY_MISSING = "Ray Data is not installed here; pip install geoindex[ray] (or 'ray[data]') to run the Ray engine tests"
+RAY_MISSING = "Ray Data is not installed here; pip install -e '.[ray]' (or 'ray[data]') to run the Ray engine tests"
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_ray_is_optional(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     argv = ["--zoom", "1", "--index", str(tmp_path), "--encoder", "tiny", "--quiet", "--engine", "ray", *SCHEDULE]
     assert build_index.main(argv) == 2
-    assert "pip install geoindex[ray]" in capsys.readouterr().err
+    assert "pip install -e '.[ray]'" in capsys.readouterr().err
 
 
 def test_engine_flags():

@@ -535,15 +535,6 @@ def test_service_bounds_concurrent_decodes_with_503(client_for):
     assert client.post("/locate", files={"image": ("c.png", png)}).status_code == 200  # the slot was released
 
 
-def test_service_refuses_two_image_parts(client_for):
-    from PIL import Image
-
-    client = client_for()
-    png = _encoded(Image.new("RGB", (8, 8)), "PNG")
-    r = client.post("/locate", files=[("image", ("a.png", png)), ("image", ("b.png", png))])
-    assert r.status_code == 400 and "send one 'image' part per request; got 2 ('a.png', 'b.png')" in r.json()["detail"]
-
-
 def test_service_arguments_are_checked(small_index):
     from geoindex.errors import ConfigError
     from geoindex.service import create_app

@@ -103,7 +103,7 @@ def test_bbox_restricts_the_search(server):
 @pytest.mark.parametrize(
     ("data", "status", "message"),
     [
-        (b"this is not an image", 400, "bad.png: <20 bytes>: not a readable image"),
+        (b"this is not an image", 400, "bad.png: not an image: 20 bytes of text; send a JPEG, PNG, WebP"),
         (b"", 400, "bad.png: the uploaded file is empty"),
         (None, 400, "bad.png: <"),  # a truncated PNG: the header is fine, the pixels are missing
     ],
@@ -172,3 +172,52 @@ def test_create_app_checks_its_arguments(small_index, tmp_path):
 
     with pytest.raises(IndexNotFoundError):
         create_app(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize(("data", "kind"), [
+    (b"%PDF-1.7\n" + bytes(range(200)), "209 bytes of a PDF document"),
+    (b"\x00\x00\x00\x18ftypheic" + bytes(100), "a HEIC/HEIF photo (iPhone), which is not supported: export it as JPEG"),
+    (b"<!DOCTYPE html><html></html>", "28 bytes of an HTML page"),
+])
+def test_an_upload_that_is_not_an_image_says_what_it_was_and_what_is_accepted(server, data, kind):
+    r = _locate(server, data, name="scan.jpg")
+    assert r.status_code == 400, r.text
+    detail = r.json()["detail"]
+    assert detail.startswith("scan.jpg: not an image: ") and kind in detail
+    assert "send a JPEG, PNG, WebP, TIFF, BMP or GIF photo" in detail and "cannot identify" not in detail
+
+
+def test_several_photos_in_one_request_each_with_its_own_answer_or_error(server):
+    files = [("image", ("a.png", _png(T(5, 2, 3)), "image/png")), ("image", ("bad.png", b"junk", "image/png")),
+             ("image", ("b.png", _png(T(1, 6, 3)), "image/png"))]
+    r = httpx.post(f"{server}/locate", files=files, data={"k": "6"}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["k"] == 6 and [item["image"] for item in body["results"]] == ["a.png", "bad.png", "b.png"]
+    good, bad, other = body["results"]
+    assert good["tile"] == [3, 5, 2] and other["tile"] == [3, 1, 6]
+    assert bad["status"] == 400 and bad["error"].startswith("bad.png: not an image") and "tile" not in bad
+    single = _locate(server, _png(T(5, 2, 3)), name="a.png", k=6).json()  # one part: the answer itself
+    assert single["tile"] == good["tile"] and single["candidates"] == good["candidates"]
+
+
+def test_photos_per_request_are_bounded_in_count_and_bytes(small_index):
+    app = create_app(small_index, max_upload_bytes=LIMIT, default_k=4, device="cpu", max_photos=2)
+    photo = _png(T(5, 2, 3))
+    with serving(app) as url:
+        r = httpx.post(f"{url}/locate", files=[("image", (f"{i}.png", photo)) for i in range(3)], timeout=TIMEOUT)
+        assert r.status_code == 413 and "3 photos in one request; at most 2 (--max-photos)" in r.json()["detail"]
+        big = bytes(LIMIT // 2 + 1)
+        r = httpx.post(f"{url}/locate", files=[("image", ("a.png", big)), ("image", ("b.png", big))],
+                       timeout=TIMEOUT)
+        assert r.status_code == 413 and "--max-upload-mb" in r.json()["detail"]
+        assert httpx.get(f"{url}/health", timeout=TIMEOUT).json()["max_photos"] == 2
+    with pytest.raises(ConfigError, match="--max-photos"):
+        create_app(small_index, max_photos=0)
+
+
+def test_favicon_is_served(server):
+    r = httpx.get(f"{server}/favicon.ico", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(r.content)) as icon:
+        assert icon.size == (32, 32)

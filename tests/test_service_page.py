@@ -351,3 +351,13 @@ def test_page_accepts_a_dropped_photo(browser, page_server):
     assert card.find_element(By.TAG_NAME, "h2").text == "dropped.png"
     assert card.get_attribute("data-state") == "done"
     assert card.find_elements(By.CSS_SELECTOR, "table.candidates tbody tr")
+
+
+def test_page_finds_its_favicon(browser, page_server):
+    """Browsers ask every page's server for /favicon.ico; the page's must not answer 404."""
+    _open(browser, page_server)
+    status, ctype = browser.execute_async_script("""
+        const done = arguments[0];
+        fetch("/favicon.ico").then((r) => done([r.status, r.headers.get("content-type")]), (e) => done([0, String(e)]));
+    """)
+    assert (status, ctype) == (200, "image/png")

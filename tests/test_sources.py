@@ -473,3 +473,62 @@ def test_raster_sampling_equals_the_direct_formula(tmp_path):
     lon = (tile.x + t) / 4 * 360 - 180
     rows, cols = source._pixel_of(lat[:, None], lon[None, :])
     np.testing.assert_array_equal(np.asarray(source.get(tile)), _bilinear_reference(pixels, rows, cols))
+
+
+# --- tile folders: every extension the reader reads, in any case ------------------------------------
+
+
+@pytest.mark.parametrize("name", ["5.jpg", "5.jpeg", "5.JPG", "5.JPEG", "5.png", "5.PNG", "5.webp", "5.WebP"])
+def test_tile_folder_of_any_readable_extension_opens_and_reads(tmp_path, name):
+    fmt = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[name.split(".")[1].lower()]
+    (tmp_path / "4" / "3").mkdir(parents=True)
+    (tmp_path / "4" / "3" / name).write_bytes(encode_tile(TILE, fmt))
+    src = open_source(str(tmp_path))
+    assert isinstance(src, DirectorySource)
+    assert src.get(TILE).size == (16, 16)
+    from geoindex.sources import stored_tile_path
+
+    assert stored_tile_path(tmp_path, TILE) == tmp_path / "4" / "3" / name
+
+
+def test_tile_folder_of_unreadable_files_names_what_it_reads(tmp_path):
+    (tmp_path / "4" / "3").mkdir(parents=True)
+    (tmp_path / "4" / "3" / "5.txt").write_text("not a tile")
+    with pytest.raises(ConfigError, match=r"holds no .*jpg.*--source"):
+        open_source(str(tmp_path))
+
+
+def test_real_landsat_jpg_folder_opens(shared_data):
+    src = open_source(str(shared_data / "landsat-sf"))
+    tile = next(mercantile.Tile(int(p.parent.name), int(p.stem), 12)
+                for p in sorted((shared_data / "landsat-sf" / "12").glob("*/*.jpg")))
+    assert src.get(tile).size == (256, 256)
+
+
+def _dns_failure() -> requests.ConnectionError:
+    """What requests raises when the host name does not resolve (urllib3 2.x wraps the socket.gaierror)."""
+    import socket
+
+    import urllib3.exceptions
+
+    gai = socket.gaierror(-2, "Name or service not known")
+    try:
+        try:
+            raise gai
+        except socket.gaierror as e:
+            raise urllib3.exceptions.NameResolutionError("tiles.test", None, e) from e  # type: ignore[arg-type]
+    except urllib3.exceptions.NameResolutionError as e:
+        return requests.ConnectionError(urllib3.exceptions.MaxRetryError(None, "/4/3/5.png", reason=e))  # type: ignore[arg-type]
+
+
+def test_a_host_that_does_not_resolve_is_named_not_blamed_on_retries_or_rate():
+    session, sleeps = ScriptedSession(_dns_failure()), []
+    with pytest.raises(TileSourceError, match=r"cannot resolve the host name 'tiles.test'") as info:
+        http_source(session, sleeps, max_retries=5).fetch_bytes(TILE)
+    assert "--retries" not in str(info.value) and "--max-rps" not in str(info.value)
+    assert "online" in str(info.value) and len(session.urls) == 2  # one retry for a resolver's hiccup, no more
+
+
+def test_one_dns_hiccup_is_retried():
+    session, sleeps = ScriptedSession(_dns_failure(), response(body=GOOD)), []
+    assert http_source(session, sleeps).fetch_bytes(TILE) == GOOD and len(session.urls) == 2

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from geoindex.errors import ConfigError, ImageError, SourceNotReopenableError
-from geoindex.sources.base import TILE_EXTENSIONS, ByteTileSource, TileSource, source_spec
+from geoindex.sources.base import TILE_EXTENSIONS, ByteTileSource, ListableTileSource, TileSource, source_spec
 from geoindex.sources.fetch import MISSING_FILE, FetchSummary, ProgressBar, fetch_to_directory
 from geoindex.sources.folder import DirectorySource, open_directory, stored_tile_path
 from geoindex.sources.http import USER_AGENT, HttpSource, _query_provider, open_provider
@@ -37,6 +37,7 @@ __all__ = [
     "DirectorySource",
     "FetchSummary",
     "HttpSource",
+    "ListableTileSource",
     "MBTilesSource",
     "MemorySource",
     "ProgressBar",

@@ -11,16 +11,20 @@ import io
 from typing import Protocol, runtime_checkable
 
 import mercantile
+import numpy as np
+import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from geoindex.errors import ImageError
 from geoindex.imagery import decode_tile
 
-__all__ = ["TILE_EXTENSIONS", "ByteTileSource", "TileSource", "source_spec"]
+__all__ = ["TILE_EXTENSIONS", "ByteTileSource", "ListableTileSource", "TileSource", "source_spec"]
 
-# Pillow format name -> file extension. DirectorySource reads one extension per store.
+# Pillow format name -> the file extension fetch_tiles writes tiles of that format with.
 _FORMAT_EXTENSIONS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
-TILE_EXTENSIONS = tuple(_FORMAT_EXTENSIONS.values())
+# Every extension a tile folder is read with (compared case-insensitively): what is written, and
+# ``jpg``, which other tools (GDAL, QGIS, the Landsat tiles in ../shared/data) use for JPEG.
+TILE_EXTENSIONS = ("jpeg", "jpg", "png", "webp")
 
 
 @runtime_checkable
@@ -47,6 +51,15 @@ class ByteTileSource(TileSource, Protocol):
 
     def fetch_bytes(self, tile: mercantile.Tile) -> bytes:
         """The tile's encoded image; TileNotFoundError if absent, TileSourceError on failure."""
+        ...
+
+
+@runtime_checkable
+class ListableTileSource(TileSource, Protocol):
+    """A tile source that can say which tiles it holds (a folder, an MBTiles archive), not only fetch them."""
+
+    def tiles(self, *, zoom: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The x and y of every tile the source holds at ``zoom``, each shape (n,), int64, no repeats."""
         ...
 
 

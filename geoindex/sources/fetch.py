@@ -74,9 +74,11 @@ class FetchSummary:
     def line(self) -> str:
         """One-line human summary."""
         rate = (self.fetched + self.skipped + self.missing + self.failed) / max(self.seconds, 1e-9)
+        # two significant digits below 10/s: one slow tile is 0.033 tiles/s, not 0.0
+        rate_text = f"{rate:.1f}" if rate >= 10 else f"{rate:.2g}"
         return (
             f"{self.total} tiles: {self.fetched} fetched, {self.skipped} already stored, "
-            f"{self.missing} missing, {self.failed} failed in {self.seconds:.1f} s ({rate:.1f} tiles/s)"
+            f"{self.missing} missing, {self.failed} failed in {self.seconds:.1f} s ({rate_text} tiles/s)"
         )
 
 

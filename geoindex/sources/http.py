@@ -10,6 +10,7 @@ import email.utils
 import importlib.metadata
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import mercantile
 import requests
+import urllib3.exceptions
 import xyzservices.providers
 from PIL import Image
 from requests.adapters import HTTPAdapter
@@ -37,6 +39,7 @@ except importlib.metadata.PackageNotFoundError:  # running from a source tree th
     _VERSION = "0+unknown"
 USER_AGENT = f"geoindex/{_VERSION} (+https://github.com/geoindex/geoindex)"
 
+_DNS_FAILURE = "the host name does not resolve"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 _MISSING_STATUSES = frozenset({204, 404})
 # Failures of the connection or of reading the body; a later attempt may well succeed.
@@ -46,6 +49,27 @@ _TRANSIENT_ERRORS = (
     requests.exceptions.ChunkedEncodingError,
     requests.exceptions.ContentDecodingError,
 )
+
+
+# urllib3 2.x names a failed DNS lookup; 1.x leaves only the socket.gaierror in the chain.
+_NAME_ERRORS: tuple[type[BaseException], ...] = (
+    socket.gaierror, *((urllib3.exceptions.NameResolutionError,)
+                       if hasattr(urllib3.exceptions, "NameResolutionError") else ()))
+
+
+def _is_dns_failure(error: BaseException) -> bool:
+    """True when a failed request's cause, anywhere in its chain, is a host name that did not resolve."""
+    pending, seen = [error], set()
+    while pending:
+        e = pending.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, _NAME_ERRORS):
+            return True
+        pending += [x for x in (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+                    if isinstance(x, BaseException)]
+    return False
 
 
 class _TokenBucket:
@@ -266,12 +290,20 @@ class HttpSource:
         url = self.url(tile)
         shown = _redact(url)
         reason = ""
+        unresolved = 0
         for attempt in range(self.max_retries + 1):
             if self._limiter is not None:
                 self._limiter.acquire()
             data, reason, retry_after = self._attempt(url, shown)
             if data is not None:
                 return data
+            unresolved = unresolved + 1 if reason == _DNS_FAILURE else 0
+            if unresolved == 2:  # once may be a resolver's hiccup; twice, more retries will not find the host
+                host = urlsplit(url).hostname
+                raise TileSourceError(
+                    f"{shown}: cannot resolve the host name {host!r} (DNS lookup failed twice): check the host "
+                    "in --source for a typo, and that this machine is online (a proxy or DNS server may be needed)"
+                )
             if attempt < self.max_retries:
                 if retry_after is None:
                     delay = self._backoff_delay(attempt)
@@ -291,7 +323,7 @@ class HttpSource:
         try:
             resp = self._session.get(url, timeout=self.timeout)
         except _TRANSIENT_ERRORS as e:
-            return None, f"{type(e).__name__}: {e}", None
+            return None, _DNS_FAILURE if _is_dns_failure(e) else f"{type(e).__name__}: {e}", None
         except requests.RequestException as e:
             raise TileSourceError(f"{shown}: request failed ({e})") from e
         status = resp.status_code

@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import mercantile
+import numpy as np
+import numpy.typing as npt
 from PIL import Image
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
@@ -73,6 +75,14 @@ class MBTilesSource:
         except ImageError as e:
             raise TileSourceError(f"{e}; the archive is damaged") from e
         return data
+
+    def tiles(self, *, zoom: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """The x and y (XYZ, from the north) of every tile the archive holds at ``zoom``."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT DISTINCT tile_column, tile_row FROM tiles WHERE zoom_level = ?", (zoom,)).fetchall()
+        xy = np.array(rows, dtype=np.int64).reshape(-1, 2)
+        return xy[:, 0].copy(), (1 << zoom) - 1 - xy[:, 1]
 
     def get(self, tile: mercantile.Tile) -> Image.Image:
         """The tile as an RGB image."""
