@@ -6,7 +6,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, cast, overload
+from typing import Any, Literal, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -86,6 +86,32 @@ class _Searcher:
             scores = ood_scores(xq, self.ood_reference, neighbours=calibration.ood_neighbours).tolist()
         return make_results(hits, top_n=top_n, names=names, calibration=calibration, ood_scores=scores)
 
+    @overload
+    def search(
+        self, images: ImageInput, k: int = 64, *, top_n: int = 5, on_error: Literal["raise"] = "raise",
+        prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+    ) -> SearchResult: ...
+
+    @overload
+    def search(
+        self, images: list[Any] | tuple[Any, ...], k: int = 64, *, top_n: int = 5,
+        on_error: Literal["raise"] = "raise", prior: str | GeoCLIPPrior | None = None,
+        prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+    ) -> list[SearchResult]: ...
+
+    @overload
+    def search(
+        self, images: ImageInput, k: int = 64, *, top_n: int = 5, on_error: OnError,
+        prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+    ) -> SearchResult | GeoIndexError: ...
+
+    @overload
+    def search(
+        self, images: list[Any] | tuple[Any, ...], k: int = 64, *, top_n: int = 5,
+        on_error: OnError, prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject",
+        prior_weight: float = 0.5,
+    ) -> list[SearchResult | GeoIndexError]: ...
+
     def search(
         self,
         images: ImageInput | Sequence[ImageInput],
@@ -96,11 +122,13 @@ class _Searcher:
         prior: str | GeoCLIPPrior | None = None,
         prior_mode: PriorMode = "inject",
         prior_weight: float = 0.5,
-    ) -> list[SearchResult | GeoIndexError]:
-        """Geolocate a batch of photos: one encoder batch, then one FAISS call per level.
+    ) -> SearchResult | GeoIndexError | list[SearchResult] | list[SearchResult | GeoIndexError]:
+        """Geolocate one photo, or a batch: one encoder batch, then one FAISS call per level.
+
+        As :func:`geoindex.search`: one image in, one result out; a list (or tuple) in, a list out.
 
         Args:
-            images: one image or a sequence (paths, bytes, PIL images, HxWxC uint8 arrays).
+            images: one image, or a list or tuple of them (paths, bytes, PIL images, HxWxC uint8 arrays).
             k: beam width, as in the paper: tiles kept per level (each level scores up to
                 16 * k children).
             top_n: final candidates reported per photo.
@@ -110,10 +138,12 @@ class _Searcher:
             prior_mode, prior_weight: how (:class:`geoindex.beam.PriorOptions`).
 
         Returns:
-            One SearchResult per image, in order (or the error, with ``on_error="return"``).
+            For one image its SearchResult; for a list, one SearchResult per image, in order. With
+            ``on_error="return"`` an unreadable image's ImageError stands in place of its result.
         """
-        return self._search(images, check_k(k), top_n=top_n, on_error=on_error, prior=prior, prior_mode=prior_mode,
-                            prior_weight=prior_weight)
+        results = self._search(images, check_k(k), top_n=top_n, on_error=on_error, prior=prior,
+                               prior_mode=prior_mode, prior_weight=prior_weight)
+        return results if isinstance(images, (list, tuple)) else results[0]
 
     def _search(
         self,

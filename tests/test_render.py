@@ -111,7 +111,7 @@ def test_geojson_heat_map():
 def searched(small_index):
     index = geoindex.open_index(small_index)
     photo = render_tile(T(5, 2, 3), size=96)
-    return index.search(photo, k=6)[0], photo
+    return index.search(photo, k=6), photo
 
 
 def test_draw_map_of_a_real_trace(searched):

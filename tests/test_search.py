@@ -128,7 +128,7 @@ def test_batch_equals_one_by_one(small_index):
     queries = _queries(8, zoom=3, seed=6)
     batch = index.search(queries, k=3)
     for q, r in zip(queries, batch):
-        single = index.search(q, k=3)[0]
+        single = index.search(q, k=3)
         assert _trace_tiles(single) == _trace_tiles(r)
         np.testing.assert_allclose(single.score, r.score, rtol=1e-5)
 
@@ -227,3 +227,15 @@ def test_build_and_on_the_fly_read_rgba_tiles_alike(tiny_encoder):
     np.testing.assert_allclose(fly, built, atol=1e-6)
     white = tiny_encoder.encode([Image.alpha_composite(Image.new("RGBA", (64, 64), "white"), rgba[tiles[0]])])
     np.testing.assert_allclose(built[0], white[0], atol=1e-6)
+
+
+def test_index_search_and_geoindex_search_agree_on_one_image_and_on_lists(small_index):
+    """One image in, one result out; a list in, a list out: the same for the method and the function."""
+    index = geoindex.open_index(small_index)
+    photo = _queries(1, zoom=3)[0]
+    one, function_one = index.search(photo, k=3), geoindex.search(photo, k=3, index=index)
+    assert isinstance(one, geoindex.SearchResult) and _trace_tiles(one) == _trace_tiles(function_one)
+    many = index.search([photo, photo], k=3)
+    assert isinstance(many, list) and [_trace_tiles(r) for r in many] == [_trace_tiles(one)] * 2
+    assert isinstance(index.search((photo,), k=3), list)
+    assert isinstance(index.search(b"not an image", k=3, on_error="return"), geoindex.ImageError)
