@@ -17,7 +17,7 @@ from typing import Any
 import mercantile
 import numpy as np
 
-from geoindex.encoders import ImageEncoder, load_map_encoder
+from geoindex.encoders import ImageEncoder
 from geoindex.errors import EncoderMismatchError
 from geoindex.files import file_sha256
 from geoindex.sources import TileSource
@@ -96,7 +96,3 @@ def shipped_encoders(photo_encoder: ImageEncoder, *, root: Path = SHIPPED_ROOT) 
         checkpoints[int(zoom)] = path
     return ShippedEncoders(folder, checkpoints, record)
 
-
-def load_shipped(photo_encoder: ImageEncoder, zoom: int, shipped: ShippedEncoders) -> ImageEncoder:
-    """The shipped map encoder of ``zoom`` on ``photo_encoder``'s base."""
-    return load_map_encoder(photo_encoder, shipped.checkpoints[zoom])

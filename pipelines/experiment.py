@@ -456,7 +456,7 @@ def figures(cfg: Config, plan: Plan, counts: dict[str, int], reports: dict[str, 
     return {
         "encoder": cfg.encoder, "command": cfg.command,
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}",
+        "machine": _machine(cfg),
         "precision": resolve_precision(cfg.precision, spec=ENCODERS[cfg.encoder]),
         "recipe": {"head": cfg.head, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                    "logit_scale": cfg.logit_scale, "negatives": cfg.negatives, "l2sp": cfg.l2sp,
@@ -467,6 +467,12 @@ def figures(cfg: Config, plan: Plan, counts: dict[str, int], reports: dict[str, 
                    "extra_training_tiles": len(plan.extra), "views": counts},
         "timings_s": timings, "results": results,
     }
+
+
+def _machine(cfg: Config) -> str:
+    where = "" if cfg.device == "cpu" else f", device {cfg.device} ({torch.cuda.get_device_name(cfg.device)})"
+    return (f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__} "
+            f"({cfg.threads} thread{'s' if cfg.threads > 1 else ''}){where}")
 
 
 def _pct(x: float | None) -> str:
@@ -481,10 +487,11 @@ def _section(cfg: Config, source: str, plan: Plan, counts: dict[str, int], repor
         f"## training experiment: map encoders on Blue Marble views, held out by place: {now}",
         "",
         f"- command: `{cfg.command}`",
-        f"- machine: {platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}"
-        f" ({cfg.threads} thread{'s' if cfg.threads > 1 else ''}), load avg {os.getloadavg()[0]:.2f} at end",
-        f"- imagery: `{source}` (zoom 4 and 6); index: whole world, levels z4 (256 tiles) and z6 (4,096 tiles)",
-        f"- encoder: `{cfg.encoder}` (photo encoder frozen; map encoders trained z6 then z4, head `{cfg.head}`, "
+        f"- machine: {_machine(cfg)}, load avg {os.getloadavg()[0]:.2f} at end",
+        f"- imagery: `{source}`; index: whole world, levels "
+        + ", ".join(f"z{z} ({4**z:,} tiles)" for z in cfg.zooms),
+        f"- encoder: `{cfg.encoder}` (photo encoder frozen; map encoders trained "
+        + " then ".join(f"z{z}" for z in reversed(cfg.zooms)) + f", head `{cfg.head}`, "
         f"{cfg.epochs} epochs, batch {cfg.batch_size}, Adam lr {cfg.lr:g}, logit scale {cfg.logit_scale:.2f}, "
         f"{cfg.negatives} extra negatives per step, L2-SP {cfg.l2sp:g})",
         f"- places (|lat| < 70): {len(plan.trained)} evaluation tiles trained on, {len(plan.heldout_tiles)} "
@@ -495,20 +502,20 @@ def _section(cfg: Config, source: str, plan: Plan, counts: dict[str, int], repor
         "Gaussian blur 0-1.5 px; " + ", ".join(f"{v} {k}" for k, v in counts.items()),
         "- wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()),
         "",
-        "Tile top-1 = the true tile ranked first at that level; k = beam width (k=256 keeps every z4 tile, "
-        "so its z6 figure is exhaustive retrieval over all 4,096 z6 tiles).",
+        "Tile top-1 = the true tile ranked first at that level; k = beam width (a k that keeps every tile of "
+        "the level above makes that level's figure exhaustive retrieval).",
         "",
-        "| split | encoders | k | z4 tile top-1 | z4 beam recall | z6 tile top-1 | z6 beam recall "
-        "| median error km | 200 km | 750 km | 2500 km |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| split | encoders | k | " + " | ".join(f"z{z} tile top-1 | z{z} beam recall" for z in cfg.zooms)
+        + " | median error km | 200 km | 750 km | 2500 km |",
+        "|---|---|---:|" + "---:|---:|" * len(cfg.zooms) + "---:|---:|---:|---:|",
     ]
     for split_name, _, label in SPLITS:
         for when in ("before", "after"):
             rep = reports[f"{when}-{split_name}"]
             for r in rep.results:
+                levels = " | ".join(f"{_pct(r.tile_top1[z])} | {_pct(r.beam_recall[z])}" for z in cfg.zooms)
                 lines.append(
-                    f"| {label} | {'untrained' if when == 'before' else 'trained'} | {r.k} | {_pct(r.tile_top1[4])} "
-                    f"| {_pct(r.beam_recall[4])} | {_pct(r.tile_top1[6])} | {_pct(r.beam_recall[6])} "
+                    f"| {label} | {'untrained' if when == 'before' else 'trained'} | {r.k} | {levels} "
                     f"| {r.median_km:,.0f} "
                     f"| {_pct(r.accuracy[200.0])} | {_pct(r.accuracy[750.0])} | {_pct(r.accuracy[2500.0])} |")
     lines += ["", "Training (loss per epoch):", "", "| level | epoch | mean loss |", "|---|---:|---:|"]
