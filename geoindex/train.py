@@ -537,6 +537,15 @@ def train_levels(
         raise ConfigError("no zoom levels to train")
     if len(set(zooms)) != len(zooms):
         raise ConfigError(f"zoom levels repeat: {list(zooms)}")
+    train_rows = np.asarray(data["train_rows"], dtype=np.int64)
+    for zoom in zooms:  # refuse before any level trains, not after the finer ones did
+        codes = np.unique(tile_codes(np.asarray(data["lat"])[train_rows], np.asarray(data["lon"])[train_rows],
+                                     zoom=zoom))
+        if len(codes) < 2:
+            where = f" (all in tile {tuple(tile_of_code(int(codes[0]), zoom=zoom))})" if len(codes) else ""
+            raise ConfigError(
+                f"z{zoom}: training needs photos in at least 2 distinct tiles, got {len(train_rows)} photos{where}; "
+                f"drop zoom {zoom} from --zooms/--schedule or add photos from elsewhere")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: list[LevelResult] = []

@@ -24,6 +24,7 @@ from geoindex.dataset import SPLITS, photo_embeddings, read_photo_csv, table_spl
 from geoindex.encoders import AUTO_ENCODER, ENCODER_CHOICES, HEADS, create_encoder
 from geoindex.errors import ConfigError
 from geoindex.sources import open_source
+from geoindex.threads import cpu_cores
 from geoindex.tiles import LevelSchedule, tile_code_array
 from geoindex.train import LevelResult, TrainConfig, train_levels
 from pipelines._cli import pipeline_main, progress_bar
@@ -49,7 +50,7 @@ class Config:
     split: tuple[float, float, float] = (10, 1, 1)
     seed: int = 0
     device: str = "cpu"
-    workers: int = 4
+    workers: int | None = None  # None: one tile loader per core beyond the first, at most 4
     max_val_photos: int | None = 10_000
     checkpoint_every: int = 200
     threads: int | None = None
@@ -62,9 +63,14 @@ class Config:
     geojson: Path | None = None
     quiet: bool = False
 
+    @property
+    def loader_workers(self) -> int:
+        """``--workers``, or one per core beyond the one that trains (at most 4): more only compete for the cores."""
+        return self.workers if self.workers is not None else min(4, cpu_cores() - 1)
+
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
-                           device=self.device, workers=self.workers, checkpoint_every=self.checkpoint_every,
+                           device=self.device, workers=self.loader_workers, checkpoint_every=self.checkpoint_every,
                            max_val_photos=self.max_val_photos, logit_scale=self.logit_scale,
                            negatives=self.negatives, cache_trunk_gb=self.cache_trunk_gb, head=self.head,
                            l2sp=self.l2sp)
@@ -94,7 +100,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                    help="train:val:test ratio, by photo (paper: 10 1 1); a `split` column overrides it")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the batch order")
     p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available), cpu, cuda")
-    p.add_argument("--workers", type=int, default=Config.workers, help="tile-loading worker processes")
+    p.add_argument("--workers", type=int,
+                   help="tile-loading worker processes (default: one per core beyond the first, at most 4)")
     p.add_argument("--max-val-photos", type=int, default=Config.max_val_photos,
                    help="validation photos scored per epoch (seeded subset; 0 = all)")
     p.add_argument("--checkpoint-every", type=int, default=Config.checkpoint_every,
@@ -159,7 +166,7 @@ def run(cfg: Config) -> list[LevelResult]:
             bar.update(done)
 
         emb, ok = photo_embeddings(table, base, cfg.out / "cache", batch_size=cfg.batch_size,
-                                   workers=max(1, cfg.workers), progress=bar.update, on_plan=on_plan)
+                                   workers=max(1, cfg.loader_workers), progress=bar.update, on_plan=on_plan)
     train_rows, val_rows = splits["train"][ok[splits["train"]]], splits["val"][ok[splits["val"]]]
 
     pools = None

@@ -363,3 +363,12 @@ def test_l2sp_keeps_the_weights_closer_to_their_start(tiny_encoder, tiles8):
 def test_an_unknown_head_is_refused():
     with pytest.raises(ConfigError, match="--head"):
         TrainConfig(head="everything")
+
+
+def test_a_level_with_one_tile_is_refused_before_any_level_trains(tmp_path, tiny_encoder, rendered_source):
+    emb = tiny_encoder.encode([_photo(mercantile.Tile(2, 2, 3))] * 4)
+    lat, lon = np.array([10.0, 11.0, 40.0, 41.0]), np.array([10.0, 11.0, 100.0, 101.0])  # 2 z3 tiles, 1 z0 tile
+    with pytest.raises(ConfigError, match=r"z0: .*at least 2 distinct tiles.*\(all in tile \(0, 0, 0\)\)"):
+        train_levels(tiny_encoder, (0, 3), photo_emb=emb, lat=lat, lon=lon, train_rows=np.arange(4), val_rows=None,
+                     source=rendered_source, out_dir=tmp_path, cfg=TrainConfig(epochs=1, batch_size=4))
+    assert not list(tmp_path.glob("z*.pt"))  # z3 (trained first) was not trained either
