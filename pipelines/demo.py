@@ -83,10 +83,10 @@ def _choose_encoder(weights: str | None) -> str:
         try:
             resolve_weights(ENCODERS[name], weights if name == "clip-vit-b-32" else None, download=False)
             return name
-        except WeightsNotFoundError as e:
+        except WeightsNotFoundError:
             if name == "clip-vit-b-32" and weights:
                 raise
-            log.info("%s", e)
+            # The banner below says which encoder runs and how to pass CLIP weights: no log line here.
     return "tiny"
 
 
