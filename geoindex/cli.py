@@ -219,7 +219,7 @@ def _locate(args: argparse.Namespace) -> int:
 
     index = open_index(args.index, weights=args.weights, download=args.download, device=device,
                        verify=args.verify or None, precision=args.precision,
-                       resident=_RESIDENT[args.resident])
+                       resident=_RESIDENT[args.resident], retry_missing=args.retry_missing)
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
     map_source = _map_source(index, args.map_source) if args.map is not None else None
@@ -298,7 +298,7 @@ def _serve(args: argparse.Namespace) -> int:
     app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
                      weights=args.weights, download=args.download, device=device,
                      verify=args.verify or None, precision=args.precision,
-                     resident=_RESIDENT[args.resident])
+                     resident=_RESIDENT[args.resident], retry_missing=args.retry_missing)
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder.name} on {index.photo_encoder.device}) at "
           f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
@@ -344,6 +344,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resident", choices=tuple(_RESIDENT), default="auto",
                         help="read FAISS files into RAM instead of mapping them: auto (the upper levels, up to "
                              "2 GB or a quarter of free memory), yes (all), no (map all)")
+    parser.add_argument("--retry-missing", action="store_true",
+                        help="lazy levels: ask the tile source again for tiles it lacked before (else after "
+                             "lazy.json's retry_missing_after_s, default a day)")
 
 
 _RESIDENT: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}

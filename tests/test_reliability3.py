@@ -1,0 +1,293 @@
+"""Bad input gets one line naming the file, value and option; lazy levels recover; nothing silently wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import mercantile
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from geoindex.api import GeoIndex
+from geoindex.coverage import Coverage
+from geoindex.errors import (
+    ConfigError,
+    IndexFormatError,
+    IndexMismatchError,
+    LazyLevelError,
+    TileNotFoundError,
+)
+from geoindex.lazy import LAZY_FILE, compact, declare_lazy
+from geoindex.sources import MemorySource
+from tests.conftest import render_tile
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _lazy_index(path: Path, encoder, source, world, *, spec: str = "rendered") -> Path:
+    """z1..3 step 1 with z1 built and z2, z3 lazy."""
+    from geoindex.build import build_level
+    from geoindex.tiles import LevelSchedule
+
+    build_level(path, 1, source=source, encoder=encoder, coverage=world, schedule=LevelSchedule(1, 3, 1),
+                shard_size=16)
+    declare_lazy(path, from_zoom=2, source=spec)
+    return path
+
+
+def _query(encoder, tile=(5, 3, 3)) -> np.ndarray:
+    return encoder.encode([render_tile(mercantile.Tile(*tile))])
+
+
+class _Switchable:
+    """A source that lacks every tile of some zooms until told otherwise (a folder not mounted)."""
+
+    name = "rendered"
+
+    def __init__(self, absent: set[int]) -> None:
+        self.absent = absent
+
+    def get(self, tile):
+        if tile.z in self.absent:
+            raise TileNotFoundError(f"no tile {tuple(tile)}")
+        return render_tile(tile)
+
+
+# -- lazy levels -------------------------------------------------------------------------------------
+
+
+def test_lazy_source_without_a_zoom_answers_from_the_levels_above(tmp_path, tiny_encoder, rendered_source, world):
+    index = GeoIndex(_lazy_index(tmp_path, tiny_encoder, rendered_source, world), lazy_source=_Switchable({2}))
+    res = index.search_embeddings(_query(tiny_encoder), 3)[0]
+    assert res.tile.z == 1  # the answer comes from the built level
+    assert "stopped early above z2" in res.trace[1].note
+
+
+def test_missing_lazy_tiles_are_asked_for_again(tmp_path, tiny_encoder, rendered_source, world):
+    path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
+    source = _Switchable({3})
+    xq = _query(tiny_encoder)
+    first = GeoIndex(path, lazy_source=source).search_embeddings(xq, 3)[0]
+    assert first.tile.z == 2 and "missing from the source" in first.trace[-1].note
+    source.absent = set()  # the source comes back
+    assert GeoIndex(path, lazy_source=source).search_embeddings(xq, 3)[0].tile.z == 2  # not yet asked again
+    retried = GeoIndex(path, lazy_source=source, retry_missing=True).search_embeddings(xq, 3)[0]
+    assert retried.tile.z == 3 and "missing" not in retried.trace[-1].note
+    # the new rows win over the old ones for every later reader, and through compaction
+    assert GeoIndex(path, lazy_source=source).search_embeddings(xq, 3)[0].tile == retried.tile
+    compact(path)
+    assert GeoIndex(path, lazy_source=source).search_embeddings(xq, 3)[0].tile == retried.tile
+
+
+def test_missing_lazy_tiles_are_retried_after_the_configured_time(tmp_path, tiny_encoder, rendered_source, world):
+    path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
+    source = _Switchable({3})
+    xq = _query(tiny_encoder)
+    GeoIndex(path, lazy_source=source).search_embeddings(xq, 3)
+    cfg = json.loads((path / LAZY_FILE).read_text())
+    (path / LAZY_FILE).write_text(json.dumps({**cfg, "retry_missing_after_s": 0}))
+    source.absent = set()
+    assert GeoIndex(path, lazy_source=source).search_embeddings(xq, 3)[0].tile.z == 3
+
+
+def test_lazy_store_refuses_other_imagery(tmp_path, tiny_encoder, rendered_source, world):
+    path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
+    GeoIndex(path, lazy_source=rendered_source).search_embeddings(_query(tiny_encoder), 3)
+    other = MemorySource(render_tile, name="other-imagery")
+    with pytest.raises(IndexMismatchError, match=r"imagery 'rendered', not from 'other-imagery'.*lazy.json"):
+        GeoIndex(path, lazy_source=other).search_embeddings(_query(tiny_encoder, (1, 6, 3)), 3)
+
+
+@pytest.mark.parametrize("text", ["[]", '"z14"', "null", "{", '{"zooms": [2, 3], "source": 5}'])
+def test_malformed_lazy_json_is_an_index_format_error(tmp_path, tiny_encoder, rendered_source, world, text):
+    path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
+    (path / LAZY_FILE).write_text(text)
+    with pytest.raises(IndexFormatError, match="lazy.json"):
+        GeoIndex(path, lazy_source=rendered_source)
+
+
+@pytest.mark.parametrize("text", ["", "garbage", "[1, 2]"])
+def test_damaged_encoder_json_is_an_index_format_error(tmp_path, tiny_encoder, rendered_source, world, text):
+    path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
+    GeoIndex(path, lazy_source=rendered_source).search_embeddings(_query(tiny_encoder), 3)
+    (path / "lazy" / "z02" / "encoder.json").write_text(text)
+    with pytest.raises(IndexFormatError, match=r"encoder.json: damaged"):
+        GeoIndex(path, lazy_source=rendered_source)
+
+
+def test_segment_with_variable_length_embeddings_is_an_index_format_error(tmp_path, tiny_encoder, rendered_source,
+                                                                         world):
+    path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
+    seg = path / "lazy" / "z02" / "seg-00000000000000000001-1-abcdef01.parquet"
+    seg.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"code": pa.array([0], pa.int64()), "x": pa.array([0], pa.int32()),
+                             "y": pa.array([0], pa.int32()), "found": [True],
+                             "embedding": pa.array([[0.5] * 3], pa.list_(pa.float16()))}), seg)
+    with pytest.raises(IndexFormatError, match=r"seg-.*fixed_size_list"):
+        GeoIndex(path, lazy_source=rendered_source)
+
+
+def test_compact_leaves_foreign_part_names_alone(tmp_path, tiny_encoder, rendered_source, world):
+    path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
+    GeoIndex(path, lazy_source=rendered_source).search_embeddings(_query(tiny_encoder), 3)
+    stray = path / "lazy" / "z02" / "part-gXYZ-notes.parquet"
+    stray.write_text("not ours")
+    compact(path)
+    assert stray.exists()
+    assert GeoIndex(path, lazy_source=rendered_source).search_embeddings(_query(tiny_encoder), 3)
+
+
+def test_lazy_source_gone_still_answers_built_levels(tmp_path, tiny_encoder, rendered_source, world, tile_dir):
+    import shutil
+
+    folder = tmp_path / "tiles"
+    shutil.copytree(tile_dir, folder)
+    path = _lazy_index(tmp_path / "index", tiny_encoder, rendered_source, world, spec=str(folder))
+    shutil.rmtree(folder)
+    index = GeoIndex(path)  # opening does not need the source
+    region = index.within(Coverage.from_bbox(-10, -10, 10, 10))
+    assert region.search_embeddings(_query(tiny_encoder), 3)[0].tile.z == 1
+    with pytest.raises(LazyLevelError, match=r"lazy.json: the lazy levels' tile source .* cannot be opened") as info:
+        index.search_embeddings(_query(tiny_encoder), 3)
+    assert "--source" not in str(info.value)
+
+
+def test_failing_lazy_source_message_is_bounded(tmp_path, tiny_encoder, rendered_source, world):
+    from geoindex.errors import TileSourceError
+
+    class Broken:
+        name = "rendered"
+
+        def get(self, tile):
+            raise TileSourceError(f"tile {tuple(tile)}: the server said 503 " + "x" * 100)
+
+    index = GeoIndex(_lazy_index(tmp_path, tiny_encoder, rendered_source, world), lazy_source=Broken())
+    with pytest.raises(LazyLevelError) as info:
+        index.search_embeddings(_query(tiny_encoder), 3)
+    assert len(str(info.value)) < 1000
+
+
+def test_lazy_scoring_is_chunked_and_equals_the_einsum(monkeypatch):
+    from geoindex import lazy
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((50, 8)).astype(np.float16)
+    table = lazy._Rows(np.arange(50, dtype=np.int64), np.ones(50, bool), emb, np.zeros(50, np.int64))
+    rows = rng.integers(-1, 50, (3, 40))
+    xq = rng.standard_normal((3, 8)).astype(np.float32)
+    monkeypatch.setattr(lazy, "SCORE_BLOCK", 16)  # two candidates per block
+    got = lazy._scores(table, rows, xq)
+    want = np.einsum("qcd,qd->qc", emb[np.maximum(rows, 0)].astype(np.float32), xq)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert lazy._scores(lazy._Rows.empty(8), np.full((2, 5), -1), xq[:2]).shape == (2, 5)
+
+
+# -- arguments ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", ['{"type": "Polygon", "coordinates": 5}',
+                                  '{"type": "FeatureCollection", "features": 5}',
+                                  "[" * 100_000 + "]" * 100_000])
+def test_malformed_geojson_is_a_config_error(tmp_path, body):
+    path = tmp_path / "region.geojson"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=r"region.geojson \(--region\)"):
+        Coverage.from_geojson(path, option="--region")
+
+
+def test_zero_width_bbox_at_the_antimeridian_is_empty():
+    with pytest.raises(ConfigError, match="empty"):
+        Coverage.from_bbox(180, -10, -180, 10)
+    assert Coverage.from_bbox(-180, -10, 180, 10).tiles(zoom=1)[0].size == 4
+
+
+@pytest.mark.parametrize("threads", [0, 100_000])
+def test_thread_counts_are_bounded(threads):
+    from geoindex.threads import build_threads, configure_query_threads
+
+    with pytest.raises(ConfigError, match=rf"--threads {threads}: must be in 1\.\.1024"):
+        configure_query_threads(threads, apply=False)
+    with pytest.raises(ConfigError, match="--threads"):
+        with build_threads(threads):
+            pass
+
+
+def test_locate_refuses_huge_thread_counts(small_index, tmp_path, capsys):
+    from geoindex.cli import main
+
+    photo = tmp_path / "p.png"
+    render_tile(mercantile.Tile(1, 1, 2)).save(photo)
+    assert main(["locate", str(photo), "--index", str(small_index), "--threads", "100000", "--device", "cpu"]) == 2
+    assert "--threads 100000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--all", "--threads", "0"], ["--all", "--workers", "-1"],
+                                  ["--all", "--schedule", "6", "2", "2"], ["--all", "--schedule", "2", "6", "0"],
+                                  ["--all", "--lazy-from", "4"], ["--all", "--engine", "ray", "--skip-bad-tiles"],
+                                  ["--all", "--threads", "100000"]])
+def test_build_index_argument_errors_are_usage_errors(tmp_path, capsys, argv):
+    from pipelines import build_index
+
+    assert build_index.main([*argv, "--index", str(tmp_path / "i"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_train_argument_errors_are_usage_errors(tmp_path, capsys):
+    from pipelines import train
+
+    assert train.main(["--photos", str(tmp_path / "p.csv"), "--schedule", "6", "2", "2",
+                       "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")])
+def test_train_refuses_a_learning_rate_that_is_not_finite(lr):
+    from geoindex.train import TrainConfig
+
+    with pytest.raises(ConfigError, match="--lr"):
+        TrainConfig(lr=lr)
+
+
+def _csv(path: Path, text: str, encoding: str) -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_photo_csv_from_spreadsheets_is_read(tmp_path, encoding):
+    from geoindex.dataset import read_photo_csv
+
+    table = read_photo_csv(_csv(tmp_path / "p.csv", "path,lat,lon\na.jpg,1.5,2.5\n", encoding))
+    assert table.lat.tolist() == [1.5] and table.paths[0].endswith("a.jpg")
+
+
+@pytest.mark.parametrize("body,match", [(b"path,lat,lon\n\xe9t\xe9.jpg,1,2\n", "not UTF-8.*CSV UTF-8"),
+                                        (b"path,lat,lon\n" + b"a" * 200_000 + b",1,2\n", r"p.csv:2: not a photo CSV")])
+def test_unreadable_photo_csv_is_a_config_error(tmp_path, body, match):
+    from geoindex.dataset import read_photo_csv
+
+    path = tmp_path / "p.csv"
+    path.write_bytes(body)
+    with pytest.raises(ConfigError, match=match):
+        read_photo_csv(path)
+
+
+def test_lazy_rows_keep_their_time_when_a_segment_lacks_it(tmp_path, tiny_encoder, rendered_source, world):
+    """Segments written before rows carried a time take the file's mtime."""
+    from geoindex.lazy import LazyStore
+
+    path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
+    store = LazyStore(path, 2, tiny_encoder.dim)
+    store.dir.mkdir(parents=True)
+    seg = store.dir / "seg-00000000000000000001-1-abcdef01.parquet"
+    pq.write_table(pa.table({"code": pa.array([0], pa.int64()), "x": pa.array([0], pa.int32()),
+                             "y": pa.array([0], pa.int32()), "found": [False],
+                             "embedding": pa.FixedSizeListArray.from_arrays(
+                                 pa.array(np.zeros(tiny_encoder.dim, np.float16)), tiny_encoder.dim)}), seg)
+    os.utime(seg, ns=(10**18, 10**18))
+    assert store.read(seg).checked.tolist() == [10**18]
