@@ -289,6 +289,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-megapixels must be a positive number, got {args.max_megapixels}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if not 0 < args.body_timeout < math.inf:
+        raise ConfigError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
     check_k(args.k)
     device = resolve_device(args.device)
     configure_query_threads(args.threads)
@@ -296,6 +298,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.max_concurrent is not None:
         limits["max_concurrent"] = args.max_concurrent
     app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
+                     body_timeout_s=args.body_timeout,
                      weights=args.weights, download=args.download, device=device,
                      verify=args.verify or None, precision=args.precision,
                      resident=_RESIDENT[args.resident], retry_missing=args.retry_missing)
@@ -397,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "so phone photos pass (default: 25)")
     srv.add_argument("--max-concurrent", type=int, default=None,
                      help="photos decoded and encoded at once; others wait, then get 503 (default: CPU cores, <= 4)")
+    srv.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="seconds an upload may take to arrive before 408 (default: 60)")
     srv.set_defaults(func=_serve)
     return parser
 

@@ -291,3 +291,81 @@ def test_lazy_rows_keep_their_time_when_a_segment_lacks_it(tmp_path, tiny_encode
                                  pa.array(np.zeros(tiny_encoder.dim, np.float16)), tiny_encoder.dim)}), seg)
     os.utime(seg, ns=(10**18, 10**18))
     assert store.read(seg).checked.tolist() == [10**18]
+
+
+# -- service -----------------------------------------------------------------------------------------
+
+
+def _png(tile=(1, 1, 2)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    render_tile(mercantile.Tile(*tile)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _client(index, **kw):
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from geoindex.service import create_app
+
+    return TestClient(create_app(index, default_k=3, **kw))
+
+
+def test_service_lazy_source_failure_is_a_bounded_503(tmp_path, tiny_encoder, rendered_source, world):
+    from geoindex.errors import TileSourceError
+
+    class Broken:
+        name = "rendered"
+
+        def get(self, tile):
+            raise TileSourceError(f"tile {tuple(tile)}: the server said 503 " + "x" * 200)
+
+    index = GeoIndex(_lazy_index(tmp_path, tiny_encoder, rendered_source, world), lazy_source=Broken())
+    r = _client(index).post("/locate", files={"image": ("a.png", _png())})
+    assert r.status_code == 503 and r.headers["Retry-After"] == "30"
+    assert "tile source" in r.json()["detail"] and len(r.json()["detail"]) < 700
+
+
+@pytest.mark.parametrize("stage", ["search", "map"])
+def test_service_searches_and_draws_maps_inside_the_slot(small_index, stage, monkeypatch):
+    """With one slot, a request arriving while another searches or draws its map waits, then gets 503."""
+    import geoindex.service as service
+
+    index = GeoIndex(small_index)
+    client = _client(index, max_concurrent=1, busy_timeout_s=0.1, map_source=MemorySource(render_tile))
+    inner: list = []
+
+    def nested() -> None:
+        inner.append(client.post("/locate", files={"image": ("b.png", _png())}).status_code)
+
+    if stage == "search":
+        real = index.search_embeddings
+        monkeypatch.setattr(index, "search_embeddings", lambda *a, **kw: nested() or real(*a, **kw))
+    else:
+        real_map = service.encode_map
+        monkeypatch.setattr(service, "encode_map", lambda *a, **kw: nested() or real_map(*a, **kw))
+    r = client.post("/locate", files={"image": ("a.png", _png())}, data={"include_map": "true"})
+    assert r.status_code == 200 and inner == [503]
+
+
+def test_service_closes_slow_bodies(small_index):
+    import socket
+    import time
+
+    from geoindex.service import create_app
+    from tests.conftest import serving
+
+    app = create_app(GeoIndex(small_index), body_timeout_s=1.0)
+    with serving(app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /locate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 1000\r\n\r\n--b")
+            started = time.monotonic()
+            reply = b""
+            while chunk := sock.recv(4096):  # returns b"" once the server closes the connection
+                reply += chunk
+            assert time.monotonic() - started < 8
+    assert reply.startswith(b"HTTP/1.1 408") and b"--body-timeout" in reply
