@@ -24,6 +24,7 @@ from geoindex.errors import (
 from geoindex.lazy import LAZY_FILE, compact, declare_lazy
 from geoindex.sources import MemorySource
 from tests.conftest import render_tile
+from tests.test_reliability2 import _relist
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -369,3 +370,66 @@ def test_service_closes_slow_bodies(small_index):
                 reply += chunk
             assert time.monotonic() - started < 8
     assert reply.startswith(b"HTTP/1.1 408") and b"--body-timeout" in reply
+
+
+# -- index files are checked even without checksums -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pq_index(tmp_path_factory, tiny_encoder, rendered_source, world) -> Path:
+    from geoindex.build import build_level
+    from geoindex.tiles import LevelSchedule
+
+    path = tmp_path_factory.mktemp("pq_index")
+    schedule = LevelSchedule(1, 2, 1)
+    for zoom in schedule.zooms:
+        build_level(path, zoom, source=rendered_source, encoder=tiny_encoder, coverage=world, schedule=schedule,
+                    shard_size=16, codec="pq")
+    return path
+
+
+def _rewrite_npy_header(path: Path, header: dict | bytes) -> None:
+    """Replace the .npy header, keeping the data bytes and the header length (so the size stays right)."""
+    raw = path.read_bytes()
+    hlen = int.from_bytes(raw[8:10], "little")
+    old = raw[10 : 10 + hlen]
+    new = header if isinstance(header, bytes) else repr(header).encode()
+    new = new.ljust(len(old) - 1) + b"\n"
+    assert len(new) == len(old)
+    path.write_bytes(raw[:10] + new + raw[10 + hlen :])
+
+
+@pytest.mark.parametrize("header,match", [
+    (lambda shape: {"descr": "<i2", "fortran_order": False, "shape": shape}, r"holds <i2"),
+    (lambda shape: {"descr": "<f2", "fortran_order": True, "shape": shape}, r"Fortran order"),
+    (lambda shape: b"{garbage", r"unreadable .npy header"),
+])
+def test_exact_npy_header_is_checked_without_checksums(pq_index, tmp_path, header, match):
+    import shutil
+
+    from geoindex.store import EXACT_FILE, open_store
+
+    path = tmp_path / "copy"
+    shutil.copytree(pq_index, path)
+    npy = path / "z02" / EXACT_FILE
+    shape = np.load(npy, mmap_mode="r").shape
+    _rewrite_npy_header(npy, header(shape))
+    with pytest.raises(IndexFormatError, match=match) as info:
+        open_store(path, verify=False)
+    assert str(npy) in str(info.value) and "build_index" in str(info.value)
+
+
+def test_parquet_column_types_are_checked_without_checksums(small_index, tmp_path):
+    import shutil
+
+    from geoindex.store import list_shards, open_store
+
+    path = tmp_path / "copy"
+    shutil.copytree(small_index, path)
+    shard = list_shards(path, 2)[0]
+    table = pq.read_table(shard)
+    i = table.schema.get_field_index("x")
+    pq.write_table(table.set_column(i, "x", table.column("x").cast(pa.float64())), shard)
+    _relist(path)  # a consistent-looking manifest: sizes and checksums agree
+    with pytest.raises(IndexFormatError, match=r"column 'x' is double, not an integer"):
+        open_store(path, verify=False)
