@@ -64,7 +64,7 @@ from geoindex.errors import (
     IndexNotFoundError,
     LazyLevelError,
 )
-from geoindex.files import atomic_path, atomic_write_bytes
+from geoindex.files import atomic_path, atomic_write_bytes, index_write_lock
 from geoindex.manifest import Manifest, short_id
 from geoindex.sources import TileSource
 from geoindex.tiles import children_array, tile_code_array, tile_xy_of_code_array
@@ -660,28 +660,29 @@ def compact(index_dir: str | os.PathLike, *, rows_per_part: int = COMPACT_ROWS) 
         raise IndexNotFoundError(f"{index_dir} has no lazy levels ({LAZY_FILE} missing): nothing to compact")
     if rows_per_part < 1:
         raise ConfigError(f"rows_per_part must be >= 1, got {rows_per_part}")
-    dim = Manifest.load(index_dir).dim
-    out = []
-    for zoom in cfg.zooms:
-        store = LazyStore(index_dir, zoom, dim)
-        if not store.dir.is_dir():
-            out.append(CompactSummary(zoom, 0, 0, 0))
-            continue
-        with store.lock():
-            old = store.files()
-            rows = _Rows.empty(dim)
-            for path in old:
-                rows = rows.merged(store.read(path))
-            gens = [int(m.group(1)) for p in store.dir.glob("part-g*.parquet") if (m := _PART.fullmatch(p.name))]
-            gen = max(gens, default=0) + 1
-            parts = 0
-            for lo in range(0, len(rows.codes), rows_per_part):
-                sl = slice(lo, lo + rows_per_part)
-                store.write(store.dir / f"part-g{gen:04d}-{parts:05d}.parquet",
-                            _Rows(rows.codes[sl], rows.found[sl], rows.emb[sl], rows.checked[sl]))
-                parts += 1
-            for path in old:
-                path.unlink(missing_ok=True)
-        out.append(CompactSummary(zoom, len(old), len(rows.codes), parts))
-        log.info("lazy level z%d: %d files -> %d parts, %d rows", zoom, len(old), parts, len(rows.codes))
-    return out
+    with index_write_lock(index_dir, what="a lazy-level compaction"):
+        dim = Manifest.load(index_dir).dim
+        out = []
+        for zoom in cfg.zooms:
+            store = LazyStore(index_dir, zoom, dim)
+            if not store.dir.is_dir():
+                out.append(CompactSummary(zoom, 0, 0, 0))
+                continue
+            with store.lock():
+                old = store.files()
+                rows = _Rows.empty(dim)
+                for path in old:
+                    rows = rows.merged(store.read(path))
+                gens = [int(m.group(1)) for p in store.dir.glob("part-g*.parquet") if (m := _PART.fullmatch(p.name))]
+                gen = max(gens, default=0) + 1
+                parts = 0
+                for lo in range(0, len(rows.codes), rows_per_part):
+                    sl = slice(lo, lo + rows_per_part)
+                    store.write(store.dir / f"part-g{gen:04d}-{parts:05d}.parquet",
+                                _Rows(rows.codes[sl], rows.found[sl], rows.emb[sl], rows.checked[sl]))
+                    parts += 1
+                for path in old:
+                    path.unlink(missing_ok=True)
+            out.append(CompactSummary(zoom, len(old), len(rows.codes), parts))
+            log.info("lazy level z%d: %d files -> %d parts, %d rows", zoom, len(old), parts, len(rows.codes))
+        return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -25,7 +26,8 @@ from geoindex.build import BuildSummary, build_level
 from geoindex.cli import resolve_device
 from geoindex.coverage import Coverage
 from geoindex.encoders import ENCODERS, PRECISIONS, create_encoder, load_map_encoder
-from geoindex.errors import ConfigError
+from geoindex.errors import ConfigError, GeoIndexError, IndexWriteError
+from geoindex.files import index_write_lock
 from geoindex.lazy import compact, declare_lazy
 from geoindex.manifest import CODECS, Manifest
 from geoindex.sources import open_source
@@ -176,8 +178,40 @@ def _checkpoint(cfg: Config, zoom: int) -> str | None:
     return str(path.resolve())
 
 
+_OS_HINTS = {
+    errno.EROFS: "the file system is read-only: give an --index on a writable one",
+    errno.ENOSPC: "the disk is full: free space (or give an --index on another disk)",
+    errno.EDQUOT: "the disk quota is exhausted: free space (or give an --index on another disk)",
+    errno.EFBIG: "a file exceeds the file-size limit (ulimit -f): raise the limit or use a smaller --shard-size",
+    errno.EACCES: "permission denied: make the --index folder writable for this user",
+    errno.EPERM: "permission denied: make the --index folder writable for this user",
+}
+
+
 def run(cfg: Config) -> list[BuildSummary]:
-    """Build the requested levels in order (or compact); returns one summary per level built."""
+    """Build the requested levels in order (or compact) under the index's write lock; one summary per level built.
+
+    Raises:
+        IndexBusyError: another build or compaction of this index is running.
+        IndexWriteError: the operating system refused a write (read-only, full, file too large); the
+            shards already finished are kept, and rerunning resumes.
+    """
+    what = "build_index --compact" if cfg.compact else f"build_index --zoom {' '.join(map(str, cfg.zooms))}"
+    try:
+        with index_write_lock(cfg.index, what=what):
+            return _run_locked(cfg)
+    except GeoIndexError:
+        raise
+    except OSError as e:
+        hint = _OS_HINTS.get(e.errno or 0, "fix the cause and rerun")
+        where = f" ({e.filename})" if e.filename else ""
+        raise IndexWriteError(
+            f"{what}: cannot write {cfg.index}{where}: {e.strerror or e}; {hint}. Nothing finished was lost: "
+            "rerun the same command to resume"
+        ) from e
+
+
+def _run_locked(cfg: Config) -> list[BuildSummary]:
     if cfg.compact:
         for c in compact(cfg.index):
             log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts, c.rows)

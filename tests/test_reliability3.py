@@ -433,3 +433,91 @@ def test_parquet_column_types_are_checked_without_checksums(small_index, tmp_pat
     _relist(path)  # a consistent-looking manifest: sizes and checksums agree
     with pytest.raises(IndexFormatError, match=r"column 'x' is double, not an integer"):
         open_store(path, verify=False)
+
+
+# -- one writer per index; refused writes are one line ----------------------------------------------
+
+_COMMON = ["--encoder", "tiny", "--quiet", "--schedule", "1", "3", "1"]
+
+
+def _hold_lock(index: Path):
+    """Another process holding the index's write lock until its stdin closes."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from geoindex.files import index_write_lock\n"
+            f"with index_write_lock({str(index)!r}, what='build_index --zoom 1 (test)'):\n"
+            "    print('held', flush=True); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+    return proc
+
+
+@pytest.mark.parametrize("argv", [["--zoom", "1"], ["--compact"]])
+def test_second_writer_of_an_index_is_refused(tmp_path, tile_dir, capsys, argv):
+    from pipelines import build_index
+
+    index = tmp_path / "i"
+    assert build_index.main(["--all", "--lazy-from", "2", "--index", str(index), "--source", str(tile_dir),
+                             *_COMMON]) == 0
+    before = sorted(p.relative_to(index) for p in index.rglob("*") if p.name != "write.lock")
+    proc = _hold_lock(index)
+    try:
+        assert build_index.main([*argv, "--index", str(index), "--source", str(tile_dir), *_COMMON]) == 2
+    finally:
+        proc.communicate(b"")
+    err = capsys.readouterr().err
+    assert f"{index} is being written by pid {proc.pid} (build_index --zoom 1 (test)" in err
+    assert sorted(p.relative_to(index) for p in index.rglob("*") if p.name != "write.lock") == before
+    assert build_index.main([*argv, "--index", str(index), "--source", str(tile_dir), *_COMMON]) == 0  # released
+
+
+def test_build_api_takes_the_index_lock(tmp_path, tiny_encoder, rendered_source, world):
+    from geoindex.build import build_level
+    from geoindex.errors import IndexBusyError
+
+    proc = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(IndexBusyError, match="is being written by pid"):
+            build_level(tmp_path, 1, source=rendered_source, encoder=tiny_encoder, coverage=world)
+    finally:
+        proc.communicate(b"")
+
+
+@pytest.mark.parametrize("code,hint", [(28, "the disk is full"), (30, "read-only"), (27, "file-size limit")])
+def test_refused_writes_are_one_line_and_lose_nothing(tmp_path, tile_dir, capsys, monkeypatch, code, hint):
+    import geoindex.build
+    from geoindex.api import GeoIndex as Index
+    from pipelines import build_index
+
+    index = tmp_path / "i"
+    args = ["--index", str(index), "--source", str(tile_dir), *_COMMON]
+    assert build_index.main(["--zoom", "1", *args]) == 0
+
+    def refuse(path, **_):
+        raise OSError(code, os.strerror(code), str(path))
+
+    monkeypatch.setattr(geoindex.build, "write_shard", refuse)
+    assert build_index.main(["--zoom", "2", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: build_index --zoom 2: cannot write") and hint in err and "part-00000" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert Index(index).zooms == (1,)  # the finished level is intact
+    monkeypatch.undo()
+    assert build_index.main(["--zoom", "2", *args]) == 0
+
+
+def test_refused_compaction_is_one_line(tmp_path, tile_dir, capsys, monkeypatch):
+    from geoindex.lazy import LazyStore
+    from pipelines import build_index
+
+    index = tmp_path / "i"
+    assert build_index.main(["--all", "--lazy-from", "2", "--index", str(index), "--source", str(tile_dir),
+                             *_COMMON]) == 0
+    GeoIndex(index).search_embeddings(np.ones((1, 64), np.float32) / 8, 2)
+    monkeypatch.setattr(LazyStore, "write", lambda self, path, rows: (_ for _ in ()).throw(
+        OSError(30, "Read-only file system", str(path))))
+    assert build_index.main(["--compact", "--index", str(index), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "read-only" in err and "Traceback" not in err
