@@ -521,3 +521,38 @@ def test_refused_compaction_is_one_line(tmp_path, tile_dir, capsys, monkeypatch)
     assert build_index.main(["--compact", "--index", str(index), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "read-only" in err and "Traceback" not in err
+
+
+# -- odd entries at tile paths are bad tiles, not missing ones ---------------------------------------
+
+
+@pytest.fixture
+def odd_tiles(tmp_path) -> tuple[Path, list[Path]]:
+    root = tmp_path / "tiles"
+    for x in range(4):
+        for y in range(4):
+            p = root / "2" / str(x) / f"{y}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            render_tile(mercantile.Tile(x, y, 2)).save(p)
+    odd = [root / "2" / "1" / f"{y}.png" for y in range(4)] + [root / "2" / "2" / "0.png"]
+    for p in odd:
+        p.unlink()
+    os.mkfifo(odd[0])
+    odd[1].mkdir()
+    odd[2].symlink_to(root / "nowhere.png")
+    odd[3].symlink_to(odd[3])
+    odd[4].write_bytes(b"")
+    return root, odd
+
+
+def test_odd_entries_at_tile_paths_are_named_as_bad_tiles(tmp_path, odd_tiles, capsys):
+    from pipelines import build_index
+
+    root, odd = odd_tiles
+    argv = ["--zoom", "2", "--index", str(tmp_path / "index"), "--source", str(root), "--encoder", "tiny",
+            "--schedule", "2", "4", "2", "--quiet"]
+    assert build_index.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "5 tile(s) could not be read" in err and all(str(p) in err for p in odd), err
+    summary = build_index.run(build_index.parse_args([*argv, "--skip-bad-tiles"]))[0]
+    assert (summary.rows, summary.bad_skipped) == (11, 5)

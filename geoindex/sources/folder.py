@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,11 +45,15 @@ class DirectorySource:
         return f"dir:{self.root}"
 
     def path(self, tile: mercantile.Tile) -> Path | None:
-        """The file holding ``tile``, or None if there is none."""
+        """The file holding ``tile``, or None if there is none.
+
+        Any entry at a tile's path counts, a regular file or not: a FIFO, a folder, or a broken or
+        looping link there is a bad tile (``get`` names it), not a tile missing from the source.
+        """
         folder = self.root / str(tile.z) / str(tile.x)
         for ext in (self.ext,) if self.ext else self.EXTENSIONS:
             candidate = folder / f"{tile.y}.{ext}"
-            if candidate.is_file():
+            if candidate.is_file() or os.path.lexists(candidate):
                 return candidate
         return None
 
