@@ -31,7 +31,7 @@ from geoindex.files import index_write_lock
 from geoindex.lazy import compact, declare_lazy
 from geoindex.manifest import CODECS, Manifest
 from geoindex.sources import open_source
-from geoindex.threads import build_threads
+from geoindex.threads import build_threads, check_threads
 from geoindex.tiles import LevelSchedule
 from pipelines._cli import pipeline_main, progress_bar
 
@@ -76,9 +76,8 @@ class Config:
             self.schedule.index_of(self.lazy_from)
             if self.lazy_from == self.schedule.start:
                 raise ConfigError(f"--lazy-from {self.lazy_from}: the first level must be built; choose a deeper zoom")
-        for flag, value in (("--threads", self.threads), ("--workers", self.workers)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}; leave it out to choose from the CPU count")
+        check_threads(self.threads)
+        check_threads(self.workers, option="--workers")
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown --engine {self.engine!r}; choose one of {list(ENGINES)}")
         if self.engine == "ray" and self.skip_bad_tiles:
