@@ -147,7 +147,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
                      help="CPUs per actor, also its torch threads on CPU (default: 1)")
     a = p.parse_args(argv)
-    schedule = LevelSchedule(*a.schedule)
+    try:
+        schedule = LevelSchedule(*a.schedule)
+    except ConfigError as e:
+        raise ConfigError(f"--schedule {' '.join(map(str, a.schedule))}: {e}") from e
     device = a.device
     if device == "auto":
         import torch

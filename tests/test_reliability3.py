@@ -226,16 +226,19 @@ def test_locate_refuses_huge_thread_counts(small_index, tmp_path, capsys):
     assert "--threads 100000" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["--all", "--threads", "0"], ["--all", "--workers", "-1"],
-                                  ["--all", "--schedule", "6", "2", "2"], ["--all", "--schedule", "2", "6", "0"],
-                                  ["--all", "--lazy-from", "4"], ["--all", "--engine", "ray", "--skip-bad-tiles"],
-                                  ["--all", "--threads", "100000"]])
-def test_build_index_argument_errors_are_usage_errors(tmp_path, capsys, argv):
+@pytest.mark.parametrize("argv,named", [
+    (["--threads", "0"], "--threads 0"), (["--workers", "-1"], "--workers -1"),
+    (["--schedule", "6", "2", "2"], "--schedule 6 2 2"), (["--schedule", "2", "6", "0"], "--schedule 2 6 0"),
+    (["--lazy-from", "4"], "--lazy-from 4"), (["--engine", "ray", "--skip-bad-tiles"], "--skip-bad-tiles"),
+    (["--threads", "100000"], "--threads 100000"),
+])
+def test_build_index_argument_errors_are_usage_errors(tmp_path, capsys, argv, named):
     from pipelines import build_index
 
-    assert build_index.main([*argv, "--index", str(tmp_path / "i"), "--quiet"]) == 2
+    assert build_index.main(["--all", *argv, "--index", str(tmp_path / "i"), "--encoder", "tiny", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and "Traceback" not in err
+    assert err.startswith("error: ") and named in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "i").exists()  # refused before anything was written
 
 
 def test_train_argument_errors_are_usage_errors(tmp_path, capsys):
