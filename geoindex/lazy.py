@@ -660,7 +660,7 @@ def compact(index_dir: str | os.PathLike, *, rows_per_part: int = COMPACT_ROWS) 
         raise IndexNotFoundError(f"{index_dir} has no lazy levels ({LAZY_FILE} missing): nothing to compact")
     if rows_per_part < 1:
         raise ConfigError(f"rows_per_part must be >= 1, got {rows_per_part}")
-    with index_write_lock(index_dir, what="a lazy-level compaction"):
+    with index_write_lock(index_dir, what="build_index --compact"):
         dim = Manifest.load(index_dir).dim
         out = []
         for zoom in cfg.zooms:

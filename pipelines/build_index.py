@@ -200,6 +200,11 @@ def run(cfg: Config) -> list[BuildSummary]:
     """
     what = "build_index --compact" if cfg.compact else f"build_index --zoom {' '.join(map(str, cfg.zooms))}"
     try:
+        if cfg.compact:  # compact takes the lock itself, once it knows the index is a lazy one
+            for c in compact(cfg.index):
+                log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts,
+                         c.rows)
+            return []
         with index_write_lock(cfg.index, what=what):
             return _run_locked(cfg)
     except GeoIndexError:
@@ -214,10 +219,6 @@ def run(cfg: Config) -> list[BuildSummary]:
 
 
 def _run_locked(cfg: Config) -> list[BuildSummary]:
-    if cfg.compact:
-        for c in compact(cfg.index):
-            log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts, c.rows)
-        return []
     if cfg.lazy_from is not None:
         cfg = dataclasses.replace(cfg, zooms=tuple(z for z in cfg.zooms if z < cfg.lazy_from))
     summaries = _run(cfg)
