@@ -390,11 +390,17 @@ def _scores(
     scores = np.zeros((n, c), dtype=np.float32)
     if not len(table.codes) or not c:
         return scores
-    step = max(1, SCORE_BLOCK // table.emb.shape[1])
+    d = table.emb.shape[1]
+    if c * d <= SCORE_BLOCK:  # several queries per block
+        qstep = SCORE_BLOCK // (c * d)
+        for lo in range(0, n, qstep):
+            emb = table.emb[np.maximum(rows[lo : lo + qstep], 0)].astype(np.float32)
+            scores[lo : lo + qstep] = np.einsum("qcd,qd->qc", emb, xq[lo : lo + qstep])
+        return scores
+    step = max(1, SCORE_BLOCK // d)  # part of one query's candidates per block
     for q in range(n):
         for lo in range(0, c, step):
-            block = np.maximum(rows[q, lo : lo + step], 0)
-            scores[q, lo : lo + step] = table.emb[block].astype(np.float32) @ xq[q]
+            scores[q, lo : lo + step] = table.emb[np.maximum(rows[q, lo : lo + step], 0)].astype(np.float32) @ xq[q]
     return scores
 
 

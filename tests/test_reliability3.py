@@ -180,10 +180,10 @@ def test_lazy_scoring_is_chunked_and_equals_the_einsum(monkeypatch):
     table = lazy._Rows(np.arange(50, dtype=np.int64), np.ones(50, bool), emb, np.zeros(50, np.int64))
     rows = rng.integers(-1, 50, (3, 40))
     xq = rng.standard_normal((3, 8)).astype(np.float32)
-    monkeypatch.setattr(lazy, "SCORE_BLOCK", 16)  # two candidates per block
-    got = lazy._scores(table, rows, xq)
     want = np.einsum("qcd,qd->qc", emb[np.maximum(rows, 0)].astype(np.float32), xq)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for block in (16, 8 * 40 * 2):  # two candidates per block; two queries per block
+        monkeypatch.setattr(lazy, "SCORE_BLOCK", block)
+        np.testing.assert_allclose(lazy._scores(table, rows, xq), want, rtol=1e-5, atol=1e-6)
     assert lazy._scores(lazy._Rows.empty(8), np.full((2, 5), -1), xq[:2]).shape == (2, 5)
 
 
