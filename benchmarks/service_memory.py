@@ -4,7 +4,8 @@ Starts the server in a fresh process over a tiny index (random-init ``tiny`` enc
 once with ``geoindex`` at ``--before`` (exported with ``git archive``) and once with this tree,
 then sends ``--uploads`` PNGs of ``--side`` x ``--side`` pixels (a few hundred KB each: one
 colour) from ``--clients`` threads, and reads the server's VmRSS / VmHWM from /proc. Run:
-``.venv/bin/python benchmarks/service_memory.py``.
+``.venv/bin/python benchmarks/service_memory.py``. ``--include-map`` asks every request for the map
+thumbnail too (which decodes the upload again).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--uploads", type=int, default=16)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/geoindex-bench-service-memory"))
+    p.add_argument("--include-map", action="store_true", help="every request asks for the map thumbnail")
     a = p.parse_args(argv)
     if a.smoke:
         a.sides, a.uploads, a.clients = [600], 2, 2
@@ -78,13 +80,14 @@ def _measure(tree: Path, index: Path, png: bytes, a: argparse.Namespace) -> dict
         baseline = _rss(proc.pid)
         started = time.perf_counter()
         with ThreadPoolExecutor(a.clients) as pool:
+            form = {"include_map": "true"} if a.include_map else {}
             codes = list(pool.map(lambda i: httpx.post(f"{base}/locate", files={"image": (f"{i}.png", png)},
-                                                       timeout=600).status_code, range(a.uploads)))
+                                                       data=form, timeout=600).status_code, range(a.uploads)))
         seconds = time.perf_counter() - started
         time.sleep(2.0)
         after = _rss(proc.pid)
         return {"baseline_mb": baseline["VmRSS"], "peak_mb": after["VmHWM"], "after_mb": after["VmRSS"],
-                "statuses": sorted(set(codes)), "seconds": seconds}
+                "statuses": sorted(set(codes)), "answered": codes.count(200), "seconds": seconds}
     finally:
         proc.terminate()
         proc.wait(30)
@@ -129,14 +132,15 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
                 print(f"{label}: {a.uploads} uploads of {side}x{side} ({len(png) // 1024} KB)...", file=sys.stderr)
                 rows.append({"tree": label, "side": side, "png_kb": len(png) / 1024, **_measure(tree, index, png, a)})
     table = markdown_table(
-        ["geoindex", "upload", "PNG KB", "HTTP statuses", "RSS before MiB", "peak RSS MiB", "RSS 2 s after MiB",
-         "burst s"],
-        [[r["tree"], f"{r['side']}x{r['side']}", r["png_kb"], " ".join(map(str, r["statuses"])), r["baseline_mb"],
-          r["peak_mb"], r["after_mb"], r["seconds"]] for r in rows],
+        ["geoindex", "upload", "PNG KB", "HTTP statuses", "answered (200)", "RSS before MiB", "peak RSS MiB",
+         "RSS 2 s after MiB", "burst s"],
+        [[r["tree"], f"{r['side']}x{r['side']}", r["png_kb"], " ".join(map(str, r["statuses"])), r["answered"],
+          r["baseline_mb"], r["peak_mb"], r["after_mb"], r["seconds"]] for r in rows],
     )
     slots = min(4, os.cpu_count() or 1)
     notes = (f"`geoindex serve` (tiny encoder, zoom 1-3 index, OMP_NUM_THREADS=1) in a fresh process per row; "
-             f"{a.uploads} uploads from {a.clients} client threads; RSS from /proc/PID/status. before = {a.before}; "
+             f"{a.uploads} uploads from {a.clients} client threads"
+             f"{', each with include_map' if a.include_map else ''}; RSS from /proc/PID/status. before = {a.before}; "
              f"after = this tree with its defaults (--max-megapixels 25, --max-concurrent {slots}).",)
     return bench.report("service_memory: server RSS through a burst of large-pixel uploads", "tiny", rows, (table,),
                         notes)

@@ -202,13 +202,14 @@ class GeoIndex(_Searcher):
     Thread-safe for concurrent searches. Use :func:`open_index` to create one. Lazy levels
     (``geoindex.lazy``) follow the built ones: ``lazy_source`` overrides the tile source named in
     ``lazy.json``; ``read_only`` never writes to the index (missing tiles are then encoded on the
-    fly, and each result's trace says so).
+    fly, and each result's trace says so); ``retry_missing`` asks the source again for tiles it
+    lacked before (else that happens after lazy.json's ``retry_missing_after_s``).
     """
 
     def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                  download: bool = False, device: str = "cpu", verify: bool | None = None,
                  precision: str = "auto", lazy_source: TileSource | None = None,
-                 read_only: bool = False, resident: bool | str = "auto") -> None:
+                 read_only: bool = False, resident: bool | str = "auto", retry_missing: bool = False) -> None:
         self.path = Path(path)
         self.manifest: Manifest
         self.stored: list[StoredLevel]
@@ -228,7 +229,7 @@ class GeoIndex(_Searcher):
         # Deep levels declared lazy (lazy.json) are encoded on first use and appended to the index.
         self.lazy: list[LazyLevel] = open_lazy_levels(self.path, self.manifest, self.photo_encoder,
                                                       faiss_levels[-1].tiles, source=lazy_source,
-                                                      writable=not read_only)
+                                                      writable=not read_only, retry_missing=retry_missing)
         self.levels = [*faiss_levels, *self.lazy]
 
     @property

@@ -38,7 +38,7 @@ from geoindex.errors import (
     GeoIndexError,
     IndexMismatchError,
 )
-from geoindex.files import atomic_write_bytes
+from geoindex.files import atomic_write_bytes, index_write_lock
 from geoindex.manifest import CODECS, EncoderIdentity, Manifest, short_id
 from geoindex.sources import ListableTileSource, TileSource, source_spec
 from geoindex.store import (
@@ -482,30 +482,31 @@ def build_level(
         IndexMismatchError: the index was built with another codec, schedule, imagery or coverage.
         BuildIncompleteError: some tiles failed to load (not just missing); rerun to resume.
     """
-    job = start_level(index_dir, zoom, encoder=encoder, imagery=source.name, coverage=coverage, schedule=schedule,
-                      codec=codec, shard_size=shard_size, batch_size=batch_size, overwrite=overwrite,
-                      imagery_spec=source_spec(source))
-    if on_plan:
-        on_plan(job.planned, job.reused_tiles)
+    with index_write_lock(index_dir, what=f"a build of z{zoom}"):
+        job = start_level(index_dir, zoom, encoder=encoder, imagery=source.name, coverage=coverage, schedule=schedule,
+                          codec=codec, shard_size=shard_size, batch_size=batch_size, overwrite=overwrite,
+                          imagery_spec=source_spec(source))
+        if on_plan:
+            on_plan(job.planned, job.reused_tiles)
 
-    failures: list[str] = []
-    bad: list[str] = []
-    plan = job.plan
-    workers = workers or loader_threads(torch.get_num_threads())
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for s in job.todo:
-            sl = job.rows(s)
-            try:
-                build_shard(job.index_dir, zoom, s, plan.x[sl], plan.y[sl], plan.parent_row[sl], source=source,
-                            encoder=encoder, pool=pool, batch_size=batch_size, progress=progress,
-                            skip_bad=skip_bad_tiles, on_bad=bad.append)
-            except GeoIndexError as e:
-                failures.append(f"shard {s}: {e}")
-                log.warning("level z%d shard %d not written: %s", zoom, s, e)
-    for reason in bad[:_FAILURES_SHOWN]:
-        log.warning("level z%d: left out an unreadable tile (--skip-bad-tiles): %s", zoom, reason)
-    summary = complete_level(job, encoder=encoder.identity, checkpoint=checkpoint, build_args=build_args,
-                             failures=failures, bad_skipped=len(bad))
+        failures: list[str] = []
+        bad: list[str] = []
+        plan = job.plan
+        workers = workers or loader_threads(torch.get_num_threads())
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for s in job.todo:
+                sl = job.rows(s)
+                try:
+                    build_shard(job.index_dir, zoom, s, plan.x[sl], plan.y[sl], plan.parent_row[sl], source=source,
+                                encoder=encoder, pool=pool, batch_size=batch_size, progress=progress,
+                                skip_bad=skip_bad_tiles, on_bad=bad.append)
+                except GeoIndexError as e:
+                    failures.append(f"shard {s}: {e}")
+                    log.warning("level z%d shard %d not written: %s", zoom, s, e)
+        for reason in bad[:_FAILURES_SHOWN]:
+            log.warning("level z%d: left out an unreadable tile (--skip-bad-tiles): %s", zoom, reason)
+        summary = complete_level(job, encoder=encoder.identity, checkpoint=checkpoint, build_args=build_args,
+                                 failures=failures, bad_skipped=len(bad))
     orphaned = count_orphans(plan, source, coverage)
     if orphaned:
         parent_zoom = schedule.parent_zoom(zoom)

@@ -300,7 +300,7 @@ def _locate(args: argparse.Namespace) -> int:
     with _loading(f"the index {args.index} and its photo encoder", quiet=args.quiet):
         index = open_index(args.index, weights=args.weights, download=args.download, device=device,
                            verify=args.verify or None, precision=args.precision,
-                           resident=_RESIDENT[args.resident])
+                           resident=_RESIDENT[args.resident], retry_missing=args.retry_missing)
     searcher = index.within(region) if region is not None else index
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
     map_source = _map_source(index, args.map_source) if args.map is not None else None
@@ -380,6 +380,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--max-photos must be >= 1, got {args.max_photos}")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if not 0 < args.body_timeout < math.inf:
+        raise ConfigError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
     check_k(args.k)
     with _loading("torch, FAISS, the web framework and the search code", quiet=args.quiet):
         import uvicorn
@@ -392,9 +394,10 @@ def _serve(args: argparse.Namespace) -> int:
         limits["max_concurrent"] = args.max_concurrent
     with _loading(f"the index {args.index} and its photo encoder", quiet=args.quiet):
         app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
+                         body_timeout_s=args.body_timeout,
                          weights=args.weights, download=args.download, device=device,
                          verify=args.verify or None, precision=args.precision,
-                         resident=_RESIDENT[args.resident])
+                         resident=_RESIDENT[args.resident], retry_missing=args.retry_missing)
     index = app.state.index
     print(f"serving {index.path} ({index.manifest.photo_encoder.name} on {index.photo_encoder.device}) at "
           f"http://{args.host}:{args.port}  docs: http://{args.host}:{args.port}/docs", file=sys.stderr)
@@ -440,6 +443,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resident", choices=tuple(_RESIDENT), default="auto",
                         help="read FAISS files into RAM instead of mapping them: auto (the upper levels, up to "
                              "2 GB or a quarter of free memory), yes (all), no (map all)")
+    parser.add_argument("--retry-missing", action="store_true",
+                        help="lazy levels: ask the tile source again for tiles it lacked before (else after "
+                             "lazy.json's retry_missing_after_s, default a day)")
 
 
 _RESIDENT: dict[str, bool | str] = {"auto": "auto", "yes": True, "no": False}
@@ -540,6 +546,8 @@ def _serve_options(srv: argparse.ArgumentParser) -> None:
                      help="photos in one POST /locate, all within --max-upload-mb together (default: 16)")
     srv.add_argument("--max-concurrent", type=int, default=None,
                      help="photos decoded and encoded at once; others wait, then get 503 (default: CPU cores, <= 4)")
+    srv.add_argument("--body-timeout", type=float, default=60.0, metavar="SECONDS",
+                     help="seconds an upload may take to arrive before 408 (default: 60)")
     srv.set_defaults(func=_serve)
 
 

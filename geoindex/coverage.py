@@ -60,7 +60,7 @@ def _normalise_bbox(bbox: Sequence[float]) -> BBox:
     _check_lonlat(east, north, what)
     if south >= north:
         raise ConfigError(f"{what}: south {south} must be less than north {north}")
-    if west == east:
+    if west == east or (west, east) == (180.0, -180.0):  # 180 and -180 are one meridian: zero width
         raise ConfigError(f"{what}: west equals east, so the bbox is empty")
     if north <= -MAX_LATITUDE or south >= MAX_LATITUDE:
         raise ConfigError(
@@ -261,7 +261,13 @@ class Coverage:
             raise ConfigError(f"{what}: no such file") from e
         except (OSError, ValueError) as e:
             raise ConfigError(f"{what}: not a readable GeoJSON file ({e})") from e
-        polygons = _geojson_polygons(obj, what)
+        except RecursionError as e:
+            raise ConfigError(f"{what}: JSON nested too deeply to be GeoJSON") from e
+        try:
+            polygons = _geojson_polygons(obj, what)
+        except (TypeError, KeyError, AttributeError, RecursionError) as e:  # e.g. "coordinates": 5
+            raise ConfigError(f"{what}: malformed GeoJSON ({type(e).__name__}: {e}); "
+                              "Polygon coordinates are lists of rings of [lon, lat]") from e
         if not polygons:
             raise ConfigError(f"{what}: contains no polygons")
         return cls(polygons=tuple(polygons))

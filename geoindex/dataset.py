@@ -13,10 +13,11 @@ import hashlib
 import io
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -140,33 +141,51 @@ def read_photo_csv(path: str | os.PathLike, *, image_root: str | os.PathLike | N
         raise ConfigError(
             f"photo CSV {path} does not exist; make one with `python -m pipelines.make_dataset`")
     root = Path(image_root) if image_root is not None else path.parent
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ConfigError(f"{path}: empty file; expected a header such as `path,lat,lon`")
-        ip = _find_column(header, _PATH_COLUMNS, "photo path", path)
-        ila = _find_column(header, _LAT_COLUMNS, "latitude", path)
-        ilo = _find_column(header, _LON_COLUMNS, "longitude", path)
-        lowered = [h.strip().lower() for h in header]
-        isp = lowered.index("split") if "split" in lowered else None
-        paths: list[str] = []
-        lats: list[float] = []
-        lons: list[float] = []
-        splits: list[str] = []
-        for line, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            try:
-                name = row[ip].strip()
-                lats.append(float(row[ila]))
-                lons.append(float(row[ilo]))
-            except (IndexError, ValueError) as e:
-                raise ConfigError(f"{path}:{line}: cannot read path/lat/lon from {row!r} ({e})") from e
-            p = Path(name)
-            paths.append(os.path.normpath(p if p.is_absolute() else root / p))
-            if isp is not None:
-                splits.append(row[isp].strip().lower() if isp < len(row) else "")
+    with open(path, "rb") as fb:
+        bom = fb.read(2)
+    # Spreadsheet programs export UTF-8 with a byte-order mark, or UTF-16 ("Unicode text").
+    encoding = "utf-16" if bom in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    reader: Any = None  # a csv reader once the file is open: its line_num names the line
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            reader = csv.reader(f)
+            table = _read_rows(reader, path, root)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e}); save the CSV as UTF-8 (\"CSV UTF-8\" in spreadsheet "
+                          "programs) and rerun") from e
+    except csv.Error as e:  # e.g. a field larger than csv's limit (128 KB): not a photo CSV
+        line = reader.line_num if reader is not None else 1
+        raise ConfigError(f"{path}:{line}: not a photo CSV ({e})") from e
+    return table
+
+
+def _read_rows(reader: Iterator[list[str]], path: Path, root: Path) -> PhotoTable:
+    """The rows of an open photo CSV (``read_photo_csv``)."""
+    header = next(reader, None)
+    if header is None:
+        raise ConfigError(f"{path}: empty file; expected a header such as `path,lat,lon`")
+    ip = _find_column(header, _PATH_COLUMNS, "photo path", path)
+    ila = _find_column(header, _LAT_COLUMNS, "latitude", path)
+    ilo = _find_column(header, _LON_COLUMNS, "longitude", path)
+    lowered = [h.strip().lower() for h in header]
+    isp = lowered.index("split") if "split" in lowered else None
+    paths: list[str] = []
+    lats: list[float] = []
+    lons: list[float] = []
+    splits: list[str] = []
+    for line, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        try:
+            name = row[ip].strip()
+            lats.append(float(row[ila]))
+            lons.append(float(row[ilo]))
+        except (IndexError, ValueError) as e:
+            raise ConfigError(f"{path}:{line}: cannot read path/lat/lon from {row!r} ({e})") from e
+        p = Path(name)
+        paths.append(os.path.normpath(p if p.is_absolute() else root / p))
+        if isp is not None:
+            splits.append(row[isp].strip().lower() if isp < len(row) else "")
     return PhotoTable(tuple(paths), np.asarray(lats), np.asarray(lons),
                       tuple(splits) if isp is not None else None, source=str(path))
 

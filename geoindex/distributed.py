@@ -41,7 +41,7 @@ from geoindex.errors import (
     TileSourceError,
     WeightsNotFoundError,
 )
-from geoindex.files import atomic_path
+from geoindex.files import atomic_path, index_write_lock
 from geoindex.store import level_dir
 from geoindex.threads import loader_threads
 from geoindex.tiles import LevelSchedule
@@ -298,23 +298,24 @@ def build_level_ray(
     local_source = open_source(source)
     spec = source_spec(local_source) or source  # workers reopen what the driver opened, not the user's string
     driver_encoder = encoder.create("cpu")
-    job = start_level(index_dir, zoom, encoder=driver_encoder, imagery=local_source.name, coverage=coverage,
-                      schedule=schedule, codec=codec, shard_size=shard_size, batch_size=batch_size,
-                      overwrite=overwrite, imagery_spec=spec)
-    del driver_encoder, local_source
-    if on_plan:
-        on_plan(job.planned, job.reused_tiles)
-    failures: list[str] = []
-    if job.todo:
-        plan_path = _plan_file(job)
-        init_ray(options.address, quiet=not log.isEnabledFor(logging.INFO))
-        failures = _run_pool(ray, job, plan_path, source=spec, encoder=encoder, batch_size=batch_size,
-                             workers=workers, options=options, progress=progress)
-    summary = complete_level(job, encoder=job.identity["encoder"], checkpoint=encoder.checkpoint,
-                             build_args=build_args, failures=failures)
-    for plan_file in level_dir(job.index_dir, zoom).glob("_plan-*.npy"):  # kept until the level is complete
-        plan_file.unlink(missing_ok=True)
-    return summary
+    with index_write_lock(index_dir, what=f"a Ray build of z{zoom}"):
+        job = start_level(index_dir, zoom, encoder=driver_encoder, imagery=local_source.name, coverage=coverage,
+                          schedule=schedule, codec=codec, shard_size=shard_size, batch_size=batch_size,
+                          overwrite=overwrite, imagery_spec=spec)
+        del driver_encoder, local_source
+        if on_plan:
+            on_plan(job.planned, job.reused_tiles)
+        failures: list[str] = []
+        if job.todo:
+            plan_path = _plan_file(job)
+            init_ray(options.address, quiet=not log.isEnabledFor(logging.INFO))
+            failures = _run_pool(ray, job, plan_path, source=spec, encoder=encoder, batch_size=batch_size,
+                                 workers=workers, options=options, progress=progress)
+        summary = complete_level(job, encoder=job.identity["encoder"], checkpoint=encoder.checkpoint,
+                                 build_args=build_args, failures=failures)
+        for plan_file in level_dir(job.index_dir, zoom).glob("_plan-*.npy"):  # kept until the level is complete
+            plan_file.unlink(missing_ok=True)
+        return summary
 
 
 def _run_pool(

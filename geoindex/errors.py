@@ -50,6 +50,14 @@ class IndexFormatError(GeoIndexError, ValueError):
     """An index on disk is damaged, partial, or of an unsupported format version."""
 
 
+class IndexBusyError(GeoIndexError, BlockingIOError):
+    """Another process holds an index's write lock (a build or a compaction is running)."""
+
+
+class IndexWriteError(GeoIndexError, OSError):
+    """The operating system refused a write to an index (read-only, full, over a size limit); nothing was lost."""
+
+
 class BuildIncompleteError(GeoIndexError, RuntimeError):
     """Some tiles failed to load; their shards were not written. Fix the source and rerun to resume."""
 

@@ -11,6 +11,7 @@ picture and the GeoJSON in the same answer; API docs are at ``/docs``.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ctypes
 import dataclasses
@@ -34,7 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, open_index
 from geoindex.beam import MAX_K, check_k
 from geoindex.coverage import Coverage
-from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError
+from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError, LazyLevelError
 from geoindex.exif import read_gps
 from geoindex.formats import encode_map, result_to_dict, to_geojson
 from geoindex.imagery import load_image
@@ -60,6 +61,10 @@ DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024  # phone photos are 2-12 MB; leave r
 DEFAULT_MAX_PIXELS = 25_000_000
 DEFAULT_MAX_CONCURRENT = max(1, min(4, os.cpu_count() or 1))  # decodes + encodes at once; each is CPU-bound
 DEFAULT_BUSY_TIMEOUT_S = 10.0  # how long a request waits for a decode slot before a 503
+# A body must arrive within this time: 300 clients sending a byte every 10 s would otherwise hold
+# 300 connections (and their threads' buffers) for as long as they like.
+DEFAULT_BODY_TIMEOUT_S = 60.0
+_DETAIL_CHARS = 500  # server-side errors are cut here in a response's detail
 _TRIM_AFTER_PIXELS = 4_000_000  # give freed decode buffers back to the OS after images this large
 MAX_TOP_N = 100
 DEFAULT_MAX_PHOTOS = 16  # photos in one POST /locate; their bytes together stay under max_upload_bytes
@@ -75,12 +80,21 @@ class _TooLarge(StarletteHTTPException):
         super().__init__(413, f"upload exceeds the {limit} byte limit (--max-upload-mb)")
 
 
-class _BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes, declared or streamed."""
+class _SlowBody(StarletteHTTPException):
+    """Raised from inside the body stream when the body does not arrive in time (408, connection closed)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"the request body did not arrive within {seconds:g} s (--body-timeout)",
+                         headers={"Connection": "close"})
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse bodies over ``limit`` bytes (declared or streamed) or slower than ``timeout_s``."""
+
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -95,14 +109,22 @@ class _BodyLimit:
             await send({"type": "http.response.body", "body": body})
             return
         seen = 0
+        complete = False
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body, receive() waits for a disconnect: no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                raise _SlowBody(self.timeout_s) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
                     raise _TooLarge(self.limit)
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, counted, send)
@@ -183,6 +205,7 @@ def create_app(
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
     max_photos: int = DEFAULT_MAX_PHOTOS,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     **open_kwargs: Any,
 ) -> FastAPI:
     """The FastAPI app serving one index.
@@ -196,10 +219,12 @@ def create_app(
             imagery when local, else the embedded Blue Marble; opened at the first map).
         max_pixels: largest decoded image (width x height, after JPEG's reduced-size decoding);
             larger ones are refused with 413 before their pixels are decoded.
-        max_concurrent: requests decoding and encoding at once; the rest wait for a slot.
+        max_concurrent: requests decoding, encoding, searching and drawing maps at once; the rest
+            wait for a slot.
         busy_timeout_s: how long a request waits for a slot before it gets 503 with Retry-After.
         max_photos: most ``image`` parts in one ``POST /locate`` (all of them together within
             ``max_upload_bytes``); more are refused with 413.
+        body_timeout_s: how long a request's body may take to arrive before 408 (connection closed).
 
     Raises:
         ConfigError: an argument out of range.
@@ -216,6 +241,8 @@ def create_app(
         raise ConfigError(f"max_photos must be >= 1, got {max_photos} (--max-photos)")
     if not busy_timeout_s >= 0:
         raise ConfigError(f"busy_timeout_s must be >= 0, got {busy_timeout_s}")
+    if not 0 < body_timeout_s < float("inf"):
+        raise ConfigError(f"body_timeout_s must be a positive number of seconds, got {body_timeout_s} (--body-timeout)")
     opened = index if isinstance(index, GeoIndex) else open_index(index, **open_kwargs)
     app = FastAPI(
         title="geoindex",
@@ -229,7 +256,7 @@ def create_app(
         version=_version(),
     )
     app.state.index = opened
-    app.add_middleware(_BodyLimit, limit=max_upload_bytes)
+    app.add_middleware(_BodyLimit, limit=max_upload_bytes, timeout_s=body_timeout_s)
     lock = threading.Lock()
     slots = threading.BoundedSemaphore(max_concurrent)
 
@@ -298,52 +325,59 @@ def create_app(
         if not slots.acquire(timeout=busy_timeout_s):
             raise HTTPException(503, f"busy: {max_concurrent} photos are being decoded and encoded; retry shortly",
                                 headers={"Retry-After": "1"})
+        # Decoding, encoding, searching (lazy levels score up to 16k candidates per photo) and the map
+        # (which decodes the upload again) all run in the slot, so that --max-concurrent bounds memory.
         pixels = _declared_pixels(data)
         gps = None
         try:
-            photo = load_image(data, max_pixels=max_pixels)
-            xq = searcher.embed([photo])
-            del photo
-            if not ignore_exif:
-                try:  # in the slot: reading metadata can decode the image again
-                    gps = read_gps(data)
-                except GeoIndexError:  # the image decoded above; a second failure only loses the GPS
-                    gps = None
-        except ImageError as e:
-            if isinstance(e.__cause__, UnidentifiedImageError):
-                raise HTTPException(400, f"{name}: not an image: {_upload_kind(data, upload.content_type)}; "
-                                         f"send a {_ACCEPTED} photo") from e
-            # Pillow names the in-memory buffer by its address; that says nothing to the client.
-            reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(e))
-            status = 413 if isinstance(e, ImageTooLargeError) else 400
-            raise HTTPException(status, f"{name}: {reason}") from e
+            try:
+                photo = load_image(data, max_pixels=max_pixels)
+                xq = searcher.embed([photo])
+                del photo
+                if not ignore_exif:
+                    try:  # in the slot: reading metadata can decode the image again
+                        gps = read_gps(data)
+                    except GeoIndexError:  # the image decoded above; a second failure only loses the GPS
+                        gps = None
+            except ImageError as e:
+                if isinstance(e.__cause__, UnidentifiedImageError):
+                    raise HTTPException(400, f"{name}: not an image: {_upload_kind(data, upload.content_type)}; "
+                                             f"send a {_ACCEPTED} photo") from e
+                # Pillow names the in-memory buffer by its address; that says nothing to the client.
+                reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(e))
+                status = 413 if isinstance(e, ImageTooLargeError) else 400
+                raise HTTPException(status, f"{name}: {reason}") from e
+            encoded_s = time.perf_counter()
+            try:
+                result = searcher.search_embeddings(xq, k, top_n=top_n, names=[name])[0]
+            except ConfigError as e:  # e.g. the region holds tiles at no level for this query
+                raise HTTPException(422, str(e)) from e
+            except GeoIndexError as e:  # a lazy level's tile source failed, or the index on disk is damaged
+                log.error("search failed for %s: %s", name, e)
+                retry = {"Retry-After": "30"} if isinstance(e, LazyLevelError) else None
+                raise HTTPException(503, _bounded(str(e)), headers=retry) from e
+            searched_s = time.perf_counter()
+            out = result_to_dict(result, exif=gps, top_n=top_n, trace=True)
+            if gps is not None:
+                out["exif"]["in_coverage"] = covers(gps)
+            out["k"] = k
+            if include_geojson:
+                out["geojson"] = to_geojson([result], exif=[gps])
+            drawn_s = time.perf_counter()
+            if include_map:
+                try:
+                    with lock:  # opens the imagery once
+                        source = imagery()
+                    out["map_png"] = _png_data_url(encode_map(result, source, truth=gps, photo=data)[0])
+                except GeoIndexError as e:  # the answer stands without its picture
+                    log.warning("no map for %s: %s", name, e)
+                    out["map_error"] = str(e)
         finally:
             if _TRIM_AFTER_PIXELS <= pixels <= max_pixels:
                 # Each request thread frees its decode buffers into its own malloc arena, where they stay:
                 # without this, 8 threads each keep their largest image's memory after the burst.
                 _trim_heap()
             slots.release()
-        encoded_s = time.perf_counter()
-        try:
-            result = searcher.search_embeddings(xq, k, top_n=top_n, names=[name])[0]
-        except ConfigError as e:  # e.g. the region holds tiles at no level for this query
-            raise HTTPException(422, str(e)) from e
-        searched_s = time.perf_counter()
-        out = result_to_dict(result, exif=gps, top_n=top_n, trace=True)
-        if gps is not None:
-            out["exif"]["in_coverage"] = covers(gps)
-        out["k"] = k
-        if include_geojson:
-            out["geojson"] = to_geojson([result], exif=[gps])
-        drawn_s = time.perf_counter()
-        if include_map:
-            try:
-                with lock:  # opens the imagery once
-                    source = imagery()
-                out["map_png"] = _png_data_url(encode_map(result, source, truth=gps, photo=data)[0])
-            except GeoIndexError as e:  # the answer stands without its picture
-                log.warning("no map for %s: %s", name, e)
-                out["map_error"] = str(e)
         out["timings"] = {
             "read_ms": (read_s - started) * 1e3,
             "encode_ms": (encoded_s - read_s) * 1e3,
@@ -366,7 +400,9 @@ def create_app(
         responses={400: {"description": "unreadable image"},
                    413: {"description": "upload too large, too many pixels, or too many photos"},
                    422: {"description": "invalid parameter (k, top_n, bbox)"},
-                   503: {"description": "busy: every decode slot is taken; retry after Retry-After seconds"}},
+                   408: {"description": "the request body did not arrive in time"},
+                   503: {"description": "busy: every slot is taken, or the lazy levels' tile source failed; "
+                                        "retry after Retry-After seconds"}},
     )
     def locate(
         image: Annotated[list[UploadFile], File(description="the photo (JPEG, PNG, WebP, TIFF, ...); "
@@ -436,6 +472,11 @@ def _page() -> str:
     from importlib.resources import files
 
     return files("geoindex").joinpath("static/index.html").read_text(encoding="utf-8")
+
+
+def _bounded(text: str) -> str:
+    """``text`` cut to _DETAIL_CHARS characters (an error listing every bad tile runs to 10 KB)."""
+    return text if len(text) <= _DETAIL_CHARS else text[:_DETAIL_CHARS] + f"... ({len(text)} characters)"
 
 
 def _png_data_url(png: bytes) -> str:

@@ -126,15 +126,28 @@ def write_shard(
         pq.write_table(table, tmp)
 
 
+def _damaged_shard(path: Path, reason: str) -> IndexFormatError:
+    zoom = path.parent.name.lstrip("z0") or "0"
+    return IndexFormatError(
+        f"{path}: damaged parquet shard ({reason}); rerun `python -m pipelines.build_index --zoom {zoom}` with the "
+        "arguments of the build: it re-encodes damaged shards only"
+    )
+
+
 def _read_shard(path: Path, columns: list[str]) -> pa.Table:
+    """Columns of one shard, each of the type the build writes (integers; float16 embeddings of one size)."""
     try:
-        return pq.read_table(path, columns=columns, memory_map=True)
+        table = pq.read_table(path, columns=columns, memory_map=True)
     except (OSError, pa.ArrowException) as e:
-        zoom = path.parent.name.lstrip("z0") or "0"
-        raise IndexFormatError(
-            f"{path}: damaged parquet shard ({e}); rerun `python -m pipelines.build_index --zoom {zoom}` with the "
-            "arguments of the build: it re-encodes damaged shards only"
-        ) from e
+        raise _damaged_shard(path, str(e)) from e
+    for name in columns:
+        t = table.schema.field(name).type
+        if name == "embedding":
+            if not (pa.types.is_fixed_size_list(t) and t.value_type == pa.float16()):
+                raise _damaged_shard(path, f"column 'embedding' is {t}, not fixed_size_list<halffloat>")
+        elif not pa.types.is_integer(t):
+            raise _damaged_shard(path, f"column {name!r} is {t}, not an integer")
+    return table
 
 
 def read_level_columns(
@@ -145,7 +158,11 @@ def read_level_columns(
     parts = [_read_shard(p, list(columns)) for p in shards]
     if not parts:
         return {c: np.empty(0, dtype=np.int64) for c in columns}
-    table = pa.concat_tables(parts)
+    try:
+        table = pa.concat_tables(parts)
+    except pa.ArrowException as e:
+        raise IndexFormatError(f"{index_dir}: the shards of z{zoom} disagree on their columns ({e}); rerun "
+                               f"`python -m pipelines.build_index --zoom {zoom}` with the build's arguments") from e
     return {c: table.column(c).to_numpy() for c in columns}
 
 
@@ -489,6 +506,26 @@ def resident_levels(sizes: list[int], resident: bool | str) -> list[bool]:
     return [i < fits for i in range(len(sizes))]
 
 
+def _open_exact(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.float16]:
+    """``exact.npy`` memory-mapped, its header checked: C-order little-endian float16 of ``shape``.
+
+    Checksums are skipped on large indexes, so the header is the only guard: an ``<i2`` or
+    Fortran-order header would otherwise be read as other numbers and give wrong answers.
+    """
+    fix = "rebuild this level (`python -m pipelines.build_index --zoom Z` with the arguments of the build)"
+    try:
+        exact = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
+        raise IndexFormatError(f"{path}: unreadable .npy header ({type(e).__name__}: {e}); {fix}") from e
+    if exact.dtype.str != "<f2" or exact.ndim != 2 or not exact.flags.c_contiguous:
+        order = "Fortran" if exact.flags.f_contiguous and not exact.flags.c_contiguous else "C"
+        raise IndexFormatError(f"{path}: holds {exact.dtype.str} in {order} order with {exact.ndim} dimensions, "
+                               f"expected C-order <f2 (float16) rows; {fix}")
+    if exact.shape != shape:
+        raise IndexFormatError(f"{path}: has shape {exact.shape}, expected {shape}; {fix}")
+    return exact
+
+
 def open_store(
     index_dir: str | os.PathLike, *, verify: bool | None = None, resident: bool | str = "auto",
 ) -> tuple[Manifest, list[StoredLevel]]:
@@ -545,10 +582,7 @@ def open_store(
             _check_ivf_ids(path, info.zoom, index, cols["parent_row"])
         exact = None
         if any(f.name == EXACT_FILE for f in info.files):
-            exact = np.load(level_dir(index_dir, info.zoom) / EXACT_FILE, mmap_mode="r")
-            if exact.shape != (info.rows, manifest.dim):
-                raise IndexFormatError(f"level z{info.zoom}: {EXACT_FILE} has shape {exact.shape}, expected "
-                                       f"({info.rows}, {manifest.dim}); rebuild this level")
+            exact = _open_exact(ldir / EXACT_FILE, (info.rows, manifest.dim))
         levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info,
                                   exact, resident=ram))
     return manifest, levels

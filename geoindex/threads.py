@@ -18,7 +18,24 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-__all__ = ["build_threads", "configure_query_threads", "cpu_cores", "loader_threads"]
+__all__ = ["MAX_THREADS", "build_threads", "check_threads", "configure_query_threads", "cpu_cores", "loader_threads"]
+
+# More threads than this only oversubscribes; 20000 aborts inside libgomp and 100000 fails to allocate.
+MAX_THREADS = 1024
+
+
+def check_threads(threads: int | None, *, option: str = "--threads") -> int | None:
+    """``threads`` if it is None or in 1..MAX_THREADS.
+
+    Raises:
+        ConfigError: out of range; the message names ``option``.
+    """
+    from geoindex.errors import ConfigError
+
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise ConfigError(f"{option} {threads}: must be in 1..{MAX_THREADS} (this machine has {cpu_cores()} "
+                          f"CPUs); leave it out to choose from the CPU count")
+    return threads
 
 
 def configure_query_threads(threads: int | None = None, *, apply: bool = True) -> int:
@@ -30,7 +47,7 @@ def configure_query_threads(threads: int | None = None, *, apply: bool = True) -
     Returns:
         The count set.
     """
-    count = max(1, threads or 1)
+    count = max(1, check_threads(threads) or 1)
     if apply:
         _set_threads(count)
     return count
@@ -53,7 +70,7 @@ def build_threads(threads: int | None = None) -> Iterator[int]:
     import torch
 
     before = torch.get_num_threads(), faiss.omp_get_max_threads()
-    count = max(1, threads or cpu_cores())
+    count = max(1, check_threads(threads) or cpu_cores())
     _set_threads(count)
     try:
         yield count

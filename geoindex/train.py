@@ -121,9 +121,11 @@ class TrainConfig:
     l2sp: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0 or self.batch_size < 2 or self.lr <= 0 or self.logit_scale <= 0:
+        finite = 0 < self.lr < float("inf") and 0 < self.logit_scale < float("inf")  # refuses nan too
+        if self.epochs < 0 or self.batch_size < 2 or not finite:
             raise ConfigError(
-                f"need epochs >= 0, batch_size >= 2 (in-batch negatives), lr > 0 and logit_scale > 0; "
+                f"need epochs >= 0, batch_size >= 2 (in-batch negatives), finite lr > 0 and logit_scale > 0 "
+                "(--epochs, --batch-size, --lr, --logit-scale); "
                 f"got epochs={self.epochs} batch_size={self.batch_size} lr={self.lr} "
                 f"logit_scale={self.logit_scale}"
             )

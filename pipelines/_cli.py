@@ -57,9 +57,18 @@ def pipeline_main(
     Pipelines are batch programs: freed memory is kept for the next batch (``keep_freed_memory``).
 
     The exit status is 0, or what ``finish(cfg, result)`` makes of the result (a report to print,
-    a status of its own).
+    a status of its own). An argument the pipeline's own checks refuse (a ConfigError from
+    ``parse_args``) is a usage error, exit status 2, as argparse's own refusals are.
     """
-    cfg = parse_args(argv)
+    parsed: list[C] = []
+
+    def parse() -> int:
+        parsed.append(parse_args(argv))
+        return 0
+
+    if run_main(parse) != 0:
+        return 2
+    cfg = parsed[0]
     setup_logging(cfg.quiet)
     keep_freed_memory()
 

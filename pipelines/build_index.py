@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -39,11 +40,12 @@ from geoindex.encoders import (
     create_encoder,
     load_map_encoder,
 )
-from geoindex.errors import ConfigError
+from geoindex.errors import ConfigError, GeoIndexError, IndexWriteError
+from geoindex.files import index_write_lock
 from geoindex.lazy import compact, declare_lazy
 from geoindex.manifest import CODECS, MANIFEST, Manifest
 from geoindex.sources import open_source
-from geoindex.threads import build_threads
+from geoindex.threads import build_threads, check_threads
 from geoindex.tiles import LevelSchedule
 from pipelines._cli import pipeline_main, progress_bar
 
@@ -93,9 +95,8 @@ class Config:
             self.schedule.index_of(self.lazy_from)
             if self.lazy_from == self.schedule.start:
                 raise ConfigError(f"--lazy-from {self.lazy_from}: the first level must be built; choose a deeper zoom")
-        for flag, value in (("--threads", self.threads), ("--workers", self.workers)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}; leave it out to choose from the CPU count")
+        check_threads(self.threads)
+        check_threads(self.workers, option="--workers")
         if self.calibrate_count < 2:
             raise ConfigError(f"--calibrate-count must be at least 2, got {self.calibrate_count}")
         if self.engine not in ENGINES:
@@ -179,7 +180,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     ray.add_argument("--ray-cpus-per-actor", type=float, default=1.0,
                      help="CPUs per actor, also its torch threads on CPU (default: 1)")
     a = p.parse_args(argv)
-    schedule = LevelSchedule(*a.schedule)
+    try:
+        schedule = LevelSchedule(*a.schedule)
+    except ConfigError as e:
+        raise ConfigError(f"--schedule {' '.join(map(str, a.schedule))}: {e}") from e
     device = a.device
     if device == "auto":
         import torch
@@ -211,13 +215,47 @@ def _checkpoint(cfg: Config, zoom: int) -> str | None:
     return str(path.resolve())
 
 
+_OS_HINTS = {
+    errno.EROFS: "the file system is read-only: give an --index on a writable one",
+    errno.ENOSPC: "the disk is full: free space (or give an --index on another disk)",
+    errno.EDQUOT: "the disk quota is exhausted: free space (or give an --index on another disk)",
+    errno.EFBIG: "a file exceeds the file-size limit (ulimit -f): raise the limit or use a smaller --shard-size",
+    errno.EACCES: "permission denied: make the --index folder writable for this user",
+    errno.EPERM: "permission denied: make the --index folder writable for this user",
+}
+
+
 def run(cfg: Config) -> list[BuildSummary]:
-    """Build the requested levels in order (or compact); returns one summary per level built."""
-    if cfg.compact:
-        for c in compact(cfg.index):
-            log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts, c.rows)
-        return []
-    cfg = _choose_encoder(cfg)
+    """Build the requested levels in order (or compact) under the index's write lock; one summary per level built.
+
+    Raises:
+        IndexBusyError: another build or compaction of this index is running.
+        IndexWriteError: the operating system refused a write (read-only, full, file too large); the
+            shards already finished are kept, and rerunning resumes.
+    """
+    what = ("build_index --compact" if cfg.compact else "build_index --calibrate" if cfg.calibrate
+            else f"build_index --zoom {' '.join(map(str, cfg.zooms))}")
+    try:
+        if cfg.compact:  # compact takes the lock itself, once it knows the index is a lazy one
+            for c in compact(cfg.index):
+                log.info("lazy z%02d: %d files folded into %d parts, %d rows", c.zoom, c.files_before, c.parts,
+                         c.rows)
+            return []
+        cfg = _choose_encoder(cfg)
+        with index_write_lock(cfg.index, what=what):
+            return _run_locked(cfg)
+    except GeoIndexError:
+        raise
+    except OSError as e:
+        hint = _OS_HINTS.get(e.errno or 0, "fix the cause and rerun")
+        where = f" ({e.filename})" if e.filename else ""
+        raise IndexWriteError(
+            f"{what}: cannot write {cfg.index}{where}: {e.strerror or e}; {hint}. Nothing finished was lost: "
+            "rerun the same command to resume"
+        ) from e
+
+
+def _run_locked(cfg: Config) -> list[BuildSummary]:
     if cfg.calibrate:
         _calibrate(cfg)
         return []

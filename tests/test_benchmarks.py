@@ -27,7 +27,7 @@ def _run(module: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
     assert f"benchmarks/{mod.NAME}.py --smoke" in text  # the exact command is recorded
     for key in ("date", "cpu", "gpu", "faiss", "torch"):
         assert data["machine"][key]
-    assert data["encoder"] == "tiny" or module in ("scale", "open_time")
+    assert data["encoder"] == "tiny" or module in ("scale", "open_time", "lazy_memory")
     return data["results"], text
 
 
@@ -122,6 +122,12 @@ def test_service_memory(tmp_path):
     res, text = _run("service_memory", tmp_path, "--workdir", str(tmp_path / "work"))
     assert [r["tree"] for r in res] == ["before", "after"]
     assert all(r["statuses"] == [200] and _positive(r["peak_mb"]) for r in res)
+
+
+def test_lazy_memory(tmp_path):
+    res, _ = _run("lazy_memory", tmp_path)
+    assert [r["variant"] for r in res] == ["gather", "blocks"]
+    assert math.isclose(res[0]["checksum"], res[1]["checksum"], rel_tol=1e-4, abs_tol=1e-3)
 
 
 def test_precision(tmp_path):

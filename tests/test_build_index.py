@@ -225,7 +225,7 @@ def test_thread_counts_are_checked_and_default_to_the_cpu_count():
     cfg = build_index.parse_args(["--zoom", "2", "--threads", "1", "--workers", "3"])
     assert (cfg.threads, cfg.workers) == (1, 3)
     for flag in ("--threads", "--workers"):
-        with pytest.raises(ConfigError, match=f"{flag} must be at least 1"):
+        with pytest.raises(ConfigError, match=f"{flag} 0: must be in 1..1024"):
             build_index.parse_args(["--zoom", "2", flag, "0"])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,11 @@ class DirectorySource:
         return f"dir:{self.root}"
 
     def path(self, tile: mercantile.Tile) -> Path | None:
-        """The file holding ``tile``, or None if there is none."""
+        """The file holding ``tile``, or None if there is none.
+
+        Any entry at a tile's path counts, a regular file or not: a FIFO, a folder, or a broken or
+        looping link there is a bad tile (``get`` names it), not a tile missing from the source.
+        """
         return _find_tile_file(self.root / str(tile.z) / str(tile.x), tile.y,
                                (self.ext,) if self.ext else self.EXTENSIONS)
 
@@ -83,14 +88,14 @@ def _find_tile_file(folder: Path, y: int, extensions: tuple[str, ...]) -> Path |
     for ext in extensions:
         for spelling in dict.fromkeys((ext.lower(), ext.upper())):
             candidate = folder / f"{y}.{spelling}"
-            if candidate.is_file():
+            if os.path.lexists(candidate):  # any entry, so that a FIFO or a broken link is a bad tile, not a gap
                 return candidate
     if not folder.is_dir():
         return None
     stem, wanted = str(y), {e.lower() for e in extensions}
     for entry in folder.iterdir():
         name, _, ext = entry.name.partition(".")
-        if name == stem and ext.lower() in wanted and entry.is_file():
+        if name == stem and ext.lower() in wanted:
             return entry
     return None
 
