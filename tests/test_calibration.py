@@ -141,7 +141,7 @@ def calibrated(tmp_path_factory, small_index, rendered_source) -> Path:
 def test_an_old_manifest_opens_and_its_answers_say_uncalibrated(small_index):
     assert "calibration" not in json.loads((small_index / "manifest.json").read_text())
     index = geoindex.open_index(small_index, device="cpu")
-    result = index.search(render_tile(T(5, 2, 3), size=128), k=8)[0]
+    result = index.search(render_tile(T(5, 2, 3), size=128), k=8)
     assert result.calibrated is False and result.confident is None
     assert "uncalibrated" in result.reason
     d = result_to_dict(result)
@@ -169,7 +169,7 @@ def test_calibration_is_stored_with_what_it_was_fitted_on(calibrated):
 
 def test_calibrated_answers_give_radii_and_confidence(calibrated):
     index = geoindex.open_index(calibrated, device="cpu")
-    result = index.search(render_tile(T(5, 2, 3), size=128), k=8)[0]
+    result = index.search(render_tile(T(5, 2, 3), size=128), k=8)
     assert result.calibrated is True and result.confident in (True, False)
     r50, r90 = result.radius_km
     assert 0 < r50 <= r90 <= EVERYWHERE_KM
@@ -195,7 +195,7 @@ def test_a_query_below_the_threshold_is_no_confident_match(calibrated, tmp_path)
     assert manifest.calibration is not None
     strict = dataclasses.replace(manifest.calibration, ood_threshold=2.0)  # cosines never reach 2
     dataclasses.replace(manifest, calibration=strict).save(path)
-    result = geoindex.open_index(path, device="cpu").search(render_tile(T(5, 2, 3), size=128), k=8)[0]
+    result = geoindex.open_index(path, device="cpu").search(render_tile(T(5, 2, 3), size=128), k=8)
     assert result.confident is False and result.reason.startswith("no confident match")
     assert len(result.candidates) == 5  # still shown
     d = result_to_dict(result)
