@@ -3,7 +3,7 @@
 A view is a square crop of a tile source's imagery centred anywhere (not on the tile grid), at
 another scale, rotated, with its colours, contrast and sharpness changed. Its true position is
 known, so views stand in for photos wherever positions must be known: training the map encoders
-(``pipelines.experiment``, ``pipelines.train_demo``) and fitting an index's calibration. The same
+(``pipelines.experiment``, ``pipelines.ship_encoders``) and fitting an index's calibration. The same
 seed gives the same views.
 """
 
