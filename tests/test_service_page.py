@@ -272,7 +272,7 @@ def test_page_shows_the_no_confident_match_banner(browser, strict_server, tmp_pa
     ("name", "data", "settings", "message", "detail"),
     [
         ("notes.txt", b"this is not an image", {}, "notes.txt is not an image the server can read.",
-         "not a readable image"),
+         "not an image: 20 bytes of text"),
         ("huge.jpg", b"\xff" * (2 * LIMIT), {}, "huge.jpg is 391 kB; this server accepts photos up to 195 kB.",
          "--max-upload-mb"),
         ("photo.png", None, {"bbox": "10, 50, 5, 40"}, "The server refused the settings.", "must be less than north"),
