@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -16,7 +17,8 @@ from geoindex.beam import FaissLevel, Level, OnTheFlyLevel, PriorMode, PriorOpti
 from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
-from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
+from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, ImageError
+from geoindex.exif import read_gps
 from geoindex.imagery import ImageInput, load_image
 from geoindex.lazy import LazyLevel, open_lazy_levels
 from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, Manifest, short_id
@@ -33,6 +35,17 @@ OnError = Literal["raise", "return"]
 
 def _name(image: ImageInput) -> str | None:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
+
+
+def _with_exif(result: SearchResult, image: ImageInput) -> SearchResult:
+    """``result`` with the photo's EXIF GPS position, where the image carries one (arrays carry none)."""
+    if isinstance(image, np.ndarray):
+        return result
+    try:
+        gps = read_gps(image)
+    except ImageError:  # the encoder read it; an unreadable EXIF block only means "no position"
+        gps = None
+    return dataclasses.replace(result, exif=gps) if gps is not None else result
 
 
 class _Searcher:
@@ -90,6 +103,7 @@ class _Searcher:
     def search(
         self, images: ImageInput, k: int = 64, *, top_n: int = 5, on_error: Literal["raise"] = "raise",
         prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+        read_exif: bool = True,
     ) -> SearchResult: ...
 
     @overload
@@ -97,19 +111,21 @@ class _Searcher:
         self, images: list[Any] | tuple[Any, ...], k: int = 64, *, top_n: int = 5,
         on_error: Literal["raise"] = "raise", prior: str | GeoCLIPPrior | None = None,
         prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+        read_exif: bool = True,
     ) -> list[SearchResult]: ...
 
     @overload
     def search(
         self, images: ImageInput, k: int = 64, *, top_n: int = 5, on_error: OnError,
         prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+        read_exif: bool = True,
     ) -> SearchResult | GeoIndexError: ...
 
     @overload
     def search(
         self, images: list[Any] | tuple[Any, ...], k: int = 64, *, top_n: int = 5,
         on_error: OnError, prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject",
-        prior_weight: float = 0.5,
+        prior_weight: float = 0.5, read_exif: bool = True,
     ) -> list[SearchResult | GeoIndexError]: ...
 
     def search(
@@ -122,6 +138,7 @@ class _Searcher:
         prior: str | GeoCLIPPrior | None = None,
         prior_mode: PriorMode = "inject",
         prior_weight: float = 0.5,
+        read_exif: bool = True,
     ) -> SearchResult | GeoIndexError | list[SearchResult] | list[SearchResult | GeoIndexError]:
         """Geolocate one photo, or a batch: one encoder batch, then one FAISS call per level.
 
@@ -136,13 +153,15 @@ class _Searcher:
                 image's place so that the rest of the batch is still answered.
             prior: ``"geoclip"`` or a loaded ``GeoCLIPPrior``: GeoCLIP's belief joins the search.
             prior_mode, prior_weight: how (:class:`geoindex.beam.PriorOptions`).
+            read_exif: read each photo's EXIF GPS into ``SearchResult.exif`` (paths, bytes and PIL
+                images; arrays have none), so that ``error_km`` says how far the answer is.
 
         Returns:
             For one image its SearchResult; for a list, one SearchResult per image, in order. With
             ``on_error="return"`` an unreadable image's ImageError stands in place of its result.
         """
         results = self._search(images, check_k(k), top_n=top_n, on_error=on_error, prior=prior,
-                               prior_mode=prior_mode, prior_weight=prior_weight)
+                               prior_mode=prior_mode, prior_weight=prior_weight, read_exif=read_exif)
         return results if isinstance(images, (list, tuple)) else results[0]
 
     def _search(
@@ -155,6 +174,7 @@ class _Searcher:
         prior: str | GeoCLIPPrior | None,
         prior_mode: PriorMode,
         prior_weight: float,
+        read_exif: bool = True,
     ) -> list[SearchResult | GeoIndexError]:
         """``search`` for a checked ``k``."""
         options = PriorOptions(prior_mode, prior_weight) if prior is not None else None
@@ -192,7 +212,7 @@ class _Searcher:
             results = self._search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
                                               prior=belief, prior_options=options)
             for i, r in zip(good, results):
-                out[i] = r
+                out[i] = _with_exif(r, batch[i]) if read_exif else r
         return out  # type: ignore[return-value]  # every None was filled above
 
 
@@ -291,6 +311,7 @@ _opened_lock = threading.Lock()
 def search(
     image: ImageInput, k: int = 64, *, index: str | os.PathLike | GeoIndex | None = None, top_n: int = 5,
     prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+    read_exif: bool = True,
 ) -> SearchResult: ...
 
 
@@ -299,6 +320,7 @@ def search(
     image: list[ImageInput] | tuple[ImageInput, ...], k: int = 64, *,
     index: str | os.PathLike | GeoIndex | None = None, top_n: int = 5,
     prior: str | GeoCLIPPrior | None = None, prior_mode: PriorMode = "inject", prior_weight: float = 0.5,
+    read_exif: bool = True,
 ) -> list[SearchResult]: ...
 
 
@@ -311,6 +333,7 @@ def search(
     prior: str | GeoCLIPPrior | None = None,
     prior_mode: PriorMode = "inject",
     prior_weight: float = 0.5,
+    read_exif: bool = True,
 ) -> SearchResult | list[SearchResult]:
     """Geolocate one photo (or a list of photos) by hierarchical retrieval over a map-tile index.
 
@@ -331,6 +354,7 @@ def search(
             ``mass`` = GeoCLIP's probability of the tile's area; scores in the result are then
             these combined scores). See ``geoindex.beam.PriorOptions``.
         prior_weight: ``w`` of ``rerank`` in [0, 1]; 0 equals no prior. Untuned default 0.5.
+        read_exif: read the photo's EXIF GPS position into ``exif`` (see Returns).
 
     Returns:
         A SearchResult (a list of them for a list input) with fields:
@@ -339,7 +363,9 @@ def search(
         (top-n final tiles with ``probability``: calibrated where the index is, else a softmax
         over the final scores), ``calibrated``, ``radius_km`` (50 % and 90 % radii),
         ``confident`` and ``reason`` ("no confident match"), ``trace``
-        (per level: the kept tiles and their scores), ``image`` (the path, if any).
+        (per level: the kept tiles and their scores), ``image`` (the path, if any), ``exif``
+        (the photo's own GPS position, if it has one) and, derived as in the JSON output,
+        ``probability``, ``areas``, ``area_probability``, ``error_km`` and ``inside_radius``.
 
     Raises:
         ImageError: an image cannot be read. IndexNotFoundError / IndexFormatError: no usable
@@ -359,7 +385,7 @@ def search(
                 _opened[key] = GeoIndex(key)
             opened = _opened[key]
     results = opened._search(image, k, top_n=top_n, on_error="raise", prior=prior, prior_mode=prior_mode,
-                             prior_weight=prior_weight)
+                             prior_weight=prior_weight, read_exif=read_exif)
     return results if isinstance(image, (list, tuple)) else results[0]  # type: ignore[return-value]
 
 

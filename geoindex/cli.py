@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geoindex.errors import ConfigError, GeoIndexError, ImageError
+from geoindex.errors import ConfigError, GeoIndexError
 from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, PRECISIONS
 
 if TYPE_CHECKING:
@@ -277,7 +277,6 @@ def _locate(args: argparse.Namespace) -> int:
 
     from geoindex.api import RegionSearcher, open_index
     from geoindex.beam import check_k
-    from geoindex.exif import read_gps
     from geoindex.formats import WRITERS, encode_geojson, encode_map, one_line
     from geoindex.results import SearchResult
     from geoindex.threads import configure_query_threads
@@ -307,7 +306,7 @@ def _locate(args: argparse.Namespace) -> int:
     writer = WRITERS[args.format](sys.stdout, top_n=args.top_n, trace=args.trace)
     for f in failed:
         writer.failure(f.image, f.reason)
-    located: list[tuple[SearchResult, tuple[float, float] | None]] = []
+    located: list[SearchResult] = []
     located_maps: list[tuple[str, Path]] = []
     started = time.perf_counter()
     bar = tqdm(total=len(images), unit="img", file=sys.stderr, dynamic_ncols=True,
@@ -316,7 +315,7 @@ def _locate(args: argparse.Namespace) -> int:
     try:
         for batch in _batches(images, args.batch_size):
             for path, item in zip(batch, searcher.search(batch, k, top_n=args.top_n, on_error="return",
-                                                                 **prior_kwargs),
+                                                         read_exif=not args.ignore_exif, **prior_kwargs),
                                   strict=True):
                 map_path = next(paths, None)
                 if isinstance(item, GeoIndexError):
@@ -324,16 +323,10 @@ def _locate(args: argparse.Namespace) -> int:
                     bar.write(f"error: {one_line(str(item))}", file=sys.stderr)
                     writer.failure(path, str(item))
                     continue
-                gps = None
-                if not args.ignore_exif:
-                    try:
-                        gps = read_gps(path)
-                    except (ImageError, OSError):
-                        gps = None
-                located.append((item, gps))
+                located.append(item)
                 if map_path is not None:
                     located_maps.append((path, map_path))
-                writer.result(item, gps)
+                writer.result(item)
             bar.update(len(batch))
     finally:
         bar.close()
@@ -341,15 +334,16 @@ def _locate(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
 
     if args.geojson is not None and located:
-        data, features = encode_geojson([r for r, _ in located], [g for _, g in located])
+        data, features = encode_geojson(located)
         _write_output(args.geojson, data, "--geojson")
         print(f"wrote {args.geojson} ({features} features)", file=sys.stderr)
     if map_source is not None:
         from PIL import Image
 
         image_format = Image.registered_extensions()[args.map.suffix.lower()]
-        for (result, gps), (photo, map_path) in zip(located, located_maps, strict=True):
-            data, (width, height) = encode_map(result, map_source, truth=gps, photo=photo, image_format=image_format)
+        for result, (photo, map_path) in zip(located, located_maps, strict=True):
+            data, (width, height) = encode_map(result, map_source, truth=result.exif, photo=photo,
+                                               image_format=image_format)
             _write_output(map_path, data, "--map")
             print(f"wrote {map_path} ({width}x{height})" + (f" for {one_line(photo)}" if len(maps) > 1 else ""),
                   file=sys.stderr)

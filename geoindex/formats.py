@@ -19,19 +19,16 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, TextIO
 
 import mercantile
-import numpy as np
 
 from geoindex.calibration import EVERYWHERE_KM, RADIUS_LEVELS, describe_radius
 from geoindex.imagery import ImageInput
 from geoindex.metrics import circle_points, great_circle_km
 from geoindex.render import LatLon, _colormap, draw_map
-from geoindex.results import Candidate, LevelTrace, SearchResult
+from geoindex.results import Area, Candidate, SearchResult, areas, final_level, tile_probabilities
 from geoindex.sources import TileSource
-from geoindex.tiles import tile_center
 
 __all__ = [
     "FORMATS",
@@ -47,76 +44,6 @@ __all__ = [
     "tile_probabilities",
     "to_geojson",
 ]
-
-
-def final_level(result: SearchResult) -> LevelTrace:
-    """The trace level the prediction comes from (the deepest level that kept any tile)."""
-    return next(t for t in reversed(result.trace) if t.zoom == result.tile.z)
-
-
-
-def tile_probabilities(result: SearchResult) -> list[tuple[mercantile.Tile, float, float]]:
-    """Every tile the final level kept, best first, as (tile, score, probability).
-
-    The probabilities are those of ``result.candidates`` (over all kept tiles, not just the
-    top-n): they sum to 1 uncalibrated, to 1 minus the chance that the truth lies elsewhere calibrated.
-    """
-    level = final_level(result)
-    return [(t, float(s), float(p)) for t, s, p in zip(level.tiles, level.scores, level.probabilities, strict=True)]
-
-
-@dataclass(frozen=True)
-class Area:
-    """Touching final-level tiles merged into one area, with their summed probability.
-
-    Attributes:
-        tiles: the member tiles, most probable first.
-        probability: the sum of the members' probabilities.
-        best: the most probable member; lat, lon: its centre (degrees).
-        bbox: (west, south, east, north) of the members' union, degrees.
-    """
-
-    tiles: tuple[mercantile.Tile, ...]
-    probability: float
-    best: mercantile.Tile
-    lat: float
-    lon: float
-    bbox: tuple[float, float, float, float]
-
-
-def areas(result: SearchResult) -> list[Area]:
-    """Group the final level's kept tiles into areas of touching tiles; most probable area first."""
-    scored = tile_probabilities(result)
-    if not scored:
-        return []
-    index = {(t.x, t.y): i for i, (t, _, _) in enumerate(scored)}
-    parent = list(range(len(scored)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    n = 1 << scored[0][0].z
-    for (x, y), i in index.items():
-        for dx in (-1, 0, 1):
-            for dy in (-1, 0, 1):
-                j = index.get(((x + dx) % n, y + dy))
-                if j is not None:
-                    parent[root(i)] = root(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(len(scored)):  # scored is best first, so each group's members are too
-        groups.setdefault(root(i), []).append(i)
-    out = []
-    for members in groups.values():
-        tiles = tuple(scored[i][0] for i in members)
-        bounds = np.array([mercantile.bounds(t) for t in tiles])
-        bbox = (float(bounds[:, 0].min()), float(bounds[:, 1].min()),
-                float(bounds[:, 2].max()), float(bounds[:, 3].max()))
-        lat, lon = tile_center(tiles[0])
-        out.append(Area(tiles, float(sum(scored[i][2] for i in members)), tiles[0], lat, lon, bbox))
-    return sorted(out, key=lambda a: -a.probability)
 
 
 def _level_key(q: float) -> str:
@@ -143,13 +70,14 @@ def result_to_dict(
     does not resemble what the index can match (null, with the reason, for an uncalibrated index).
 
     Args:
-        exif: the photo's own GPS position, if known and wanted: adds ``exif`` with the
+        exif: the photo's own GPS position (default: ``result.exif``): adds ``exif`` with the
             great-circle distance to the prediction and whether it lies inside each radius.
         top_n: candidates and areas to include (default: as many candidates as the result has).
         trace: include the per-level kept tiles and scores.
     """
     n = top_n or len(result.candidates)
-    best_area = areas(result)
+    exif = exif if exif is not None else result.exif
+    best_area = result.areas
     out: dict[str, Any] = {
         "image": result.image,
         "lat": result.lat,
@@ -157,8 +85,8 @@ def result_to_dict(
         "tile": _tile_json(result.tile),
         "bbox": list(result.bbox),
         "score": result.score,
-        "probability": result.candidates[0].probability,
-        "area_probability": next(a.probability for a in best_area if result.tile in a.tiles),
+        "probability": result.probability,
+        "area_probability": result.area_probability,
         "calibrated": result.calibrated,
         "radius_km": {_level_key(q): r for q, r in zip(RADIUS_LEVELS, result.radius_km, strict=True)},
         "confident": result.confident,
@@ -237,7 +165,7 @@ def to_geojson(
                 "probability": p, "fill": _heat_hex(w), "fill-opacity": round(0.15 + 0.6 * w, 3),
                 "stroke": _heat_hex(w), "stroke-width": 1,
             }})
-        for rank, a in enumerate(areas(result), start=1):
+        for rank, a in enumerate(result.areas, start=1):
             features.append({"type": "Feature", "geometry": _polygon(a.bbox), "properties": {
                 **base, "kind": "area", "rank": rank, "tiles": len(a.tiles), "probability": a.probability,
                 "fill-opacity": 0.0, "stroke": "#ffffff", "stroke-width": 2,
@@ -252,11 +180,11 @@ def to_geojson(
                                                 "stroke": "#ffffff" if q < 0.9 else "#00c8ff", "stroke-width": 2}})
         features.append({"type": "Feature", "geometry": _point(result.lat, result.lon), "properties": {
             **base, "kind": "prediction", "tile": _tile_json(result.tile), "score": result.score,
-            "probability": result.candidates[0].probability, "calibrated": result.calibrated,
+            "probability": result.probability, "calibrated": result.calibrated,
             "radius_km": list(result.radius_km), "confident": result.confident, "reason": result.reason,
             "marker-color": "#e41a1c",
         }})
-        truth = exif[i] if exif is not None else None
+        truth = exif[i] if exif is not None else result.exif
         if truth is not None:
             features.append({"type": "Feature", "geometry": _point(*truth), "properties": {
                 **base, "kind": "exif", "error_km": float(great_circle_km(*truth, result.lat, result.lon)),
@@ -275,10 +203,10 @@ class ResultWriter:
     def __init__(self, out: TextIO, *, top_n: int, trace: bool) -> None:
         self.out, self.top_n, self.trace = out, top_n, trace
 
-    def result(self, result: SearchResult, gps: LatLon | None) -> None:
-        """Write one located image; ``gps`` is its EXIF position, if known."""
+    def result(self, result: SearchResult, gps: LatLon | None = None) -> None:
+        """Write one located image; ``gps`` is its EXIF position (default: ``result.exif``)."""
         d = result_to_dict(result, exif=gps, top_n=self.top_n, trace=self.trace)
-        area_of = {t: a.probability for a in areas(result) for t in a.tiles}
+        area_of = {t: a.probability for a in result.areas for t in a.tiles}
         exif = d.get("exif")
         for rank, c in enumerate(result.candidates[: self.top_n], start=1):
             self._row(result, rank, c, area_of.get(c.tile, c.probability), exif if rank == 1 else None)
@@ -363,7 +291,7 @@ class _Json(ResultWriter):
         super().__init__(out, top_n=top_n, trace=trace)
         self.items: list[dict[str, Any]] = []
 
-    def result(self, result: SearchResult, gps: LatLon | None) -> None:
+    def result(self, result: SearchResult, gps: LatLon | None = None) -> None:
         self.items.append(result_to_dict(result, exif=gps, top_n=self.top_n, trace=self.trace))
 
     def failure(self, image: str, reason: str) -> None:
@@ -406,7 +334,7 @@ def _clip(text: str, width: int) -> str:
 # -- files: GeoJSON, PNG -----------------------------------------------------------------------
 
 
-def encode_geojson(results: Sequence[SearchResult], exif: Sequence[LatLon | None]) -> tuple[bytes, int]:
+def encode_geojson(results: Sequence[SearchResult], exif: Sequence[LatLon | None] | None = None) -> tuple[bytes, int]:
     """The bytes of a GeoJSON file of ``results`` (see :func:`to_geojson`) and its number of features."""
     collection = to_geojson(results, exif=exif)
     return json.dumps(collection).encode(), len(collection["features"])

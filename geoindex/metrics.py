@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["EARTH_RADIUS_KM", "THRESHOLDS_KM", "accuracy_at", "circle_points", "great_circle_km"]
+from geoindex.tiles import tile_center_array
+
+__all__ = [
+    "EARTH_RADIUS_KM", "THRESHOLDS_KM", "accuracy_at", "circle_points", "great_circle_km", "random_tile_errors_km",
+]
 
 EARTH_RADIUS_KM = 6371.0088  # mean Earth radius (IUGG)
 THRESHOLDS_KM = (1.0, 25.0, 200.0, 750.0, 2500.0)  # street, city, region, country, continent
@@ -42,3 +46,14 @@ def circle_points(lat: float, lon: float, radius_km: float, *, n: int = 72) -> n
     out = np.stack([np.degrees(p2), lon + np.degrees(dl)], axis=1)
     out[-1] = out[0]
     return out
+
+
+def random_tile_errors_km(lat: npt.ArrayLike, lon: npt.ArrayLike, *, zoom: int) -> npt.NDArray[np.float64]:
+    """The errors of a guess that knows nothing: for each query (lat, lon), the distance to the centre of
+    every tile of ``zoom``, each tile equally likely. Shape (n_queries, 4**zoom); its median is the
+    random-guess baseline a geolocator has to beat (tiles, not areas, are uniform: polar tiles are small)."""
+    n = 1 << zoom
+    ys, xs = np.divmod(np.arange(n * n), n)
+    tlat, tlon = tile_center_array(xs, ys, zoom=zoom)
+    qlat, qlon = np.atleast_1d(np.asarray(lat, dtype=np.float64)), np.atleast_1d(np.asarray(lon, dtype=np.float64))
+    return great_circle_km(qlat[:, None], qlon[:, None], tlat[None, :], tlon[None, :])

