@@ -9,7 +9,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # The optional features are installed too, so that their tests run rather than skip.
 EXTRAS ?= dev,serve,ray,geoclip
 
-.PHONY: demo test lint install clean bench-quick
+.PHONY: demo test lint install clean bench-quick docs-examples
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The README's transcripts and the page's screenshot, regenerated from this code (needs indexes/demo).
+docs-examples: $(STAMP)
+	test -f indexes/demo/manifest.json || $(PY) -m pipelines.demo
+	$(PY) -m pipelines.docs_examples
 
 bench-quick: $(STAMP)
 	for s in latency scale build_throughput codecs; do $(PY) benchmarks/$$s.py --quick || exit 1; done

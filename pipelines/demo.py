@@ -119,7 +119,7 @@ def run(cfg: Config) -> int:
     if encoder == "efficientnet-lite0":
         maps = (f"map encoders fine-tuned per zoom on views of this imagery (shipped in {shipped.folder})"
                 if shipped else "untrained map encoders (the same network for views and tiles)")
-        print(f"map encoders: {maps}\n"
+        print(f"{maps[0].upper()}{maps[1:]}\n"
               "(the paper's encoder: make demo DEMO_ARGS='--weights /path/to/open_clip_model.safetensors')")
     if not meaningful:
         print("!! No pretrained weights on this machine, so this demo uses a tiny RANDOM-INIT encoder.\n"

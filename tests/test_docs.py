@@ -43,3 +43,58 @@ def test_readme_documents_the_geoclip_prior_with_only_recorded_figures():
     for k, inject, rerank in ((1, "62 %", "100 %"), (4, "45 %", "100 %"), (16, "3 %", "98 %")):
         assert by_k[k][1] == inject.replace(" ", "") and by_k[k][3] == rerank.replace(" ", "")
         assert inject in section and rerank in section
+
+
+def test_every_transcript_in_the_readme_is_generated_by_the_committed_script():
+    """A ```console block written by hand goes stale; each one sits inside a block that `make docs-examples` fills."""
+    from pipelines.docs_examples import BLOCK, EXAMPLES, generated_blocks
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    outside = BLOCK.sub("", readme)
+    assert "```console" not in outside, "a ```console block outside <!-- generated: NAME --> markers"
+    assert set(generated_blocks(readme)) == set(EXAMPLES)
+    assert "docs-examples:" in (ROOT / "Makefile").read_text()
+
+
+def test_replace_blocks_rewrites_only_the_named_blocks():
+    from pipelines.docs_examples import replace_blocks
+
+    text = ("a\n<!-- generated: x -->\n```console\nold x\n```\n<!-- end: x -->\nb\n"
+            "<!-- generated: y -->\n```console\nold y\n```\n<!-- end: y -->\n")
+    out = replace_blocks(text, {"x": "$ new\nline\n"})
+    assert "```console\n$ new\nline\n```\n<!-- end: x -->" in out and "old y" in out and "old x" not in out
+    import pytest
+
+    from geoindex.errors import ConfigError
+    with pytest.raises(ConfigError, match="no block marked"):
+        replace_blocks(text, {"z": "..."})
+
+
+def test_docs_examples_regenerates_the_transcripts_from_this_code(small_index, tmp_path):
+    """The script runs the README's commands against an index and writes what they printed into the README."""
+    from PIL import ExifTags, Image
+    from PIL.TiffImagePlugin import IFDRational as R
+
+    from pipelines import docs_examples
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, src in enumerate(docs_examples.PHOTOS.values()):
+        exif = Image.Exif()
+        exif[ExifTags.IFD.GPSInfo] = {1: "N", 2: (R(50 + i, 1),), 3: "E", 4: (R(10 + i, 1),)}
+        Image.new("RGB", (96, 64), (40 * i, 120, 200)).save(photos / src, "JPEG", exif=exif)
+    readme = tmp_path / "README.md"
+    readme.write_text((ROOT / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    code = docs_examples.main(["--readme", str(readme), "--index", str(small_index), "--photos", str(photos),
+                               "--skip", "demo", "screenshot"])
+    assert code == 0
+    blocks = docs_examples.generated_blocks(readme.read_text(encoding="utf-8"))
+    one = blocks["locate-one"]
+    assert one.startswith("```console\n$ geoindex locate photos/berlin.jpg --index indexes/demo --top-n 3\n")
+    assert "photos/berlin.jpg" in one and "50.00000,10.00000" in one and "1 of 1 images located" in one
+    folder = blocks["locate-folder"]
+    assert "error: photos/broken.jpg" in folder and "3 of 4 images located" in folder and "exit 1" in folder
+    assert "within the region" in blocks["locate-bbox"]
+    assert '"encoder":"tiny"' in blocks["serve"] and '"image":"berlin.jpg"' in blocks["serve"]
+    assert str(tmp_path) not in readme.read_text(encoding="utf-8")
+    assert blocks["demo"] == docs_examples.generated_blocks((ROOT / "README.md").read_text(encoding="utf-8"))["demo"]
