@@ -107,7 +107,7 @@ def _run(cwd: Path, command: str, *, exit_status: bool = False) -> str:
 def abbreviate(value: Any, *, keep: Sequence[str]) -> Any:
     """A JSON value for a README: lists and objects not named in ``keep`` shown as ``[...]`` / ``{...}``."""
     if isinstance(value, dict):
-        elided = {list: "[...]", dict: "{...}"}
+        elided: dict[type, str] = {list: "[...]", dict: "{...}"}
         return {k: v if k in keep or type(v) not in elided else elided[type(v)] for k, v in value.items()}
     return value
 
