@@ -17,10 +17,13 @@ download that must be asked for.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +37,10 @@ from PIL import Image
 from geoindex import onnx_runtime
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
 from geoindex.families import FAMILIES, HEADS, Split, efficientnet_key_map
-from geoindex.files import atomic_path, file_sha256
+from geoindex.files import atomic_path, atomic_write_bytes, file_sha256
 from geoindex.imagery import ImageInput, load_image
 from geoindex.manifest import PRECISIONS
-from geoindex.pixels import fast_preprocess
+from geoindex.pixels import ResizeCropNormalize, fast_preprocess
 
 __all__ = [
     "AUTO_ENCODER",
@@ -261,6 +264,45 @@ def _is_trainable(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p) for p in prefixes)
 
 
+@dataclass(frozen=True)
+class CachedGraph:
+    """What opening a photo encoder needs when its inference graph is already exported to ONNX: enough to
+    encode through ONNX Runtime without building the torch network (timm and torchvision alone take
+    seconds to import on 2 cores). Kept beside the graphs (``onnx_runtime.onnx_cache_dir``), one JSON per
+    weights file, named by the file's sha256; the network is built on first use of ``ImageEncoder.visual``.
+    """
+
+    base_fingerprint: str  # _state_fingerprint of the built network, as the manifest records it
+    graph_fingerprint: str  # _state_fingerprint of its inference graph: names the ONNX file
+    dim: int
+    size: int  # ResizeCropNormalize's S
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @staticmethod
+    def path(spec: EncoderSpec, weights: Path) -> Path:
+        return onnx_runtime.onnx_cache_dir() / f"{spec.name}-{file_sha256(weights)[:32]}.json"
+
+    @classmethod
+    def read(cls, spec: EncoderSpec, weights: Path) -> CachedGraph | None:
+        """The record of ``weights``, if one was written and its ONNX graph is still there."""
+        try:
+            raw = json.loads(cls.path(spec, weights).read_text())
+            record = cls(raw["base_fingerprint"], raw["graph_fingerprint"], int(raw["dim"]), int(raw["size"]),
+                         tuple(raw["mean"]), tuple(raw["std"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # none yet, or unreadable: the network is built and the record written again
+        graph = onnx_runtime.cached_graph(record.graph_fingerprint, (3, record.size, record.size),
+                                          onnx_runtime.onnx_cache_dir())
+        return record if graph is not None and graph.is_file() else None
+
+    def write(self, spec: EncoderSpec, weights: Path) -> None:
+        try:
+            atomic_write_bytes(self.path(spec, weights), json.dumps(dataclasses.asdict(self)).encode(), durable=False)
+        except OSError as e:  # a cache: without it the next open builds the network again
+            log.debug("not recording the ONNX graph of %s: %s", weights, e)
+
+
 class ImageEncoder:
     """An image network plus its preprocessing: images -> L2-normalised float32 embeddings.
 
@@ -279,7 +321,7 @@ class ImageEncoder:
     def __init__(
         self,
         spec: EncoderSpec,
-        visual: torch.nn.Module,
+        visual: torch.nn.Module | tuple[Callable[[], torch.nn.Module], CachedGraph],
         preprocess: Callable[[Image.Image], torch.Tensor],
         base_fingerprint: str,
         *,
@@ -293,7 +335,12 @@ class ImageEncoder:
             raise ConfigError(f"unknown map-encoder head {head!r}; choose one of {', '.join(HEADS)} (--head)")
         self.spec = spec
         self.head = head
-        self.visual = visual.eval()
+        # (build, graph): the network is built on first use of ``visual``; until then ONNX Runtime
+        # runs the cached graph (see CachedGraph)
+        self._visual: torch.nn.Module | None = visual.eval() if isinstance(visual, torch.nn.Module) else None
+        self._lazy: tuple[Callable[[], torch.nn.Module], CachedGraph] | None = (
+            None if isinstance(visual, torch.nn.Module) else visual)
+        self._build_lock = threading.Lock()
         self.preprocess = preprocess
         self.base_fingerprint = base_fingerprint
         self.checkpoint_sha256 = checkpoint_sha256
@@ -309,13 +356,31 @@ class ImageEncoder:
         self._tensors: tuple[torch.nn.Module, list[torch.nn.Parameter], list[torch.Tensor]] | None = None
 
     @property
+    def visual(self) -> torch.nn.Module:
+        """The network (built here on first use when the encoder was opened from its cached ONNX graph)."""
+        if self._visual is None:
+            assert self._lazy is not None
+            with self._build_lock:
+                if self._visual is None:
+                    self._visual = self._lazy[0]().eval()
+        return self._visual
+
+    @visual.setter
+    def visual(self, network: torch.nn.Module) -> None:
+        self._visual, self._lazy = network, None
+
+    @property
     def dim(self) -> int:
         """Embedding dimension d."""
+        if self._visual is None and self._lazy is not None:
+            return self._lazy[1].dim
         return int(self.visual.output_dim)  # type: ignore[arg-type]
 
     @property
     def device(self) -> torch.device:
-        return next(self.visual.parameters()).device
+        if self._visual is None:
+            return torch.device("cpu")  # only CPU encoders open from a cached graph
+        return next(self._visual.parameters()).device
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -355,7 +420,8 @@ class ImageEncoder:
     def with_precision(self, precision: str, *, runtime: str = "auto") -> ImageEncoder:
         """The same weights encoding at another precision or runtime (shares the network; the
         inference graph is built on first use)."""
-        return ImageEncoder(self.spec, self.visual, self.preprocess, self.base_fingerprint,
+        visual = self._lazy if self._visual is None and self._lazy is not None else self.visual
+        return ImageEncoder(self.spec, visual, self.preprocess, self.base_fingerprint,
                             checkpoint_sha256=self.checkpoint_sha256, zoom=self.zoom, precision=precision,
                             runtime=runtime, head=self.head)
 
@@ -392,6 +458,13 @@ class ImageEncoder:
         """What ``encode_tensor`` runs: the family's inference graph of the current weights (conv nets:
         BatchNorm folded, then ONNX Runtime where ``runtime`` says so; int8: Linear layers
         quantised), rebuilt when the weights change; the live network while any weight is trained."""
+        if self._visual is None and self._lazy is not None and self.runtime == "onnxruntime":
+            if self._inference is None:  # opened from the cached graph: nothing can have changed the weights
+                self._inference = ((), onnx_runtime.OnnxNetwork(
+                    lambda: FAMILIES[self.spec.family].for_inference(self.visual),
+                    weights=self._lazy[1].graph_fingerprint, threads=torch.get_num_threads(),
+                    cache=onnx_runtime.onnx_cache_dir()))
+            return self._inference[1]
         if any(p.requires_grad for p in self._weights()[0]):
             return self.visual
         state = self._weights_state()
@@ -465,15 +538,31 @@ def create_encoder(
         name, why = choose_encoder(weights, download=download)
         log.info("encoder %s (auto: %s)", name, why)
     spec = _spec(name)
-    resolve_precision(precision, device, spec)  # fail before loading anything
+    resolved = resolve_precision(precision, device, spec)  # fail before loading anything
     path = resolve_weights(spec, weights, download)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
-        visual, preprocess = FAMILIES[spec.family].build(spec, path)
-    preprocess = fast_preprocess(preprocess)  # the same tensors, without torch threads
-    visual.requires_grad_(False)
-    visual.to(device)
-    return ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision)
+
+    def build() -> tuple[torch.nn.Module, Callable[[Image.Image], torch.Tensor]]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            visual, preprocess = FAMILIES[spec.family].build(spec, path)
+        visual.requires_grad_(False)
+        return visual.to(device), fast_preprocess(preprocess)  # the same tensors, without torch threads
+
+    # fp32 on a CPU runs in ONNX Runtime; once its graph is exported, later opens need not build the network
+    graphable = (path is not None and resolved == "fp32" and torch.device(device).type == "cpu"
+                 and FAMILIES[spec.family].exports_onnx and onnx_runtime.wanted() != "torch"
+                 and onnx_runtime.available())
+    cached = CachedGraph.read(spec, path) if graphable and path is not None else None
+    if cached is not None:
+        pixels = ResizeCropNormalize(cached.size, cached.mean, cached.std)
+        return ImageEncoder(spec, (lambda: build()[0], cached), pixels, cached.base_fingerprint, precision=precision)
+    visual, preprocess = build()
+    encoder = ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision)
+    if graphable and path is not None and isinstance(preprocess, ResizeCropNormalize):
+        graph = FAMILIES[spec.family].for_inference(visual)
+        CachedGraph(encoder.base_fingerprint, _state_fingerprint(graph), encoder.dim, preprocess.size,
+                    preprocess.mean, preprocess.std).write(spec, path)
+    return encoder
 
 
 def mark_trainable(encoder: ImageEncoder) -> list[str]:

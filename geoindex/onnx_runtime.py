@@ -19,6 +19,7 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from geoindex.errors import ConfigError
 from geoindex.files import atomic_write_bytes, default_cache_dir
 
-__all__ = ["RUNTIME_ENV", "RUNTIMES", "OnnxNetwork", "available", "onnx_cache_dir", "wanted"]
+__all__ = ["RUNTIME_ENV", "RUNTIMES", "OnnxNetwork", "available", "cached_graph", "onnx_cache_dir", "wanted"]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,12 @@ def _export(network: torch.nn.Module, sample: torch.Tensor) -> bytes:
     return buffer.getvalue()
 
 
-def _cache_path(weights: str, sample: torch.Tensor, cache: Path | None) -> Path | None:
-    """Names the exported graph: the weights' fingerprint, the input shape and the exporter's version."""
+def cached_graph(weights: str, shape: tuple[int, ...], cache: Path | None) -> Path | None:
+    """Where the graph of the network with fingerprint ``weights`` for inputs (n, *shape) is kept: named by
+    the weights' fingerprint, the input shape and the exporter's version (the file may not exist yet)."""
     if cache is None:
         return None
-    key = hashlib.sha256(f"{torch.__version__};{_OPSET};{tuple(sample.shape[1:])};{weights}".encode()).hexdigest()
+    key = hashlib.sha256(f"{torch.__version__};{_OPSET};{tuple(shape)};{weights}".encode()).hexdigest()
     return cache / f"{key[:32]}.onnx"
 
 
@@ -84,13 +86,15 @@ class OnnxNetwork:
     The graph is exported (or read from ``cache``) on the first call, for that call's image size.
 
     Args:
-        network: a frozen network on the CPU (eval mode, no weight being trained); not modified.
+        network: a frozen network on the CPU (eval mode, no weight being trained); not modified. Or a
+            function that builds it, called only when the graph must be exported (not found in ``cache``).
         weights: a fingerprint of ``network``'s tensors (``encoders._state_fingerprint``): names the cached graph.
         threads: ONNX Runtime's intra-op threads (the caller passes torch's, so one knob sets both).
         cache: folder for exported graphs; None exports in memory every time.
     """
 
-    def __init__(self, network: torch.nn.Module, *, weights: str, threads: int, cache: Path | None = None) -> None:
+    def __init__(self, network: torch.nn.Module | Callable[[], torch.nn.Module], *, weights: str, threads: int,
+                 cache: Path | None = None) -> None:
         self.network, self.weights, self.threads, self.cache = network, weights, max(1, threads), cache
         self.session: Any = None
 
@@ -107,13 +111,14 @@ class OnnxNetwork:
         def session(model: bytes) -> Any:
             return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
-        path = _cache_path(self.weights, sample, self.cache)
+        path = cached_graph(self.weights, tuple(sample.shape[1:]), self.cache)
         if path is not None and path.is_file():
             try:
                 return session(path.read_bytes())
             except Exception as e:  # unreadable or damaged: export again and replace it
                 log.warning("cached ONNX graph %s is unusable (%s); exporting it again", path, e)
-        return session(_export_and_cache(self.network, sample, path))
+        network = self.network if isinstance(self.network, torch.nn.Module) else self.network()
+        return session(_export_and_cache(network, sample, path))
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.detach().to("cpu", torch.float32).contiguous()

@@ -137,7 +137,8 @@ def _damaged_shard(path: Path, reason: str) -> IndexFormatError:
 def _read_shard(path: Path, columns: list[str]) -> pa.Table:
     """Columns of one shard, each of the type the build writes (integers; float16 embeddings of one size)."""
     try:
-        table = pq.read_table(path, columns=columns, memory_map=True)
+        # ParquetFile, not read_table: read_table imports pyarrow.dataset and pandas (0.5-0.7 s a process)
+        table = pq.ParquetFile(path, memory_map=True).read(columns=columns)
     except (OSError, pa.ArrowException) as e:
         raise _damaged_shard(path, str(e)) from e
     for name in columns:
@@ -148,6 +149,19 @@ def _read_shard(path: Path, columns: list[str]) -> pa.Table:
         elif not pa.types.is_integer(t):
             raise _damaged_shard(path, f"column {name!r} is {t}, not an integer")
     return table
+
+
+def column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
+    """A column of numbers without nulls as one numpy array, read from its buffers: pyarrow's own
+    ``to_numpy`` imports pandas on first use, half a second of every process that opens an index."""
+    dtype = np.dtype(column.type.to_pandas_dtype())
+    parts = []
+    for chunk in column.chunks:
+        if chunk.null_count:
+            raise IndexFormatError(f"column of {column.type} holds {chunk.null_count} nulls; rebuild the level")
+        parts.append(np.frombuffer(chunk.buffers()[1], dtype=dtype, count=len(chunk),
+                                   offset=chunk.offset * dtype.itemsize))
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
 
 def read_level_columns(
@@ -163,14 +177,14 @@ def read_level_columns(
     except pa.ArrowException as e:
         raise IndexFormatError(f"{index_dir}: the shards of z{zoom} disagree on their columns ({e}); rerun "
                                f"`python -m pipelines.build_index --zoom {zoom}` with the build's arguments") from e
-    return {c: table.column(c).to_numpy() for c in columns}
+    return {c: column_to_numpy(table.column(c)) for c in columns}
 
 
 def read_embeddings(shard: Path) -> npt.NDArray[np.float16]:
     """The (n, d) float16 embeddings of one shard."""
     col = _read_shard(shard, ["embedding"]).column("embedding").combine_chunks()
     dim = col.type.list_size
-    return col.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+    return column_to_numpy(pa.chunked_array([col.flatten()])).reshape(-1, dim)
 
 
 def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.float32], np.ndarray]]:

@@ -228,3 +228,52 @@ def test_build_threads_use_every_core_and_are_restored(monkeypatch):
     finally:
         configure_query_threads(before)
     assert [loader_threads(n) for n in (1, 2, 8)] == [2, 2, 8]
+
+
+_OPEN_AND_ENCODE = """
+import json, sys
+import numpy as np
+from geoindex.encoders import create_encoder
+enc = create_encoder("efficientnet-lite0")
+image = (np.arange(90 * 120 * 3) % 251).astype(np.uint8).reshape(90, 120, 3)
+emb = enc.encode([image])[0]
+print(json.dumps({"timm": "timm" in sys.modules, "runtime": enc.runtime, "dim": enc.dim,
+                  "fingerprint": enc.base_fingerprint, "emb": emb.tolist()}))
+"""
+
+
+def test_photo_encoder_opens_from_its_exported_graph_without_building_the_network(tmp_path, monkeypatch):
+    """A second process encodes through the ONNX graph the first exported, without importing timm (seconds on
+    2 cores), and gets the same embeddings; with the graph gone it builds the network again."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime")
+    env = {**__import__("os").environ, "GEOINDEX_CACHE_DIR": str(tmp_path)}
+    env.pop("GEOINDEX_RUNTIME", None)
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-c", _OPEN_AND_ENCODE], env=env, capture_output=True, text=True,
+                              check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first["runtime"] == second["runtime"] == "onnxruntime"
+    assert first["timm"] and not second["timm"]
+    assert second["fingerprint"] == first["fingerprint"] and second["dim"] == first["dim"] == 1280
+    np.testing.assert_array_equal(second["emb"], first["emb"])
+    for graph in (tmp_path / "onnx").glob("*.onnx"):
+        graph.unlink()
+    third = run()
+    assert third["timm"] and third["fingerprint"] == first["fingerprint"]
+    np.testing.assert_allclose(third["emb"], first["emb"], atol=1e-6)
+
+    # in this process: the network is built when asked for, and torch computes the same function
+    monkeypatch.setenv("GEOINDEX_CACHE_DIR", str(tmp_path))
+    lazy = create_encoder("efficientnet-lite0")
+    image = (np.arange(90 * 120 * 3) % 251).astype(np.uint8).reshape(90, 120, 3)
+    np.testing.assert_array_equal(lazy.encode([image])[0], np.float32(first["emb"]))
+    assert lazy.device.type == "cpu" and lazy.head_prefixes  # builds the network
+    torch_emb = lazy.with_precision("fp32", runtime="torch").encode([image])[0]
+    np.testing.assert_allclose(torch_emb, first["emb"], atol=1e-4)

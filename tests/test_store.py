@@ -201,3 +201,20 @@ def test_resident_and_mapped_levels_search_alike(small_index):
                     beam_search(xq, [FaissLevel(s) for s in in_ram], 8)):
         np.testing.assert_array_equal(a.I, b.I)
         np.testing.assert_array_equal(a.D, b.D)
+
+
+def test_column_to_numpy_matches_pyarrow_on_sliced_chunks_and_refuses_nulls():
+    """Reading a column from its buffers (pyarrow's to_numpy imports pandas) gives what pyarrow gives."""
+    import pyarrow as pa
+
+    from geoindex.store import column_to_numpy
+
+    for kind, values in ((pa.int64(), range(10)), (pa.int32(), range(-5, 5)), (pa.float16(), np.linspace(0, 1, 10))):
+        whole = pa.array(np.asarray(list(values)), type=kind)
+        column = pa.chunked_array([whole.slice(2, 5), whole.slice(7, 3), whole.slice(0, 0)])
+        got = column_to_numpy(column)
+        assert got.dtype == column.to_numpy().dtype
+        np.testing.assert_array_equal(got, column.to_numpy())
+    assert column_to_numpy(pa.chunked_array([], type=pa.int64())).shape == (0,)
+    with pytest.raises(IndexFormatError, match="nulls"):
+        column_to_numpy(pa.chunked_array([pa.array([1, None, 3], type=pa.int64())]))
