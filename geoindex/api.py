@@ -297,7 +297,7 @@ def open_index(path: str | os.PathLike | None = None, **kwargs: object) -> GeoIn
 
     Keyword arguments go to :class:`GeoIndex`: ``weights``, ``download``, ``device``, ``verify``,
     ``resident`` (FAISS files read into RAM: ``auto`` = the upper levels that fit, True, False),
-    ``precision`` (the photo encoder's arithmetic; ``auto``: bf16 on CPUs with native bf16, see
+    ``precision`` (the photo encoder's arithmetic; ``auto``: fp16 on CUDA, fp32 on CPUs, see
     ``encoders.resolve_precision``; any precision searches an index built at another).
     """
     return GeoIndex(path or os.environ.get(INDEX_ENV) or DEFAULT_INDEX, **kwargs)  # type: ignore[arg-type]

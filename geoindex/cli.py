@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from geoindex.errors import ConfigError, GeoIndexError
-from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, PRECISIONS
+from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, PRECISION_HELP, PRECISIONS
 
 if TYPE_CHECKING:
     from geoindex.api import GeoIndex
@@ -424,8 +424,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-k", type=int, default=64, help="beam width: tiles kept per zoom level (default: 64)")
     parser.add_argument("--device", default="auto", help="torch device: auto, cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="photo encoder arithmetic: auto (bf16 on CPUs with native bf16, fp16 on CUDA, "
-                             "else fp32), fp32, bf16, fp16, int8 (ViT)")
+                        help=f"photo encoder arithmetic: {PRECISION_HELP}")
     parser.add_argument("--threads", type=int, help="threads of the photo encoder and the FAISS searches "
                                                     "(default 1: steady latency when the machine is busy)")
     parser.add_argument("--weights", help="local CLIP weights file (else $GEOINDEX_CLIP_WEIGHTS or the caches)")

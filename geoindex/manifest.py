@@ -25,7 +25,7 @@ __all__ = [
     "FORMAT_VERSION",
     "INDEX_ENV",
     "MANIFEST",
-    "PRECISIONS",
+    "PRECISION_HELP", "PRECISIONS",
     "EncoderIdentity",
     "FileInfo",
     "LevelInfo",
@@ -44,6 +44,9 @@ INDEX_ENV = "GEOINDEX_INDEX"
 DEFAULT_INDEX = Path("indexes") / "default"
 _REBUILD = "rebuild the index with `python -m pipelines.build_index`"
 _OPTIONAL_TEXT = "str | None"  # fields annotated so are optional strings: absent or null on disk, None here
+# What --precision means, for every command that takes it (geoindex.encoders.resolve_precision decides auto).
+PRECISION_HELP = ("auto (fp16 on CUDA; on a CPU fp32: no encoder has yet been measured to keep its answers in bf16), "
+                  "fp32, bf16, fp16 (CUDA), int8 (ViT Linear layers)")
 
 
 def short_id(identity: Mapping[str, Any]) -> str:

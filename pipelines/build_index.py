@@ -43,7 +43,7 @@ from geoindex.encoders import (
 from geoindex.errors import ConfigError, GeoIndexError, IndexWriteError
 from geoindex.files import index_write_lock
 from geoindex.lazy import compact, declare_lazy
-from geoindex.manifest import CODECS, MANIFEST, Manifest
+from geoindex.manifest import CODECS, MANIFEST, PRECISION_HELP, Manifest
 from geoindex.sources import open_source
 from geoindex.threads import build_threads, check_threads
 from geoindex.tiles import LevelSchedule
@@ -141,8 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                         "a zoom without one uses the untrained base")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, auto (default: cpu)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="encoder arithmetic: auto (bf16 on CPUs with native bf16, fp16 on CUDA, else fp32), "
-                        "fp32, bf16, fp16 (CUDA), int8 (ViT Linear layers); recorded per level")
+                   help=f"encoder arithmetic: {PRECISION_HELP}; recorded per level")
     p.add_argument("--batch-size", type=int, default=64, help="tiles per encoder batch (default: 64)")
     p.add_argument("--codec", default="fp16", choices=CODECS, help="FAISS codec of levels after the first")
     p.add_argument("--shard-size", type=int, default=8192, help="tiles per parquet shard, the unit of resumption")

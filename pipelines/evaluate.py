@@ -31,6 +31,7 @@ from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError
 from geoindex.evaluate import EvalReport, Predictions, evaluate
 from geoindex.files import atomic_write_bytes
+from geoindex.manifest import PRECISION_HELP
 from geoindex.sources import open_source
 from pipelines._cli import pipeline_main, progress_bar
 
@@ -84,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--weights", help="local weights file of the photo encoder")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="photo encoder arithmetic (default auto: bf16 on CPUs with native bf16)")
+                   help=f"photo encoder arithmetic: {PRECISION_HELP}")
     p.add_argument("--limit", type=int, help="evaluate only the first N photos")
     p.add_argument("--query-batch", type=int,
                    help="photos per search call (default: 256 indexed, 1 on the fly: the per-photo cost)")

@@ -98,3 +98,26 @@ def test_docs_examples_regenerates_the_transcripts_from_this_code(small_index, t
     assert '"encoder":"tiny"' in blocks["serve"] and '"image":"berlin.jpg"' in blocks["serve"]
     assert str(tmp_path) not in readme.read_text(encoding="utf-8")
     assert blocks["demo"] == docs_examples.generated_blocks((ROOT / "README.md").read_text(encoding="utf-8"))["demo"]
+
+
+def test_every_precision_option_says_the_same_thing_about_auto():
+    """`--precision auto` is fp32 on CPUs (no encoder keeps its answers in bf16): no help text may say otherwise."""
+    import contextlib
+    import io
+
+    from geoindex.cli import build_parser
+    from geoindex.manifest import PRECISION_HELP
+    from pipelines import build_index, evaluate
+
+    helps = []
+    for parse in (lambda: build_parser().parse_args(["locate", "--help"]), lambda: build_index.parse_args(["--help"]),
+                  lambda: evaluate.parse_args(["--help"])):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            parse()
+        helps.append(" ".join(out.getvalue().split()))
+    for text in helps:
+        assert " ".join(PRECISION_HELP.split()) in text
+    for path, text in _texts().items():
+        for stale in ("auto (bf16 on CPUs", "``auto``: bf16 on CPUs", "default auto: bf16"):
+            assert stale not in text, path
