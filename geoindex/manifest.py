@@ -1,6 +1,6 @@
 """The index manifest (``<index>/manifest.json``) as frozen dataclasses, parsed and checked in one place.
 
-The manifest is written last and read before any search (see DESIGN.md). ``Manifest.from_dict``
+The manifest is written last and read before any search (README: "The index on disk"). ``Manifest.from_dict``
 turns the JSON into typed records and names the file and the bad key when it cannot;
 ``Manifest.to_dict`` writes the same keys back, so manifests of earlier builds keep opening.
 """

@@ -5,8 +5,7 @@ ToTensor -> Normalize``. ``ResizeCropNormalize`` computes the same tensor bit fo
 the resize and the crop, as torchvision does, and the arithmetic is a per-channel table of the 256
 possible values, computed by numpy in torchvision's order and in float32. It runs no torch
 operator: torch's element-wise kernels start OpenMP threads whose spin-wait afterwards takes the
-cores from the ONNX Runtime forward pass that follows (about 1 ms of a 9 ms EfficientNet-Lite0
-forward pass on 2 cores, in a probe, not a recorded benchmark).
+cores from the ONNX Runtime forward pass that follows.
 ``fast_preprocess`` swaps it in for a torchvision pipeline of exactly that shape and leaves any
 other pipeline as it is.
 """

@@ -1,6 +1,6 @@
 """The on-disk index: per zoom level, parquet shards (the truth) and a FAISS file derived from them.
 
-Layout (see DESIGN.md)::
+Layout (README: "The index on disk")::
 
     <index>/manifest.json        written last, atomically; lists only complete levels
     <index>/z04/part-00000.parquet  z, x, y, quadkey, parent_row, embedding (fixed_size_list<halffloat>[d])
