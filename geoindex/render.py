@@ -24,7 +24,7 @@ from geoindex.results import LevelTrace, SearchResult
 from geoindex.sources import TileSource
 from geoindex.tiles import merc_xy_array, tile_merc_bounds_array
 
-__all__ = ["FailFastSource", "draw_map"]
+__all__ = ["FailFastSource", "colormap", "draw_map"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ _RADIUS_COLOURS = ((255, 255, 255), (0, 200, 255))  # the 50 % and 90 % radii
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
 
 
-def _colormap(w: float) -> tuple[int, int, int]:
+def colormap(w: float) -> tuple[int, int, int]:
     """w in [0, 1] -> an RGB colour of the ramp."""
     pos = min(max(w, 0.0), 1.0) * (len(_RAMP) - 1)
     i = min(int(pos), len(_RAMP) - 2)
@@ -197,7 +197,7 @@ def _panel(
     pmax = float(probs.max()) if probs.size else 1.0
     for t, p in reversed(list(zip(level.tiles, probs, strict=True))):  # best drawn last, on top
         w = float(p) / pmax
-        colour = _colormap(w)
+        colour = colormap(w)
         draw.rectangle(view.tile_box(t), fill=(*colour, int(50 + 120 * w)), outline=(*colour, 255), width=1)
     if level.tiles and level.tiles[0] != path:
         draw.rectangle(view.tile_box(level.tiles[0]), outline=(255, 150, 0, 255), width=2)

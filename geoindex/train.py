@@ -56,7 +56,7 @@ from geoindex.files import atomic_write_bytes, file_sha256
 from geoindex.sources import TileSource
 from geoindex.tile_encoding import encode_tile_batches
 from geoindex.tiles import tile_of_code
-from geoindex.train_batches import _Batches, _TrunkCache, batch_targets
+from geoindex.train_batches import TileBatches, TrunkCache, batch_targets
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -427,7 +427,7 @@ def train_level(
         _save_state(state_file, run.state(identity))
 
     photo_all = torch.from_numpy(np.ascontiguousarray(data["photo_emb"], dtype=np.float32))
-    trunk_cache = _TrunkCache(run.encoder, cfg.cache_trunk_gb * 2**30)
+    trunk_cache = TrunkCache(run.encoder, cfg.cache_trunk_gb * 2**30)
     while run.epoch < cfg.epochs:
         started = time.perf_counter()
         _train_epoch(run, rows, photo_all, data["source"], trunk_cache, cfg, zoom,
@@ -441,7 +441,7 @@ def train_level(
 
 
 def _train_epoch(
-    run: _Run, rows: _LevelRows, photo_all: torch.Tensor, source: TileSource, trunk_cache: _TrunkCache,
+    run: _Run, rows: _LevelRows, photo_all: torch.Tensor, source: TileSource, trunk_cache: TrunkCache,
     cfg: TrainConfig, zoom: int, *, save: Callable[[], None],
     on_epoch: Callable[[int, int, int, int], None] | None, on_step: Callable[[float], None] | None,
 ) -> None:
@@ -449,7 +449,7 @@ def _train_epoch(
     batches = [rows.train[b] for b in _epoch_batches(len(rows.train), rows.codes[rows.train], cfg, zoom, run.epoch)]
     if on_epoch:
         on_epoch(zoom, run.epoch + 1, len(batches), run.step)
-    dataset = _Batches(batches, rows.codes, source, run.encoder.preprocess, zoom, negatives=cfg.negatives,
+    dataset = TileBatches(batches, rows.codes, source, run.encoder.preprocess, zoom, negatives=cfg.negatives,
                        pool=rows.pool, seed=[cfg.seed, zoom, run.epoch], cached=trunk_cache.codes)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(run.step, len(batches))),
                                          batch_size=None, shuffle=False, num_workers=cfg.workers)

@@ -21,7 +21,7 @@ import mercantile
 
 from geoindex.errors import ConfigError, GeoIndexError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.files import atomic_write_bytes
-from geoindex.sources.base import ByteTileSource, TileSource, _check_tile, _image_extension
+from geoindex.sources.base import ByteTileSource, TileSource, check_tile, image_extension
 from geoindex.sources.folder import stored_tile_path
 
 __all__ = ["MISSING_FILE", "FetchSummary", "ProgressBar", "fetch_to_directory"]
@@ -101,12 +101,12 @@ def _fetch_one(source: TileSource, root: Path, tile: mercantile.Tile) -> str:
     stored = stored_tile_path(root, tile)
     if stored is not None:
         try:
-            _check_tile(stored.read_bytes(), what=str(stored))
+            check_tile(stored.read_bytes(), what=str(stored))
             return "skipped"
         except ImageError as e:
             log.warning("%s; fetching it again", e)
     data = _tile_bytes(source, tile)
-    ext = _image_extension(data, what=f"{source.name} tile {tuple(tile)}")
+    ext = image_extension(data, what=f"{source.name} tile {tuple(tile)}")
     path = root / str(tile.z) / str(tile.x) / f"{tile.y}.{ext}"
     _write_atomic(path, data)
     if stored is not None and stored != path:

@@ -17,7 +17,7 @@ from PIL import Image
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.files import atomic_path
 from geoindex.imagery import decode_tile
-from geoindex.sources.base import _check_tile, _image_extension
+from geoindex.sources.base import check_tile, image_extension
 
 __all__ = ["MBTilesSource", "write_mbtiles"]
 
@@ -71,7 +71,7 @@ class MBTilesSource:
             raise TileNotFoundError(f"{self.path}: no tile {tuple(tile)}")
         data = bytes(row[0])
         try:
-            _check_tile(data, what=f"{self.path} tile {tuple(tile)}")
+            check_tile(data, what=f"{self.path} tile {tuple(tile)}")
         except ImageError as e:
             raise TileSourceError(f"{e}; the archive is damaged") from e
         return data
@@ -117,7 +117,7 @@ def write_mbtiles(
     path = Path(path)
     meta = {"name": path.stem, **dict(metadata or {})}
     if "format" not in meta and tiles:
-        ext = _image_extension(next(iter(tiles.values())), what=str(path))
+        ext = image_extension(next(iter(tiles.values())), what=str(path))
         meta["format"] = "jpg" if ext == "jpeg" else ext  # the MBTiles spec's spelling
     with atomic_path(path) as tmp, contextlib.closing(sqlite3.connect(tmp)) as db, db:  # one transaction
         db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
