@@ -42,7 +42,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, open_index
 from geoindex.beam import MAX_K, check_k
 from geoindex.coverage import Coverage
-from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError, LazyLevelError
+from geoindex.errors import (
+    ConfigError,
+    GeoIndexError,
+    ImageError,
+    ImageTooLargeError,
+    LazyLevelError,
+    TileNotFoundError,
+)
 from geoindex.exif import read_gps
 from geoindex.formats import encode_map, result_to_dict, to_geojson
 from geoindex.imagery import load_image
@@ -326,12 +333,12 @@ def create_app(
     app.mount("/vendor", StaticFiles(directory=_VENDOR), name="vendor")
 
     @functools.lru_cache(maxsize=_BASEMAP_CACHE)
-    def basemap_jpeg(tile: mercantile.Tile) -> bytes | None:
+    def basemap_jpeg(tile: mercantile.Tile) -> bytes:
         with lock:  # opens the imagery once
             source = imagery()
         img = basemap_tile(source, tile)
-        if img is None:
-            return None
+        if img is None:  # raised, not returned: lru_cache keeps no answer, and a source that was down may recover
+            raise TileNotFoundError(f"the imagery has no tile {tile.z}/{tile.x}/{tile.y} nor any of its ancestors")
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=_BASEMAP_QUALITY)
         return buf.getvalue()
@@ -360,11 +367,11 @@ def create_app(
             raise HTTPException(404, f"tile {z}/{x}/{y} is outside the index's coverage")
         try:
             jpeg = basemap_jpeg(mercantile.Tile(x, y, z))
-        except GeoIndexError as e:
+        except TileNotFoundError as e:
+            raise HTTPException(404, str(e)) from e
+        except GeoIndexError as e:  # an unreadable tile file, say
             log.warning("no basemap tile %d/%d/%d: %s", z, x, y, e)
             raise HTTPException(503, _bounded(str(e)), headers={"Retry-After": "30"}) from e
-        if jpeg is None:
-            raise HTTPException(404, f"the imagery has no tile {z}/{x}/{y} nor any of its ancestors")
         return Response(jpeg, media_type="image/jpeg",
                         headers={"Cache-Control": f"public, max-age={_BASEMAP_MAX_AGE_S}"})
 

@@ -310,3 +310,29 @@ def test_favicon_is_served(server):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(r.content)) as icon:
         assert icon.size == (32, 32)
+
+
+def test_basemap_tile_the_imagery_lacks_is_404_until_it_has_it_and_unreadable_is_503(small_index):
+    from geoindex.errors import ImageError, TileNotFoundError
+
+    class Imagery:
+        name = "flaky"
+        state = "down"
+
+        def get(self, tile):
+            if self.state == "down":
+                raise TileNotFoundError(f"flaky: no tile {tuple(tile)}")
+            if self.state == "corrupt":
+                raise ImageError(f"flaky: tile {tuple(tile)} is not an image")
+            return render_tile(tile)
+
+    imagery = Imagery()
+    with serving(create_app(small_index, default_k=4, device="cpu", map_source=imagery)) as base:
+        r = httpx.get(f"{base}/tiles/2/1/1.jpg", timeout=TIMEOUT)
+        assert r.status_code == 404 and "nor any of its ancestors" in r.json()["detail"]
+        imagery.state = "up"  # a missing tile is not remembered as missing
+        assert httpx.get(f"{base}/tiles/2/1/1.jpg", timeout=TIMEOUT).status_code == 200
+        imagery.state = "corrupt"
+        r = httpx.get(f"{base}/tiles/2/1/2.jpg", timeout=TIMEOUT)
+        assert r.status_code == 503 and "is not an image" in r.json()["detail"]
+        assert httpx.get(f"{base}/tiles/2/1/1.jpg", timeout=TIMEOUT).status_code == 200  # kept from before
