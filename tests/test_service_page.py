@@ -260,8 +260,10 @@ def _check_the_map(browser, card, base: str) -> None:
     # A candidate's popup gives its rank, probability and score.
     browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))",
                            box.find_elements(By.CSS_SELECTOR, "path.candidate")[0])
-    popup = WebDriverWait(browser, 10).until(lambda b: box.find_element(By.CSS_SELECTOR, ".leaflet-popup-content"))
-    assert popup.text.startswith("#1: probability") and "score" in popup.text
+    # Read once it has faded in: selenium gives no text for a popup still at opacity 0.
+    popup = WebDriverWait(browser, 10).until(
+        lambda b: next((p.text for p in box.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content") if p.text), ""))
+    assert popup.startswith("#1: probability") and "score" in popup
 
     # The layer control switches a trace level on and off.
     labels = box.find_elements(By.CSS_SELECTOR, ".leaflet-control-layers-overlays label")
