@@ -29,6 +29,7 @@ test: $(STAMP)
 docs-examples: $(STAMP)
 	test -f indexes/demo/manifest.json || $(PY) -m pipelines.demo
 	$(PY) -m pipelines.docs_examples
+	$(PY) benchmarks/page_screenshot.py --index indexes/demo --out benchmarks/results/service-page.png
 
 bench-quick: $(STAMP)
 	for s in latency scale build_throughput codecs; do $(PY) benchmarks/$$s.py --quick || exit 1; done
