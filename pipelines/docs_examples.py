@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The photos the examples show, under short names (file in --photos -> name in the transcript).
 PHOTOS = {"berlin.jpg": "opensfm_data_berlin_images_01.jpg", "lund.jpg": "opensfm_data_lund_images_01.jpg",
           "arezzo.jpg": "exif-samples_jpg_gps_dscn0010.jpg"}
+SHOWN_PORT = 8765
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
@@ -108,8 +109,20 @@ def abbreviate(value: Any, *, keep: Sequence[str]) -> Any:
     return value
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 4 decimals, for reading (the service sends them whole)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _json_line(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":")).replace('"[...]"', "[...]").replace('"{...}"', "{...}")
+    text = json.dumps(_rounded(value), separators=(",", ":"))
+    return text.replace('"[...]"', "[...]").replace('"{...}"', "{...}")
 
 
 @contextlib.contextmanager
@@ -148,10 +161,11 @@ def _serve_example(cwd: Path, cfg: Config) -> str:
         with open(cwd / "photos" / "berlin.jpg", "rb") as f:
             answer = requests.post(f"{base}/locate", files={"image": ("berlin.jpg", f)}, data={"top_n": "2"},
                                    timeout=120).json()
-    port = base.rsplit(":", 1)[1]
+    port = SHOWN_PORT  # the server ran on a free port; the transcript shows the one users would pick
     answer["reason"] = answer["reason"] and answer["reason"][:60] + " ..."
     return (f"$ geoindex serve --index indexes/demo --port {port}      # binds to 127.0.0.1; the page at /, "
-            f"API docs at /docs\n$ curl -s localhost:{port}/health\n{_json_line(abbreviate(health, keep=()))}\n"
+            f"API docs at /docs and /redoc\n$ curl -s localhost:{port}/health\n"
+            f"{_json_line(abbreviate(health, keep=()))}\n"
             f"$ curl -s -F image=@photos/berlin.jpg -F top_n=2 localhost:{port}/locate\n"
             f"{_json_line(abbreviate(answer, keep=('exif', 'radius_km', 'tile', 'bbox')))}\n")
 
@@ -208,7 +222,7 @@ def run(cfg: Config) -> int:
         outputs = {}
         for name in wanted:
             started = time.perf_counter()
-            outputs[name] = EXAMPLES[name](cwd, cfg).replace(tmp, ".")
+            outputs[name] = EXAMPLES[name](cwd, cfg).replace(tmp, ".").replace(f"{ROOT}/", "")
             print(f"example {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         atomic_write_bytes(cfg.readme, replace_blocks(readme, outputs).encode("utf-8"))
         print(f"wrote {len(outputs)} examples to {cfg.readme}", file=sys.stderr)
