@@ -35,9 +35,9 @@ from geoindex import onnx_runtime
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
 from geoindex.families import FAMILIES, HEADS, Split, efficientnet_key_map
 from geoindex.files import atomic_path, file_sha256
-from geoindex.imagery import ImageInput, load_image
+from geoindex.imagery import ImageInput, load_image, to_rgb
 from geoindex.manifest import PRECISIONS
-from geoindex.pixels import fast_preprocess
+from geoindex.pixels import ResizeCropNormalize, fast_preprocess, normalize_pixels, resize_crop_normalize
 
 __all__ = [
     "AUTO_ENCODER",
@@ -45,6 +45,7 @@ __all__ = [
     "ENCODER_CHOICES",
     "HEADS",
     "PRECISIONS",
+    "PREPROCESSING",
     "EncoderSpec",
     "ImageEncoder",
     "choose_encoder",
@@ -64,6 +65,11 @@ CHECKPOINT_FORMAT = "geoindex-map-encoder/1"
 WEIGHTS_ENV = "GEOINDEX_CLIP_WEIGHTS"
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Where images are resized: ``pil`` (PIL's bicubic on the host, in the tile loaders: torchvision's
+# pipeline bit for bit) or ``torch`` (antialiased bicubic as tensor operations on the encoder's
+# device, ``pixels.resize_crop_normalize``: not bit-identical, so it is part of the identity).
+PREPROCESSING = ("pil", "torch")
 
 
 @dataclass(frozen=True)
@@ -274,6 +280,8 @@ class ImageEncoder:
             blocks and output layers) or ``projection`` (the output layers only).
         precision: the arithmetic of ``encode``: fp32, bf16 or fp16 (autocast), or int8 (dynamically
             quantised Linear layers, open_clip ViTs only). Training always runs the fp32 weights.
+        preprocessing: where ``encode`` and the tile loaders resize (``PREPROCESSING``): ``pil`` on
+            the host, or ``torch`` on the encoder's device (recorded in ``identity``).
     """
 
     def __init__(
@@ -288,6 +296,7 @@ class ImageEncoder:
         precision: str = "fp32",
         runtime: str = "auto",
         head: str = "stages",
+        preprocessing: str = "pil",
     ) -> None:
         if head not in HEADS:
             raise ConfigError(f"unknown map-encoder head {head!r}; choose one of {', '.join(HEADS)} (--head)")
@@ -305,6 +314,12 @@ class ImageEncoder:
         if runtime not in onnx_runtime.RUNTIMES:
             raise ConfigError(f"unknown runtime {runtime!r}; choose one of {', '.join(onnx_runtime.RUNTIMES)}")
         self._runtime = runtime
+        if preprocessing not in PREPROCESSING:
+            raise ConfigError(f"unknown preprocessing {preprocessing!r}; choose one of {', '.join(PREPROCESSING)}")
+        if preprocessing == "torch" and not isinstance(preprocess, ResizeCropNormalize):
+            raise ConfigError(f"preprocessing 'torch' resizes, crops and normalises as ResizeCropNormalize does; "
+                              f"encoder {spec.name!r} has {preprocess!r}")
+        self.preprocessing = preprocessing
         self._inference: tuple[tuple[Any, ...], Callable[[torch.Tensor], torch.Tensor]] | None = None
         self._tensors: tuple[torch.nn.Module, list[torch.nn.Parameter], list[torch.Tensor]] | None = None
 
@@ -325,6 +340,8 @@ class ImageEncoder:
             "base_fingerprint": self.base_fingerprint,
             "checkpoint_sha256": self.checkpoint_sha256,
             "precision": self.precision,
+            # only where it is not PIL's, so that every index built before it was recorded keeps its identity
+            **({"preprocessing": self.preprocessing} if self.preprocessing != "pil" else {}),
         }
 
     @property
@@ -352,12 +369,13 @@ class ImageEncoder:
         self.visual.to(device)
         return self
 
-    def with_precision(self, precision: str, *, runtime: str = "auto") -> ImageEncoder:
-        """The same weights encoding at another precision or runtime (shares the network; the
-        inference graph is built on first use)."""
+    def with_precision(self, precision: str, *, runtime: str = "auto",
+                       preprocessing: str | None = None) -> ImageEncoder:
+        """The same weights encoding at another precision, runtime or preprocessing (shares the network;
+        the inference graph is built on first use)."""
         return ImageEncoder(self.spec, self.visual, self.preprocess, self.base_fingerprint,
                             checkpoint_sha256=self.checkpoint_sha256, zoom=self.zoom, precision=precision,
-                            runtime=runtime, head=self.head)
+                            runtime=runtime, head=self.head, preprocessing=preprocessing or self.preprocessing)
 
     @property
     def runtime(self) -> str:
@@ -421,6 +439,44 @@ class ImageEncoder:
     @torch.inference_mode()
     def encode_tensor(self, pixels: torch.Tensor) -> npt.NDArray[np.float32]:
         """Preprocessed pixels (n, 3, S, S) -> L2-normalised embeddings (n, d) float32."""
+        return self._forward(pixels)
+
+    @property
+    def loader_step(self) -> Callable[[Image.Image], npt.NDArray[np.uint8] | torch.Tensor]:
+        """What a tile loader does to a tile's RGB image before ``encode_pixels``: the PIL resize and crop
+        to uint8 (S, S, 3) (``pil`` preprocessing), only the uint8 array (``torch``: resized on the
+        device), or, for a custom preprocessing, all of it (a float tensor for ``encode_tensor``)."""
+        if self.preprocessing == "torch":
+            return np.asarray
+        if isinstance(self.preprocess, ResizeCropNormalize):
+            return self.preprocess.crop
+        return self.preprocess
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: Sequence[npt.NDArray[np.uint8]] | npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """uint8 RGB images (H, W, 3) (a list, or an array (n, H, W, 3)) -> L2-normalised embeddings (n, d) float32.
+
+        The uint8 bytes go to the encoder's device (pinned on CUDA) and become the network's input
+        there: ``pixels.normalize_pixels`` where they are already the S x S crop (``loader_step`` of
+        the ``pil`` preprocessing: bit for bit ``preprocess``'s tensor), else
+        ``pixels.resize_crop_normalize`` (antialiased bicubic in torch). Needs a ``ResizeCropNormalize``
+        preprocessing, as both families have.
+        """
+        prep = self.preprocess
+        if not isinstance(prep, ResizeCropNormalize):
+            raise ConfigError(f"encoder {self.spec.name!r} has a custom preprocessing ({prep!r}); "
+                              "uint8 pixels need ResizeCropNormalize: use encode_tensor")
+        network = self._inference_network()
+        on_cpu = isinstance(network, onnx_runtime.OnnxNetwork) or self.device.type == "cpu"
+        device = torch.device("cpu") if on_cpu else self.device
+        if all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
+            batch = torch.from_numpy(np.stack(list(pixels)))  # one copy: the loaders' arrays may be read-only
+            x = normalize_pixels(batch, prep.mean, prep.std, device=device)
+        else:
+            x = resize_crop_normalize(list(pixels), prep.size, prep.mean, prep.std, device=device)
+        return self._forward(x)
+
+    def _forward(self, pixels: torch.Tensor) -> npt.NDArray[np.float32]:
         dtype = _AUTOCAST.get(self.precision)
         network = self._inference_network()
         # ONNX Runtime takes contiguous NCHW as it comes: channels-last would be copied there and back
@@ -435,7 +491,11 @@ class ImageEncoder:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            out[start : start + len(batch)] = self.encode_tensor(self.preprocess_images(batch))
+            if self.preprocessing == "torch":
+                emb = self.encode_pixels([np.asarray(to_rgb(load_image(im))) for im in batch])
+            else:
+                emb = self.encode_tensor(self.preprocess_images(batch))
+            out[start : start + len(batch)] = emb
         return out
 
 
@@ -446,6 +506,7 @@ def create_encoder(
     download: bool = False,
     device: str | torch.device = "cpu",
     precision: str = "auto",
+    preprocessing: str = "auto",
 ) -> ImageEncoder:
     """Build a registered encoder: the photo encoder, and the base of every map encoder.
 
@@ -457,6 +518,9 @@ def create_encoder(
         download: fetch missing weights from the model hub; never done otherwise.
         device: torch device to place the model on.
         precision: ``auto`` (see :func:`resolve_precision`), fp32, bf16, fp16 (CUDA) or int8 (ViT).
+        preprocessing: where images are resized (``PREPROCESSING``); ``auto``: ``torch`` (on the device)
+            on CUDA, where PIL on the host would hold the GPU back, ``pil`` on a CPU (bit-identical to
+            torchvision, and as fast there).
 
     Raises:
         ConfigError: unknown name or precision. WeightsNotFoundError: weights needed but not available.
@@ -473,7 +537,11 @@ def create_encoder(
     preprocess = fast_preprocess(preprocess)  # the same tensors, without torch threads
     visual.requires_grad_(False)
     visual.to(device)
-    return ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision)
+    if preprocessing == "auto":
+        cuda = torch.device(device).type == "cuda"
+        preprocessing = "torch" if cuda and isinstance(preprocess, ResizeCropNormalize) else "pil"
+    return ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision,
+                        preprocessing=preprocessing)
 
 
 def mark_trainable(encoder: ImageEncoder) -> list[str]:
@@ -545,5 +613,5 @@ def load_map_encoder(base: ImageEncoder, checkpoint: str | os.PathLike | None) -
     return ImageEncoder(
         base.spec, visual, base.preprocess, base.base_fingerprint,
         checkpoint_sha256=file_sha256(path), zoom=int(payload["zoom"]), precision=base.precision,
-        runtime=base._runtime, head=head,
+        runtime=base._runtime, head=head, preprocessing=base.preprocessing,
     )
