@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from geoindex import onnx_runtime
+from geoindex.cuda_graphs import GraphedNetwork
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
 from geoindex.families import FAMILIES, HEADS, Split, efficientnet_key_map
 from geoindex.files import atomic_path, file_sha256
@@ -423,6 +424,8 @@ class ImageEncoder:
                 network = onnx_runtime.OnnxNetwork(graph, weights=_state_fingerprint(graph),
                                                    threads=torch.get_num_threads(),
                                                    cache=onnx_runtime.onnx_cache_dir())
+            if self.device.type == "cuda":
+                network = GraphedNetwork(network)  # small batches (one photo) replay a captured CUDA graph
             self._inference = (state, network)
         return self._inference[1]
 
@@ -481,7 +484,9 @@ class ImageEncoder:
         network = self._inference_network()
         # ONNX Runtime takes contiguous NCHW as it comes: channels-last would be copied there and back
         x = pixels.contiguous() if isinstance(network, onnx_runtime.OnnxNetwork) else self.to_device(pixels)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        # no autocast weight cache: a CUDA graph captured inside must not keep casts of another call
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                            cache_enabled=False):
             features = network(x)
         features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
