@@ -36,7 +36,7 @@ from geoindex.imagery import to_rgb
 from geoindex.sources import TileSource, is_local_spec, source_spec
 
 __all__ = ["PREFETCH_BATCHES", "EncodedBatch", "TileLoad", "TileProcessPool", "encode_tile_batches", "load_tile",
-           "loader_pool", "read_tile"]
+           "loader_pool", "read_tile", "read_tile_batches"]
 
 PREFETCH_BATCHES = 3  # batches read and preprocessed ahead of the encoder
 
@@ -135,14 +135,15 @@ class TileProcessPool:
     so what is encoded does not depend on the number of workers.
 
     Args:
-        source: the tiles. encoder: what they are read for (its ``loader_step`` runs in the workers).
-            A pool is bound to both (``encode_tile_batches`` checks).
+        source: the tiles.
+        step: what the workers do to each RGB tile (``ImageEncoder.loader_step``). A pool is bound
+            to its source and step (``encode_tile_batches`` checks).
         processes: worker processes, at least 1.
     """
 
-    def __init__(self, source: TileSource, encoder: ImageEncoder, processes: int) -> None:
+    def __init__(self, source: TileSource, step: Callable[[Any], Any], processes: int) -> None:
         self.source = source
-        self.step = encoder.loader_step
+        self.step = step
         self.processes = max(1, int(processes))
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
@@ -170,7 +171,7 @@ def loader_pool(source: TileSource, encoder: ImageEncoder, workers: int) -> Exec
     """
     spec = source_spec(source)
     if spec is not None and (is_local_spec(spec) or spec.startswith("memory:")):
-        return TileProcessPool(source, encoder, workers)
+        return TileProcessPool(source, encoder.loader_step, workers)
     return ThreadPoolExecutor(max_workers=max(1, workers))
 
 
@@ -187,10 +188,12 @@ def _result(future: Future[list[TileLoad]]) -> list[TileLoad]:
             "--workers") from e
 
 
-def _read_batches(
+def read_tile_batches(
     source: TileSource, tiles: Sequence[mercantile.Tile], step: Callable[[Any], Any], *,
     batch_size: int, pool: Executor | TileProcessPool | None,
 ) -> Iterator[tuple[int, list[TileLoad]]]:
+    """Read ``tiles`` in runs of ``batch_size`` with ``step`` (:func:`read_tile`), ahead of the caller
+    when given a ``pool``; yields (position of the batch's first tile, its loads), in request order."""
     n = len(tiles)
     if pool is None:
         for start in range(0, n, batch_size):
@@ -243,7 +246,7 @@ def encode_tile_batches(
         One :class:`EncodedBatch` per batch, in order.
     """
     failed = False
-    for start, loads in _read_batches(source, tiles, encoder.loader_step, batch_size=batch_size, pool=pool):
+    for start, loads in read_tile_batches(source, tiles, encoder.loader_step, batch_size=batch_size, pool=pool):
         errors = [load.error for load in loads if load.error is not None]
         if errors and on_error == "raise":
             raise errors[0]

@@ -27,7 +27,7 @@ def _run(module: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
     assert f"benchmarks/{mod.NAME}.py --smoke" in text  # the exact command is recorded
     for key in ("date", "cpu", "gpu", "faiss", "torch"):
         assert data["machine"][key]
-    assert data["encoder"] == "tiny" or module in ("scale", "open_time", "lazy_memory")
+    assert data["encoder"] == "tiny" or module in ("scale", "open_time", "lazy_memory", "loaders")
     return data["results"], text
 
 
@@ -163,3 +163,13 @@ def test_startup(tmp_path):
     assert [r["command"] for r in res] == ["geoindex --help", "geoindex locate (1 photo)"]
     assert all(_positive(t) for r in res for t in r["before_s"] + r["after_s"])
     assert "before" in text and "after" in text and "geoindex --help < 0.5 s" in text
+
+
+def test_loaders(tmp_path):
+    res, text = _run("loaders", tmp_path)
+    assert res["tiles"] == 16 and set(res["sources"]) == {"raster (bluemarble)", "JPEG folder"}
+    for by_mode in res["sources"].values():
+        assert all(_positive(by_mode[m]["tiles_per_s"]) for m in ("in-process", "2 threads", "1 process",
+                                                                  "2 processes"))
+        assert _positive(by_mode["two_processes_over_one"])
+    assert "2 processes >= 1.8x 1 process" in text

@@ -40,7 +40,7 @@ def test_same_embeddings_whatever_the_loaders(tiny_encoder):
     with ThreadPoolExecutor(2) as threads:
         assert _run(source, tiny_encoder, threads) == (want_rows, pytest.approx(want, abs=0))
     for processes in (1, 2):
-        with TileProcessPool(source, tiny_encoder, processes) as pool:
+        with TileProcessPool(source, tiny_encoder.loader_step, processes) as pool:
             rows, emb = _run(source, tiny_encoder, pool)
         assert rows == want_rows and np.array_equal(emb, want), processes
 
@@ -83,13 +83,13 @@ def test_bad_tiles_are_reported_from_workers(tiny_encoder):
         return render_tile(tile)
 
     source = MemorySource(broken, name="broken")
-    with TileProcessPool(source, tiny_encoder, 2) as pool, \
+    with TileProcessPool(source, tiny_encoder.loader_step, 2) as pool, \
             pytest.raises(TileSourceError, match=r"\(0, 3, 3\) is damaged"):
         _run(source, tiny_encoder, pool)
 
 
 def test_a_pool_reads_only_its_own_source(tiny_encoder):
-    with TileProcessPool(MemorySource(_lacking, name="a"), tiny_encoder, 1) as pool, \
+    with TileProcessPool(MemorySource(_lacking, name="a"), tiny_encoder.loader_step, 1) as pool, \
             pytest.raises(GeoIndexError, match="make one per source and encoder"):
         _run(MemorySource(_lacking, name="b"), tiny_encoder, pool)
 
