@@ -173,3 +173,18 @@ def test_loaders(tmp_path):
                                                                   "2 processes"))
         assert _positive(by_mode["two_processes_over_one"])
     assert "2 processes >= 1.8x 1 process" in text
+
+
+def test_gpu_skips_with_a_reason_without_cuda(tmp_path, capsys):
+    import torch
+
+    from benchmarks import gpu
+
+    if torch.cuda.is_available():
+        res, _ = _run("gpu", tmp_path)
+        assert all(_positive(res[k]) for k in ("network_tiles_per_s", "batched_photos_per_s"))
+        assert _positive(res["build_raster"]["tiles_per_s"]) and _positive(res["one_photo_ms"]["p50"])
+        return
+    assert gpu.main(["--smoke", "--results-dir", str(tmp_path), "--results-md", str(tmp_path / "R.md")]) == 0
+    assert "skipped: no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "gpu.json").exists()  # nothing recorded: no figure was measured
