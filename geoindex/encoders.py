@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -436,8 +436,18 @@ class ImageEncoder:
         return x.to(self.device, non_blocking=True)
 
     def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Load and preprocess images into a float tensor of shape (n, 3, S, S)."""
+        """Load and preprocess images into a float tensor of shape (n, 3, S, S): on the host with PIL
+        (``pil``), or from their uint8 pixels on the device the network reads from (``torch``)."""
+        if self.preprocessing == "torch":
+            prep = cast(ResizeCropNormalize, self.preprocess)
+            return resize_crop_normalize([np.asarray(to_rgb(load_image(im))) for im in images], prep.size,
+                                         prep.mean, prep.std, device=self._input_device())
         return torch.stack([self.preprocess(load_image(im)) for im in images])
+
+    def _input_device(self) -> torch.device:
+        """Where the network's input is made: the CPU for ONNX Runtime, else the network's device."""
+        on_cpu = isinstance(self._inference_network(), onnx_runtime.OnnxNetwork) or self.device.type == "cpu"
+        return torch.device("cpu") if on_cpu else self.device
 
     @torch.inference_mode()
     def encode_tensor(self, pixels: torch.Tensor) -> npt.NDArray[np.float32]:
@@ -469,9 +479,7 @@ class ImageEncoder:
         if not isinstance(prep, ResizeCropNormalize):
             raise ConfigError(f"encoder {self.spec.name!r} has a custom preprocessing ({prep!r}); "
                               "uint8 pixels need ResizeCropNormalize: use encode_tensor")
-        network = self._inference_network()
-        on_cpu = isinstance(network, onnx_runtime.OnnxNetwork) or self.device.type == "cpu"
-        device = torch.device("cpu") if on_cpu else self.device
+        device = self._input_device()
         if all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
             batch = torch.from_numpy(np.stack(list(pixels)))  # one copy: the loaders' arrays may be read-only
             x = normalize_pixels(batch, prep.mean, prep.std, device=device)
@@ -496,11 +504,7 @@ class ImageEncoder:
         out = np.empty((len(images), self.dim), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
-            if self.preprocessing == "torch":
-                emb = self.encode_pixels([np.asarray(to_rgb(load_image(im))) for im in batch])
-            else:
-                emb = self.encode_tensor(self.preprocess_images(batch))
-            out[start : start + len(batch)] = emb
+            out[start : start + len(batch)] = self.encode_tensor(self.preprocess_images(batch))
         return out
 
 

@@ -133,7 +133,7 @@ def test_lazy_memory(tmp_path):
 def test_precision(tmp_path):
     res, text = _run("precision", tmp_path, "--encoders", "tiny")
     by_p = res["results"]["tiny"]
-    assert set(by_p) == {"fp32", "bf16", "int8"}  # int8 applies to the ViT's Linear layers
+    assert set(by_p) == {"fp32", "fp32-torch-preprocessing", "bf16", "int8"}  # int8: the ViT's Linear layers
     assert all(_positive(r["photo_ms_p50"]) and _positive(r["tiles_per_s"]) for r in by_p.values())
     assert by_p["fp32"]["final_tile_agreement"] is None  # random weights: no quality figure
     assert res["default"] == {"tiny": "fp32"} and res["recommended"] == {"tiny": "fp32"}
