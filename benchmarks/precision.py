@@ -311,12 +311,12 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "index is built that way too); `fp32-openvino` / `bf16-openvino` the folded network under OpenVINO "
         "(LATENCY hint; "
         "measured only where `openvino` is installed, it is not a dependency); bf16 = torch autocast; int8 = "
-        "dynamically quantised Linear layers (ViT). Every variant but fp32-before preprocesses with "
-        "geoindex.pixels (bit-identical to torchvision's).",
+        "dynamically quantised Linear layers (ViT). Every variant but fp32-before and the -torch-preprocessing "
+        "ones preprocesses with geoindex.pixels' PIL path (bit-identical to torchvision's).",
         "Photo ms = preprocessing (PIL's bicubic resize of the 640x480 photo to 298x224, crop, normalise; on "
         "one core) + the forward pass of one image, each also timed alone (photo_preprocess_ms_p50, "
-        "photo_forward_ms_p50). Preprocessing is the same code for every variant but fp32-before, so it caps "
-        "the photo speed-up a faster forward pass can give.",
+        "photo_forward_ms_p50); -torch-preprocessing variants resize in torch instead. Preprocessing is the same "
+        "code for every other variant but fp32-before, so it caps the photo speed-up a faster forward pass can give.",
         "Final-tile agreement can fall far below the query embeddings' cosine to fp32 "
         "(query_cosine_to_fp32_min / _p50 in the JSON): where the index's tiles score within a variant's rounding "
         "of each other (open ocean, desert, ice in Blue Marble at z4/z6, scored by an ImageNet network), any "
