@@ -13,7 +13,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from geoindex.beam import FaissLevel, Level, OnTheFlyLevel, PriorMode, PriorOptions, TilePrior, _beam_search, check_k
+from geoindex.beam import (
+    FaissLevel,
+    Level,
+    OnTheFlyLevel,
+    PriorMode,
+    PriorOptions,
+    TilePrior,
+    TorchLevel,
+    _beam_search,
+    check_k,
+)
 from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
@@ -25,7 +35,7 @@ from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, Manifest, short_id
 from geoindex.prior import GeoCLIPPrior, get_prior
 from geoindex.results import SearchResult, make_results
 from geoindex.sources import TileSource
-from geoindex.store import StoredLevel, open_store
+from geoindex.store import StoredLevel, level_embeddings, open_store
 from geoindex.tiles import LevelSchedule
 
 __all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "RegionSearcher", "open_index", "search"]
@@ -224,12 +234,18 @@ class GeoIndex(_Searcher):
     ``lazy.json``; ``read_only`` never writes to the index (missing tiles are then encoded on the
     fly, and each result's trace says so); ``retry_missing`` asks the source again for tiles it
     lacked before (else that happens after lazy.json's ``retry_missing_after_s``).
+
+    ``search_backend``: ``faiss`` searches the levels with FAISS on the CPU; ``torch`` holds each
+    level's embeddings as a tensor on ``device`` and scores the kept tiles' children with one batched
+    matmul per level (fp16 and flat codecs; the same tiles and scores); ``auto``: torch when
+    ``device`` is a GPU and the codec allows, else FAISS.
     """
 
     def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                  download: bool = False, device: str = "cpu", verify: bool | None = None,
                  precision: str = "auto", lazy_source: TileSource | None = None,
-                 read_only: bool = False, resident: bool | str = "auto", retry_missing: bool = False) -> None:
+                 read_only: bool = False, resident: bool | str = "auto", retry_missing: bool = False,
+                 search_backend: str = "auto") -> None:
         self.path = Path(path)
         self.manifest: Manifest
         self.stored: list[StoredLevel]
@@ -245,7 +261,9 @@ class GeoIndex(_Searcher):
                 f"{self.path}: built for photo encoder {spec.name!r} with weights {spec.short}, but the loaded "
                 f"weights are {short_id(self.photo_encoder.identity)}; pass the weights the index was built with"
             )
-        faiss_levels = [FaissLevel(s) for s in self.stored]
+        self.search_backend = _search_backend(search_backend, device, self.manifest.codec)
+        self.device = device
+        faiss_levels = [self.level(s) for s in self.stored]
         # Deep levels declared lazy (lazy.json) are encoded on first use and appended to the index.
         self.lazy: list[LazyLevel] = open_lazy_levels(self.path, self.manifest, self.photo_encoder,
                                                       faiss_levels[-1].tiles, source=lazy_source,
@@ -255,6 +273,13 @@ class GeoIndex(_Searcher):
     @property
     def zooms(self) -> tuple[int, ...]:
         return tuple(s.zoom for s in self.stored)
+
+    def level(self, stored: StoredLevel, allowed: npt.NDArray[np.bool_] | None = None) -> FaissLevel:
+        """The searcher of one stored level on this index's backend (``allowed``: a region's rows)."""
+        if self.search_backend == "torch":
+            emb, parent_row = level_embeddings(self.path, stored.zoom)
+            return TorchLevel(stored, emb, parent_row, device=self.device, allowed=allowed)
+        return FaissLevel(stored, allowed=allowed)
 
     def within(self, region: Coverage) -> RegionSearcher:
         """This index restricted, at query time, to the tiles that meet ``region`` (bbox or polygons).
@@ -288,8 +313,24 @@ class RegionSearcher(_Searcher):
                 f"contains no tile of the index {index.path}; "
                 "check the --bbox W S E N order or the index's coverage"
             )
-        self.levels = [FaissLevel(s, allowed=m) for s, m in zip(index.stored, masks, strict=True)]
+        self.levels = [index.level(s, m) for s, m in zip(index.stored, masks, strict=True)]
         self.tiles_per_level = {s.zoom: int(m.sum()) for s, m in zip(index.stored, masks, strict=True)}
+
+
+SEARCH_BACKENDS = ("auto", "faiss", "torch")
+_TORCH_CODECS = ("fp16", "flat")  # codecs whose FAISS scores are plain float inner products of the stored rows
+
+
+def _search_backend(backend: str, device: str, codec: str) -> str:
+    """What ``search_backend`` means for this device and codec (see :class:`GeoIndex`)."""
+    if backend not in SEARCH_BACKENDS:
+        raise ConfigError(f"unknown search_backend {backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
+    if backend == "auto":
+        return "torch" if torch.device(device).type == "cuda" and codec in _TORCH_CODECS else "faiss"
+    if backend == "torch" and codec not in _TORCH_CODECS:
+        raise ConfigError(f"search_backend 'torch' needs an index of codec {' or '.join(_TORCH_CODECS)}; this one is "
+                          f"{codec!r}: use search_backend='faiss'")
+    return backend
 
 
 def open_index(path: str | os.PathLike | None = None, **kwargs: object) -> GeoIndex:
@@ -452,14 +493,17 @@ class OnTheFlySearcher(_Searcher):
     def for_index(cls, index: GeoIndex, source: TileSource, **kwargs: object) -> OnTheFlySearcher:
         """An on-the-fly searcher over exactly an index's tiles, encoders and schedule.
 
-        Tiles are encoded at the precision each level was built with, so that the two searches agree.
+        Tiles are encoded at the precision and with the preprocessing each level was built with, so
+        that the two searches agree.
         """
         first = index.stored[0]
         map_encoders = {}
         for level in index.manifest.levels:
             recorded = level.encoder
             encoder = load_map_encoder(index.photo_encoder, recorded.checkpoint if recorded else None)
-            map_encoders[level.zoom] = encoder.with_precision((recorded.precision if recorded else None) or "fp32")
+            map_encoders[level.zoom] = encoder.with_precision(
+                (recorded.precision if recorded else None) or "fp32",
+                preprocessing=(recorded.preprocessing if recorded else None) or "pil")
         zooms = index.zooms
         schedule = LevelSchedule(zooms[0], zooms[-1], index.manifest.schedule.step)
         rows = {s.zoom: set(zip(s.x.tolist(), s.y.tolist())) for s in index.stored}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, cast, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, cast, get_args, runtime_checkable
 
 import faiss
 import numpy as np
@@ -37,6 +37,7 @@ __all__ = [
     "PriorMode",
     "PriorOptions",
     "TilePrior",
+    "TorchLevel",
     "beam_search",
     "check_k",
 ]
@@ -354,6 +355,96 @@ class FaissLevel(PriorLevel):
             if I[0, 0] == row:
                 out[q] = D[0, 0] if self._exact is None or parents is None else self._exact_scores(x1, I)[0, 0]
         return out
+
+
+class TorchLevel(FaissLevel):
+    """An indexed level searched with torch on a device (a GPU): one batched matmul per level.
+
+    Rows are sorted by parent row, so the children of parent row p are the contiguous rows
+    ``starts[p] .. starts[p] + counts[p]``: the kept parents' children are gathered per query and
+    scored with one batched matrix product, then the top k kept with ``torch.topk``. The same tiles
+    and scores as :class:`FaissLevel` (tests/test_search.py compares them on CPU tensors); priors'
+    single-tile scores still go through FAISS.
+
+    Args:
+        stored: the opened level (its FAISS index serves ``score_ids``).
+        embeddings: float16 (rows, d) in row order, as the fp16 and flat codecs store them.
+        parent_row: int64 (rows,), each row's parent row (unused on the first level).
+        device: where the embeddings live and the products run.
+        allowed: as for :class:`FaissLevel`.
+        block: most candidate embeddings gathered at once (bounds the memory of a batch).
+    """
+
+    def __init__(
+        self, stored: StoredLevel, embeddings: npt.NDArray[np.floating], parent_row: npt.NDArray[np.integer], *,
+        device: str = "cpu", allowed: npt.NDArray[np.bool_] | None = None, block: int = 1 << 22,
+    ) -> None:
+        import torch
+
+        super().__init__(stored, allowed=allowed)
+        if stored.exact is not None or embeddings.shape[0] != stored.rows:
+            raise ConfigError(f"level z{stored.zoom}: the torch search needs the fp16 or flat codec's embeddings of "
+                              f"all {stored.rows} rows; use search_backend='faiss' for this index")
+        self.device = torch.device(device)
+        self.block = block
+        self._emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
+        parent_row = np.asarray(parent_row, dtype=np.int64)
+        n_parents = int(parent_row.max()) + 1 if len(parent_row) else 0
+        counts = np.bincount(parent_row[parent_row >= 0], minlength=n_parents) if n_parents else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n_parents else np.zeros(0, np.int64)
+        self._starts = torch.from_numpy(starts.astype(np.int64)).to(self.device)
+        self._counts = torch.from_numpy(counts.astype(np.int64)).to(self.device)
+        self._width = int(counts.max()) if len(counts) else 0  # children of the fullest parent
+        self._mask = torch.from_numpy(self._allowed).to(self.device) if self._allowed is not None else None
+
+    def search(
+        self, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        import torch
+
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device)
+            if parents is None:
+                scores = q @ self._emb.T
+                ids = torch.arange(self.stored.rows, device=self.device).expand(len(q), -1)
+                D, I = self._top(scores, ids, k)  # noqa: E741
+            else:
+                P = torch.from_numpy(np.ascontiguousarray(parents, dtype=np.int64)).to(self.device)
+                per_query = max(1, P.shape[1] * max(self._width, 1))
+                step = max(1, self.block // per_query)
+                parts = [self._children_top(q[i : i + step], P[i : i + step], k) for i in range(0, len(q), step)]
+                D = torch.cat([d for d, _ in parts]) if parts else torch.zeros((0, k), device=self.device)
+                I = torch.cat([i for _, i in parts]) if parts else torch.zeros((0, k), dtype=torch.int64)  # noqa: E741
+            return D.cpu().numpy().astype(np.float32), I.cpu().numpy().astype(np.int64)
+
+    def _children_top(self, q: Any, parents: Any, k: int) -> tuple[Any, Any]:
+        """Top k among the children of each query's ``parents`` (m, w; -1 pads), scored by one bmm."""
+        import torch
+
+        valid_parent = (parents >= 0) & (parents < len(self._counts))
+        p = torch.where(valid_parent, parents, 0)
+        offsets = torch.arange(self._width, device=self.device)
+        ids = (self._starts[p][..., None] + offsets).reshape(len(q), -1)  # (m, w * width)
+        valid = ((offsets < self._counts[p][..., None]) & valid_parent[..., None]).reshape(len(q), -1)
+        ids = torch.where(valid, ids, 0)
+        scores = torch.bmm(self._emb[ids], q[:, :, None])[..., 0]
+        return self._top(scores, torch.where(valid, ids, -1), k)
+
+    def _top(self, scores: Any, ids: Any, k: int) -> tuple[Any, Any]:
+        """Per row, the k best (score, id), padded with (NEG, -1); ids < 0 and disallowed rows never chosen."""
+        import torch
+
+        keep = ids >= 0
+        if self._mask is not None:
+            keep &= self._mask[torch.clamp(ids, min=0)]
+        scores = torch.where(keep, scores, torch.full_like(scores, float(NEG)))
+        kk = min(k, scores.shape[1])
+        D, order = torch.topk(scores, kk, dim=1)
+        I = torch.where(D > float(NEG), torch.gather(ids, 1, order), -1)  # noqa: E741
+        if kk < k:
+            D = torch.nn.functional.pad(D, (0, k - kk), value=float(NEG))
+            I = torch.nn.functional.pad(I, (0, k - kk), value=-1)  # noqa: E741
+        return D, I
 
 
 def _ivf_params(nprobe: int, selector: faiss.IDSelector | None = None) -> faiss.SearchParametersIVF:

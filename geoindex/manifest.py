@@ -102,6 +102,8 @@ class EncoderIdentity:
         precision: the arithmetic the level was encoded at (fp32, bf16, fp16, int8); None when
             not recorded (the photo encoder, earlier builds).
         checkpoint: the map-encoder checkpoint path the build was given, for reloading it.
+        preprocessing: where tiles were resized when not PIL's bicubic on the host (``torch``: on
+            the device, not bit-identical); None for PIL's (every index built before it was recorded).
     """
 
     name: str
@@ -109,6 +111,7 @@ class EncoderIdentity:
     checkpoint_sha256: str | None = None
     precision: str | None = None
     checkpoint: str | None = None
+    preprocessing: str | None = None
 
     @property
     def short(self) -> str:

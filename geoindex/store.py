@@ -38,6 +38,7 @@ __all__ = [
     "list_shards",
     "open_store",
     "pq_subquantizers",
+    "level_embeddings",
     "read_embeddings",
     "read_level_columns",
     "shard_path",
@@ -185,6 +186,17 @@ def read_embeddings(shard: Path) -> npt.NDArray[np.float16]:
     col = _read_shard(shard, ["embedding"]).column("embedding").combine_chunks()
     dim = col.type.list_size
     return column_to_numpy(pa.chunked_array([col.flatten()])).reshape(-1, dim)
+
+
+def level_embeddings(index_dir: Path, zoom: int) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.int64]]:
+    """A whole level's float16 embeddings (rows, d) and parent rows (rows,), in row order (= FAISS ids)."""
+    embs, parents = [], []
+    for shard in list_shards(index_dir, zoom):
+        embs.append(read_embeddings(shard))
+        parents.append(_read_shard(shard, ["parent_row"]).column("parent_row").to_numpy().astype(np.int64))
+    if not embs:
+        raise IndexFormatError(f"{level_dir(index_dir, zoom)}: no shards; rebuild level z{zoom}")
+    return np.concatenate(embs), np.concatenate(parents)
 
 
 def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.float32], np.ndarray]]:

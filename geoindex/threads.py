@@ -78,7 +78,8 @@ def build_threads(threads: int | None = None) -> Iterator[int]:
 
 
 def loader_threads(encoder_threads: int) -> int:
-    """Tile-reading and preprocessing threads that keep an encoder on ``encoder_threads`` threads fed.
+    """Tile loaders (processes for local sources, threads for remote ones: ``tile_encoding.loader_pool``)
+    that keep an encoder on ``encoder_threads`` threads fed.
 
     Reading and preprocessing a tile takes a fifth to a quarter of the CPU time of encoding it
     (EfficientNet-Lite0 under ONNX Runtime; much less for a ViT), and loaders also wait on disks and

@@ -32,8 +32,11 @@ def _tms_row(tile: mercantile.Tile) -> int:
 class MBTilesSource:
     """Tiles from an MBTiles archive (sqlite, read-only); safe to share between threads.
 
-    ``spec`` is ``mbtiles:PATH`` (equal to the name).
+    ``spec`` is ``mbtiles:PATH`` (equal to the name). A copy in another process (pickled, or in a
+    tile-loading worker, ``reopen_in_workers``) opens its own connection: one must not cross a fork.
     """
+
+    reopen_in_workers = True
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -87,6 +90,9 @@ class MBTilesSource:
     def get(self, tile: mercantile.Tile) -> Image.Image:
         """The tile as an RGB image."""
         return decode_tile(self.fetch_bytes(tile), what=f"{self.path} tile {tuple(tile)}")
+
+    def __reduce__(self) -> tuple[type[MBTilesSource], tuple[Path]]:
+        return (MBTilesSource, (self.path,))
 
     def close(self) -> None:
         """Close the database."""
