@@ -376,7 +376,8 @@ class ImageEncoder:
         """The network (built here on first use when the encoder was opened from its cached ONNX graph)."""
         if self._visual is None:
             assert self._lazy is not None
-            with self._build_lock:
+            # built outside inference mode (encode_tensor runs in it): its weights must stay ordinary tensors
+            with self._build_lock, torch.inference_mode(False):
                 if self._visual is None:
                     self._visual = self._lazy[0]().eval()
         return self._visual

@@ -274,6 +274,10 @@ def test_photo_encoder_opens_from_its_exported_graph_without_building_the_networ
     lazy = create_encoder("efficientnet-lite0")
     image = (np.arange(90 * 120 * 3) % 251).astype(np.uint8).reshape(90, 120, 3)
     np.testing.assert_array_equal(lazy.encode([image])[0], np.float32(first["emb"]))
+    # the network built on first use inside encode (inference mode) is an ordinary, trainable network
+    built_in_encode = create_encoder("efficientnet-lite0").with_precision("fp32", runtime="torch")
+    np.testing.assert_allclose(built_in_encode.encode([image])[0], first["emb"], atol=1e-4)
+    assert not any(p.is_inference() for p in built_in_encode.visual.parameters())
     assert lazy.device.type == "cpu" and lazy.head_prefixes  # builds the network
     torch_emb = lazy.with_precision("fp32", runtime="torch").encode([image])[0]
     np.testing.assert_allclose(torch_emb, first["emb"], atol=1e-4)
