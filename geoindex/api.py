@@ -21,8 +21,8 @@ from geoindex.beam import (
     PriorOptions,
     TilePrior,
     TorchLevel,
-    _beam_search,
-    check_k,
+    beam_search,
+    beam_width,
 )
 from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
@@ -84,24 +84,10 @@ class _Searcher:
 
         ``prior`` is a belief for the same n photos (``GeoCLIPPrior.predict`` or ``.belief``).
         """
-        return self._search_embeddings(xq, check_k(k), top_n=top_n, names=names, prior=prior,
-                                       prior_options=prior_options)
-
-    def _search_embeddings(
-        self,
-        xq: npt.ArrayLike,
-        k: int,
-        *,
-        top_n: int,
-        names: Sequence[str | None] | None,
-        prior: TilePrior | None,
-        prior_options: PriorOptions | None,
-    ) -> list[SearchResult]:
-        """``search_embeddings`` for a checked ``k``."""
         xq = np.atleast_2d(np.asarray(xq, dtype=np.float32))
         if xq.shape[1] != self.photo_encoder.dim:
             raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
-        hits = _beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
+        hits = beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
         # rerank replaces the cosines by combined scores, on which the calibration was not fitted
         calibration = self.calibration if prior_options is None or prior_options.mode != "rerank" else None
         scores = None
@@ -170,48 +156,11 @@ class _Searcher:
             For one image its SearchResult; for a list, one SearchResult per image, in order. With
             ``on_error="return"`` an unreadable image's ImageError stands in place of its result.
         """
-        results = self._search(images, check_k(k), top_n=top_n, on_error=on_error, prior=prior,
-                               prior_mode=prior_mode, prior_weight=prior_weight, read_exif=read_exif)
-        return results if isinstance(images, (list, tuple)) else results[0]
-
-    def _search(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        k: int,
-        *,
-        top_n: int,
-        on_error: OnError,
-        prior: str | GeoCLIPPrior | None,
-        prior_mode: PriorMode,
-        prior_weight: float,
-        read_exif: bool = True,
-    ) -> list[SearchResult | GeoIndexError]:
-        """``search`` for a checked ``k``."""
+        k = beam_width(k)  # before decoding any photo; checked once per call
         options = PriorOptions(prior_mode, prior_weight) if prior is not None else None
         loaded = get_prior(prior) if prior is not None else None
         batch = cast(list[ImageInput], [images] if not isinstance(images, (list, tuple)) else list(images))
-        if loaded is not None:  # decode once; both encoders preprocess the same PIL image
-            batch_in: list[ImageInput | GeoIndexError] = []
-            for image in batch:
-                try:
-                    batch_in.append(load_image(image))
-                except GeoIndexError as e:
-                    if on_error == "raise":
-                        raise
-                    batch_in.append(e)
-        else:
-            batch_in = list(batch)
-        pixels: list[torch.Tensor | GeoIndexError] = []
-        for item in batch_in:
-            if isinstance(item, GeoIndexError):
-                pixels.append(item)
-                continue
-            try:
-                pixels.append(self.photo_encoder.preprocess_images([item])[0])
-            except GeoIndexError as e:
-                if on_error == "raise":
-                    raise
-                pixels.append(e)
+        batch_in, pixels = self._preprocess(batch, on_error, decode=loaded is not None)
         good = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
         out: list[SearchResult | GeoIndexError | None] = [
             p if isinstance(p, GeoIndexError) else None for p in pixels
@@ -219,11 +168,30 @@ class _Searcher:
         if good:
             xq = self.photo_encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
             belief = loaded.predict([cast(ImageInput, batch_in[i]) for i in good]) if loaded is not None else None
-            results = self._search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
-                                              prior=belief, prior_options=options)
+            results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
+                                             prior=belief, prior_options=options)
             for i, r in zip(good, results):
                 out[i] = _with_exif(r, batch[i]) if read_exif else r
-        return out  # type: ignore[return-value]  # every None was filled above
+        return out if isinstance(images, (list, tuple)) else out[0]  # type: ignore[return-value]  # all filled
+
+    def _preprocess(
+        self, batch: list[ImageInput], on_error: OnError, *, decode: bool
+    ) -> tuple[list[ImageInput | GeoIndexError], list[torch.Tensor | GeoIndexError]]:
+        """Each image as the encoder's input, or the error that made it unreadable (``on_error="raise"``:
+        raised). ``decode``: open them first (a prior reads the same PIL images) and return those."""
+        def attempt(step: Callable[[Any], Any], item: Any) -> Any:
+            if isinstance(item, GeoIndexError):
+                return item
+            try:
+                return step(item)
+            except GeoIndexError as e:
+                if on_error == "raise":
+                    raise
+                return e
+
+        batch_in = [attempt(load_image, image) for image in batch] if decode else list(batch)
+        pixels = [attempt(lambda im: self.photo_encoder.preprocess_images([im])[0], item) for item in batch_in]
+        return batch_in, pixels
 
 
 class GeoIndex(_Searcher):
@@ -414,7 +382,7 @@ def search(
         ConfigError: k or top_n out of range, an unknown prior or mode, or the geoclip package
         is missing. WeightsNotFoundError: ``prior="geoclip"`` without a local ViT-L/14.
     """
-    k = check_k(k)  # the one check of this call: before opening anything
+    k = beam_width(k)  # the one check of this call: before opening anything
     if prior is not None:
         PriorOptions(prior_mode, prior_weight)  # fail on bad options before loading anything
     if isinstance(index, GeoIndex):
@@ -425,9 +393,9 @@ def search(
             if key not in _opened:
                 _opened[key] = GeoIndex(key)
             opened = _opened[key]
-    results = opened._search(image, k, top_n=top_n, on_error="raise", prior=prior, prior_mode=prior_mode,
-                             prior_weight=prior_weight, read_exif=read_exif)
-    return results if isinstance(image, (list, tuple)) else results[0]  # type: ignore[return-value]
+    # one image or a list: the method's overloads say which comes back, as this function's do
+    return opened.search(cast(Any, image), k, top_n=top_n, on_error="raise", prior=prior, prior_mode=prior_mode,
+                         prior_weight=prior_weight, read_exif=read_exif)
 
 
 KeepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -487,7 +455,7 @@ class OnTheFlySearcher(_Searcher):
     @property
     def tiles_encoded(self) -> int:
         """Tiles encoded so far, over all levels and queries."""
-        return sum(lv.tiles_encoded for lv in self.levels)  # type: ignore[attr-defined]
+        return sum(lv.tiles_encoded for lv in self.levels)
 
     @classmethod
     def for_index(cls, index: GeoIndex, source: TileSource, **kwargs: object) -> OnTheFlySearcher:

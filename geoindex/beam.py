@@ -39,7 +39,10 @@ __all__ = [
     "TilePrior",
     "TorchLevel",
     "beam_search",
+    "BeamWidth",
+    "beam_width",
     "check_k",
+    "top_k",
 ]
 
 MAX_K = 2048  # FAISS GPU's top-k limit; keeps CPU and GPU builds interchangeable
@@ -47,17 +50,37 @@ NEG = np.float32(-np.finfo(np.float32).max)  # what FAISS reports for an empty r
 PQ_RERANK = 4  # pq levels: re-rank the top rerank * k PQ candidates of each level exactly (benchmarks/codecs.py)
 
 
-def check_k(k: int) -> int:
+class BeamWidth(int):
+    """A beam width that :func:`check_k` accepted: the later steps of the same call (the API, the
+    beam search) take it as it is, so one call checks its ``k`` once, where it enters."""
+
+
+def check_k(k: int) -> BeamWidth:
     """Validate a beam width; ConfigError naming the valid range otherwise."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
         raise ConfigError(f"k (the beam width) must be an integer in 1..{MAX_K}, got {k!r}")
-    return int(k)
+    return BeamWidth(k)
+
+
+def beam_width(k: int) -> BeamWidth:
+    """``k`` as a checked beam width: a BeamWidth passes through, anything else is checked (``check_k``)."""
+    return k if isinstance(k, BeamWidth) else check_k(k)
 
 
 class Level(Protocol):
-    """One zoom level of the hierarchy, as the beam search sees it."""
+    """One zoom level of the hierarchy, as the beam search sees it.
+
+    ``tiles_encoded`` counts the tiles the level encoded while answering (on-the-fly and lazy
+    levels; 0 for stored ones), and ``trace_note`` says how the last search was answered, for the
+    result's trace (None when there is nothing to say).
+    """
 
     zoom: int
+    tiles_encoded: int
+
+    def trace_note(self) -> str | None:
+        """How the last search was answered (lazy: stored, encoded or on the fly), or None."""
+        ...
 
     def search(
         self, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None
@@ -172,7 +195,7 @@ def _inject(
     ids = np.asarray(level.ids_of(tx, ty), dtype=np.int64)
     ids = np.where((I == ids[:, None]).any(axis=1), -1, ids)  # already kept: nothing to add
     scores = np.asarray(level.score_ids(xq, ids, parents), dtype=np.float32)
-    return _top_k(np.concatenate([D, scores[:, None]], axis=1), np.concatenate([I, ids[:, None]], axis=1), k + 1)
+    return top_k(np.concatenate([D, scores[:, None]], axis=1), np.concatenate([I, ids[:, None]], axis=1), k + 1)
 
 
 def _rerank(
@@ -189,7 +212,7 @@ def _rerank(
     mass = prior.tile_mass(x, y, zoom=level.zoom)
     w = options.weight
     combined = (1.0 - w) * D.astype(np.float64) + w * options.temperature * np.log(mass + options.eps)
-    return _top_k(combined.astype(np.float32), I, k)
+    return top_k(combined.astype(np.float32), I, k)
 
 
 def beam_search(
@@ -215,18 +238,7 @@ def beam_search(
     Raises:
         ConfigError: k out of range (``check_k``), or a prior that does not fit the batch or the levels.
     """
-    return _beam_search(xq, levels, check_k(k), prior=prior, prior_options=prior_options)
-
-
-def _beam_search(
-    xq: npt.NDArray[np.float32],
-    levels: Sequence[Level],
-    k: int,
-    *,
-    prior: TilePrior | None = None,
-    prior_options: PriorOptions | None = None,
-) -> list[LevelHits]:
-    """``beam_search`` for a ``k`` already checked at the public boundary (the API, ``evaluate``)."""
+    k = beam_width(k)
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     options = prior_options or PriorOptions()
     if prior is not None and len(prior) != len(xq):
@@ -241,8 +253,7 @@ def _beam_search(
         else:
             D, I = _rerank(level, xq, k, parents, prior, options)
         x, y = level.tiles(I)
-        note_of = getattr(level, "trace_note", None)
-        hits.append(LevelHits(level.zoom, D, I, x, y, note=note_of() if note_of is not None else None))
+        hits.append(LevelHits(level.zoom, D, I, x, y, note=level.trace_note()))
         parents = I
     return hits
 
@@ -294,13 +305,18 @@ class FaissLevel(PriorLevel):
         if self._exact is None:
             return _search_lists(cast(faiss.IndexIVF, index), xq, k, parents, self._selector)
         _, I = _search_lists(cast(faiss.IndexIVF, index), xq, k * self.rerank, parents, self._selector)  # noqa: E741
-        return _top_k(self._exact_scores(xq, I), I, k)
+        return top_k(self._exact_scores(xq, I), I, k)
 
     def _exact_scores(self, xq: npt.NDArray[np.float32], I: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:  # noqa: E741
         """Inner products (n, m) of each query with its rows ``I`` (n, m) from the float16 embeddings."""
         assert self._exact is not None
         emb = np.asarray(self._exact[np.maximum(I, 0).ravel()], dtype=np.float32)
         return np.einsum("qmd,qd->qm", emb.reshape(*I.shape, -1), xq).astype(np.float32)
+
+    tiles_encoded = 0  # a stored level encodes nothing
+
+    def trace_note(self) -> str | None:
+        return None
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
@@ -486,7 +502,7 @@ def _search_lists(
     return D, I
 
 
-def _top_k(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_k(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k best (score, id); rows padded with (NEG, -1). Ids < 0 are never chosen."""
     scores = np.where(ids >= 0, scores, NEG)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -583,7 +599,10 @@ class OnTheFlyLevel(PriorLevel):
             found = np.concatenate([[False], found])
         scores = np.einsum("qcd,qd->qc", emb[inverse], xq) if cand.size else np.zeros(cand.shape, np.float32)
         ids = np.where(found[inverse], cand, -1)
-        return _top_k(scores.astype(np.float32), ids, k)
+        return top_k(scores.astype(np.float32), ids, k)
+
+    def trace_note(self) -> str | None:
+        return None
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         valid = ids >= 0

@@ -165,7 +165,7 @@ def test_bad_k(small_index, k):
 
 
 def test_k_is_checked_once_per_call(small_index, monkeypatch):
-    from geoindex import api, beam
+    from geoindex import beam
 
     calls = []
     check_k = beam.check_k
@@ -174,8 +174,7 @@ def test_k_is_checked_once_per_call(small_index, monkeypatch):
         calls.append(k)
         return check_k(k)
 
-    monkeypatch.setattr(api, "check_k", counting)
-    monkeypatch.setattr(beam, "check_k", counting)
+    monkeypatch.setattr(beam, "check_k", counting)  # every check goes through beam.beam_width
     index = geoindex.open_index(small_index)
     geoindex.search(_queries(1, zoom=3)[0], k=3, index=index)
     index.search(_queries(2, zoom=3), k=3)
