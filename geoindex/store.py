@@ -208,6 +208,14 @@ def read_level_columns(
 
 
 def read_embeddings(shard: Path) -> npt.NDArray[np.float16]:
+    """The (n, d) float16 embeddings of one shard's rows, wherever they are kept (see :func:`shard_vectors`):
+    as encoded for the exact codecs, decoded from its codes for lossy ones."""
+    if VectorHome.of(shard) is not None:
+        return shard_vectors(shard).astype(np.float16)
+    return _own_embeddings(shard)
+
+
+def _own_embeddings(shard: Path) -> npt.NDArray[np.float16]:
     """The (n, d) float16 embeddings a shard holds itself (a shard of a level being built)."""
     col = _read_shard(shard, ["embedding"]).column("embedding").combine_chunks()
     dim = col.type.list_size
@@ -259,7 +267,7 @@ def shard_vectors(shard: Path) -> npt.NDArray[np.float16] | npt.NDArray[np.float
     """
     home = VectorHome.of(shard)
     if home is None:
-        return read_embeddings(shard)
+        return _own_embeddings(shard)
     n = pq.ParquetFile(shard).metadata.num_rows
     return _open_level_vectors(shard.parent, home.sha256).rows(home.first_row, n)
 
