@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
+from faiss.contrib.inspect_tools import get_invlist
 from faiss.contrib.ivf_tools import add_preassigned
 
 from geoindex.codecs import get_codec
@@ -268,8 +269,8 @@ def shard_vectors(shard: Path) -> npt.NDArray[np.float16] | npt.NDArray[np.float
     home = VectorHome.of(shard)
     if home is None:
         return _own_embeddings(shard)
-    n = pq.ParquetFile(shard).metadata.num_rows
-    return _open_level_vectors(shard.parent, home.sha256).rows(home.first_row, n)
+    parents = _read_shard(shard, ["parent_row"]).column("parent_row").to_numpy()
+    return _open_level_vectors(shard.parent, home.sha256).rows(home.first_row, parents)
 
 
 @dataclass
@@ -279,12 +280,40 @@ class _LevelVectors:
     index: faiss.Index
     rerank: RerankRows | None
 
-    def rows(self, first: int, n: int) -> npt.NDArray[np.float32]:
+    def rows(self, first: int, parents: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """Vectors (n, d) of rows ``first .. first + n - 1``, whose parent rows (n,) are ``parents``."""
+        n = len(parents)
         if first + n > self.index.ntotal:
             raise IndexFormatError(f"rows {first}..{first + n - 1} are not in a FAISS file of {self.index.ntotal}")
         if self.rerank is not None:
             return self.rerank[np.arange(first, first + n)]
-        return self.index.reconstruct_n(first, n)
+        if not n or not isinstance(self.index, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)) \
+                or getattr(self.index, "by_residual", False):
+            return self.index.reconstruct_n(first, n)
+        # IndexIVF.reconstruct_n scans every list of the level per call; the rows of a shard lie in the
+        # lists of its parents (row i is id i, lists in parent order), so read only those.
+        ids, codes = [], []
+        for p in range(int(parents.min()), int(parents.max()) + 1):
+            list_ids, list_codes = get_invlist(self.index.invlists, p)
+            keep = (list_ids >= first) & (list_ids < first + n)
+            ids.append(list_ids[keep])
+            codes.append(list_codes[keep])
+        order = np.argsort(np.concatenate(ids), kind="stable")
+        out = _decode(self.index, np.concatenate(codes)[order])
+        if len(out) != n:
+            raise IndexFormatError(f"the FAISS file holds {len(out)} of rows {first}..{first + n - 1} in the lists "
+                                   "of their parents; rebuild the level")
+        return out
+
+
+def _decode(index: faiss.IndexIVF, codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Vectors (n, d) float32 of the list codes (n, code_size) of a residual-free IVF flat, SQ or PQ index."""
+    codes = np.ascontiguousarray(codes)
+    if isinstance(index, faiss.IndexIVFFlat):
+        return codes.view(np.float32).reshape(len(codes), index.d)
+    if isinstance(index, faiss.IndexIVFScalarQuantizer):
+        return index.sq.decode(codes)
+    return cast(faiss.IndexIVFPQ, index).pq.decode(codes)
 
 
 @functools.lru_cache(maxsize=4)

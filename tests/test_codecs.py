@@ -48,7 +48,7 @@ def _two_levels(root, codec: str, *, children: int = 64, seed: int = 0) -> tuple
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     cx, cy = children_array(x1, y1, zoom=1, step=4)
     xs, ys = cx[:, :children].ravel(), cy[:, :children].ravel()
-    half = len(parents) // 2
+    half = len(parents) // 2 + 5  # the second shard starts inside a parent's list
     for s, sl in enumerate((slice(0, half), slice(half, None))):
         write_shard(shard_path(root, 5, s), zoom=5, x=xs[sl], y=ys[sl], parent_row=parents[sl], embeddings=emb[sl])
     info1 = finish_level(root, 1, n_parents=None, codec=codec, dim=D)
