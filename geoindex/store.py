@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -313,7 +313,8 @@ def _decode(index: faiss.IndexIVF, codes: npt.NDArray[np.uint8]) -> npt.NDArray[
         return codes.view(np.float32).reshape(len(codes), index.d)
     if isinstance(index, faiss.IndexIVFScalarQuantizer):
         return index.sq.decode(codes)
-    return cast(faiss.IndexIVFPQ, index).pq.decode(codes)
+    product_quantizer: Any = cast(faiss.IndexIVFPQ, index).pq  # the stubs miss the numpy wrapper of decode
+    return np.asarray(product_quantizer.decode(codes), dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=4)
