@@ -6,20 +6,21 @@ Layout::
     <index>/z04/part-00000.parquet  z, x, y, quadkey, parent_row (+ embedding while the level is built)
     <index>/z04/index.faiss      IndexFlatIP over all rows (first level)
     <index>/z06/index.faiss      IVF: inverted list p = children of previous-level row p
-    <index>/z06/rerank.npy       pq levels: (rows, m) uint8 finer codes for re-ranking, and
-    <index>/z06/rerank-codebook.npy  their codebooks (m, K, d / m) float32
+    <index>/z06/rerank.npy       pq levels: (rows, d) float16 vectors for re-ranking; pq_small levels:
+    <index>/z06/rerank-codebook.npy  (rows, m) uint8 finer codes and their codebooks (m, K, d / m) float32
 
 Rows of a level are sorted by (parent_row, quadkey) and row i is FAISS id i.
 
 One home for the vectors: while a level is built, each shard holds its float16 embeddings (a
 killed build resumes from finished shards). Once the FAISS file (and a pq level's re-rank code)
 is written and recorded in the manifest, each shard is rewritten without its embedding column,
-so a finished level keeps its vectors once, in the form search reads: the FAISS file. The shard
-records where its rows start there and which file (by sha256) holds them, so export, a resumed
-or repaired build and a change of codec read the vectors back from that file
-(:func:`shard_vectors`): exactly for the exact codecs (fp16, flat; the first level is float32),
-decoded for lossy ones (a pq level from its re-rank code). Writes stay in that order (FAISS file,
-manifest, then the slimmer shard), so a crash never leaves a shard whose vectors are nowhere.
+so a finished level keeps its vectors once, in the form search reads: the FAISS file (for pq
+levels, the re-rank copy). The shard records where its rows start there and which FAISS file (by
+sha256) it was slimmed against, so export, a resumed or repaired build and a change of codec
+read the vectors back (:func:`shard_vectors`): exactly for the exact codecs (fp16, flat, pq's
+float16 re-rank copy; the first level is float32), decoded for lossy ones (sq8; pq_small from its
+re-rank code). Writes stay in that order (FAISS file, manifest, then the slimmer shard), so a
+crash never leaves a shard whose vectors are nowhere.
 Indexes of the earlier layout (embeddings in every shard, pq's ``exact.npy``) open as before.
 """
 
@@ -69,8 +70,8 @@ log = logging.getLogger(__name__)
 
 FAISS_FILE = "index.faiss"
 EXACT_FILE = "exact.npy"  # earlier pq levels: (rows, d) float16 embeddings in row order, for re-ranking
-RERANK_FILE = "rerank.npy"  # pq levels: (rows, m) uint8 re-rank codes in row order, memory-mapped
-RERANK_CODEBOOK = "rerank-codebook.npy"  # their codebooks (m, K, d / m) float32
+RERANK_FILE = "rerank.npy"  # re-ranking copy in row order, memory-mapped: pq float16 (rows, d), pq_small uint8 codes
+RERANK_CODEBOOK = "rerank-codebook.npy"  # pq_small: the codes' codebooks (m, K, d / m) float32
 RERANK_TRAIN_SAMPLE = 65_536  # rows used to train the re-rank code's codebooks
 # A shard without its embedding column names where its vectors are: the row of its first row in the
 # level's FAISS file, the codec that encoded them there, and that file's sha256.
@@ -278,7 +279,7 @@ class _LevelVectors:
     """A finished level's vectors, read back from its FAISS file (or re-rank code)."""
 
     index: faiss.Index
-    rerank: RerankRows | None
+    rerank: RerankRows | np.ndarray | None  # the re-rank copy, where a codec keeps one: read from it
 
     def rows(self, first: int, parents: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
         """Vectors (n, d) of rows ``first .. first + n - 1``, whose parent rows (n,) are ``parents``."""
@@ -286,7 +287,7 @@ class _LevelVectors:
         if first + n > self.index.ntotal:
             raise IndexFormatError(f"rows {first}..{first + n - 1} are not in a FAISS file of {self.index.ntotal}")
         if self.rerank is not None:
-            return self.rerank[np.arange(first, first + n)]
+            return np.asarray(self.rerank[np.arange(first, first + n)], dtype=np.float32)
         if not n or not isinstance(self.index, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)) \
                 or getattr(self.index, "by_residual", False):
             return self.index.reconstruct_n(first, n)
@@ -328,9 +329,11 @@ def _open_level_vectors(ldir: Path, sha256: str) -> _LevelVectors:
             f"was replaced; re-encode the level (`python -m pipelines.build_index --zoom {zoom} --overwrite` "
             "with the arguments of the build)")
     index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    rerank = None
-    if (ldir / RERANK_FILE).is_file():
+    rerank: RerankRows | np.ndarray | None = None
+    if (ldir / RERANK_CODEBOOK).is_file():
         rerank = RerankRows(np.load(ldir / RERANK_FILE, mmap_mode="r"), np.load(ldir / RERANK_CODEBOOK))
+    elif (ldir / RERANK_FILE).is_file():
+        rerank = np.load(ldir / RERANK_FILE, mmap_mode="r")
     return _LevelVectors(index, rerank)
 
 
@@ -411,6 +414,25 @@ def write_rerank(index_dir: Path, zoom: int, *, m: int, dim: int) -> tuple[Path,
     return ldir / RERANK_FILE, ldir / RERANK_CODEBOOK
 
 
+def write_rerank_fp16(index_dir: Path, zoom: int, *, dim: int) -> Path:
+    """Write a level's float16 vectors in row order as ``rerank.npy`` (atomically), for re-ranking.
+
+    Memory-mapped at search time: parquet pages cannot be read row by row, and re-ranking reads
+    a few thousand scattered rows per query.
+    """
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(index_dir, zoom))
+    path = level_dir(index_dir, zoom) / RERANK_FILE
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
+        offset = 0
+        for emb, _ in _iter_level(index_dir, zoom):
+            out[offset : offset + len(emb)] = emb
+            offset += len(emb)
+        out.flush()
+        del out
+    return path
+
+
 def write_faiss(index: faiss.Index, path: Path) -> None:
     """Write a FAISS index atomically, streaming it to a temporary file.
 
@@ -429,12 +451,13 @@ def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: st
     spec = get_codec(codec)
     ldir = level_dir(index_dir, zoom)
     rerank: tuple[Path, ...] = ()
+    # before index.faiss: the shards may be slim, their vectors read from the files this replaces
     if spec.rerank_subquantizers is not None and n_parents is not None:
-        # before index.faiss: the shards may be slim, their vectors read from the FAISS file this replaces
         rerank = write_rerank(index_dir, zoom, m=spec.rerank_subquantizers(dim), dim=dim)
-    else:
-        for stale in (RERANK_FILE, RERANK_CODEBOOK):  # a codec change leaves no stale re-ranking file
-            (ldir / stale).unlink(missing_ok=True)
+    elif spec.rerank_exact and n_parents is not None:
+        rerank = (write_rerank_fp16(index_dir, zoom, dim=dim),)
+    for stale in {RERANK_FILE, RERANK_CODEBOOK} - {p.name for p in rerank}:  # a codec change leaves none behind
+        (ldir / stale).unlink(missing_ok=True)
     write_faiss(index, ldir / FAISS_FILE)
     (ldir / EXACT_FILE).unlink(missing_ok=True)  # the earlier layout's re-ranking copy
     files = (tuple(_file_info(p) for p in list_shards(index_dir, zoom)) + (_file_info(ldir / FAISS_FILE),)
@@ -763,8 +786,10 @@ def open_store(
         listed = {f.name for f in info.files}
         if EXACT_FILE in listed:
             exact = _open_npy(ldir / EXACT_FILE, "<f2", (info.rows, manifest.dim))
-        elif RERANK_FILE in listed:
+        elif RERANK_CODEBOOK in listed:
             exact = _open_rerank(ldir, info.rows, manifest.dim)
+        elif RERANK_FILE in listed:
+            exact = _open_npy(ldir / RERANK_FILE, "<f2", (info.rows, manifest.dim))
         levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info,
                                   exact, resident=ram))
     return manifest, levels

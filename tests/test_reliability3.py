@@ -419,7 +419,7 @@ def _earlier_layout(src: Path, dst: Path) -> Path:
     files = tuple(f for f in level.files if f.name not in (RERANK_FILE, RERANK_CODEBOOK))
     files += (FileInfo(EXACT_FILE, 0, ""),)
     for name in (RERANK_FILE, RERANK_CODEBOOK):
-        (ldir / name).unlink()
+        (ldir / name).unlink(missing_ok=True)
     dataclasses.replace(manifest, levels=(manifest.levels[0], dataclasses.replace(level, files=files))).save(dst)
     _relist(dst)
     return dst

@@ -130,10 +130,11 @@ def test_pq_subquantizers_keep_entries_within_100_bytes():
         assert d % m == 0 and m + 8 <= 72
 
 
+@pytest.mark.parametrize("codec", ["pq", "pq_small"])
 @pytest.mark.parametrize("children", [300, 20])  # 8-bit codebooks; and fewer rows than 256 centroids
-def test_pq_level_reranks_from_its_finer_code(tmp_path, children):
-    """IVF-PQ (by_residual off, empty coarse quantizer) + re-ranking from the finer re-rank code equals an
-    exhaustive search over the re-rank code's vectors, which stay close to the embeddings."""
+def test_pq_level_reranks_from_its_rerank_copy(tmp_path, children, codec):
+    """IVF-PQ (by_residual off, empty coarse quantizer) + re-ranking from the level's re-rank copy (pq: float16
+    vectors, so exact search; pq_small: a finer product code) equals an exhaustive search over that copy."""
     rng = np.random.default_rng(3)
     d, n_par = 32, 4
     x1, y1 = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
@@ -147,19 +148,22 @@ def test_pq_level_reranks_from_its_finer_code(tmp_path, children):
     for s, sl in enumerate((slice(0, half), slice(half, None))):
         write_shard(shard_path(tmp_path, 9, s), zoom=9, x=xs[sl], y=ys[sl], parent_row=parents[sl],
                     embeddings=emb[sl])
-    info1 = finish_level(tmp_path, 1, n_parents=None, codec="pq", dim=d)
-    info2 = finish_level(tmp_path, 9, n_parents=n_par, codec="pq", dim=d)
+    info1 = finish_level(tmp_path, 1, n_parents=None, codec=codec, dim=d)
+    info2 = finish_level(tmp_path, 9, n_parents=n_par, codec=codec, dim=d)
     assert [f.name for f in info1.files] == ["part-00000.parquet", FAISS_FILE]  # first level: flat, no re-rank code
-    assert [f.name for f in info2.files][-2:] == [RERANK_FILE, RERANK_CODEBOOK]
-    Manifest(schedule=LevelSchedule(1, 9, 8), dim=d, codec="pq", imagery="x", levels=(info1, info2),
+    names = [f.name for f in info2.files]
+    assert names[-2:] == ([FAISS_FILE, RERANK_FILE] if codec == "pq" else [RERANK_FILE, RERANK_CODEBOOK])
+    Manifest(schedule=LevelSchedule(1, 9, 8), dim=d, codec=codec, imagery="x", levels=(info1, info2),
              photo_encoder=EncoderIdentity(name="tiny", base_fingerprint="0" * 64)).save(tmp_path)
     _, stored = open_store(tmp_path)
     index = stored[1].index
     assert isinstance(index, faiss.IndexIVFPQ) and not index.by_residual and index.quantizer.ntotal == 0
     assert index.pq.M == pq_subquantizers(d) and index.pq.nbits == (8 if children * n_par >= 256 else 6)
     assert index.code_size <= pq_subquantizers(d)
-    vectors = stored[1].exact[np.arange(len(emb))]  # the re-rank code's vectors, (rows, d) float32
+    vectors = np.asarray(stored[1].exact[np.arange(len(emb))], dtype=np.float32)  # the re-rank copy, (rows, d)
     assert vectors.shape == emb.shape
+    if codec == "pq":
+        np.testing.assert_array_equal(vectors, emb.astype(np.float16))
     assert np.median(np.einsum("nd,nd->n", vectors, emb)) > 0.7  # near the embeddings (random: about 0)
     xq = _unit(rng, 6, d)
     lists = np.array([[2, 0], [1, -1], [3, 2], [0, 1], [3, -1], [-1, -1]], dtype=np.int64)

@@ -22,7 +22,7 @@ from geoindex.errors import ConfigError
 __all__ = ["CODEC_NAMES", "REGISTRY", "Codec", "get_codec", "register"]
 
 REGISTRY: dict[str, Codec] = {}
-_ORDER = ("fp16", "flat", "sq8", "pq")  # how help texts list the shipped codecs: default first
+_ORDER = ("fp16", "flat", "sq8", "pq", "pq_small")  # how help texts list the shipped codecs: default first
 
 
 def register(codec: Codec) -> Codec:

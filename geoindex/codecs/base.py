@@ -34,7 +34,10 @@ class Codec:
         exact: FAISS gives the stored float16 embeddings back unchanged (``reconstruct_n``), so the
             level's FAISS file can be the only copy of its vectors and a rebuild can read them from it.
         rerank_subquantizers: for a lossy code, the sub-vectors M of a finer product quantizer
-            (8 bits each) whose codes re-rank each level's candidates, from d; None: no re-ranking.
+            (8 bits each) whose codes re-rank each level's candidates, from d; None: no such code.
+        rerank_exact: re-rank each level's candidates from a float16 copy of its vectors
+            (``rerank.npy``, 2 d bytes a tile, memory-mapped): then the level's only copy of them,
+            so the codec is ``exact``.
     """
 
     name: str
@@ -44,13 +47,23 @@ class Codec:
     train_rows: int = 0
     exact: bool = False
     rerank_subquantizers: Callable[[int], int] | None = None
+    rerank_exact: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier() or self.train_rows < 0:
             raise ConfigError(f"codec {self.name!r}: the name must be an identifier and train_rows >= 0")
+        if self.rerank_exact and self.rerank_subquantizers is not None:
+            raise ConfigError(f"codec {self.name!r}: re-rank from float16 vectors or from a product code, not both")
+
+    @property
+    def reranks(self) -> bool:
+        """Each level's candidates are re-scored from a second copy of its vectors (``rerank.npy``)."""
+        return self.rerank_exact or self.rerank_subquantizers is not None
 
     def rerank_bytes(self, dim: int) -> int:
-        """Bytes per row of the re-rank code (0 without one)."""
+        """Bytes per row of the re-rank copy (0 without one)."""
+        if self.rerank_exact:
+            return 2 * dim
         return self.rerank_subquantizers(dim) if self.rerank_subquantizers is not None else 0
 
 

@@ -1,9 +1,9 @@
-"""``pq``: IVF-PQ (one byte per sub-vector, no residuals) whose candidates a finer product quantizer re-ranks.
+"""``pq``: IVF-PQ (one byte per sub-vector, no residuals) whose candidates are re-ranked from float16 vectors.
 
-The IVF scan reads 64-byte codes; each level's top ``rerank * k`` candidates are then re-scored
-from a second, finer code of the same vectors (``rerank.npy``, about d / 5 bytes a tile), read a
-few thousand rows per query. Neither code gives the embeddings back exactly, so a pq level cannot
-be rebuilt from its own files: repairing one re-encodes it.
+The IVF scan reads 64-byte codes (the FAISS file, small enough to hold in RAM); each level's top
+``rerank * k`` candidates are then re-scored from the level's float16 vectors (``rerank.npy``,
+memory-mapped, a few thousand rows read per query), its only copy of them: on disk a tile takes
+about what fp16 takes, in RAM 72 bytes. ``pq_small`` re-ranks from a finer product code instead.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from geoindex.codecs.base import Codec
 if TYPE_CHECKING:
     import faiss
 
-__all__ = ["CODEC", "MAX_M", "TRAIN_SAMPLE", "rerank_subquantizers", "subquantizers"]
+__all__ = ["CODEC", "MAX_M", "TRAIN_SAMPLE", "make_ivf_pq", "rerank_subquantizers", "subquantizers"]
 
 TRAIN_SAMPLE = 16_384  # rows used to train the codebooks (64 per centroid)
 MAX_M = 64  # at most 64 one-byte sub-vector codes per tile (+ an 8-byte id per IVF entry)
@@ -34,12 +34,12 @@ def subquantizers(dim: int) -> int:
     return max(m for m in range(1, min(dim, MAX_M) + 1) if dim % m == 0)
 
 
-def rerank_subquantizers(dim: int) -> int:
+def rerank_subquantizers(dim: int) -> int:  # pq_small's re-rank code
     """Sub-vectors of the re-rank code: the largest divisor of ``dim`` up to ``dim / 5`` (1280-d: 256 bytes)."""
     return max(m for m in range(1, max(dim // RERANK_DSUB, 1) + 1) if dim % m == 0)
 
 
-def _make(quantizer: faiss.Index, dim: int, nlist: int, sample: npt.NDArray[np.float32] | None) -> faiss.IndexIVF:
+def make_ivf_pq(quantizer: faiss.Index, dim: int, nlist: int, sample: npt.NDArray[np.float32] | None) -> faiss.IndexIVF:
     """IVF-PQ without residuals, codebooks trained on ``sample``; the coarse quantizer stays empty."""
     import faiss
 
@@ -55,5 +55,5 @@ def _make(quantizer: faiss.Index, dim: int, nlist: int, sample: npt.NDArray[np.f
     return index
 
 
-CODEC = Codec("pq", "product quantiser, 64 bytes per tile, re-ranked from a d/5-byte finer code", _make,
-              subquantizers, train_rows=TRAIN_SAMPLE, rerank_subquantizers=rerank_subquantizers)
+CODEC = Codec("pq", "product quantiser, 64 bytes per tile in FAISS, re-ranked from float16 vectors on disk",
+              make_ivf_pq, subquantizers, train_rows=TRAIN_SAMPLE, exact=True, rerank_exact=True)
