@@ -164,10 +164,10 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         return f"{b / 1024:,.0f} KiB"
 
     size_table = markdown_table(
-        ["zoom", "tiles world", "tiles land", "flat (fp32)", "fp16", "sq8", "pq"],
+        ["zoom", "tiles world", "tiles land", "flat (fp32)", "fp16", "sq8", "pq", "pq_small"],
         [[f"z{r['zoom']}", f"{r['tiles_world']:,}", f"{r['tiles_land']:,} ({r['land_fraction']:.0%})"]
          + [f"{gib(r['bytes_d512'][c]['world'])} / {gib(r['bytes_d512'][c]['land'])}"
-            for c in ("flat", "fp16", "sq8", "pq")] for r in levels],
+            for c in ("flat", "fp16", "sq8", "pq", "pq_small")] for r in levels],
     )
     compute_rows = []
     for r in levels:
