@@ -9,7 +9,7 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 # The optional features are installed too, so that their tests run rather than skip.
 EXTRAS ?= dev,serve,ray,geoclip
 
-.PHONY: demo test lint install clean bench-quick docs-examples
+.PHONY: demo test lint install clean bench-quick docs-examples vendor
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,7 @@ test: $(STAMP)
 docs-examples: $(STAMP)
 	test -f indexes/demo/manifest.json || $(PY) -m pipelines.demo
 	$(PY) -m pipelines.docs_examples
+	$(PY) benchmarks/page_screenshot.py --index indexes/demo --out benchmarks/results/service-page.png
 
 bench-quick: $(STAMP)
 	for s in latency scale build_throughput codecs; do $(PY) benchmarks/$$s.py --quick || exit 1; done
@@ -36,6 +37,21 @@ bench-quick: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check geoindex pipelines tests benchmarks
 	$(PY) -m mypy geoindex pipelines
+
+# The web page's map library, committed under geoindex/static/vendor/ so that neither CI nor `serve` needs
+# node or a network; `make vendor` (needs npm) fetches it again and records its version and sha256 sums.
+LEAFLET ?= 1.9.4
+VENDOR  := geoindex/static/vendor/leaflet
+
+vendor:
+	rm -rf $(VENDOR).tmp && mkdir -p $(VENDOR).tmp/images
+	cd $(VENDOR).tmp && npm pack --silent leaflet@$(LEAFLET) >/dev/null && tar xzf leaflet-$(LEAFLET).tgz
+	cp $(VENDOR).tmp/package/dist/leaflet.js $(VENDOR).tmp/package/dist/leaflet.css $(VENDOR).tmp/package/LICENSE $(VENDOR).tmp/
+	cp $(VENDOR).tmp/package/dist/images/*.png $(VENDOR).tmp/images/
+	rm -rf $(VENDOR).tmp/package $(VENDOR).tmp/leaflet-$(LEAFLET).tgz
+	echo "leaflet $(LEAFLET) (npm pack leaflet@$(LEAFLET): dist/leaflet.js, dist/leaflet.css, dist/images, LICENSE)" > $(VENDOR).tmp/VERSION
+	cd $(VENDOR).tmp && sha256sum leaflet.js leaflet.css LICENSE images/*.png > SHA256SUMS
+	rm -rf $(VENDOR) && mv $(VENDOR).tmp $(VENDOR)
 
 clean:
 	rm -rf $(VENV) indexes/demo

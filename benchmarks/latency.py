@@ -83,6 +83,8 @@ class _StubEncoder:
     def preprocess(self, image: object) -> torch.Tensor:
         return torch.zeros(1)
 
+    loader_step = preprocess  # what tile loaders run (ImageEncoder.loader_step): here the whole preprocessing
+
     def encode_tensor(self, pixels: torch.Tensor) -> np.ndarray:
         x = self._rng.standard_normal((len(pixels), self.dim)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)

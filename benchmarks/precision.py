@@ -47,6 +47,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--encoders", nargs="+", default=list(ENCODERS), help="registry names (default: %(default)s)")
     p.add_argument("--queries", type=int, help="views searched per precision (default 600; 100 --quick)")
     p.add_argument("--reps", type=int, help="timed repetitions per precision (default 20; 5 --quick)")
+    p.add_argument("--variants", nargs="+", help="measure only these variants (and fp32, every ratio's reference)")
     a = p.parse_args(argv)
     small = a.quick or a.smoke
     a.queries = a.queries or (20 if a.smoke else 100 if small else 600)
@@ -58,7 +59,7 @@ BASELINE = "fp32"  # torch fp32 with today's inference graph (conv nets: BatchNo
 BEFORE = "fp32-before"  # torch fp32 as encoders ran before issue 15: the live network, torchvision preprocessing
 
 
-def variants(name: str) -> dict[str, tuple[str, str]]:
+def variants(name: str, only: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
     """label -> (precision, runtime) measured for an encoder; runtime ``eager`` and ``openvino`` are
     this benchmark's own (see ``_encoder``)."""
     from geoindex import onnx_runtime
@@ -69,14 +70,21 @@ def variants(name: str) -> dict[str, tuple[str, str]]:
     exports = FAMILIES[REGISTRY[name].family].exports_onnx
     if exports:
         out[BEFORE] = ("fp32", "eager")
+    out["fp32-torch-preprocessing"] = ("fp32", "torch+torch-preprocessing")
     if exports and onnx_runtime.available():
         out["fp32-onnxruntime"] = ("fp32", "onnxruntime")
+        out["fp32-onnxruntime-torch-preprocessing"] = ("fp32", "onnxruntime+torch-preprocessing")
     if exports and onnx_runtime.available() and _openvino_available():
         out["fp32-openvino"] = ("fp32", "openvino")
         out["bf16-openvino"] = ("bf16", "openvino")
     out["bf16"] = ("bf16", "torch")
     if REGISTRY[name].family == "open_clip":
         out["int8"] = ("int8", "torch")
+    if only:
+        unknown = sorted(set(only) - set(out))
+        if unknown:
+            raise SystemExit(f"--variants: {', '.join(unknown)} not measured for {name}; choose from {', '.join(out)}")
+        out = {label: v for label, v in out.items() if label == BASELINE or label in only}
     return out
 
 
@@ -117,10 +125,14 @@ class _OpenVinoNetwork:
 
 def _encoder(base, variant: tuple[str, str]):  # type: ignore[no-untyped-def]
     """``base`` at a variant. ``eager``: the live network and torchvision's own preprocessing, as
-    before issue 15; ``openvino``: the folded network under OpenVINO (benchmark only)."""
+    before issue 15; ``openvino``: the folded network under OpenVINO (benchmark only); a
+    ``+torch-preprocessing`` suffix: the encoder's ``preprocessing="torch"`` (resized in torch, not PIL)."""
     from geoindex.families import FAMILIES
 
     precision, runtime = variant
+    runtime, _, preprocessing = runtime.partition("+")
+    if preprocessing:  # images resized as tensor operations (pixels.resize_crop_normalize), tiles too
+        return base.with_precision(precision, runtime=runtime, preprocessing="torch")
     if runtime == "eager":
         enc = base.with_precision("fp32", runtime="torch")
         enc._inference_network = lambda: enc.visual
@@ -135,7 +147,7 @@ def _encoder(base, variant: tuple[str, str]):  # type: ignore[no-untyped-def]
     return base.with_precision(precision, runtime=runtime)
 
 
-def time_cost(name: str, reps: int, seed: int) -> dict[str, dict[str, float]]:
+def time_cost(name: str, reps: int, seed: int, only: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Photo p50 ms and batch tiles/s per precision, interleaved rep by rep."""
     import torch
     from PIL import Image
@@ -143,7 +155,7 @@ def time_cost(name: str, reps: int, seed: int) -> dict[str, dict[str, float]]:
     from geoindex.encoders import create_encoder
 
     base = create_encoder(name, precision="fp32")
-    encoders = {label: _encoder(base, v) for label, v in variants(name).items()}
+    encoders = {label: _encoder(base, v) for label, v in variants(name, only).items()}
     rng = np.random.default_rng(seed)
     photo = rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)
     tiles = [Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)) for _ in range(64)]
@@ -190,7 +202,8 @@ def views(n: int, seed: int) -> tuple[list, np.ndarray, np.ndarray]:  # type: ig
     return images, lat, lon
 
 
-def quality(name: str, n_queries: int, seed: int, work: Path) -> dict[str, dict[str, float]]:
+def quality(name: str, n_queries: int, seed: int, work: Path,
+            only: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Final-tile agreement with fp32 and true-tile recall, per precision, on a world z4+z6 index."""
     import geoindex
     from geoindex.build import build_level
@@ -205,7 +218,7 @@ def quality(name: str, n_queries: int, seed: int, work: Path) -> dict[str, dict[
     finals: dict[tuple[str, str], np.ndarray] = {}
     queries: dict[str, np.ndarray] = {}
     out: dict[str, dict[str, float]] = {}
-    labels = variants(name)
+    labels = variants(name, only)
     for p, variant in labels.items():
         path = work / f"{name}-{p}"
         encoder = _encoder(create_encoder(name, precision="fp32"), variant)
@@ -243,8 +256,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     results: dict[str, dict[str, dict[str, float | None]]] = {}
     try:
         for name in a.encoders:
-            cost = time_cost(name, a.reps, a.seed)
-            qual = quality(name, a.queries, a.seed + 1, work) if REGISTRY[name].meaningful else {}
+            cost = time_cost(name, a.reps, a.seed, a.variants)
+            qual = quality(name, a.queries, a.seed + 1, work, a.variants) if REGISTRY[name].meaningful else {}
             results[name] = {p: {**cost[p], "final_tile_agreement": None, "recall": None, **qual.get(p, {})}
                              for p in cost}
     finally:
@@ -293,14 +306,17 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "Variants: `fp32` is torch fp32 with today's inference graph (conv nets: BatchNorm folded, channels-last; "
         "the baseline of the table's ratios); `fp32-before` is torch fp32 as encoders ran before issue 15 (the live "
         "network, unfolded, channels-last, torchvision's preprocessing); `fp32-onnxruntime` the folded network "
-        "under ONNX Runtime; `fp32-openvino` / `bf16-openvino` the folded network under OpenVINO (LATENCY hint; "
+        "under ONNX Runtime; `-torch-preprocessing`: the same, with the encoder's preprocessing='torch' (images and "
+        "tiles resized by torch's antialiased bicubic, geoindex.pixels.resize_crop_normalize, instead of PIL's; the "
+        "index is built that way too); `fp32-openvino` / `bf16-openvino` the folded network under OpenVINO "
+        "(LATENCY hint; "
         "measured only where `openvino` is installed, it is not a dependency); bf16 = torch autocast; int8 = "
-        "dynamically quantised Linear layers (ViT). Every variant but fp32-before preprocesses with "
-        "geoindex.pixels (bit-identical to torchvision's).",
+        "dynamically quantised Linear layers (ViT). Every variant but fp32-before and the -torch-preprocessing "
+        "ones preprocesses with geoindex.pixels' PIL path (bit-identical to torchvision's).",
         "Photo ms = preprocessing (PIL's bicubic resize of the 640x480 photo to 298x224, crop, normalise; on "
         "one core) + the forward pass of one image, each also timed alone (photo_preprocess_ms_p50, "
-        "photo_forward_ms_p50). Preprocessing is the same code for every variant but fp32-before, so it caps "
-        "the photo speed-up a faster forward pass can give.",
+        "photo_forward_ms_p50); -torch-preprocessing variants resize in torch instead. Preprocessing is the same "
+        "code for every other variant but fp32-before, so it caps the photo speed-up a faster forward pass can give.",
         "Final-tile agreement can fall far below the query embeddings' cosine to fp32 "
         "(query_cosine_to_fp32_min / _p50 in the JSON): where the index's tiles score within a variant's rounding "
         "of each other (open ocean, desert, ice in Blue Marble at z4/z6, scored by an ImageNet network), any "

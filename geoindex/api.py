@@ -13,7 +13,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from geoindex.beam import FaissLevel, Level, OnTheFlyLevel, PriorMode, PriorOptions, TilePrior, _beam_search, check_k
+from geoindex.beam import (
+    FaissLevel,
+    Level,
+    OnTheFlyLevel,
+    PriorMode,
+    PriorOptions,
+    TilePrior,
+    TorchLevel,
+    beam_search,
+    beam_width,
+)
 from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
@@ -25,7 +35,7 @@ from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, Manifest, short_id
 from geoindex.prior import GeoCLIPPrior, get_prior
 from geoindex.results import SearchResult, make_results
 from geoindex.sources import TileSource
-from geoindex.store import StoredLevel, open_store
+from geoindex.store import StoredLevel, level_embeddings, open_store
 from geoindex.tiles import LevelSchedule
 
 __all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "RegionSearcher", "open_index", "search"]
@@ -74,24 +84,10 @@ class _Searcher:
 
         ``prior`` is a belief for the same n photos (``GeoCLIPPrior.predict`` or ``.belief``).
         """
-        return self._search_embeddings(xq, check_k(k), top_n=top_n, names=names, prior=prior,
-                                       prior_options=prior_options)
-
-    def _search_embeddings(
-        self,
-        xq: npt.ArrayLike,
-        k: int,
-        *,
-        top_n: int,
-        names: Sequence[str | None] | None,
-        prior: TilePrior | None,
-        prior_options: PriorOptions | None,
-    ) -> list[SearchResult]:
-        """``search_embeddings`` for a checked ``k``."""
         xq = np.atleast_2d(np.asarray(xq, dtype=np.float32))
         if xq.shape[1] != self.photo_encoder.dim:
             raise ConfigError(f"query embeddings have dimension {xq.shape[1]}, the index has {self.photo_encoder.dim}")
-        hits = _beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
+        hits = beam_search(xq, self.levels, k, prior=prior, prior_options=prior_options)
         # rerank replaces the cosines by combined scores, on which the calibration was not fitted
         calibration = self.calibration if prior_options is None or prior_options.mode != "rerank" else None
         scores = None
@@ -160,48 +156,11 @@ class _Searcher:
             For one image its SearchResult; for a list, one SearchResult per image, in order. With
             ``on_error="return"`` an unreadable image's ImageError stands in place of its result.
         """
-        results = self._search(images, check_k(k), top_n=top_n, on_error=on_error, prior=prior,
-                               prior_mode=prior_mode, prior_weight=prior_weight, read_exif=read_exif)
-        return results if isinstance(images, (list, tuple)) else results[0]
-
-    def _search(
-        self,
-        images: ImageInput | Sequence[ImageInput],
-        k: int,
-        *,
-        top_n: int,
-        on_error: OnError,
-        prior: str | GeoCLIPPrior | None,
-        prior_mode: PriorMode,
-        prior_weight: float,
-        read_exif: bool = True,
-    ) -> list[SearchResult | GeoIndexError]:
-        """``search`` for a checked ``k``."""
+        k = beam_width(k)  # before decoding any photo; checked once per call
         options = PriorOptions(prior_mode, prior_weight) if prior is not None else None
         loaded = get_prior(prior) if prior is not None else None
         batch = cast(list[ImageInput], [images] if not isinstance(images, (list, tuple)) else list(images))
-        if loaded is not None:  # decode once; both encoders preprocess the same PIL image
-            batch_in: list[ImageInput | GeoIndexError] = []
-            for image in batch:
-                try:
-                    batch_in.append(load_image(image))
-                except GeoIndexError as e:
-                    if on_error == "raise":
-                        raise
-                    batch_in.append(e)
-        else:
-            batch_in = list(batch)
-        pixels: list[torch.Tensor | GeoIndexError] = []
-        for item in batch_in:
-            if isinstance(item, GeoIndexError):
-                pixels.append(item)
-                continue
-            try:
-                pixels.append(self.photo_encoder.preprocess_images([item])[0])
-            except GeoIndexError as e:
-                if on_error == "raise":
-                    raise
-                pixels.append(e)
+        batch_in, pixels = self._preprocess(batch, on_error, decode=loaded is not None)
         good = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
         out: list[SearchResult | GeoIndexError | None] = [
             p if isinstance(p, GeoIndexError) else None for p in pixels
@@ -209,11 +168,30 @@ class _Searcher:
         if good:
             xq = self.photo_encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
             belief = loaded.predict([cast(ImageInput, batch_in[i]) for i in good]) if loaded is not None else None
-            results = self._search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
-                                              prior=belief, prior_options=options)
+            results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
+                                             prior=belief, prior_options=options)
             for i, r in zip(good, results):
                 out[i] = _with_exif(r, batch[i]) if read_exif else r
-        return out  # type: ignore[return-value]  # every None was filled above
+        return out if isinstance(images, (list, tuple)) else out[0]  # type: ignore[return-value]  # all filled
+
+    def _preprocess(
+        self, batch: list[ImageInput], on_error: OnError, *, decode: bool
+    ) -> tuple[list[ImageInput | GeoIndexError], list[torch.Tensor | GeoIndexError]]:
+        """Each image as the encoder's input, or the error that made it unreadable (``on_error="raise"``:
+        raised). ``decode``: open them first (a prior reads the same PIL images) and return those."""
+        def attempt(step: Callable[[Any], Any], item: Any) -> Any:
+            if isinstance(item, GeoIndexError):
+                return item
+            try:
+                return step(item)
+            except GeoIndexError as e:
+                if on_error == "raise":
+                    raise
+                return e
+
+        batch_in = [attempt(load_image, image) for image in batch] if decode else list(batch)
+        pixels = [attempt(lambda im: self.photo_encoder.preprocess_images([im])[0], item) for item in batch_in]
+        return batch_in, pixels
 
 
 class GeoIndex(_Searcher):
@@ -224,12 +202,18 @@ class GeoIndex(_Searcher):
     ``lazy.json``; ``read_only`` never writes to the index (missing tiles are then encoded on the
     fly, and each result's trace says so); ``retry_missing`` asks the source again for tiles it
     lacked before (else that happens after lazy.json's ``retry_missing_after_s``).
+
+    ``search_backend``: ``faiss`` searches the levels with FAISS on the CPU; ``torch`` holds each
+    level's embeddings as a tensor on ``device`` and scores the kept tiles' children with one batched
+    matmul per level (fp16 and flat codecs; the same tiles and scores); ``auto``: torch when
+    ``device`` is a GPU and the codec allows, else FAISS.
     """
 
     def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                  download: bool = False, device: str = "cpu", verify: bool | None = None,
                  precision: str = "auto", lazy_source: TileSource | None = None,
-                 read_only: bool = False, resident: bool | str = "auto", retry_missing: bool = False) -> None:
+                 read_only: bool = False, resident: bool | str = "auto", retry_missing: bool = False,
+                 search_backend: str = "auto") -> None:
         self.path = Path(path)
         self.manifest: Manifest
         self.stored: list[StoredLevel]
@@ -245,7 +229,9 @@ class GeoIndex(_Searcher):
                 f"{self.path}: built for photo encoder {spec.name!r} with weights {spec.short}, but the loaded "
                 f"weights are {short_id(self.photo_encoder.identity)}; pass the weights the index was built with"
             )
-        faiss_levels = [FaissLevel(s) for s in self.stored]
+        self.search_backend = _search_backend(search_backend, device, self.manifest.codec)
+        self.device = device
+        faiss_levels = [self.level(s) for s in self.stored]
         # Deep levels declared lazy (lazy.json) are encoded on first use and appended to the index.
         self.lazy: list[LazyLevel] = open_lazy_levels(self.path, self.manifest, self.photo_encoder,
                                                       faiss_levels[-1].tiles, source=lazy_source,
@@ -255,6 +241,13 @@ class GeoIndex(_Searcher):
     @property
     def zooms(self) -> tuple[int, ...]:
         return tuple(s.zoom for s in self.stored)
+
+    def level(self, stored: StoredLevel, allowed: npt.NDArray[np.bool_] | None = None) -> FaissLevel:
+        """The searcher of one stored level on this index's backend (``allowed``: a region's rows)."""
+        if self.search_backend == "torch":
+            emb, parent_row = level_embeddings(self.path, stored.zoom)
+            return TorchLevel(stored, emb, parent_row, device=self.device, allowed=allowed)
+        return FaissLevel(stored, allowed=allowed)
 
     def within(self, region: Coverage) -> RegionSearcher:
         """This index restricted, at query time, to the tiles that meet ``region`` (bbox or polygons).
@@ -288,8 +281,24 @@ class RegionSearcher(_Searcher):
                 f"contains no tile of the index {index.path}; "
                 "check the --bbox W S E N order or the index's coverage"
             )
-        self.levels = [FaissLevel(s, allowed=m) for s, m in zip(index.stored, masks, strict=True)]
+        self.levels = [index.level(s, m) for s, m in zip(index.stored, masks, strict=True)]
         self.tiles_per_level = {s.zoom: int(m.sum()) for s, m in zip(index.stored, masks, strict=True)}
+
+
+SEARCH_BACKENDS = ("auto", "faiss", "torch")
+_TORCH_CODECS = ("fp16", "flat")  # codecs whose FAISS scores are plain float inner products of the stored rows
+
+
+def _search_backend(backend: str, device: str, codec: str) -> str:
+    """What ``search_backend`` means for this device and codec (see :class:`GeoIndex`)."""
+    if backend not in SEARCH_BACKENDS:
+        raise ConfigError(f"unknown search_backend {backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
+    if backend == "auto":
+        return "torch" if torch.device(device).type == "cuda" and codec in _TORCH_CODECS else "faiss"
+    if backend == "torch" and codec not in _TORCH_CODECS:
+        raise ConfigError(f"search_backend 'torch' needs an index of codec {' or '.join(_TORCH_CODECS)}; this one is "
+                          f"{codec!r}: use search_backend='faiss'")
+    return backend
 
 
 def open_index(path: str | os.PathLike | None = None, **kwargs: object) -> GeoIndex:
@@ -373,7 +382,7 @@ def search(
         ConfigError: k or top_n out of range, an unknown prior or mode, or the geoclip package
         is missing. WeightsNotFoundError: ``prior="geoclip"`` without a local ViT-L/14.
     """
-    k = check_k(k)  # the one check of this call: before opening anything
+    k = beam_width(k)  # the one check of this call: before opening anything
     if prior is not None:
         PriorOptions(prior_mode, prior_weight)  # fail on bad options before loading anything
     if isinstance(index, GeoIndex):
@@ -384,9 +393,9 @@ def search(
             if key not in _opened:
                 _opened[key] = GeoIndex(key)
             opened = _opened[key]
-    results = opened._search(image, k, top_n=top_n, on_error="raise", prior=prior, prior_mode=prior_mode,
-                             prior_weight=prior_weight, read_exif=read_exif)
-    return results if isinstance(image, (list, tuple)) else results[0]  # type: ignore[return-value]
+    # one image or a list: the method's overloads say which comes back, as this function's do
+    return opened.search(cast(Any, image), k, top_n=top_n, on_error="raise", prior=prior, prior_mode=prior_mode,
+                         prior_weight=prior_weight, read_exif=read_exif)
 
 
 KeepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -446,20 +455,23 @@ class OnTheFlySearcher(_Searcher):
     @property
     def tiles_encoded(self) -> int:
         """Tiles encoded so far, over all levels and queries."""
-        return sum(lv.tiles_encoded for lv in self.levels)  # type: ignore[attr-defined]
+        return sum(lv.tiles_encoded for lv in self.levels)
 
     @classmethod
     def for_index(cls, index: GeoIndex, source: TileSource, **kwargs: object) -> OnTheFlySearcher:
         """An on-the-fly searcher over exactly an index's tiles, encoders and schedule.
 
-        Tiles are encoded at the precision each level was built with, so that the two searches agree.
+        Tiles are encoded at the precision and with the preprocessing each level was built with, so
+        that the two searches agree.
         """
         first = index.stored[0]
         map_encoders = {}
         for level in index.manifest.levels:
             recorded = level.encoder
             encoder = load_map_encoder(index.photo_encoder, recorded.checkpoint if recorded else None)
-            map_encoders[level.zoom] = encoder.with_precision((recorded.precision if recorded else None) or "fp32")
+            map_encoders[level.zoom] = encoder.with_precision(
+                (recorded.precision if recorded else None) or "fp32",
+                preprocessing=(recorded.preprocessing if recorded else None) or "pil")
         zooms = index.zooms
         schedule = LevelSchedule(zooms[0], zooms[-1], index.manifest.schedule.step)
         rows = {s.zoom: set(zip(s.x.tolist(), s.y.tolist())) for s in index.stored}

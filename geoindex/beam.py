@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, cast, get_args, runtime_checkable
+from typing import Any, Literal, Protocol, cast, get_args, runtime_checkable
 
 import faiss
 import numpy as np
@@ -37,8 +37,12 @@ __all__ = [
     "PriorMode",
     "PriorOptions",
     "TilePrior",
+    "TorchLevel",
     "beam_search",
+    "BeamWidth",
+    "beam_width",
     "check_k",
+    "top_k",
 ]
 
 MAX_K = 2048  # FAISS GPU's top-k limit; keeps CPU and GPU builds interchangeable
@@ -46,17 +50,37 @@ NEG = np.float32(-np.finfo(np.float32).max)  # what FAISS reports for an empty r
 PQ_RERANK = 4  # pq levels: re-rank the top rerank * k PQ candidates of each level from its finer code (codecs.py)
 
 
-def check_k(k: int) -> int:
+class BeamWidth(int):
+    """A beam width that :func:`check_k` accepted: the later steps of the same call (the API, the
+    beam search) take it as it is, so one call checks its ``k`` once, where it enters."""
+
+
+def check_k(k: int) -> BeamWidth:
     """Validate a beam width; ConfigError naming the valid range otherwise."""
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
         raise ConfigError(f"k (the beam width) must be an integer in 1..{MAX_K}, got {k!r}")
-    return int(k)
+    return BeamWidth(k)
+
+
+def beam_width(k: int) -> BeamWidth:
+    """``k`` as a checked beam width: a BeamWidth passes through, anything else is checked (``check_k``)."""
+    return k if isinstance(k, BeamWidth) else check_k(k)
 
 
 class Level(Protocol):
-    """One zoom level of the hierarchy, as the beam search sees it."""
+    """One zoom level of the hierarchy, as the beam search sees it.
+
+    ``tiles_encoded`` counts the tiles the level encoded while answering (on-the-fly and lazy
+    levels; 0 for stored ones), and ``trace_note`` says how the last search was answered, for the
+    result's trace (None when there is nothing to say).
+    """
 
     zoom: int
+    tiles_encoded: int
+
+    def trace_note(self) -> str | None:
+        """How the last search was answered (lazy: stored, encoded or on the fly), or None."""
+        ...
 
     def search(
         self, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None
@@ -171,7 +195,7 @@ def _inject(
     ids = np.asarray(level.ids_of(tx, ty), dtype=np.int64)
     ids = np.where((I == ids[:, None]).any(axis=1), -1, ids)  # already kept: nothing to add
     scores = np.asarray(level.score_ids(xq, ids, parents), dtype=np.float32)
-    return _top_k(np.concatenate([D, scores[:, None]], axis=1), np.concatenate([I, ids[:, None]], axis=1), k + 1)
+    return top_k(np.concatenate([D, scores[:, None]], axis=1), np.concatenate([I, ids[:, None]], axis=1), k + 1)
 
 
 def _rerank(
@@ -188,7 +212,7 @@ def _rerank(
     mass = prior.tile_mass(x, y, zoom=level.zoom)
     w = options.weight
     combined = (1.0 - w) * D.astype(np.float64) + w * options.temperature * np.log(mass + options.eps)
-    return _top_k(combined.astype(np.float32), I, k)
+    return top_k(combined.astype(np.float32), I, k)
 
 
 def beam_search(
@@ -214,18 +238,7 @@ def beam_search(
     Raises:
         ConfigError: k out of range (``check_k``), or a prior that does not fit the batch or the levels.
     """
-    return _beam_search(xq, levels, check_k(k), prior=prior, prior_options=prior_options)
-
-
-def _beam_search(
-    xq: npt.NDArray[np.float32],
-    levels: Sequence[Level],
-    k: int,
-    *,
-    prior: TilePrior | None = None,
-    prior_options: PriorOptions | None = None,
-) -> list[LevelHits]:
-    """``beam_search`` for a ``k`` already checked at the public boundary (the API, ``evaluate``)."""
+    k = beam_width(k)
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     options = prior_options or PriorOptions()
     if prior is not None and len(prior) != len(xq):
@@ -240,8 +253,7 @@ def _beam_search(
         else:
             D, I = _rerank(level, xq, k, parents, prior, options)
         x, y = level.tiles(I)
-        note_of = getattr(level, "trace_note", None)
-        hits.append(LevelHits(level.zoom, D, I, x, y, note=note_of() if note_of is not None else None))
+        hits.append(LevelHits(level.zoom, D, I, x, y, note=level.trace_note()))
         parents = I
     return hits
 
@@ -294,13 +306,18 @@ class FaissLevel(PriorLevel):
         if self._exact is None:
             return _search_lists(cast(faiss.IndexIVF, index), xq, k, parents, self._selector)
         _, I = _search_lists(cast(faiss.IndexIVF, index), xq, k * self.rerank, parents, self._selector)  # noqa: E741
-        return _top_k(self._exact_scores(xq, I), I, k)
+        return top_k(self._exact_scores(xq, I), I, k)
 
     def _exact_scores(self, xq: npt.NDArray[np.float32], I: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:  # noqa: E741
         """Inner products (n, m) of each query with its rows ``I`` (n, m) from the float16 embeddings."""
         assert self._exact is not None
         emb = np.asarray(self._exact[np.maximum(I, 0).ravel()], dtype=np.float32)
         return np.einsum("qmd,qd->qm", emb.reshape(*I.shape, -1), xq).astype(np.float32)
+
+    tiles_encoded = 0  # a stored level encodes nothing
+
+    def trace_note(self) -> str | None:
+        return None
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         lo, hi = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
@@ -357,6 +374,96 @@ class FaissLevel(PriorLevel):
         return out
 
 
+class TorchLevel(FaissLevel):
+    """An indexed level searched with torch on a device (a GPU): one batched matmul per level.
+
+    Rows are sorted by parent row, so the children of parent row p are the contiguous rows
+    ``starts[p] .. starts[p] + counts[p]``: the kept parents' children are gathered per query and
+    scored with one batched matrix product, then the top k kept with ``torch.topk``. The same tiles
+    and scores as :class:`FaissLevel` (tests/test_search.py compares them on CPU tensors); priors'
+    single-tile scores still go through FAISS.
+
+    Args:
+        stored: the opened level (its FAISS index serves ``score_ids``).
+        embeddings: float16 (rows, d) in row order, as the fp16 and flat codecs store them.
+        parent_row: int64 (rows,), each row's parent row (unused on the first level).
+        device: where the embeddings live and the products run.
+        allowed: as for :class:`FaissLevel`.
+        block: most candidate embeddings gathered at once (bounds the memory of a batch).
+    """
+
+    def __init__(
+        self, stored: StoredLevel, embeddings: npt.NDArray[np.floating], parent_row: npt.NDArray[np.integer], *,
+        device: str = "cpu", allowed: npt.NDArray[np.bool_] | None = None, block: int = 1 << 22,
+    ) -> None:
+        import torch
+
+        super().__init__(stored, allowed=allowed)
+        if stored.exact is not None or embeddings.shape[0] != stored.rows:
+            raise ConfigError(f"level z{stored.zoom}: the torch search needs the fp16 or flat codec's embeddings of "
+                              f"all {stored.rows} rows; use search_backend='faiss' for this index")
+        self.device = torch.device(device)
+        self.block = block
+        self._emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).to(self.device)
+        parent_row = np.asarray(parent_row, dtype=np.int64)
+        n_parents = int(parent_row.max()) + 1 if len(parent_row) else 0
+        counts = np.bincount(parent_row[parent_row >= 0], minlength=n_parents) if n_parents else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]) if n_parents else np.zeros(0, np.int64)
+        self._starts = torch.from_numpy(starts.astype(np.int64)).to(self.device)
+        self._counts = torch.from_numpy(counts.astype(np.int64)).to(self.device)
+        self._width = int(counts.max()) if len(counts) else 0  # children of the fullest parent
+        self._mask = torch.from_numpy(self._allowed).to(self.device) if self._allowed is not None else None
+
+    def search(
+        self, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        import torch
+
+        with torch.inference_mode():
+            q = torch.from_numpy(np.ascontiguousarray(xq, dtype=np.float32)).to(self.device)
+            if parents is None:
+                scores = q @ self._emb.T
+                ids = torch.arange(self.stored.rows, device=self.device).expand(len(q), -1)
+                D, I = self._top(scores, ids, k)  # noqa: E741
+            else:
+                P = torch.from_numpy(np.ascontiguousarray(parents, dtype=np.int64)).to(self.device)
+                per_query = max(1, P.shape[1] * max(self._width, 1))
+                step = max(1, self.block // per_query)
+                parts = [self._children_top(q[i : i + step], P[i : i + step], k) for i in range(0, len(q), step)]
+                D = torch.cat([d for d, _ in parts]) if parts else torch.zeros((0, k), device=self.device)
+                I = torch.cat([i for _, i in parts]) if parts else torch.zeros((0, k), dtype=torch.int64)  # noqa: E741
+            return D.cpu().numpy().astype(np.float32), I.cpu().numpy().astype(np.int64)
+
+    def _children_top(self, q: Any, parents: Any, k: int) -> tuple[Any, Any]:
+        """Top k among the children of each query's ``parents`` (m, w; -1 pads), scored by one bmm."""
+        import torch
+
+        valid_parent = (parents >= 0) & (parents < len(self._counts))
+        p = torch.where(valid_parent, parents, 0)
+        offsets = torch.arange(self._width, device=self.device)
+        ids = (self._starts[p][..., None] + offsets).reshape(len(q), -1)  # (m, w * width)
+        valid = ((offsets < self._counts[p][..., None]) & valid_parent[..., None]).reshape(len(q), -1)
+        ids = torch.where(valid, ids, 0)
+        scores = torch.bmm(self._emb[ids], q[:, :, None])[..., 0]
+        return self._top(scores, torch.where(valid, ids, -1), k)
+
+    def _top(self, scores: Any, ids: Any, k: int) -> tuple[Any, Any]:
+        """Per row, the k best (score, id), padded with (NEG, -1); ids < 0 and disallowed rows never chosen."""
+        import torch
+
+        keep = ids >= 0
+        if self._mask is not None:
+            keep &= self._mask[torch.clamp(ids, min=0)]
+        scores = torch.where(keep, scores, torch.full_like(scores, float(NEG)))
+        kk = min(k, scores.shape[1])
+        D, order = torch.topk(scores, kk, dim=1)
+        I = torch.where(D > float(NEG), torch.gather(ids, 1, order), -1)  # noqa: E741
+        if kk < k:
+            D = torch.nn.functional.pad(D, (0, k - kk), value=float(NEG))
+            I = torch.nn.functional.pad(I, (0, k - kk), value=-1)  # noqa: E741
+        return D, I
+
+
 def _ivf_params(nprobe: int, selector: faiss.IDSelector | None = None) -> faiss.SearchParametersIVF:
     """Search parameters probing ``nprobe`` lists, skipping what ``selector`` excludes."""
     params = faiss.SearchParametersIVF()
@@ -396,7 +503,7 @@ def _search_lists(
     return D, I
 
 
-def _top_k(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int) -> tuple[np.ndarray, np.ndarray]:
+def top_k(scores: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the k best (score, id); rows padded with (NEG, -1). Ids < 0 are never chosen."""
     scores = np.where(ids >= 0, scores, NEG)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
@@ -493,7 +600,10 @@ class OnTheFlyLevel(PriorLevel):
             found = np.concatenate([[False], found])
         scores = np.einsum("qcd,qd->qc", emb[inverse], xq) if cand.size else np.zeros(cand.shape, np.float32)
         ids = np.where(found[inverse], cand, -1)
-        return _top_k(scores.astype(np.float32), ids, k)
+        return top_k(scores.astype(np.float32), ids, k)
+
+    def trace_note(self) -> str | None:
+        return None
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         valid = ids >= 0

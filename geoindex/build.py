@@ -18,7 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,7 +56,7 @@ from geoindex.store import (
     write_shard,
 )
 from geoindex.threads import loader_threads
-from geoindex.tile_encoding import encode_tile_batches
+from geoindex.tile_encoding import TileProcessPool, encode_tile_batches, loader_pool
 from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array, tile_code_array
 
 __all__ = [
@@ -211,12 +211,12 @@ def _prepare_level_dir(ldir: Path, identity: dict[str, Any], *, overwrite: bool)
 
 def encode_tiles(
     x: npt.NDArray[np.integer], y: npt.NDArray[np.integer], *, zoom: int, source: TileSource, encoder: ImageEncoder,
-    pool: ThreadPoolExecutor, batch_size: int, progress: Callable[[int], None] | None = None,
+    pool: Executor | TileProcessPool, batch_size: int, progress: Callable[[int], None] | None = None,
     skip_bad: bool = False, on_bad: Callable[[str], None] | None = None,
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
     """Encode tiles (x, y) of one shard, shape (n,) each, in batches of ``batch_size`` from the first.
 
-    Tiles are read and preprocessed in ``pool``'s threads ahead of the model. Tiles the source does
+    Tiles are read and preprocessed in ``pool``'s processes or threads ahead of the model. Tiles the source does
     not have are left out of their batch, so a batch's content depends only on the shard's tiles:
     every engine that calls this gets the same embeddings for the same shard. Tiles whose size
     differs from the shard's first tile (a placeholder, a tile of another server) are logged.
@@ -264,7 +264,7 @@ def encode_tiles(
 
 def build_shard(
     index_dir: Path, zoom: int, shard: int, x: npt.NDArray[np.integer], y: npt.NDArray[np.integer],
-    parent_row: npt.NDArray[np.integer], *, source: TileSource, encoder: ImageEncoder, pool: ThreadPoolExecutor,
+    parent_row: npt.NDArray[np.integer], *, source: TileSource, encoder: ImageEncoder, pool: Executor | TileProcessPool,
     batch_size: int, progress: Callable[[int], None] | None = None, skip_bad: bool = False,
     on_bad: Callable[[str], None] | None = None,
 ) -> int:
@@ -499,8 +499,8 @@ def build_level(
         coverage: which tiles to index. schedule, codec: fixed by the first level built.
         checkpoint: path of the map-encoder checkpoint, recorded in the manifest.
         shard_size: planned tiles per parquet shard (the unit of resumption).
-        workers: threads reading and preprocessing tiles; default ``threads.loader_threads`` of
-            torch's thread count.
+        workers: processes reading and preprocessing tiles (threads for a remote source, see
+            ``tile_encoding.loader_pool``); default ``threads.loader_threads`` of torch's thread count.
         progress: called with the number of tiles handled after each batch.
         on_plan: called once with (planned tiles, tiles already done in reused shards).
         skip_bad_tiles: leave tiles that cannot be read out of the level, as if the source lacked
@@ -523,7 +523,7 @@ def build_level(
         bad: list[str] = []
         plan = job.plan
         workers = workers or loader_threads(torch.get_num_threads())
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        with loader_pool(source, encoder, max(1, workers)) as pool:
             for s in job.todo:
                 sl = job.rows(s)
                 try:

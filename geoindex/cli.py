@@ -31,6 +31,7 @@ from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, PRECISION_HELP, PRECISIO
 if TYPE_CHECKING:
     from geoindex.api import GeoIndex
     from geoindex.coverage import Coverage
+    from geoindex.results import SearchResult
     from geoindex.sources import TileSource
 
 # Everything else (torch, FAISS, the encoders, PIL, tqdm) is imported inside the command that needs
@@ -277,8 +278,7 @@ def _locate(args: argparse.Namespace) -> int:
 
     from geoindex.api import RegionSearcher, open_index
     from geoindex.beam import check_k
-    from geoindex.formats import WRITERS, encode_geojson, encode_map, one_line
-    from geoindex.results import SearchResult
+    from geoindex.formats import WRITERS, one_line
     from geoindex.threads import configure_query_threads
 
     k = check_k(args.k)
@@ -333,21 +333,7 @@ def _locate(args: argparse.Namespace) -> int:
         writer.close()
     seconds = time.perf_counter() - started
 
-    if args.geojson is not None and located:
-        data, features = encode_geojson(located)
-        _write_output(args.geojson, data, "--geojson")
-        print(f"wrote {args.geojson} ({features} features)", file=sys.stderr)
-    if map_source is not None:
-        from PIL import Image
-
-        image_format = Image.registered_extensions()[args.map.suffix.lower()]
-        for result, (photo, map_path) in zip(located, located_maps, strict=True):
-            data, (width, height) = encode_map(result, map_source, truth=result.exif, photo=photo,
-                                               image_format=image_format)
-            _write_output(map_path, data, "--map")
-            print(f"wrote {map_path} ({width}x{height})" + (f" for {one_line(photo)}" if len(maps) > 1 else ""),
-                  file=sys.stderr)
-
+    _write_files(args, located, located_maps, map_source)
     n = len(located) + len(failed)
     rate = len(images) / seconds if seconds > 0 else float("inf")
     where = ""
@@ -357,6 +343,28 @@ def _locate(args: argparse.Namespace) -> int:
     print(f"{len(located)} of {n} images located{where} in {seconds:.2f} s on {index.photo_encoder.device} "
           f"({rate:.1f} images/s, k={k}); {len(failed)} failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _write_files(args: argparse.Namespace, located: list[SearchResult], maps: list[tuple[str, Path]],
+                 map_source: TileSource | None) -> None:
+    """``--geojson`` (one file for every located photo) and ``--map`` (a picture per photo)."""
+    from geoindex.formats import encode_geojson, encode_map, one_line
+
+    if args.geojson is not None and located:
+        data, features = encode_geojson(located)
+        _write_output(args.geojson, data, "--geojson")
+        print(f"wrote {args.geojson} ({features} features)", file=sys.stderr)
+    if map_source is None:
+        return
+    from PIL import Image
+
+    image_format = Image.registered_extensions()[args.map.suffix.lower()]
+    for result, (photo, map_path) in zip(located, maps, strict=True):
+        data, (width, height) = encode_map(result, map_source, truth=result.exif, photo=photo,
+                                           image_format=image_format)
+        _write_output(map_path, data, "--map")
+        print(f"wrote {map_path} ({width}x{height})" + (f" for {one_line(photo)}" if len(maps) > 1 else ""),
+              file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -35,12 +35,13 @@ import torch
 from PIL import Image
 
 from geoindex import onnx_runtime
+from geoindex.cuda_graphs import GraphedNetwork
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
 from geoindex.families import FAMILIES, HEADS, Split, efficientnet_key_map
 from geoindex.files import atomic_path, atomic_write_bytes, file_sha256
-from geoindex.imagery import ImageInput, load_image
+from geoindex.imagery import ImageInput, load_image, to_rgb
 from geoindex.manifest import PRECISIONS
-from geoindex.pixels import ResizeCropNormalize, fast_preprocess
+from geoindex.pixels import ResizeCropNormalize, fast_preprocess, normalize_pixels, resize_crop_normalize
 
 __all__ = [
     "AUTO_ENCODER",
@@ -48,6 +49,7 @@ __all__ = [
     "ENCODER_CHOICES",
     "HEADS",
     "PRECISIONS",
+    "PREPROCESSING",
     "EncoderSpec",
     "ImageEncoder",
     "choose_encoder",
@@ -67,6 +69,11 @@ CHECKPOINT_FORMAT = "geoindex-map-encoder/1"
 WEIGHTS_ENV = "GEOINDEX_CLIP_WEIGHTS"
 
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Where images are resized: ``pil`` (PIL's bicubic on the host, in the tile loaders: torchvision's
+# pipeline bit for bit) or ``torch`` (antialiased bicubic as tensor operations on the encoder's
+# device, ``pixels.resize_crop_normalize``: not bit-identical, so it is part of the identity).
+PREPROCESSING = ("pil", "torch")
 
 
 @dataclass(frozen=True)
@@ -316,6 +323,8 @@ class ImageEncoder:
             blocks and output layers) or ``projection`` (the output layers only).
         precision: the arithmetic of ``encode``: fp32, bf16 or fp16 (autocast), or int8 (dynamically
             quantised Linear layers, open_clip ViTs only). Training always runs the fp32 weights.
+        preprocessing: where ``encode`` and the tile loaders resize (``PREPROCESSING``): ``pil`` on
+            the host, or ``torch`` on the encoder's device (recorded in ``identity``).
     """
 
     def __init__(
@@ -330,6 +339,7 @@ class ImageEncoder:
         precision: str = "fp32",
         runtime: str = "auto",
         head: str = "stages",
+        preprocessing: str = "pil",
     ) -> None:
         if head not in HEADS:
             raise ConfigError(f"unknown map-encoder head {head!r}; choose one of {', '.join(HEADS)} (--head)")
@@ -352,6 +362,12 @@ class ImageEncoder:
         if runtime not in onnx_runtime.RUNTIMES:
             raise ConfigError(f"unknown runtime {runtime!r}; choose one of {', '.join(onnx_runtime.RUNTIMES)}")
         self._runtime = runtime
+        if preprocessing not in PREPROCESSING:
+            raise ConfigError(f"unknown preprocessing {preprocessing!r}; choose one of {', '.join(PREPROCESSING)}")
+        if preprocessing == "torch" and not isinstance(preprocess, ResizeCropNormalize):
+            raise ConfigError(f"preprocessing 'torch' resizes, crops and normalises as ResizeCropNormalize does; "
+                              f"encoder {spec.name!r} has {preprocess!r}")
+        self.preprocessing = preprocessing
         self._inference: tuple[tuple[Any, ...], Callable[[torch.Tensor], torch.Tensor]] | None = None
         self._tensors: tuple[torch.nn.Module, list[torch.nn.Parameter], list[torch.Tensor]] | None = None
 
@@ -360,7 +376,8 @@ class ImageEncoder:
         """The network (built here on first use when the encoder was opened from its cached ONNX graph)."""
         if self._visual is None:
             assert self._lazy is not None
-            with self._build_lock:
+            # built outside inference mode (encode_tensor runs in it): its weights must stay ordinary tensors
+            with self._build_lock, torch.inference_mode(False):
                 if self._visual is None:
                     self._visual = self._lazy[0]().eval()
         return self._visual
@@ -390,6 +407,8 @@ class ImageEncoder:
             "base_fingerprint": self.base_fingerprint,
             "checkpoint_sha256": self.checkpoint_sha256,
             "precision": self.precision,
+            # only where it is not PIL's, so that every index built before it was recorded keeps its identity
+            **({"preprocessing": self.preprocessing} if self.preprocessing != "pil" else {}),
         }
 
     @property
@@ -417,13 +436,14 @@ class ImageEncoder:
         self.visual.to(device)
         return self
 
-    def with_precision(self, precision: str, *, runtime: str = "auto") -> ImageEncoder:
-        """The same weights encoding at another precision or runtime (shares the network; the
-        inference graph is built on first use)."""
+    def with_precision(self, precision: str, *, runtime: str = "auto",
+                       preprocessing: str | None = None) -> ImageEncoder:
+        """The same weights encoding at another precision, runtime or preprocessing (shares the network;
+        the inference graph is built on first use)."""
         visual = self._lazy if self._visual is None and self._lazy is not None else self.visual
         return ImageEncoder(self.spec, visual, self.preprocess, self.base_fingerprint,
                             checkpoint_sha256=self.checkpoint_sha256, zoom=self.zoom, precision=precision,
-                            runtime=runtime, head=self.head)
+                            runtime=runtime, head=self.head, preprocessing=preprocessing or self.preprocessing)
 
     @property
     def runtime(self) -> str:
@@ -478,6 +498,8 @@ class ImageEncoder:
                 network = onnx_runtime.OnnxNetwork(graph, weights=_state_fingerprint(graph),
                                                    threads=torch.get_num_threads(),
                                                    cache=onnx_runtime.onnx_cache_dir())
+            if self.device.type == "cuda":
+                network = GraphedNetwork(network)  # small batches (one photo) replay a captured CUDA graph
             self._inference = (state, network)
         return self._inference[1]
 
@@ -488,17 +510,65 @@ class ImageEncoder:
         return x.to(self.device, non_blocking=True)
 
     def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
-        """Load and preprocess images into a float tensor of shape (n, 3, S, S)."""
+        """Load and preprocess images into a float tensor of shape (n, 3, S, S): on the host with PIL
+        (``pil``), or from their uint8 pixels on the device the network reads from (``torch``)."""
+        if self.preprocessing == "torch":
+            prep = cast(ResizeCropNormalize, self.preprocess)
+            return resize_crop_normalize([np.asarray(to_rgb(load_image(im))) for im in images], prep.size,
+                                         prep.mean, prep.std, device=self._input_device())
         return torch.stack([self.preprocess(load_image(im)) for im in images])
+
+    def _input_device(self) -> torch.device:
+        """Where the network's input is made: the CPU for ONNX Runtime, else the network's device."""
+        on_cpu = isinstance(self._inference_network(), onnx_runtime.OnnxNetwork) or self.device.type == "cpu"
+        return torch.device("cpu") if on_cpu else self.device
 
     @torch.inference_mode()
     def encode_tensor(self, pixels: torch.Tensor) -> npt.NDArray[np.float32]:
         """Preprocessed pixels (n, 3, S, S) -> L2-normalised embeddings (n, d) float32."""
+        return self._forward(pixels)
+
+    @property
+    def loader_step(self) -> Callable[[Image.Image], npt.NDArray[np.uint8] | torch.Tensor]:
+        """What a tile loader does to a tile's RGB image before ``encode_pixels``: the PIL resize and crop
+        to uint8 (S, S, 3) (``pil`` preprocessing), only the uint8 array (``torch``: resized on the
+        device), or, for a custom preprocessing, all of it (a float tensor for ``encode_tensor``)."""
+        if self.preprocessing == "torch":
+            return np.asarray
+        if isinstance(self.preprocess, ResizeCropNormalize):
+            return self.preprocess.crop
+        return self.preprocess
+
+    @torch.inference_mode()
+    def encode_pixels(self, pixels: Sequence[npt.NDArray[np.uint8]] | npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """uint8 RGB images (H, W, 3) (a list, or an array (n, H, W, 3)) -> L2-normalised embeddings (n, d) float32.
+
+        The uint8 bytes go to the encoder's device (pinned on CUDA) and become the network's input
+        there: ``pixels.normalize_pixels`` where they are already the S x S crop (``loader_step`` of
+        the ``pil`` preprocessing: bit for bit ``preprocess``'s tensor), else
+        ``pixels.resize_crop_normalize`` (antialiased bicubic in torch). Needs a ``ResizeCropNormalize``
+        preprocessing, as both families have.
+        """
+        prep = self.preprocess
+        if not isinstance(prep, ResizeCropNormalize):
+            raise ConfigError(f"encoder {self.spec.name!r} has a custom preprocessing ({prep!r}); "
+                              "uint8 pixels need ResizeCropNormalize: use encode_tensor")
+        device = self._input_device()
+        if all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
+            batch = torch.from_numpy(np.stack(list(pixels)))  # one copy: the loaders' arrays may be read-only
+            x = normalize_pixels(batch, prep.mean, prep.std, device=device)
+        else:
+            x = resize_crop_normalize(list(pixels), prep.size, prep.mean, prep.std, device=device)
+        return self._forward(x)
+
+    def _forward(self, pixels: torch.Tensor) -> npt.NDArray[np.float32]:
         dtype = _AUTOCAST.get(self.precision)
         network = self._inference_network()
         # ONNX Runtime takes contiguous NCHW as it comes: channels-last would be copied there and back
         x = pixels.contiguous() if isinstance(network, onnx_runtime.OnnxNetwork) else self.to_device(pixels)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        # no autocast weight cache: a CUDA graph captured inside must not keep casts of another call
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None,
+                            cache_enabled=False):
             features = network(x)
         features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32, copy=False)
@@ -519,6 +589,7 @@ def create_encoder(
     download: bool = False,
     device: str | torch.device = "cpu",
     precision: str = "auto",
+    preprocessing: str = "auto",
 ) -> ImageEncoder:
     """Build a registered encoder: the photo encoder, and the base of every map encoder.
 
@@ -530,6 +601,9 @@ def create_encoder(
         download: fetch missing weights from the model hub; never done otherwise.
         device: torch device to place the model on.
         precision: ``auto`` (see :func:`resolve_precision`), fp32, bf16, fp16 (CUDA) or int8 (ViT).
+        preprocessing: where images are resized (``PREPROCESSING``); ``auto``: ``torch`` (on the device)
+            on CUDA, where PIL on the host would hold the GPU back, ``pil`` on a CPU (bit-identical to
+            torchvision, and as fast there).
 
     Raises:
         ConfigError: unknown name or precision. WeightsNotFoundError: weights needed but not available.
@@ -548,16 +622,21 @@ def create_encoder(
         visual.requires_grad_(False)
         return visual.to(device), fast_preprocess(preprocess)  # the same tensors, without torch threads
 
+    cuda = torch.device(device).type == "cuda"
     # fp32 on a CPU runs in ONNX Runtime; once its graph is exported, later opens need not build the network
-    graphable = (path is not None and resolved == "fp32" and torch.device(device).type == "cpu"
+    graphable = (path is not None and resolved == "fp32" and not cuda and preprocessing in ("auto", "pil")
                  and FAMILIES[spec.family].exports_onnx and onnx_runtime.wanted() != "torch"
                  and onnx_runtime.available())
     cached = CachedGraph.read(spec, path) if graphable and path is not None else None
     if cached is not None:
         pixels = ResizeCropNormalize(cached.size, cached.mean, cached.std)
-        return ImageEncoder(spec, (lambda: build()[0], cached), pixels, cached.base_fingerprint, precision=precision)
+        return ImageEncoder(spec, (lambda: build()[0], cached), pixels, cached.base_fingerprint, precision=precision,
+                            preprocessing="pil")
     visual, preprocess = build()
-    encoder = ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision)
+    if preprocessing == "auto":
+        preprocessing = "torch" if cuda and isinstance(preprocess, ResizeCropNormalize) else "pil"
+    encoder = ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision,
+                           preprocessing=preprocessing)
     if graphable and path is not None and isinstance(preprocess, ResizeCropNormalize):
         graph = FAMILIES[spec.family].for_inference(visual)
         CachedGraph(encoder.base_fingerprint, _state_fingerprint(graph), encoder.dim, preprocess.size,
@@ -634,5 +713,5 @@ def load_map_encoder(base: ImageEncoder, checkpoint: str | os.PathLike | None) -
     return ImageEncoder(
         base.spec, visual, base.preprocess, base.base_fingerprint,
         checkpoint_sha256=file_sha256(path), zoom=int(payload["zoom"]), precision=base.precision,
-        runtime=base._runtime, head=head,
+        runtime=base._runtime, head=head, preprocessing=base.preprocessing,
     )

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from geoindex.beam import Level, LevelHits, PriorOptions, _beam_search, check_k
+from geoindex.beam import Level, LevelHits, PriorOptions, beam_search, check_k
 from geoindex.dataset import PhotoTable
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError, GeoIndexError
@@ -291,7 +291,7 @@ def evaluate(
         for s in range(0, len(rows), query_batch):
             t0 = time.perf_counter()
             belief = prior.belief(prior_features[s : s + query_batch]) if prior is not None else None
-            per_batch.append(_beam_search(xq[s : s + query_batch], searcher.levels, k, prior=belief,
+            per_batch.append(beam_search(xq[s : s + query_batch], searcher.levels, k, prior=belief,
                                           prior_options=prior_options))
             search_s += time.perf_counter() - t0
             if progress:

@@ -26,7 +26,7 @@ import mercantile
 from geoindex.calibration import EVERYWHERE_KM, RADIUS_LEVELS, describe_radius
 from geoindex.imagery import ImageInput
 from geoindex.metrics import circle_points, great_circle_km
-from geoindex.render import LatLon, _colormap, draw_map
+from geoindex.render import LatLon, colormap, draw_map
 from geoindex.results import Area, Candidate, SearchResult, areas, final_level, tile_probabilities
 from geoindex.sources import TileSource
 
@@ -133,7 +133,7 @@ def _point(lat: float, lon: float) -> dict[str, Any]:
 
 
 def _heat_hex(w: float) -> str:
-    r, g, b = _colormap(w)
+    r, g, b = colormap(w)
     return f"#{r:02x}{g:02x}{b:02x}"
 
 

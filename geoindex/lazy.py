@@ -52,7 +52,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geoindex.beam import _top_k
+from geoindex.beam import top_k
 from geoindex.build import encode_tiles
 from geoindex.encoders import ImageEncoder, load_map_encoder
 from geoindex.errors import (
@@ -594,7 +594,7 @@ class LazyLevel:
             if stopped:
                 note += f"; {stopped} of {len(cand)} answers stopped early above z{self.zoom}: no tile found here"
         self._local.note = note
-        return _top_k(_scores(table, rows, xq), np.where(ok, cand, -1), k)
+        return top_k(_scores(table, rows, xq), np.where(ok, cand, -1), k)
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
         valid = ids >= 0

@@ -3,10 +3,8 @@
 glibc serves every allocation above its mmap threshold (at most 32 MB, adjusted as blocks are
 freed) with a fresh ``mmap`` and returns it to the OS on ``free``. A forward pass over a batch of
 64 tiles allocates activations of about 100 MB each, so every batch faults all of them in again,
-page by page. Measured on this project's 2-core EPYC (benchmarks/build_throughput.py, the bare
-encoder over 4,352 Blue Marble tiles, RESULTS.md): EfficientNet-Lite0 at 64 tiles/s under torch
-with glibc's defaults and 126 with freed memory kept; 141 and 168 under ONNX Runtime. Kept
-memory is reused by the next batch, so a build's memory stays at its peak instead of shrinking
+page by page, which halves a CPU build's throughput (benchmarks/build_throughput.py; figures in
+RESULTS.md). Kept memory is reused by the next batch, so a build's memory stays at its peak instead of shrinking
 between batches: right for batch programs (the pipelines call :func:`keep_freed_memory`), not
 for a long-lived service, whose RSS should fall after a burst of requests.
 """

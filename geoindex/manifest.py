@@ -1,6 +1,6 @@
 """The index manifest (``<index>/manifest.json``) as frozen dataclasses, parsed and checked in one place.
 
-The manifest is written last and read before any search (see DESIGN.md). ``Manifest.from_dict``
+The manifest is written last and read before any search (README: "The index on disk"). ``Manifest.from_dict``
 turns the JSON into typed records and names the file and the bad key when it cannot;
 ``Manifest.to_dict`` writes the same keys back, so manifests of earlier builds keep opening.
 """
@@ -103,6 +103,8 @@ class EncoderIdentity:
         precision: the arithmetic the level was encoded at (fp32, bf16, fp16, int8); None when
             not recorded (the photo encoder, earlier builds).
         checkpoint: the map-encoder checkpoint path the build was given, for reloading it.
+        preprocessing: where tiles were resized when not PIL's bicubic on the host (``torch``: on
+            the device, not bit-identical); None for PIL's (every index built before it was recorded).
     """
 
     name: str
@@ -110,6 +112,7 @@ class EncoderIdentity:
     checkpoint_sha256: str | None = None
     precision: str | None = None
     checkpoint: str | None = None
+    preprocessing: str | None = None
 
     @property
     def short(self) -> str:

@@ -1,10 +1,10 @@
 """Run a frozen convolutional encoder through ONNX Runtime: the same fp32 function, cheaper on CPUs.
 
-Measured on this project's 2-core AVX512 EPYC (benchmarks/precision.py): EfficientNet-Lite0 under
-ONNX Runtime costs about half the CPU time of torch's eager channels-last kernels, per photo and per
-batch, with outputs within 1e-5 of torch's. The network is exported once per set of weights and
-kept in ``$GEOINDEX_CACHE_DIR/onnx`` (default ``~/.cache/geoindex/onnx``), so a later process only
-opens a session (about 60 ms).
+On CPUs ONNX Runtime runs EfficientNet-Lite0 in a fraction of the time of torch's eager kernels
+(benchmarks/precision.py; figures in RESULTS.md), with outputs within 1e-5 of torch's. The network is
+exported once per set of weights and kept in ``$GEOINDEX_CACHE_DIR/onnx`` (default
+``~/.cache/geoindex/onnx``), so a later process only opens a session; ``encoders.CachedGraph`` lets it
+do so without building the torch network at all.
 
 ``$GEOINDEX_RUNTIME=torch`` turns it off; without the ``onnxruntime`` and ``onnx`` packages, or
 for networks that do not export (open_clip's ViT uses a fused attention kernel with no ONNX form),

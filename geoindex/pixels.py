@@ -5,10 +5,14 @@ ToTensor -> Normalize``. ``ResizeCropNormalize`` computes the same tensor bit fo
 the resize and the crop, as torchvision does, and the arithmetic is a per-channel table of the 256
 possible values, computed by numpy in torchvision's order and in float32. It runs no torch
 operator: torch's element-wise kernels start OpenMP threads whose spin-wait afterwards takes the
-cores from the ONNX Runtime forward pass that follows (about 1 ms of a 9 ms EfficientNet-Lite0
-forward pass on 2 cores, in a probe, not a recorded benchmark).
+cores from the ONNX Runtime forward pass that follows.
 ``fast_preprocess`` swaps it in for a torchvision pipeline of exactly that shape and leaves any
 other pipeline as it is.
+
+Its two halves also run apart: tile loaders stop at the uint8 crop (``ResizeCropNormalize.crop``)
+and the encoder normalises a batch on its device (``normalize_pixels``, the same tensor bit for
+bit). ``resize_crop_normalize`` does the whole of it as tensor operations on a device, resize
+included (not bit-identical to PIL; an encoder's ``preprocessing="torch"``).
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 
-__all__ = ["ResizeCropNormalize", "fast_preprocess"]
+from geoindex.errors import ConfigError
+
+__all__ = ["ResizeCropNormalize", "fast_preprocess", "normalize_pixels", "output_size", "resize_crop_normalize"]
 
 
 class ResizeCropNormalize:
@@ -45,23 +52,97 @@ class ResizeCropNormalize:
     def __repr__(self) -> str:
         return f"ResizeCropNormalize(size={self.size}, mean={self.mean}, std={self.std})"
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def crop(self, img: Image.Image) -> npt.NDArray[np.uint8]:
+        """The resized, centre-cropped RGB pixels, uint8 (S, S, 3): what a tile loader hands the encoder."""
         s = self.size
         w, h = img.size
-        # torchvision's _compute_resized_output_size: the longer side is truncated, not rounded
-        short, long = (w, h) if w <= h else (h, w)
-        new_w, new_h = (s, int(s * long / short)) if w <= h else (int(s * long / short), s)
+        new_w, new_h = output_size(w, h, s)  # torchvision's _compute_resized_output_size
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
         top, left = int(round((new_h - s) / 2.0)), int(round((new_w - s) / 2.0))
         img = img.crop((left, top, left + s, top + s))
         if img.mode != "RGB":
             img = img.convert("RGB")
-        rgb = np.asarray(img)
+        return np.asarray(img)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        s = self.size
+        rgb = self.crop(img)
         x = np.empty((3, s, s), dtype=np.float32)
         for c in range(3):
             np.take(self._table[c], rgb[:, :, c], out=x[c])
         return torch.from_numpy(x)
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 pixels (n, H, W, 3) -> float32 (n, 3, H, W), ``(v / 255 - mean) / std`` as tensor operations.
+
+    The arithmetic is ToTensor's and Normalize's, in float32 and in their order, so the result equals
+    ``ResizeCropNormalize``'s table bit for bit (tests/test_pixels.py). The uint8 batch travels to
+    ``device`` (a quarter of float32's bytes; from pinned memory on CUDA, without waiting) and is
+    converted there.
+    """
+    if pixels.dtype != torch.uint8 or pixels.dim() != 4 or pixels.shape[-1] != 3:
+        raise ConfigError(f"pixels must be uint8 (n, H, W, 3); got {pixels.dtype} {tuple(pixels.shape)}")
+    target = torch.device(device) if device is not None else pixels.device
+    if target.type == "cuda" and pixels.device.type == "cpu":
+        pixels = pixels.pin_memory()
+    x = pixels.to(target, non_blocking=True).permute(0, 3, 1, 2).float()
+    m = torch.tensor(mean, dtype=torch.float32, device=target).view(1, 3, 1, 1)
+    sd = torch.tensor(std, dtype=torch.float32, device=target).view(1, 3, 1, 1)
+    return x.div_(255.0).sub_(m).div_(sd)
+
+
+def output_size(w: int, h: int, size: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side of a w x h image to ``size``, as torchvision does
+    (the longer side truncated, not rounded)."""
+    short, long = (w, h) if w <= h else (h, w)
+    return (size, int(size * long / short)) if w <= h else (int(size * long / short), size)
+
+
+def resize_crop_normalize(
+    images: Sequence[npt.NDArray[np.uint8] | torch.Tensor], size: int, mean: Sequence[float], std: Sequence[float],
+    *, device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """uint8 RGB images (H, W, 3), of any sizes -> float32 (n, 3, S, S) on ``device``, all in tensor operations.
+
+    The shorter side is resized to S with antialiased bicubic interpolation
+    (``torch.nn.functional.interpolate(antialias=True)``, the filter PIL uses: on a CPU torch's uint8
+    kernel, on a GPU in float32 rounded to uint8 values as PIL's output is), centre-cropped and
+    normalised (:func:`normalize_pixels`). Images of one shape are resized together; the uint8 bytes
+    cross to the device (pinned on CUDA), never floats. An image already S x S is not resampled, so it
+    gives ``ResizeCropNormalize``'s tensor bit for bit; others differ from PIL's by one or two grey
+    levels (in about 0.4 % of pixels on a CPU, 16 % in float32), checked in tests/test_pixels.py;
+    benchmarks/precision.py measures what that does to the answers.
+    """
+    target = torch.device(device)
+    out = torch.empty((len(images), 3, size, size), dtype=torch.float32, device=target)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, im in enumerate(images):
+        if im.dtype not in (np.uint8, torch.uint8) or im.ndim != 3 or im.shape[-1] != 3:
+            raise ConfigError(f"image {i}: expected uint8 (H, W, 3) RGB, got {im.dtype} {tuple(im.shape)}")
+        groups.setdefault(tuple(im.shape), []).append(i)
+    for (h, w, _), members in groups.items():
+        group = [images[i] for i in members]
+        batch = (torch.stack(group) if isinstance(group[0], torch.Tensor)  # type: ignore[arg-type]
+                 else torch.from_numpy(np.stack(group)))  # one copy: PIL's arrays are read-only
+        if target.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()
+        x = batch.to(target, non_blocking=True).permute(0, 3, 1, 2)
+        new_w, new_h = output_size(w, h, size)
+        if (new_w, new_h) != (w, h) and target.type == "cpu":  # torch's uint8 kernel: PIL's fixed-point filter
+            x = torch.nn.functional.interpolate(x.contiguous(memory_format=torch.channels_last), size=(new_h, new_w),
+                                                mode="bicubic", antialias=True, align_corners=False)
+        elif (new_w, new_h) != (w, h):  # GPUs resample floats: rounded to uint8 values as PIL's output is
+            x = torch.nn.functional.interpolate(x.float(), size=(new_h, new_w), mode="bicubic", antialias=True,
+                                                align_corners=False).round_().clamp_(0, 255)
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        x = x[:, :, top : top + size, left : left + size]
+        m = torch.tensor(mean, dtype=torch.float32, device=target).view(1, 3, 1, 1)
+        sd = torch.tensor(std, dtype=torch.float32, device=target).view(1, 3, 1, 1)
+        out[members] = x.float().div_(255.0).sub_(m).div_(sd)
+    return out
 
 
 def fast_preprocess(preprocess: Callable[[Image.Image], torch.Tensor]) -> Callable[[Image.Image], torch.Tensor]:

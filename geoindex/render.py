@@ -24,7 +24,7 @@ from geoindex.results import LevelTrace, SearchResult
 from geoindex.sources import TileSource
 from geoindex.tiles import merc_xy_array, tile_merc_bounds_array
 
-__all__ = ["FailFastSource", "draw_map"]
+__all__ = ["FailFastSource", "basemap_tile", "colormap", "draw_map"]
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ _RADIUS_COLOURS = ((255, 255, 255), (0, 200, 255))  # the 50 % and 90 % radii
 _RAMP = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=float)
 
 
-def _colormap(w: float) -> tuple[int, int, int]:
+def colormap(w: float) -> tuple[int, int, int]:
     """w in [0, 1] -> an RGB colour of the ramp."""
     pos = min(max(w, 0.0), 1.0) * (len(_RAMP) - 1)
     i = min(int(pos), len(_RAMP) - 2)
@@ -125,8 +125,21 @@ class FailFastSource:
         return img
 
 
-def _fetch(source: TileSource, tile: mercantile.Tile, tile_px: int, fallback: int = 6) -> Image.Image | None:
-    """A tile image; where the source lacks it, the matching part of an ancestor, upscaled."""
+def basemap_tile(
+    source: TileSource, tile: mercantile.Tile, tile_px: int = 256, fallback: int = 6
+) -> Image.Image | None:
+    """A tile's RGB image, ``tile_px`` square; where the source lacks it, the matching part of an ancestor, upscaled.
+
+    Args:
+        source: the imagery.
+        tile: the tile wanted.
+        tile_px: the side of the returned image in pixels.
+        fallback: how many zoom levels up to look for an ancestor when the tile itself is missing
+            (an index built at zoom 2, 4, 6 has no zoom-5 tiles: their zoom-4 parents stand in).
+
+    Returns:
+        The image, or None when neither the tile nor any of those ancestors can be read.
+    """
     for up in range(0, min(fallback, tile.z) + 1):
         anc = mercantile.parent(tile, zoom=tile.z - up) if up else tile
         try:
@@ -153,7 +166,7 @@ def _basemap(source: TileSource, view: _View, max_zoom: int) -> Image.Image:
     canvas = Image.new("RGB", ((tx1 - tx0) * tile_px, (ty1 - ty0) * tile_px), (90, 90, 90))
     for tx in range(tx0, tx1):
         for ty in range(ty0, ty1):
-            img = _fetch(source, mercantile.Tile(tx, ty, zoom), tile_px)
+            img = basemap_tile(source, mercantile.Tile(tx, ty, zoom), tile_px)
             if img is not None:
                 canvas.paste(img, ((tx - tx0) * tile_px, (ty - ty0) * tile_px))
     left = (view.fx0 * n - tx0) * tile_px
@@ -197,7 +210,7 @@ def _panel(
     pmax = float(probs.max()) if probs.size else 1.0
     for t, p in reversed(list(zip(level.tiles, probs, strict=True))):  # best drawn last, on top
         w = float(p) / pmax
-        colour = _colormap(w)
+        colour = colormap(w)
         draw.rectangle(view.tile_box(t), fill=(*colour, int(50 + 120 * w)), outline=(*colour, 255), width=1)
     if level.tiles and level.tiles[0] != path:
         draw.rectangle(view.tile_box(level.tiles[0]), outline=(255, 150, 0, 255), width=2)

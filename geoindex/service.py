@@ -6,7 +6,10 @@ every problem with the request (unreadable image, bad bbox, k out of range) is a
 ``detail`` says what is wrong; a 500 would be a bug. Run it with ``geoindex serve`` or any ASGI
 server: ``uvicorn --factory 'geoindex.service:app_from_env'`` reads ``GEOINDEX_INDEX``. The page
 (``geoindex/static/index.html``, no external resources) posts to ``/locate`` and asks for the map
-picture and the GeoJSON in the same answer; API docs are at ``/docs``.
+picture and the GeoJSON in the same answer, and draws the answer on an interactive Leaflet map
+(vendored under ``static/vendor``, served at ``/vendor``) over basemap tiles that ``GET
+/tiles/{z}/{x}/{y}.jpg`` renders from the index's own imagery. API docs are at ``/docs`` (Swagger UI)
+and ``/redoc``, their scripts served from the ``fastapi-offline`` package: nothing comes from a CDN.
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ import os
 import re
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 import mercantile
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.openapi.docs import get_redoc_html
 from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image, UnidentifiedImageError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -35,11 +42,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from geoindex.api import DEFAULT_INDEX, INDEX_ENV, GeoIndex, open_index
 from geoindex.beam import MAX_K, check_k
 from geoindex.coverage import Coverage
-from geoindex.errors import ConfigError, GeoIndexError, ImageError, ImageTooLargeError, LazyLevelError
+from geoindex.errors import (
+    ConfigError,
+    GeoIndexError,
+    ImageError,
+    ImageTooLargeError,
+    LazyLevelError,
+    TileNotFoundError,
+)
 from geoindex.exif import read_gps
 from geoindex.formats import encode_map, result_to_dict, to_geojson
 from geoindex.imagery import load_image
 from geoindex.manifest import Manifest
+from geoindex.render import basemap_tile
 from geoindex.sources import TileSource
 
 __all__ = [
@@ -71,6 +86,12 @@ DEFAULT_MAX_PHOTOS = 16  # photos in one POST /locate; their bytes together stay
 # What a photo upload may be: the formats people send that Pillow reads (it reads a few more).
 _ACCEPTED = "JPEG, PNG, WebP, TIFF, BMP or GIF"
 _REGION_CACHE = 32  # regions whose per-level row masks are kept between requests
+_BASEMAP_CACHE = 1024  # encoded basemap tiles kept in memory (about 10 kB each)
+_BASEMAP_QUALITY = 85  # JPEG quality of basemap tiles: satellite imagery, no text to keep sharp
+# Browsers may keep a basemap tile this long: the imagery of an index does not change while it is served.
+_BASEMAP_MAX_AGE_S = 86_400
+_VENDOR = Path(__file__).parent / "static" / "vendor"
+_DOCS_ASSETS = "/docs-assets"  # where fastapi-offline serves Swagger UI's and ReDoc's scripts
 
 
 class _TooLarge(StarletteHTTPException):
@@ -244,7 +265,13 @@ def create_app(
     if not 0 < body_timeout_s < float("inf"):
         raise ConfigError(f"body_timeout_s must be a positive number of seconds, got {body_timeout_s} (--body-timeout)")
     opened = index if isinstance(index, GeoIndex) else open_index(index, **open_kwargs)
-    app = FastAPI(
+    # /docs with Swagger UI's script and style served from the fastapi-offline package, not a CDN; no
+    # validator badge (an image from validator.swagger.io). /redoc is below.
+    app = FastAPIOffline(
+        static_url=_DOCS_ASSETS,
+        favicon_url="/favicon.ico",
+        redoc_url=None,
+        swagger_ui_parameters={"validatorUrl": None},
         title="geoindex",
         summary="Photo geolocation by hierarchical retrieval over map-tile indexes",
         description=(
@@ -256,6 +283,17 @@ def create_app(
         version=_version(),
     )
     app.state.index = opened
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(openapi_url=f"{root}{app.openapi_url}", title="geoindex - ReDoc",
+                              redoc_js_url=f"{root}{_DOCS_ASSETS}/redoc.standalone.js", with_google_fonts=False,
+                              redoc_favicon_url=f"{root}/favicon.ico")
+        # ReDoc's sidebar shows a logo from cdn.redoc.ly, unconditionally: images from elsewhere are refused.
+        page.headers["Content-Security-Policy"] = "img-src 'self' data:"
+        return page
+
     app.add_middleware(_BodyLimit, limit=max_upload_bytes, timeout_s=body_timeout_s)
     lock = threading.Lock()
     slots = threading.BoundedSemaphore(max_concurrent)
@@ -280,6 +318,8 @@ def create_app(
 
     coverage = Coverage.from_json(opened.manifest.coverage)
     deepest = opened.stored[-1].zoom
+    # The basemap's zoom range: the index's levels (lazy ones included) are zooms its imagery has.
+    basemap_zooms = (opened.stored[0].zoom, max(lv.zoom for lv in opened.levels))
 
     def covers(position: tuple[float, float]) -> bool:
         """Whether the index's coverage holds a (lat, lon): a photo taken outside it cannot be found."""
@@ -289,6 +329,51 @@ def create_app(
     @app.get("/", include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse(_page())
+
+    app.mount("/vendor", StaticFiles(directory=_VENDOR), name="vendor")
+
+    @functools.lru_cache(maxsize=_BASEMAP_CACHE)
+    def basemap_jpeg(tile: mercantile.Tile) -> bytes:
+        with lock:  # opens the imagery once
+            source = imagery()
+        img = basemap_tile(source, tile)
+        if img is None:  # raised, not returned: lru_cache keeps no answer, and a source that was down may recover
+            raise TileNotFoundError(f"the imagery has no tile {tile.z}/{tile.x}/{tile.y} nor any of its ancestors")
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=_BASEMAP_QUALITY)
+        return buf.getvalue()
+
+    @app.get(
+        "/tiles/{z}/{x}/{y}.jpg",
+        summary="A basemap tile rendered from the index's imagery",
+        description=(
+            "The 256 px JPEG of Web-Mercator tile z/x/y from the imagery the index was built from (where that "
+            "imagery is not on this machine, the embedded Blue Marble); where the imagery lacks the tile, the "
+            "matching part of an ancestor, upscaled. 404 outside the index's coverage, beyond its deepest "
+            "zoom, or where the imagery has nothing. `GET /health` gives the zoom range as `basemap`."
+        ),
+        responses={200: {"content": {"image/jpeg": {}}, "description": "the tile"},
+                   404: {"description": "no imagery for this tile"},
+                   503: {"description": "the imagery could not be read"}},
+        response_class=Response,
+    )
+    def basemap(z: int, x: int, y: int) -> Response:
+        if not 0 <= z <= basemap_zooms[1]:
+            raise HTTPException(404, f"no basemap at zoom {z}: this index's imagery goes from zoom 0 to "
+                                     f"{basemap_zooms[1]}")
+        if not (0 <= x < 1 << z and 0 <= y < 1 << z):
+            raise HTTPException(404, f"tile {z}/{x}/{y} is outside the zoom-{z} grid (0 to {(1 << z) - 1})")
+        if not coverage.intersects([x], [y], zoom=z)[0]:
+            raise HTTPException(404, f"tile {z}/{x}/{y} is outside the index's coverage")
+        try:
+            jpeg = basemap_jpeg(mercantile.Tile(x, y, z))
+        except TileNotFoundError as e:
+            raise HTTPException(404, str(e)) from e
+        except GeoIndexError as e:  # an unreadable tile file, say
+            log.warning("no basemap tile %d/%d/%d: %s", z, x, y, e)
+            raise HTTPException(503, _bounded(str(e)), headers={"Retry-After": "30"}) from e
+        return Response(jpeg, media_type="image/jpeg",
+                        headers={"Cache-Control": f"public, max-age={_BASEMAP_MAX_AGE_S}"})
 
     @app.get("/favicon.ico", include_in_schema=False)
     def favicon() -> Response:
@@ -303,6 +388,8 @@ def create_app(
             "device": str(opened.photo_encoder.device),
             "levels": [{"zoom": s.zoom, "tiles": s.rows} for s in opened.stored],
             "imagery": opened.manifest.imagery,
+            "basemap": {"url": "tiles/{z}/{x}/{y}.jpg", "min_native_zoom": basemap_zooms[0],
+                        "max_native_zoom": basemap_zooms[1]},
             "calibrated": opened.calibration is not None,
             "calibration": dataclasses.asdict(opened.calibration.fitted_on) if opened.calibration is not None else None,
             "matches": competence(opened.manifest),

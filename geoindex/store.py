@@ -1,6 +1,6 @@
 """The on-disk index: per zoom level, parquet shards of tiles and one FAISS file holding their vectors.
 
-Layout::
+Layout (README: "The index on disk")::
 
     <index>/manifest.json        written last, atomically; lists only complete levels and their files
     <index>/z04/part-00000.parquet  z, x, y, quadkey, parent_row (+ embedding while the level is built)
@@ -59,6 +59,7 @@ __all__ = [
     "list_shards",
     "open_store",
     "pq_subquantizers",
+    "level_embeddings",
     "read_embeddings",
     "read_level_columns",
     "shard_vectors",
@@ -335,6 +336,17 @@ def _open_level_vectors(ldir: Path, sha256: str) -> _LevelVectors:
     elif (ldir / RERANK_FILE).is_file():
         rerank = np.load(ldir / RERANK_FILE, mmap_mode="r")
     return _LevelVectors(index, rerank)
+
+
+def level_embeddings(index_dir: Path, zoom: int) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.int64]]:
+    """A whole level's float16 embeddings (rows, d) and parent rows (rows,), in row order (= FAISS ids)."""
+    embs, parents = [], []
+    for shard in list_shards(index_dir, zoom):
+        embs.append(read_embeddings(shard))
+        parents.append(_read_shard(shard, ["parent_row"]).column("parent_row").to_numpy().astype(np.int64))
+    if not embs:
+        raise IndexFormatError(f"{level_dir(index_dir, zoom)}: no shards; rebuild level z{zoom}")
+    return np.concatenate(embs), np.concatenate(parents)
 
 
 def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.float32], np.ndarray]]:

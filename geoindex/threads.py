@@ -2,13 +2,11 @@
 
 Both are overridable (``--threads``; a build's tile loaders with ``--workers``).
 
-A query is one photo's forward pass and a few thousand children scored per level: on this 2-core
-CPU neither gains from a second thread when the machine is quiet (EfficientNet-Lite0: 13.0 ms p50
-with 2 threads, 12.3 ms with 1), while threads that wait for cores other processes hold make
-queries slow when it is busy (2 busy processes, p50 / p95: EfficientNet-Lite0 35 / 42 ms with 2
-threads against 24.5 / 31.1 ms with 1; demo index, tiny encoder, 6.5 / 8.1 against 2.5 / 7.6 ms;
-benchmarks/latency_under_load.py, RESULTS.md). A service answers concurrent requests on
-concurrent threads, which is where the cores go. torch and FAISS share one OpenMP runtime here
+A query is one photo's forward pass and a few thousand children scored per level: too little work
+to gain from a second thread on a quiet machine, while threads that wait for cores that other
+processes hold make queries slow on a busy one (benchmarks/latency_under_load.py measures both;
+figures in RESULTS.md). A service answers concurrent requests on concurrent threads, which is
+where the cores go. torch and FAISS share one OpenMP runtime here
 (setting either's count sets the other's), so there is one knob for both.
 """
 
@@ -80,7 +78,8 @@ def build_threads(threads: int | None = None) -> Iterator[int]:
 
 
 def loader_threads(encoder_threads: int) -> int:
-    """Tile-reading and preprocessing threads that keep an encoder on ``encoder_threads`` threads fed.
+    """Tile loaders (processes for local sources, threads for remote ones: ``tile_encoding.loader_pool``)
+    that keep an encoder on ``encoder_threads`` threads fed.
 
     Reading and preprocessing a tile takes a fifth to a quarter of the CPU time of encoding it
     (EfficientNet-Lite0 under ONNX Runtime; much less for a ViT), and loaders also wait on disks and

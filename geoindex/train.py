@@ -56,7 +56,7 @@ from geoindex.files import atomic_write_bytes, file_sha256
 from geoindex.sources import TileSource
 from geoindex.tile_encoding import encode_tile_batches
 from geoindex.tiles import tile_of_code
-from geoindex.train_batches import _Batches, _TrunkCache, batch_targets
+from geoindex.train_batches import TileBatches, TrunkCache, batch_targets
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -396,126 +396,174 @@ def train_level(
                  else f"{Path(init_from).name}:{file_sha256(init_from)[:16]}")
     identity = {"zoom": zoom, "config": cfg.identity(), "run": run_key, "init": init_name,
                 "base_fingerprint": base.base_fingerprint}
-    state: dict[str, Any] | None = None
-    if state_file.is_file():
-        state = torch.load(state_file, map_location="cpu", weights_only=True)
-        if state.get("format") != STATE_FORMAT or state.get("identity") != identity:
-            raise ConfigError(
-                f"{state_file} belongs to a run with other photos, split, settings or starting point; "
-                "use another --out folder, or delete it (and its zNN.pt) to start this level again"
-            )
-        if state.get("done") and final.is_file():
-            finished = tuple(EpochRecord(**r) for r in state["history"])
-            log.info("z%02d already trained (%s); skipping", zoom, final)
-            return LevelResult(zoom, final, init_name, finished, skipped=True,
-                               dropped_photos=int(state.get("dropped", 0)))
+    state = _read_state(state_file, identity)
+    if state is not None and state.get("done") and final.is_file():
+        finished = tuple(EpochRecord(**r) for r in state["history"])
+        log.info("z%02d already trained (%s); skipping", zoom, final)
+        return LevelResult(zoom, final, init_name, finished, skipped=True, dropped_photos=int(state.get("dropped", 0)))
 
-    if cfg.negatives and negative_pool is None:
-        raise ConfigError(f"z{zoom}: negatives={cfg.negatives} needs the level's tiles (negative_pool)")
-    pool = None if negative_pool is None else np.unique(np.asarray(negative_pool, dtype=np.int64))
-    photo_emb, source = data["photo_emb"], data["source"]
-    lat = np.asarray(data["lat"], dtype=np.float64)
-    lon = np.asarray(data["lon"], dtype=np.float64)
-    codes = tile_codes(lat, lon, zoom=zoom)
-    train_rows = np.asarray(data["train_rows"], dtype=np.int64)
-    if len(np.unique(codes[train_rows])) < 2:
-        raise ConfigError(
-            f"z{zoom}: training needs photos in at least 2 distinct tiles, got {len(train_rows)} photos")
-    val = np.asarray(data["val_rows"] if data["val_rows"] is not None else [], dtype=np.int64)
-    if len(val):
-        if cfg.max_val_photos is not None and len(val) > cfg.max_val_photos:
-            pick = np.random.default_rng([cfg.seed, zoom]).choice(val, cfg.max_val_photos, replace=False)
-            val = np.sort(pick)
-
-    dropped = 0  # training photos whose tile the source lacks (counted in the first epoch)
-    device = torch.device(cfg.device)
-    encoder = init_map_encoder(base, init_from, head=cfg.head)
-    encoder.to(device)
-    params = [p for p in encoder.visual.parameters() if p.requires_grad]
-    anchor = [p.detach().clone() for p in params]  # the level's starting weights (L2-SP), before any resume
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history: list[EpochRecord] = []
-    epoch, step = 0, 0
+    rows = _LevelRows.of(zoom, cfg, data, negative_pool)
+    run = _Run.start(base, init_from, cfg, state)
     if state is not None:
-        encoder.visual.load_state_dict(state["weights"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        epoch, step = int(state["epoch"]), int(state["step"])
-        dropped = int(state.get("dropped", 0))
-        history = [EpochRecord(**r) for r in state["history"]]
-        log.info("z%02d: resuming at epoch %d, step %d from %s", zoom, epoch + 1, step, state_file)
+        log.info("z%02d: resuming at epoch %d, step %d from %s", zoom, run.epoch + 1, run.step, state_file)
 
-    def validate(ep: int, loss: float | None, seconds: float) -> None:
+    def validate(epoch: int, loss: float | None, seconds: float) -> None:
         top1 = top5 = None
         n_photos = n_tiles = 0
-        if len(val):
+        if len(rows.val):
             top1, top5, n_photos, n_tiles = tile_accuracy(
-                encoder, photo_emb[val], codes[val], source=source, zoom=zoom, batch_size=cfg.val_batch_size)
-        history.append(EpochRecord(zoom, ep, loss, top1, top5, n_photos, n_tiles, seconds))
+                run.encoder, data["photo_emb"][rows.val], rows.codes[rows.val], source=data["source"], zoom=zoom,
+                batch_size=cfg.val_batch_size)
+        run.history.append(EpochRecord(zoom, epoch, loss, top1, top5, n_photos, n_tiles, seconds))
         log.info("z%02d epoch %d/%d: loss %s, val tile top-1 %s top-5 %s (%d photos, %d tiles), %.1f s",
-                 zoom, ep, cfg.epochs, f"{loss:.4f}" if loss is not None else "-",
+                 zoom, epoch, cfg.epochs, f"{loss:.4f}" if loss is not None else "-",
                  f"{top1:.3f}" if top1 is not None else "-", f"{top5:.3f}" if top5 is not None else "-",
                  n_photos, n_tiles, seconds)
 
-    def save(done: bool = False) -> None:
-        _save_state(state_file, {
-            "format": STATE_FORMAT, "identity": identity, "weights": _trainable_state(encoder),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "step": step, "history": [dataclasses.asdict(r) for r in history], "done": done,
-            "dropped": dropped, "loss_sum": loss_sum, "loss_n": loss_n,
-        })
-
-    loss_sum = float(state["loss_sum"]) if state is not None else 0.0
-    loss_n = int(state["loss_n"]) if state is not None else 0
-    if not history:  # epoch 0: the starting point, before any step
+    if not run.history:  # epoch 0: the starting point, before any step
         t0 = time.perf_counter()
         validate(0, None, 0.0)
-        history[-1] = dataclasses.replace(history[-1], seconds=time.perf_counter() - t0)
-        save()
+        run.history[-1] = dataclasses.replace(run.history[-1], seconds=time.perf_counter() - t0)
+        _save_state(state_file, run.state(identity))
 
-    photo_all = torch.from_numpy(np.ascontiguousarray(photo_emb, dtype=np.float32))
-    trunk_cache = _TrunkCache(encoder, cfg.cache_trunk_gb * 2**30)
-    while epoch < cfg.epochs:
+    photo_all = torch.from_numpy(np.ascontiguousarray(data["photo_emb"], dtype=np.float32))
+    trunk_cache = TrunkCache(run.encoder, cfg.cache_trunk_gb * 2**30)
+    while run.epoch < cfg.epochs:
         started = time.perf_counter()
-        batches = _epoch_batches(len(train_rows), codes[train_rows], cfg, zoom, epoch)
-        batches = [train_rows[b] for b in batches]
-        if on_epoch:
-            on_epoch(zoom, epoch + 1, len(batches), step)
-        dataset = _Batches(batches, codes, source, encoder.preprocess, zoom, negatives=cfg.negatives,
-                           pool=pool, seed=[cfg.seed, zoom, epoch], cached=trunk_cache.codes)
-        loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(dataset, range(step, len(batches))),
-            batch_size=None, shuffle=False, num_workers=cfg.workers,
+        _train_epoch(run, rows, photo_all, data["source"], trunk_cache, cfg, zoom,
+                     save=lambda: _save_state(state_file, run.state(identity)), on_epoch=on_epoch, on_step=on_step)
+        mean_loss = run.end_epoch()
+        validate(run.epoch, mean_loss, time.perf_counter() - started)
+        _save_state(state_file, run.state(identity))
+    save_map_checkpoint(run.encoder, final, zoom=zoom)
+    _save_state(state_file, run.state(identity, done=True))
+    return LevelResult(zoom, final, init_name, tuple(run.history), dropped_photos=run.dropped)
+
+
+def _train_epoch(
+    run: _Run, rows: _LevelRows, photo_all: torch.Tensor, source: TileSource, trunk_cache: TrunkCache,
+    cfg: TrainConfig, zoom: int, *, save: Callable[[], None],
+    on_epoch: Callable[[int, int, int, int], None] | None, on_step: Callable[[float], None] | None,
+) -> None:
+    """The steps of one epoch from ``run.step`` on, saving the state every ``cfg.checkpoint_every`` steps."""
+    batches = [rows.train[b] for b in _epoch_batches(len(rows.train), rows.codes[rows.train], cfg, zoom, run.epoch)]
+    if on_epoch:
+        on_epoch(zoom, run.epoch + 1, len(batches), run.step)
+    dataset = TileBatches(batches, rows.codes, source, run.encoder.preprocess, zoom, negatives=cfg.negatives,
+                       pool=rows.pool, seed=[cfg.seed, zoom, run.epoch], cached=trunk_cache.codes)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(run.step, len(batches))),
+                                         batch_size=None, shuffle=False, num_workers=cfg.workers)
+    run.encoder.train_head()
+    for batch in loader:
+        if run.epoch == 0:
+            run.dropped += len(batches[run.step]) - len(batch.rows)
+        if len(batch.codes) < 2 or not len(batch.rows):  # its tiles are missing from the source
+            run.step += 1
+            continue
+        value = train_step(run.encoder, run.optimizer, photo_all[batch.rows], trunk_cache.features(batch, run.amp),
+                           batch.target, logit_scale=cfg.logit_scale, scaler=run.scaler, from_trunk=True,
+                           l2sp=cfg.l2sp, anchor=run.anchor)
+        run.step += 1
+        run.loss_sum += value
+        run.loss_n += 1
+        if on_step:
+            on_step(value)
+        if run.step % cfg.checkpoint_every == 0 and run.step < len(batches):
+            save()
+    run.encoder.train_head(False)
+
+
+def _read_state(state_file: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """A level's saved state, if there is one; one of another run is refused."""
+    if not state_file.is_file():
+        return None
+    state: dict[str, Any] = torch.load(state_file, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT or state.get("identity") != identity:
+        raise ConfigError(
+            f"{state_file} belongs to a run with other photos, split, settings or starting point; "
+            "use another --out folder, or delete it (and its zNN.pt) to start this level again"
         )
-        encoder.train_head()
-        for batch in loader:
-            if epoch == 0:
-                dropped += len(batches[step]) - len(batch.rows)
-            if len(batch.codes) < 2 or not len(batch.rows):  # its tiles are missing from the source
-                step += 1
-                continue
-            features = trunk_cache.features(batch, use_amp)
-            value = train_step(encoder, optimizer, photo_all[batch.rows], features, batch.target,
-                               logit_scale=cfg.logit_scale, scaler=scaler, from_trunk=True,
-                               l2sp=cfg.l2sp, anchor=anchor)
-            step += 1
-            loss_sum += value
-            loss_n += 1
-            if on_step:
-                on_step(value)
-            if step % cfg.checkpoint_every == 0 and step < len(batches):
-                save()
-        encoder.train_head(False)
-        epoch, step = epoch + 1, 0
-        mean_loss = loss_sum / loss_n if loss_n else None
-        loss_sum, loss_n = 0.0, 0
-        validate(epoch, mean_loss, time.perf_counter() - started)
-        save()
-    save_map_checkpoint(encoder, final, zoom=zoom)
-    save(done=True)
-    return LevelResult(zoom, final, init_name, tuple(history), dropped_photos=dropped)
+    return state
+
+
+@dataclass(frozen=True)
+class _LevelRows:
+    """What a level trains and validates on: the photos' tile codes at this zoom, the training and
+    validation rows, and the tiles extra negatives are drawn from."""
+
+    codes: npt.NDArray[np.int64]
+    train: npt.NDArray[np.int64]
+    val: npt.NDArray[np.int64]
+    pool: npt.NDArray[np.int64] | None
+
+    @classmethod
+    def of(cls, zoom: int, cfg: TrainConfig, data: LevelData, negative_pool: npt.ArrayLike | None) -> _LevelRows:
+        if cfg.negatives and negative_pool is None:
+            raise ConfigError(f"z{zoom}: negatives={cfg.negatives} needs the level's tiles (negative_pool)")
+        pool = None if negative_pool is None else np.unique(np.asarray(negative_pool, dtype=np.int64))
+        lat = np.asarray(data["lat"], dtype=np.float64)
+        lon = np.asarray(data["lon"], dtype=np.float64)
+        codes = tile_codes(lat, lon, zoom=zoom)
+        train = np.asarray(data["train_rows"], dtype=np.int64)
+        if len(np.unique(codes[train])) < 2:
+            raise ConfigError(
+                f"z{zoom}: training needs photos in at least 2 distinct tiles, got {len(train)} photos")
+        val = np.asarray(data["val_rows"] if data["val_rows"] is not None else [], dtype=np.int64)
+        if cfg.max_val_photos is not None and len(val) > cfg.max_val_photos:
+            val = np.sort(np.random.default_rng([cfg.seed, zoom]).choice(val, cfg.max_val_photos, replace=False))
+        return cls(codes, train, val, pool)
+
+
+@dataclass
+class _Run:
+    """A level's training in progress: the encoder and optimiser, and the counters its state file keeps."""
+
+    encoder: ImageEncoder
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    anchor: list[torch.Tensor]  # the level's starting weights (L2-SP), before any resume
+    amp: bool
+    history: list[EpochRecord] = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+    dropped: int = 0  # training photos whose tile the source lacks (counted in the first epoch)
+    loss_sum: float = 0.0
+    loss_n: int = 0
+
+    @classmethod
+    def start(cls, base: ImageEncoder, init_from: str | os.PathLike | None, cfg: TrainConfig,
+              state: dict[str, Any] | None) -> _Run:
+        device = torch.device(cfg.device)
+        encoder = init_map_encoder(base, init_from, head=cfg.head)
+        encoder.to(device)
+        params = [p for p in encoder.visual.parameters() if p.requires_grad]
+        amp = cfg.amp and device.type == "cuda"
+        run = cls(encoder, torch.optim.Adam(params, lr=cfg.lr), torch.amp.GradScaler("cuda", enabled=amp),
+                  [p.detach().clone() for p in params], amp)
+        if state is not None:
+            encoder.visual.load_state_dict(state["weights"], strict=False)
+            run.optimizer.load_state_dict(state["optimizer"])
+            run.scaler.load_state_dict(state["scaler"])
+            run.epoch, run.step = int(state["epoch"]), int(state["step"])
+            run.dropped = int(state.get("dropped", 0))
+            run.history = [EpochRecord(**r) for r in state["history"]]
+            run.loss_sum, run.loss_n = float(state["loss_sum"]), int(state["loss_n"])
+        return run
+
+    def end_epoch(self) -> float | None:
+        """Close an epoch: the next starts at step 0; returns this one's mean loss (None: no step)."""
+        mean = self.loss_sum / self.loss_n if self.loss_n else None
+        self.epoch, self.step, self.loss_sum, self.loss_n = self.epoch + 1, 0, 0.0, 0
+        return mean
+
+    def state(self, identity: dict[str, Any], *, done: bool = False) -> dict[str, Any]:
+        """What the state file holds: enough to resume at this step."""
+        return {
+            "format": STATE_FORMAT, "identity": identity, "weights": _trainable_state(self.encoder),
+            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "epoch": self.epoch,
+            "step": self.step, "history": [dataclasses.asdict(r) for r in self.history], "done": done,
+            "dropped": self.dropped, "loss_sum": self.loss_sum, "loss_n": self.loss_n,
+        }
 
 
 def train_levels(

@@ -1,7 +1,7 @@
 """Training batches of the map encoders: photos, their tiles read from a source, and cached trunk outputs.
 
 A batch holds photos; its tiles are the distinct tiles of those photos (plus optional extra
-negatives), read through :func:`geoindex.tile_encoding.load_tile`. :class:`_TrunkCache` keeps the
+negatives), read through :func:`geoindex.tile_encoding.load_tile`. :class:`TrunkCache` keeps the
 frozen trunk's output of each tile within a memory budget, so a later step runs only the head.
 """
 
@@ -19,7 +19,7 @@ from geoindex.sources import TileSource
 from geoindex.tile_encoding import load_tile
 from geoindex.tiles import tile_of_code
 
-__all__ = ["batch_targets"]
+__all__ = ["TileBatches", "TrunkCache", "batch_targets"]
 
 
 def batch_targets(codes: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
@@ -51,7 +51,7 @@ class _Batch(NamedTuple):
     missing: int
 
 
-class _Batches(torch.utils.data.Dataset):
+class TileBatches(torch.utils.data.Dataset):
     """Batch i of an epoch (see ``_Batch``). Photos whose tile the source lacks are left out of their
     batch (and counted); missing negatives are dropped. Tiles whose code is in ``cached`` are not loaded.
     """
@@ -107,7 +107,7 @@ class _Batches(torch.utils.data.Dataset):
                       torch.from_numpy(target), missing)
 
 
-class _TrunkCache:
+class TrunkCache:
     """Frozen-trunk outputs per tile code, up to a memory budget; a step's tiles in, their features out."""
 
     def __init__(self, encoder: ImageEncoder, budget_bytes: float) -> None:
@@ -116,7 +116,7 @@ class _TrunkCache:
         self.budget = budget_bytes
         self.used = 0
         self.store: dict[int, torch.Tensor] = {}
-        self.codes: set[int] = set()  # what _Batches need not load (a set, unlike store.keys(), pickles for workers)
+        self.codes: set[int] = set()  # what TileBatches need not load (a set, unlike store.keys(), pickles for workers)
 
     def features(self, batch: _Batch, amp: bool) -> torch.Tensor:
         fresh = None

@@ -148,7 +148,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--threads", type=int,
                    help="encoder and FAISS threads (default: every CPU this process may use)")
     p.add_argument("--workers", type=int,
-                   help="threads reading and preprocessing tiles (default: one per encoder thread, at least 2)")
+                   help="processes reading and preprocessing tiles (threads for http/xyz sources; default: one per "
+                        "encoder thread, at least 2)")
     p.add_argument("--schedule", type=int, nargs=3, metavar=("START", "STOP", "STEP"), default=(4, 16, 2),
                    help="zoom levels of the hierarchy (default: 4 16 2, the paper's)")
     p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="index only this area")

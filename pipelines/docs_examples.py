@@ -1,4 +1,4 @@
-"""Regenerate the README's example transcripts (and the web page's screenshot) from this code.
+"""Regenerate the README's example transcripts from this code.
 
 ``make docs-examples`` runs it. Every ```console block of README.md sits between two markers::
 
@@ -14,7 +14,7 @@ builds). The commands run in a scratch folder where the index is ``indexes/demo`
 ``photos/*.jpg``, so the transcripts read as a user's would. The photos are real ones with EXIF GPS
 (``--photos``, default ``../shared/data/photos``: Berlin, Lund and near Arezzo) plus one broken file.
 ``demo`` is the transcript of ``python -m pipelines.demo`` (several minutes; ``--skip demo`` keeps the
-README's). The screenshot needs Chromium and selenium; without them it is skipped and the reason printed.
+README's). ``make docs-examples`` also redraws the page's picture (``benchmarks/page_screenshot.py``).
 Nothing is written unless every requested example ran: a failed command leaves the README as it was.
 """
 
@@ -41,10 +41,10 @@ from geoindex.files import atomic_write_bytes
 from pipelines._cli import pipeline_main
 
 ROOT = Path(__file__).resolve().parents[1]
-SHOT = ROOT / "benchmarks" / "results" / "service-page.png"
 # The photos the examples show, under short names (file in --photos -> name in the transcript).
 PHOTOS = {"berlin.jpg": "opensfm_data_berlin_images_01.jpg", "lund.jpg": "opensfm_data_lund_images_01.jpg",
           "arezzo.jpg": "exif-samples_jpg_gps_dscn0010.jpg"}
+SHOWN_PORT = 8765
 BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end: (?P=name) -->)", re.S)
 
 
@@ -54,7 +54,6 @@ class Config:
     index: Path = ROOT / "indexes" / "demo"
     photos: Path = ROOT.parent / "shared" / "data" / "photos"
     skip: tuple[str, ...] = ()
-    screenshot: Path | None = SHOT
     quiet: bool = False
 
 
@@ -64,11 +63,9 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     p.add_argument("--readme", type=Path, default=Config.readme)
     p.add_argument("--index", type=Path, default=Config.index, help="the index the examples use (make demo builds it)")
     p.add_argument("--photos", type=Path, default=Config.photos, help="folder holding the example photos")
-    p.add_argument("--skip", nargs="*", default=[], choices=[*EXAMPLES, "screenshot"],
-                   help="examples to leave as they are")
-    p.add_argument("--screenshot", type=Path, default=SHOT, help="where the page's screenshot goes")
+    p.add_argument("--skip", nargs="*", default=[], choices=list(EXAMPLES), help="examples to leave as they are")
     a = p.parse_args(argv)
-    return Config(a.readme, a.index, a.photos, tuple(a.skip), None if "screenshot" in a.skip else a.screenshot)
+    return Config(a.readme, a.index, a.photos, tuple(a.skip))
 
 
 # -- running commands in a scratch folder that looks like a user's --------------------------------------
@@ -112,8 +109,20 @@ def abbreviate(value: Any, *, keep: Sequence[str]) -> Any:
     return value
 
 
+def _rounded(value: Any) -> Any:
+    """Floats to 4 decimals, for reading (the service sends them whole)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _json_line(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":")).replace('"[...]"', "[...]").replace('"{...}"', "{...}")
+    text = json.dumps(_rounded(value), separators=(",", ":"))
+    return text.replace('"[...]"', "[...]").replace('"{...}"', "{...}")
 
 
 @contextlib.contextmanager
@@ -152,10 +161,11 @@ def _serve_example(cwd: Path, cfg: Config) -> str:
         with open(cwd / "photos" / "berlin.jpg", "rb") as f:
             answer = requests.post(f"{base}/locate", files={"image": ("berlin.jpg", f)}, data={"top_n": "2"},
                                    timeout=120).json()
-    port = base.rsplit(":", 1)[1]
+    port = SHOWN_PORT  # the server ran on a free port; the transcript shows the one users would pick
     answer["reason"] = answer["reason"] and answer["reason"][:60] + " ..."
     return (f"$ geoindex serve --index indexes/demo --port {port}      # binds to 127.0.0.1; the page at /, "
-            f"API docs at /docs\n$ curl -s localhost:{port}/health\n{_json_line(abbreviate(health, keep=()))}\n"
+            f"API docs at /docs and /redoc\n$ curl -s localhost:{port}/health\n"
+            f"{_json_line(abbreviate(health, keep=()))}\n"
             f"$ curl -s -F image=@photos/berlin.jpg -F top_n=2 localhost:{port}/locate\n"
             f"{_json_line(abbreviate(answer, keep=('exif', 'radius_km', 'tile', 'bbox')))}\n")
 
@@ -204,42 +214,6 @@ def replace_blocks(readme: str, outputs: dict[str, str]) -> str:
     return BLOCK.sub(body, readme)
 
 
-# -- the screenshot --------------------------------------------------------------------------------
-
-
-def screenshot(cwd: Path, path: Path) -> str:
-    """The page after locating berlin.jpg, 1280 CSS pixels wide; returns what happened, in words."""
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.common.by import By
-        from selenium.webdriver.support.ui import WebDriverWait
-    except ImportError:
-        return "screenshot skipped: selenium is not installed (pip install -e '.[dev]')"
-    chromium = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
-    driver = shutil.which("chromedriver")
-    if chromium is None or driver is None:
-        return "screenshot skipped: no chromium / chromedriver on this machine (apt install chromium chromium-driver)"
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1000"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
-    try:
-        with _serving(cwd) as base:
-            browser.get(f"{base}/")
-            browser.find_element(By.ID, "files").send_keys(str(cwd / "photos" / "berlin.jpg"))
-            done = '#results li[data-state="done"]'
-            WebDriverWait(browser, 180).until(lambda b: b.find_elements(By.CSS_SELECTOR, done))
-            time.sleep(2)  # let the map's tiles arrive
-            height = browser.execute_script("return document.documentElement.scrollHeight")
-            browser.set_window_size(1280, min(int(height) + 140, 4000))
-            png = browser.get_screenshot_as_png()
-    finally:
-        browser.quit()
-    atomic_write_bytes(path, png)
-    return f"wrote {path}"
-
-
 def run(cfg: Config) -> int:
     readme = cfg.readme.read_text(encoding="utf-8")
     wanted = [name for name in EXAMPLES if name not in cfg.skip]
@@ -248,12 +222,10 @@ def run(cfg: Config) -> int:
         outputs = {}
         for name in wanted:
             started = time.perf_counter()
-            outputs[name] = EXAMPLES[name](cwd, cfg).replace(tmp, ".")
+            outputs[name] = EXAMPLES[name](cwd, cfg).replace(tmp, ".").replace(f"{ROOT}/", "")
             print(f"example {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         atomic_write_bytes(cfg.readme, replace_blocks(readme, outputs).encode("utf-8"))
         print(f"wrote {len(outputs)} examples to {cfg.readme}", file=sys.stderr)
-        if cfg.screenshot is not None:
-            print(screenshot(cwd, cfg.screenshot), file=sys.stderr)
     return 0
 
 

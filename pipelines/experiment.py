@@ -139,6 +139,47 @@ class Config:
         return list(range(self.schedule[0], self.schedule[1] + 1, self.schedule[2]))
 
 
+def add_recipe_arguments(p: argparse.ArgumentParser, defaults: Config) -> None:
+    """The options that say what is trained and how (encoder, places, views, optimiser, zooms, device),
+    with ``defaults``' values: shared by this experiment and ``pipelines.ship_encoders``."""
+    p.add_argument("--encoder", default=defaults.encoder, choices=sorted(ENCODERS),
+                   help=f"base encoder (default: {defaults.encoder})")
+    p.add_argument("--tiles", type=int, default=defaults.tiles, help="zoom-6 evaluation tiles (half held out)")
+    p.add_argument("--candidates", type=int, default=defaults.candidates,
+                   help="random zoom-6 tiles (|lat| < 70) the most textured --tiles are chosen from")
+    p.add_argument("--train-views", type=int, default=defaults.train_views,
+                   help=f"training views per tile beyond the evaluation tiles (default {defaults.train_views})")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per level")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--negatives", type=int, default=defaults.negatives,
+                   help=f"extra negatives per step from the whole level (default {defaults.negatives}: in-batch only)")
+    p.add_argument("--head", choices=HEADS, default=defaults.head,
+                   help=f"what the map encoders fine-tune (default {defaults.head})")
+    p.add_argument("--l2sp", type=float, default=defaults.l2sp, help="weight of the pull towards the start weights")
+    start, stop, step = defaults.schedule
+    p.add_argument("--schedule", type=int, nargs=3, default=list(defaults.schedule), metavar=("START", "STOP", "STEP"),
+                   help=f"zoom levels of the index and of training; STOP must be {VIEW_ZOOM} "
+                        f"(default {start} {stop} {step})")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--threads", type=int, default=defaults.threads, help=f"torch threads (default {defaults.threads})")
+    p.add_argument("--device", default=defaults.device,
+                   help=f"torch device for training, building and evaluating: cpu, cuda (default: {defaults.device})")
+    p.add_argument("--quiet", action="store_true")
+
+
+def recipe_from_arguments(a: argparse.Namespace) -> dict[str, Any]:
+    """The ``Config`` fields that :func:`add_recipe_arguments` set."""
+    return dict(encoder=a.encoder, tiles=a.tiles, candidates=a.candidates, train_views=a.train_views,
+                epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, negatives=a.negatives, head=a.head, l2sp=a.l2sp,
+                schedule=tuple(a.schedule), seed=a.seed, threads=a.threads, device=a.device, quiet=a.quiet)
+
+
+def command_line(prog: str, argv: Sequence[str] | None) -> str:
+    """How this run was started, quoted for a shell: recorded beside its figures."""
+    return f"python -m {prog} " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+
+
 def parse_args(argv: Sequence[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="python -m pipelines.experiment", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -146,12 +187,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                    help="working folder (default: indexes/experiment-bluemarble)")
     p.add_argument("--source", help=f"tile source with zoom 4 and 6 (default: {SHARED_BLUEMARBLE} if present, "
                                     "else the embedded Blue Marble raster)")
-    p.add_argument("--encoder", default=Config.encoder, choices=sorted(ENCODERS),
-                   help=f"base encoder (default: {Config.encoder})")
     p.add_argument("--weights", help="local weights file for the encoder")
-    p.add_argument("--tiles", type=int, default=Config.tiles, help="zoom-6 evaluation tiles")
-    p.add_argument("--candidates", type=int, default=Config.candidates,
-                   help="random zoom-6 tiles (|lat| < 70) the most textured --tiles are chosen from")
+    add_recipe_arguments(p, Config())
     p.add_argument("--views", type=int, default=Config.views, help="views per evaluation tile")
     p.add_argument("--val-views", type=int, default=Config.val_views, help="of which validation views")
     p.add_argument("--test-views", type=int, default=Config.test_views, help="of which held-out views")
@@ -161,46 +198,24 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
                    help=f"blocks of 2x2 zoom-4 tiles held out whole (default {Config.regions})")
     p.add_argument("--train-tiles", choices=("all", "eval"), default=Config.train_tiles,
                    help="train on views of every tile not held out (all), or only of the evaluation tiles")
-    p.add_argument("--train-views", type=int, default=Config.train_views,
-                   help=f"training views per tile beyond the evaluation tiles (default {Config.train_views})")
-    p.add_argument("--epochs", type=int, default=Config.epochs, help="epochs per level")
-    p.add_argument("--batch-size", type=int, default=Config.batch_size)
-    p.add_argument("--lr", type=float, default=Config.lr)
     p.add_argument("--logit-scale", type=float, default=Config.logit_scale,
                    help=f"1/temperature of the contrastive loss (default {Config.logit_scale:.2f}: tau 0.07)")
-    p.add_argument("--negatives", type=int, default=Config.negatives,
-                   help=f"extra negatives per step from the whole level (default {Config.negatives}: in-batch only)")
-    p.add_argument("--head", choices=HEADS, default=Config.head,
-                   help=f"what the map encoders fine-tune (default {Config.head})")
-    p.add_argument("--l2sp", type=float, default=Config.l2sp, help="weight of the pull towards the start weights")
     p.add_argument("--recipe-name", default=Config.recipe_name,
                    help="folder under --out for this recipe's checkpoints, index and reports (default: trained)")
-    p.add_argument("--schedule", type=int, nargs=3, default=list(Config.schedule), metavar=("START", "STOP", "STEP"),
-                   help=f"zoom levels of the index and of training; STOP must be {VIEW_ZOOM} (default 4 6 2)")
     p.add_argument("--k", type=int, nargs="+", default=list(Config.ks), help="beam widths to evaluate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=Config.threads, help=f"torch threads (default {Config.threads})")
-    p.add_argument("--device", default=Config.device,
-                   help="torch device for training, building and evaluating: cpu, cuda (default: cpu)")
     p.add_argument("--precision", default=Config.precision, choices=PRECISIONS,
                    help="encoder arithmetic for building and querying (training runs fp32, with fp16 autocast "
                         "on CUDA)")
     p.add_argument("--results-md", type=Path, default=RESULTS_MD, help="the RESULTS.md to append to")
     p.add_argument("--results-json", type=Path, default=RESULTS_JSON, help="where to write the figures as JSON")
     p.add_argument("--no-record", action="store_true", help="write neither RESULTS.md nor the JSON figures")
-    p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
-    command = "python -m pipelines.experiment " + " ".join(
-        shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     return Config(
-        out=a.out, source=a.source, encoder=a.encoder, weights=a.weights, tiles=a.tiles, candidates=a.candidates,
-        views=a.views, val_views=a.val_views, test_views=a.test_views, heldout_share=a.heldout_share,
-        regions=a.regions, train_tiles=a.train_tiles, train_views=a.train_views, epochs=a.epochs,
-        batch_size=a.batch_size, lr=a.lr, logit_scale=a.logit_scale, negatives=a.negatives, head=a.head,
-        l2sp=a.l2sp, recipe_name=a.recipe_name, schedule=tuple(a.schedule), ks=tuple(a.k), seed=a.seed,
-        threads=a.threads, device=a.device, precision=a.precision,
+        out=a.out, source=a.source, weights=a.weights, views=a.views, val_views=a.val_views,
+        test_views=a.test_views, heldout_share=a.heldout_share, regions=a.regions, train_tiles=a.train_tiles,
+        logit_scale=a.logit_scale, recipe_name=a.recipe_name, ks=tuple(a.k), precision=a.precision,
         results_md=None if a.no_record else a.results_md, results_json=None if a.no_record else a.results_json,
-        quiet=a.quiet, command=command.strip(),
+        command=command_line("pipelines.experiment", argv), **recipe_from_arguments(a),
     )
 
 

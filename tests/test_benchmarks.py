@@ -27,7 +27,7 @@ def _run(module: str, tmp_path: Path, *extra: str) -> tuple[dict, str]:
     assert f"benchmarks/{mod.NAME}.py --smoke" in text  # the exact command is recorded
     for key in ("date", "cpu", "gpu", "faiss", "torch"):
         assert data["machine"][key]
-    assert data["encoder"] == "tiny" or module in ("scale", "open_time", "lazy_memory")
+    assert data["encoder"] == "tiny" or module in ("scale", "open_time", "lazy_memory", "loaders")
     return data["results"], text
 
 
@@ -135,7 +135,7 @@ def test_lazy_memory(tmp_path):
 def test_precision(tmp_path):
     res, text = _run("precision", tmp_path, "--encoders", "tiny")
     by_p = res["results"]["tiny"]
-    assert set(by_p) == {"fp32", "bf16", "int8"}  # int8 applies to the ViT's Linear layers
+    assert set(by_p) == {"fp32", "fp32-torch-preprocessing", "bf16", "int8"}  # int8: the ViT's Linear layers
     assert all(_positive(r["photo_ms_p50"]) and _positive(r["tiles_per_s"]) for r in by_p.values())
     assert by_p["fp32"]["final_tile_agreement"] is None  # random weights: no quality figure
     assert res["default"] == {"tiny": "fp32"} and res["recommended"] == {"tiny": "fp32"}
@@ -165,3 +165,28 @@ def test_startup(tmp_path):
     assert [r["command"] for r in res] == ["geoindex --help", "geoindex locate (1 photo)"]
     assert all(_positive(t) for r in res for t in r["before_s"] + r["after_s"])
     assert "before" in text and "after" in text and "geoindex --help < 0.5 s" in text
+
+
+def test_loaders(tmp_path):
+    res, text = _run("loaders", tmp_path)
+    assert res["tiles"] == 16 and set(res["sources"]) == {"raster (bluemarble)", "JPEG folder"}
+    for by_mode in res["sources"].values():
+        assert all(_positive(by_mode[m]["tiles_per_s"]) for m in ("in-process", "2 threads", "1 process",
+                                                                  "2 processes"))
+        assert _positive(by_mode["two_processes_over_one"])
+    assert "2 processes >= 1.8x 1 process" in text
+
+
+def test_gpu_skips_with_a_reason_without_cuda(tmp_path, capsys):
+    import torch
+
+    from benchmarks import gpu
+
+    if torch.cuda.is_available():
+        res, _ = _run("gpu", tmp_path)
+        assert all(_positive(res[k]) for k in ("network_tiles_per_s", "batched_photos_per_s"))
+        assert _positive(res["build_raster"]["tiles_per_s"]) and _positive(res["one_photo_ms"]["p50"])
+        return
+    assert gpu.main(["--smoke", "--results-dir", str(tmp_path), "--results-md", str(tmp_path / "R.md")]) == 0
+    assert "skipped: no CUDA device" in capsys.readouterr().out
+    assert not (tmp_path / "gpu.json").exists()  # nothing recorded: no figure was measured

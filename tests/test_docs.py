@@ -86,7 +86,7 @@ def test_docs_examples_regenerates_the_transcripts_from_this_code(small_index, t
     readme = tmp_path / "README.md"
     readme.write_text((ROOT / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
     code = docs_examples.main(["--readme", str(readme), "--index", str(small_index), "--photos", str(photos),
-                               "--skip", "demo", "screenshot"])
+                               "--skip", "demo"])
     assert code == 0
     blocks = docs_examples.generated_blocks(readme.read_text(encoding="utf-8"))
     one = blocks["locate-one"]

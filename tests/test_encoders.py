@@ -274,6 +274,50 @@ def test_photo_encoder_opens_from_its_exported_graph_without_building_the_networ
     lazy = create_encoder("efficientnet-lite0")
     image = (np.arange(90 * 120 * 3) % 251).astype(np.uint8).reshape(90, 120, 3)
     np.testing.assert_array_equal(lazy.encode([image])[0], np.float32(first["emb"]))
+    # the network built on first use inside encode (inference mode) is an ordinary, trainable network
+    built_in_encode = create_encoder("efficientnet-lite0").with_precision("fp32", runtime="torch")
+    np.testing.assert_allclose(built_in_encode.encode([image])[0], first["emb"], atol=1e-4)
+    assert not any(p.is_inference() for p in built_in_encode.visual.parameters())
     assert lazy.device.type == "cpu" and lazy.head_prefixes  # builds the network
     torch_emb = lazy.with_precision("fp32", runtime="torch").encode([image])[0]
     np.testing.assert_allclose(torch_emb, first["emb"], atol=1e-4)
+
+
+def test_cuda_graph_wrapper_runs_the_network_as_is_where_it_cannot_capture(tiny_encoder, monkeypatch):
+    """On a CPU the wrapper is a pass-through; where a capture fails it runs that shape eagerly, and does not
+    try again."""
+    from geoindex.cuda_graphs import GraphedNetwork
+
+    x = torch.randn(1, 3, 64, 64)
+    network = tiny_encoder.visual
+    graphed = GraphedNetwork(network)
+    assert not graphed.captures(x)
+    with torch.inference_mode():
+        want = network(x)
+        assert torch.equal(graphed(x), want) and graphed.captured == 0
+        tries = []
+
+        def broken_capture(inp):
+            tries.append(inp.shape)
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(graphed, "captures", lambda inp: True)
+        monkeypatch.setattr(graphed, "_capture", broken_capture)
+        assert torch.equal(graphed(x), want) and torch.equal(graphed(x), want)
+    assert len(tries) == 1 and graphed.captured == 0
+
+
+def test_one_photo_on_cuda_replays_a_captured_graph_with_the_eager_answer():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: graph capture is checked where one is (the CPU fallback is tested above)")
+    from geoindex.cuda_graphs import GraphedNetwork
+
+    enc = create_encoder("tiny", device="cuda", precision="fp32")
+    photo = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
+    first, again = enc.encode([photo]), enc.encode([photo])
+    network = enc._inference_network()
+    assert isinstance(network, GraphedNetwork) and network.captured == 1
+    eager = enc.with_precision("fp32")
+    eager._inference_network = lambda: eager.visual  # type: ignore[method-assign]
+    np.testing.assert_allclose(first, eager.encode([photo]), atol=1e-5)
+    assert np.array_equal(first, again)

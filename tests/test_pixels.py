@@ -69,3 +69,38 @@ def test_other_pipelines_are_left_alone():
     for p in (bilinear, other_crop, extra, plain):
         assert fast_preprocess(p) is p
     assert isinstance(fast_preprocess(_torchvision(64)), ResizeCropNormalize)
+
+
+def test_torch_resize_is_bit_identical_without_resampling_and_within_a_grey_level_with_it():
+    """``resize_crop_normalize`` (tensor operations, for the device): an image already S x S gives
+    ResizeCropNormalize's tensor bit for bit; resized ones stay within PIL's rounding of it."""
+    from geoindex.pixels import resize_crop_normalize
+
+    rng = np.random.default_rng(3)
+    prep = ResizeCropNormalize(224, MEAN, STD)
+    # smooth images (as photos and tiles are): noise would measure only the two filters' rounding
+    images = [np.asarray(Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize(
+        (w, h), Image.Resampling.BICUBIC)) for h, w in [(224, 224), (480, 640), (256, 256), (300, 223)]]
+    got = resize_crop_normalize(images, 224, MEAN, STD)
+    want = torch.stack([prep(Image.fromarray(im)) for im in images])
+    assert got.shape == want.shape == (4, 3, 224, 224) and got.dtype == torch.float32
+    assert torch.equal(got[0], want[0])
+    levels = ((got[1:] - want[1:]).abs() * torch.tensor(STD).view(3, 1, 1) * 255.0).round()  # in grey levels
+    assert float(levels.max()) <= 2 and float((levels > 0).float().mean()) < 0.01, (levels.max(), levels.mean())
+    if torch.cuda.is_available():  # float32 resampling there
+        on_gpu = resize_crop_normalize(images, 224, MEAN, STD, device="cuda").cpu()
+        levels = ((on_gpu[1:] - want[1:]).abs() * torch.tensor(STD).view(3, 1, 1) * 255.0).round()
+        assert float(levels.max()) <= 2 and float((levels > 0).float().mean()) < 0.3
+    else:
+        print("no CUDA here: the float32 resampling of GPUs is not compared with PIL")
+
+
+def test_torch_preprocessing_is_part_of_the_encoder_identity(tiny_encoder):
+    torch_enc = tiny_encoder.with_precision("fp32", preprocessing="torch")
+    assert "preprocessing" not in tiny_encoder.identity  # indexes built before it was recorded keep theirs
+    assert torch_enc.identity["preprocessing"] == "torch" and torch_enc.identity != tiny_encoder.identity
+    photo = np.random.default_rng(4).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    a, b = torch_enc.encode([photo]), tiny_encoder.encode([photo])
+    assert float(np.sum(a * b)) > 0.999  # close, not equal: PIL's fixed-point filter against torch's float one
+    with pytest.raises(Exception, match="preprocessing"):
+        tiny_encoder.with_precision("fp32", preprocessing="gpu")

@@ -13,7 +13,7 @@ import geoindex
 from geoindex.beam import DEFAULT_TEMPERATURE
 from geoindex.errors import TileNotFoundError
 from geoindex.formats import areas, result_to_dict, tile_probabilities, to_geojson
-from geoindex.render import draw_map
+from geoindex.render import basemap_tile, draw_map
 from geoindex.results import Candidate, LevelTrace, SearchResult
 from geoindex.sources import MemorySource, RasterSource
 from geoindex.tiles import tile_center
@@ -142,3 +142,18 @@ def test_draw_map_over_embedded_world_imagery(searched, tmp_path):
     draw_map(result, RasterSource(), panel_size=128).save(path)
     with Image.open(path) as img:
         assert img.format == "PNG" and img.width == 8 + 3 * (128 + 8)
+
+
+def test_basemap_tile_is_the_tile_or_the_matching_part_of_an_ancestor():
+    parent = T(2, 1, 2)
+    source = MemorySource({parent: render_tile(parent, size=64), T(9, 9, 4): render_tile(T(9, 9, 4), size=64)})
+    same = basemap_tile(source, parent, 128)
+    assert same is not None and same.size == (128, 128)
+    assert np.array_equal(np.asarray(same)[16::32, 16::32], np.asarray(render_tile(parent, size=4)))
+    child = T(5, 3, 3)  # the parent's bottom-right quarter: its blocks (2..3, 2..3)
+    got = basemap_tile(source, child, 64)
+    assert got is not None and got.size == (64, 64)
+    want = np.asarray(render_tile(parent, size=4))[2:, 2:]
+    assert np.array_equal(np.asarray(got)[16::32, 16::32], want)
+    assert basemap_tile(source, T(0, 0, 3), 64) is None  # neither it nor an ancestor is in the source
+    assert basemap_tile(source, mercantile.children(child)[0], 64, fallback=1) is None  # the parent is 2 up

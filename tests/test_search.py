@@ -165,7 +165,7 @@ def test_bad_k(small_index, k):
 
 
 def test_k_is_checked_once_per_call(small_index, monkeypatch):
-    from geoindex import api, beam
+    from geoindex import beam
 
     calls = []
     check_k = beam.check_k
@@ -174,8 +174,7 @@ def test_k_is_checked_once_per_call(small_index, monkeypatch):
         calls.append(k)
         return check_k(k)
 
-    monkeypatch.setattr(api, "check_k", counting)
-    monkeypatch.setattr(beam, "check_k", counting)
+    monkeypatch.setattr(beam, "check_k", counting)  # every check goes through beam.beam_width
     index = geoindex.open_index(small_index)
     geoindex.search(_queries(1, zoom=3)[0], k=3, index=index)
     index.search(_queries(2, zoom=3), k=3)
@@ -239,3 +238,79 @@ def test_index_search_and_geoindex_search_agree_on_one_image_and_on_lists(small_
     assert isinstance(many, list) and [_trace_tiles(r) for r in many] == [_trace_tiles(one)] * 2
     assert isinstance(index.search((photo,), k=3), list)
     assert isinstance(index.search(b"not an image", k=3, on_error="return"), geoindex.ImageError)
+
+
+def _hits(levels, xq, k):
+    from geoindex.beam import beam_search
+
+    return beam_search(xq, levels, k)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 64])
+def test_torch_search_gives_faiss_tiles_and_scores(small_index, k):
+    """The batched torch search (CPU tensors here) keeps the same ids at every level as FAISS, with the same
+    scores, also under a region's mask and where the beam is wider than a level."""
+    from geoindex.beam import FaissLevel, TorchLevel
+    from geoindex.store import level_embeddings
+
+    index = geoindex.open_index(small_index)
+    xq = index.embed(_queries(16, zoom=3, seed=k))
+    allowed = [np.arange(s.rows) % 3 != 1 for s in index.stored]
+    for masks in (None, allowed):
+        faiss_levels, torch_levels = [], []
+        for i, s in enumerate(index.stored):
+            m = None if masks is None else masks[i]
+            faiss_levels.append(FaissLevel(s, allowed=m))
+            torch_levels.append(TorchLevel(s, *level_embeddings(small_index, s.zoom), device="cpu", allowed=m,
+                                           block=64))  # a small block: queries are searched in several chunks
+        for a, b in zip(_hits(faiss_levels, xq, k), _hits(torch_levels, xq, k), strict=True):
+            assert np.array_equal(a.I, b.I), (a.zoom, masks is None)
+            np.testing.assert_allclose(a.D, b.D, rtol=0, atol=1e-5)
+
+
+def test_index_opened_with_the_torch_backend_answers_as_faiss(small_index):
+    faiss_index = geoindex.open_index(small_index, search_backend="faiss")
+    torch_index = geoindex.open_index(small_index, search_backend="torch")
+    assert torch_index.search_backend == "torch" and faiss_index.search_backend == "faiss"
+    assert geoindex.open_index(small_index).search_backend == "faiss"  # auto on a CPU
+    queries = _queries(8, zoom=3, seed=11)
+    for a, b in zip(faiss_index.search(queries, k=3), torch_index.search(queries, k=3), strict=True):
+        assert _trace_tiles(a) == _trace_tiles(b)
+        np.testing.assert_allclose(a.score, b.score, atol=1e-5)
+    with pytest.raises(ConfigError, match="search_backend"):
+        geoindex.open_index(small_index, search_backend="gpu")
+
+
+def test_torch_search_on_cuda_matches_the_cpu(small_index):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: the GPU search is checked where one is (tests on CPU tensors run above)")
+    on_gpu = geoindex.open_index(small_index, device="cuda")
+    assert on_gpu.search_backend == "torch"
+    on_cpu = geoindex.open_index(small_index, search_backend="faiss")
+    queries = _queries(8, zoom=3, seed=12)
+    xq = on_cpu.embed(queries)
+    for a, b in zip(on_cpu.search_embeddings(xq, k=3), on_gpu.search_embeddings(xq, k=3), strict=True):
+        assert _trace_tiles(a) == _trace_tiles(b)
+
+
+def test_indexed_equals_on_the_fly_with_torch_preprocessing(tmp_path, tiny_encoder, rendered_source, world):
+    """Tiles resized as tensor operations (the device path): recorded per level, used again on the fly, and the
+    index refuses to extend a level with the other preprocessing."""
+    from geoindex.errors import EncoderMismatchError
+
+    encoder = tiny_encoder.with_precision("fp32", preprocessing="torch")
+    schedule = LevelSchedule(1, 3, 1)
+    for zoom in schedule.zooms:
+        build_level(tmp_path, zoom, source=rendered_source, encoder=encoder, coverage=world, schedule=schedule,
+                    shard_size=16)
+    index = geoindex.open_index(tmp_path)
+    assert all(level.encoder.preprocessing == "torch" for level in index.manifest.levels)
+    otf = OnTheFlySearcher.for_index(index, rendered_source)
+    queries = _queries(12, zoom=3, seed=21)
+    for a, b in zip(index.search(queries, k=3), otf.search(queries, k=3), strict=True):
+        assert _trace_tiles(a) == _trace_tiles(b)
+    with pytest.raises(EncoderMismatchError):
+        build_level(tmp_path, 3, source=MemorySource(render_tile, name="rendered"), encoder=tiny_encoder,
+                    coverage=world, schedule=schedule, shard_size=16)

@@ -62,6 +62,95 @@ def test_openapi_and_docs(server):
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 
 
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_their_scripts_from_this_server(server, page):
+    """Swagger UI and ReDoc work offline: every script and style they name is served here, none by a CDN."""
+    import re
+
+    r = httpx.get(f"{server}{page}", timeout=TIMEOUT)
+    html = r.text
+    if page == "/redoc":  # ReDoc would show a logo from its CDN: the page may show no image from elsewhere
+        assert r.headers["content-security-policy"] == "img-src 'self' data:"
+    else:  # Swagger UI without the validator badge, an image from validator.swagger.io
+        assert '"validatorUrl": null' in html
+    assets = re.findall(r"""(?:src|href)=["']([^"']+\.(?:js|css))["']""", html)
+    assert assets, f"{page} names no script or style"
+    for url in assets:
+        assert url.startswith("/"), f"{page} loads {url} from another host"
+        r = httpx.get(f"{server}{url}", timeout=TIMEOUT)
+        assert r.status_code == 200 and len(r.content) > 10_000, url
+
+
+def test_vendored_map_library_is_served(server):
+    js = httpx.get(f"{server}/vendor/leaflet/leaflet.js", timeout=TIMEOUT)
+    assert js.status_code == 200 and "javascript" in js.headers["content-type"] and "Leaflet" in js.text[:200]
+    css = httpx.get(f"{server}/vendor/leaflet/leaflet.css", timeout=TIMEOUT)
+    assert css.status_code == 200 and ".leaflet-container" in css.text
+    assert httpx.get(f"{server}/vendor/leaflet/images/layers.png", timeout=TIMEOUT).status_code == 200
+
+
+def test_vendored_map_library_matches_its_recorded_sums():
+    """The committed Leaflet files are the ones `make vendor` fetched (their sha256 sums are recorded beside them)."""
+    import hashlib
+    from pathlib import Path
+
+    import geoindex
+
+    root = Path(geoindex.__file__).parent / "static" / "vendor" / "leaflet"
+    lines = (root / "SHA256SUMS").read_text().splitlines()
+    assert {"leaflet.js", "leaflet.css", "LICENSE", "images/layers.png"} <= {line.split()[1] for line in lines}
+    for line in lines:
+        digest, name = line.split()
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, f"{root / name} differs; make vendor"
+    assert (root / "VERSION").read_text().startswith("leaflet 1.9.4")
+
+
+@pytest.fixture(scope="module")
+def basemap_server(tmp_path_factory, small_index, rendered_source) -> Iterator[str]:
+    """The small index with its coverage cut to the tiles around (0 N, 0 E), drawing from the rendered tiles."""
+    import dataclasses
+    import shutil
+
+    from geoindex.manifest import Manifest
+
+    path = tmp_path_factory.mktemp("basemap") / "index"
+    shutil.copytree(small_index, path)
+    manifest = Manifest.load(path)
+    dataclasses.replace(manifest, coverage={"bboxes": [[1.0, 1.0, 10.0, 10.0]], "polygons": []}).save(path)
+    with serving(create_app(path, default_k=4, device="cpu", map_source=rendered_source)) as url:
+        yield url
+
+
+def _blocks(img: Image.Image) -> list[tuple[int, ...]]:
+    """The colours at the centres of a rendered tile's 4x4 blocks (render_tile's pattern), at any size."""
+    side = img.width // 4
+    return [img.getpixel((side * i + side // 2, side * j + side // 2)) for j in range(4) for i in range(4)]
+
+
+def test_basemap_tiles_are_the_index_imagery(basemap_server):
+    r = httpx.get(f"{basemap_server}/tiles/3/4/3.jpg", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert "max-age" in r.headers["cache-control"]
+    with Image.open(io.BytesIO(r.content)) as img:
+        assert img.size == (256, 256)
+        got = _blocks(img.convert("RGB"))
+    want = _blocks(render_tile(T(4, 3, 3), size=256))
+    assert max(abs(a - b) for g, w in zip(got, want) for a, b in zip(g, w)) < 24  # JPEG's error, not another tile
+    health = httpx.get(f"{basemap_server}/health", timeout=TIMEOUT).json()
+    assert health["basemap"] == {"url": "tiles/{z}/{x}/{y}.jpg", "min_native_zoom": 1, "max_native_zoom": 3}
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [("4/8/7", "zoom 0 to 3"), ("3/8/0", "outside the zoom-3 grid"), ("3/0/0", "outside the index's coverage"),
+     ("-1/0/0", "zoom 0 to 3")],
+    ids=["too-deep", "off-the-grid", "outside-coverage", "negative-zoom"],
+)
+def test_basemap_tiles_outside_the_index_are_404(basemap_server, path, reason):
+    r = httpx.get(f"{basemap_server}/tiles/{path}.jpg", timeout=TIMEOUT)
+    assert r.status_code == 404 and reason in r.json()["detail"]
+
+
 def test_locate(server):
     r = _locate(server, _png(T(5, 2, 3)), k=6, top_n=3)
     assert r.status_code == 200, r.text
@@ -221,3 +310,29 @@ def test_favicon_is_served(server):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     with Image.open(io.BytesIO(r.content)) as icon:
         assert icon.size == (32, 32)
+
+
+def test_basemap_tile_the_imagery_lacks_is_404_until_it_has_it_and_unreadable_is_503(small_index):
+    from geoindex.errors import ImageError, TileNotFoundError
+
+    class Imagery:
+        name = "flaky"
+        state = "down"
+
+        def get(self, tile):
+            if self.state == "down":
+                raise TileNotFoundError(f"flaky: no tile {tuple(tile)}")
+            if self.state == "corrupt":
+                raise ImageError(f"flaky: tile {tuple(tile)} is not an image")
+            return render_tile(tile)
+
+    imagery = Imagery()
+    with serving(create_app(small_index, default_k=4, device="cpu", map_source=imagery)) as base:
+        r = httpx.get(f"{base}/tiles/2/1/1.jpg", timeout=TIMEOUT)
+        assert r.status_code == 404 and "nor any of its ancestors" in r.json()["detail"]
+        imagery.state = "up"  # a missing tile is not remembered as missing
+        assert httpx.get(f"{base}/tiles/2/1/1.jpg", timeout=TIMEOUT).status_code == 200
+        imagery.state = "corrupt"
+        r = httpx.get(f"{base}/tiles/2/1/2.jpg", timeout=TIMEOUT)
+        assert r.status_code == 503 and "is not an image" in r.json()["detail"]
+        assert httpx.get(f"{base}/tiles/2/1/1.jpg", timeout=TIMEOUT).status_code == 200  # kept from before

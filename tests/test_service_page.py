@@ -45,13 +45,19 @@ def page_server(small_index, rendered_source) -> Iterator[str]:
         yield base
 
 
-def test_page_is_served_self_contained(page_server):
+def test_page_loads_nothing_from_another_host(page_server):
+    import re
+
     r = httpx.get(f"{page_server}/", timeout=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     html = r.text
     assert 'type="file"' in html and "multiple" in html
-    for external in ("http://", "https://", "//cdn", "<link "):  # works offline: nothing to fetch
+    for external in ("http://", "https://", "//cdn"):  # works offline: nothing from elsewhere
         assert external not in html
+    assets = re.findall(r'<(?:script|link)[^>]+(?:src|href)="([^"]+)"', html)
+    assert "vendor/leaflet/leaflet.js" in assets and "vendor/leaflet/leaflet.css" in assets
+    for url in assets:  # each is served by geoindex serve itself
+        assert httpx.get(f"{page_server}/{url}", timeout=30).status_code == 200, url
 
 
 def test_locate_can_include_map_and_geojson(page_server):
@@ -109,6 +115,7 @@ def _chromium(profile: Path) -> Any:
     options.binary_location = browser
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: what the page refused to load
     try:  # an explicit driver path: selenium must not go looking for one on the network
         return webdriver.Chrome(service=Service(executable_path=driver), options=options)
     except WebDriverException as e:
@@ -169,6 +176,21 @@ def _screenshot(browser, path: Path, width: int) -> None:
     print(f"screenshot: {path}")
 
 
+def _foreign_requests(browser) -> list[str]:
+    """Every resource the page has requested from a host other than its own server (none may be: no network)."""
+    return list(browser.execute_script("""
+        return performance.getEntriesByType("resource").map((e) => e.name)
+            .filter((n) => !n.startsWith(location.origin + "/") && !/^(blob|data):/.test(n));
+    """))
+
+
+def _in_viewport(browser, element) -> bool:
+    return bool(browser.execute_script("""
+        const r = arguments[0].getBoundingClientRect();
+        return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth;
+    """, element))
+
+
 def _photo_with_gps(path: Path) -> Path:
     exif = Image.Exif()
     exif[ExifTags.IFD.GPSInfo] = {1: "N", 2: (R(48, 1), R(51, 1), R(24, 1)), 3: "E", 4: (R(2, 1), R(21, 1), R(3, 1))}
@@ -194,8 +216,7 @@ def test_page_locates_photos_in_a_browser(browser, page_server, tmp_path, shots)
     assert len(rows) == 5
     assert rows[0].find_elements(By.TAG_NAME, "td")[3].text == "3/5/2"  # the tile the photo was rendered from
     assert "%" in rows[0].text
-    img = card.find_element(By.CSS_SELECTOR, "img.map-image")
-    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 300
+    _check_the_map(browser, card, page_server)
     exif_line = card.find_element(By.CSS_SELECTOR, ".exif")
     assert "EXIF GPS says 48.85667, 2.35083" in exif_line.text
     assert "km away" in card.text and "the 90 % radius" in exif_line.text
@@ -214,9 +235,73 @@ def test_page_locates_photos_in_a_browser(browser, page_server, tmp_path, shots)
     assert geojson["type"] == "FeatureCollection" and {"candidate", "prediction", "exif"} <= kinds
 
     _screenshot(browser, shots / "service-page-wide.png", 1280)
+    _check_the_phone_layout(browser, card)
     _screenshot(browser, shots / "service-page-narrow.png", 390)
-    # A phone-width window must not scroll sideways: wide parts (map, table) scroll in their own boxes.
+    assert _foreign_requests(browser) == []
+
+
+def _check_the_map(browser, card, base: str) -> None:
+    """The card's Leaflet map: basemap tiles from this server, the candidates and the trace as layers."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    errors = card.find_elements(By.CSS_SELECTOR, ".map-error")
+    assert not errors, errors[0].text
+    box = card.find_element(By.CSS_SELECTOR, ".leaflet-box.leaflet-container")
+    tiles = WebDriverWait(browser, 30).until(
+        lambda b: box.find_elements(By.CSS_SELECTOR, "img.leaflet-tile.leaflet-tile-loaded"))
+    assert all(t.get_attribute("src").startswith(f"{base}/tiles/") for t in tiles)
+    assert browser.execute_script("return arguments[0].naturalWidth", tiles[0]) == 256
+    assert len(box.find_elements(By.CSS_SELECTOR, "path.candidate")) == 5
+    assert box.find_elements(By.CSS_SELECTOR, "path.answer") and box.find_elements(By.CSS_SELECTOR, "path.exif-point")
+    assert len(box.find_elements(By.CSS_SELECTOR, "path.trace-z3")) == 8  # the finest level's k kept tiles, shown
+    assert not box.find_elements(By.CSS_SELECTOR, "path.trace-z1")  # coarser levels start hidden
+
+    # A candidate's popup gives its rank, probability and score.
+    browser.execute_script("arguments[0].dispatchEvent(new MouseEvent('click', {bubbles: true}))",
+                           box.find_elements(By.CSS_SELECTOR, "path.candidate")[0])
+    # Read once it has faded in: selenium gives no text for a popup still at opacity 0.
+    popup = WebDriverWait(browser, 10).until(
+        lambda b: next((p.text for p in box.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content") if p.text), ""))
+    assert popup.startswith("#1: probability") and "score" in popup
+
+    # The layer control switches a trace level on and off.
+    labels = box.find_elements(By.CSS_SELECTOR, ".leaflet-control-layers-overlays label")
+    names = [label.text.strip() for label in labels]
+    assert names[:3] == ["zoom 1: 4 kept tiles", "zoom 2: 8 kept tiles", "zoom 3: 8 kept tiles"], names
+    assert "top 5 candidates" in names
+    zoom1 = labels[0].find_element(By.TAG_NAME, "input")
+    assert not zoom1.is_selected()
+    zoom1.click()
+    WebDriverWait(browser, 10).until(lambda b: len(box.find_elements(By.CSS_SELECTOR, "path.trace-z1")) == 4)
+    zoom1.click()
+    WebDriverWait(browser, 10).until(lambda b: not box.find_elements(By.CSS_SELECTOR, "path.trace-z1"))
+    legend = card.find_element(By.CSS_SELECTOR, ".legend")
+    assert "least to most probable" in legend.text and "the EXIF position" in legend.text
+    assert card.find_element(By.LINK_TEXT, "Download the map (PNG)").get_attribute("download") == "paris-map.png"
+
+
+def _check_the_phone_layout(browser, card) -> None:
+    """At 390 x 844 CSS pixels every column of the candidates shows, labelled, with no sideways scroll."""
+    from selenium.webdriver.common.by import By
+
+    browser.set_window_size(390, 844)
+    width = browser.execute_script("return window.innerWidth")
+    assert width <= 400, f"the window is {width} px wide, not a phone's"
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    box = card.find_element(By.CSS_SELECTOR, "div.scroll")
+    assert browser.execute_script("return arguments[0].scrollWidth <= arguments[0].clientWidth", box)
+    columns = ["#", "latitude", "longitude", "tile z/x/y", "probability", "score"]
+    for row in card.find_elements(By.CSS_SELECTOR, "table.candidates tbody tr"):
+        browser.execute_script("arguments[0].scrollIntoView()", row)
+        cells = row.find_elements(By.TAG_NAME, "td")
+        assert len(cells) == len(columns)
+        for cell, name in zip(cells, columns):
+            assert cell.text and _in_viewport(browser, cell), f"{name} of {row.text!r} is cut off at 390 px"
+            label = browser.execute_script("return getComputedStyle(arguments[0], '::before').content", cell)
+            assert label == f'"{name}"', f"the {name} cell is labelled {label}"
+    leaflet = card.find_element(By.CSS_SELECTOR, ".leaflet-box")
+    assert _in_viewport(browser, leaflet)
 
 
 @pytest.fixture(scope="module")
@@ -361,3 +446,38 @@ def test_page_finds_its_favicon(browser, page_server):
         fetch("/favicon.ico").then((r) => done([r.status, r.headers.get("content-type")]), (e) => done([0, String(e)]));
     """)
     assert (status, ctype) == (200, "image/png")
+
+
+def test_page_shows_the_map_picture_when_the_map_library_fails(browser, page_server, tmp_path):
+    """Without Leaflet (a script that did not load), the answer, a line saying why, and the PNG map."""
+    from selenium.webdriver.common.by import By
+
+    _open(browser, page_server)
+    browser.execute_script("window.L = undefined")
+    _upload(browser, _photo_with_gps(tmp_path / "paris.jpg"))
+    (card,) = _settled(browser, 1)
+    assert card.get_attribute("data-state") == "done"
+    assert card.find_elements(By.CSS_SELECTOR, "table.candidates tbody tr")
+    assert "could not be shown" in card.find_element(By.CSS_SELECTOR, ".map-error").text
+    assert not card.find_elements(By.CSS_SELECTOR, ".leaflet-box")
+    img = card.find_element(By.CSS_SELECTOR, "img.map-image")
+    assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 300
+
+
+@pytest.mark.parametrize(("page", "ready"), [("docs", ".swagger-ui .info .title"), ("redoc", "h1")])
+def test_api_docs_render_offline(browser, page_server, page, ready):
+    """/docs (Swagger UI) and /redoc draw the API from scripts this server serves; nothing comes from a CDN."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.set_window_size(1280, 1000)
+    browser.get(f"{page_server}/{page}")
+    title = WebDriverWait(browser, 30).until(
+        lambda b: next((e for e in b.find_elements(By.CSS_SELECTOR, ready) if "geoindex" in e.text), False))
+    assert title.is_displayed()
+    WebDriverWait(browser, 30).until(lambda b: "/locate" in b.find_element(By.TAG_NAME, "body").text)
+    # ReDoc asks for its logo from its CDN whatever its options; the page's policy refuses it before it is sent.
+    console = [str(m.get("message")) for m in browser.get_log("browser")]
+    for url in _foreign_requests(browser):
+        refused = [m for m in console if f"image '{url}'" in m and "Content Security Policy" in m]
+        assert refused, f"{page} requested {url}; the console says {console}"

@@ -95,21 +95,21 @@ def test_a_shared_tile_is_not_a_negative():
 
 
 def test_batch_loader_dedupes_tiles(tiny_encoder, rendered_source):
-    from geoindex.train_batches import _Batches
+    from geoindex.train_batches import TileBatches
 
     codes = np.array([5, 5, 6, 9], dtype=np.int64)
-    ds = _Batches([np.arange(4)], codes, rendered_source, tiny_encoder.preprocess, zoom=2)
+    ds = TileBatches([np.arange(4)], codes, rendered_source, tiny_encoder.preprocess, zoom=2)
     batch = ds[0]
     assert batch.pixels.shape[0] == 3 and batch.target.tolist() == [0, 0, 1, 2] and batch.missing == 0
     assert batch.codes.tolist() == [5, 6, 9] and batch.loaded.all()
 
 
 def test_batch_loader_adds_level_negatives_and_skips_cached_tiles(tiny_encoder, rendered_source):
-    from geoindex.train_batches import _Batches
+    from geoindex.train_batches import TileBatches
 
     codes = np.array([5, 5, 6], dtype=np.int64)
     pool = np.arange(16, dtype=np.int64)  # every zoom-2 tile
-    ds = _Batches([np.arange(3)], codes, rendered_source, tiny_encoder.preprocess, zoom=2, negatives=5,
+    ds = TileBatches([np.arange(3)], codes, rendered_source, tiny_encoder.preprocess, zoom=2, negatives=5,
                   pool=pool, seed=[0, 2, 0], cached={5})
     batch = ds[0]
     assert batch.codes[:2].tolist() == [5, 6] and len(batch.codes) == 7
@@ -117,29 +117,29 @@ def test_batch_loader_adds_level_negatives_and_skips_cached_tiles(tiny_encoder, 
     assert len(set(negatives.tolist())) == 5 and not {5, 6} & set(negatives.tolist())
     assert batch.loaded.tolist() == [False] + [True] * 6 and batch.pixels.shape[0] == 6
     assert batch.target.tolist() == [0, 0, 1]
-    again = _Batches([np.arange(3)], codes, rendered_source, tiny_encoder.preprocess, zoom=2, negatives=5,
+    again = TileBatches([np.arange(3)], codes, rendered_source, tiny_encoder.preprocess, zoom=2, negatives=5,
                      pool=pool, seed=[0, 2, 0])[0]
     assert again.codes.tolist() == batch.codes.tolist()  # seeded per step: a resumed run draws the same
 
 
 def test_trunk_cache_gives_the_features_of_the_whole_network(tiny_encoder, rendered_source):
     """Head over cached trunk outputs == the full network on the tiles, in any mix of cached and fresh."""
-    from geoindex.train_batches import _Batches, _TrunkCache
+    from geoindex.train_batches import TileBatches, TrunkCache
 
     enc = init_map_encoder(tiny_encoder, None)
     trunk, head = enc.split()
-    cache = _TrunkCache(enc, budget_bytes=1e9)
+    cache = TrunkCache(enc, budget_bytes=1e9)
     codes = np.array([1, 2, 3, 7], dtype=np.int64)
     for cached in (set(), {2, 7}):
-        batch = _Batches([np.arange(4)], codes, rendered_source, enc.preprocess, zoom=2, cached=cached)[0]
+        batch = TileBatches([np.arange(4)], codes, rendered_source, enc.preprocess, zoom=2, cached=cached)[0]
         with torch.no_grad():
             got = head(cache.features(batch, amp=False))
             want = enc.visual(torch.stack([enc.preprocess(render_tile(mercantile.Tile(c % 4, c // 4, 2)))
                                            for c in codes.tolist()]))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert cache.codes == {1, 2, 3, 7}
-    small = _TrunkCache(enc, budget_bytes=1)  # nothing fits: features still come back, none kept
-    batch = _Batches([np.arange(4)], codes, rendered_source, enc.preprocess, zoom=2)[0]
+    small = TrunkCache(enc, budget_bytes=1)  # nothing fits: features still come back, none kept
+    batch = TileBatches([np.arange(4)], codes, rendered_source, enc.preprocess, zoom=2)[0]
     assert small.features(batch, amp=False).shape[0] == 4 and not small.codes
 
 

@@ -22,7 +22,7 @@ from geoindex.errors import ConfigError, ImageError, SourceNotReopenableError
 from geoindex.sources.base import TILE_EXTENSIONS, ByteTileSource, ListableTileSource, TileSource, source_spec
 from geoindex.sources.fetch import MISSING_FILE, FetchSummary, ProgressBar, fetch_to_directory
 from geoindex.sources.folder import DirectorySource, open_directory, stored_tile_path
-from geoindex.sources.http import USER_AGENT, HttpSource, _query_provider, open_provider
+from geoindex.sources.http import USER_AGENT, HttpSource, open_provider, query_provider
 from geoindex.sources.mbtiles import MBTilesSource, write_mbtiles
 from geoindex.sources.memory import MemorySource
 from geoindex.sources.raster import RasterSource, embedded_world_raster, open_raster
@@ -127,7 +127,7 @@ def _guess(spec: str, http_options: Mapping[str, Any]) -> TileSource:
     path = Path(spec)
     if path.is_dir():
         return open_directory(path)
-    if not path.exists() and _query_provider(spec.partition("?")[0]) is not None:
+    if not path.exists() and query_provider(spec.partition("?")[0]) is not None:
         return open_provider(spec, http_options)
     raise ConfigError(f"cannot use --source {spec!r}: expected {_SPEC_FORMS}")
 

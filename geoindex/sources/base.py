@@ -18,7 +18,10 @@ from PIL import Image, UnidentifiedImageError
 from geoindex.errors import ImageError
 from geoindex.imagery import decode_tile
 
-__all__ = ["TILE_EXTENSIONS", "ByteTileSource", "ListableTileSource", "TileSource", "source_spec"]
+__all__ = [
+    "TILE_EXTENSIONS", "ByteTileSource", "ListableTileSource", "TileSource", "check_tile", "image_extension",
+    "source_spec",
+]
 
 # Pillow format name -> the file extension fetch_tiles writes tiles of that format with.
 _FORMAT_EXTENSIONS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
@@ -72,7 +75,7 @@ def source_spec(source: TileSource) -> str | None:
     return spec if isinstance(spec, str) else None
 
 
-def _image_extension(data: bytes, *, what: str) -> str:
+def image_extension(data: bytes, *, what: str) -> str:
     """File extension for encoded tile bytes from their header alone (no full decode)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -84,8 +87,8 @@ def _image_extension(data: bytes, *, what: str) -> str:
     return _FORMAT_EXTENSIONS[fmt]
 
 
-def _check_tile(data: bytes, *, what: str) -> str:
+def check_tile(data: bytes, *, what: str) -> str:
     """Decode ``data`` completely (catching truncation) and return its file extension; ImageError if bad."""
-    ext = _image_extension(data, what=what)
+    ext = image_extension(data, what=what)
     decode_tile(data, what=what)
     return ext

@@ -21,7 +21,7 @@ import mercantile
 
 from geoindex.errors import ConfigError, GeoIndexError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.files import atomic_write_bytes
-from geoindex.sources.base import ByteTileSource, TileSource, _check_tile, _image_extension
+from geoindex.sources.base import ByteTileSource, TileSource, check_tile, image_extension
 from geoindex.sources.folder import stored_tile_path
 
 __all__ = ["MISSING_FILE", "FetchSummary", "ProgressBar", "fetch_to_directory"]
@@ -101,12 +101,12 @@ def _fetch_one(source: TileSource, root: Path, tile: mercantile.Tile) -> str:
     stored = stored_tile_path(root, tile)
     if stored is not None:
         try:
-            _check_tile(stored.read_bytes(), what=str(stored))
+            check_tile(stored.read_bytes(), what=str(stored))
             return "skipped"
         except ImageError as e:
             log.warning("%s; fetching it again", e)
     data = _tile_bytes(source, tile)
-    ext = _image_extension(data, what=f"{source.name} tile {tuple(tile)}")
+    ext = image_extension(data, what=f"{source.name} tile {tuple(tile)}")
     path = root / str(tile.z) / str(tile.x) / f"{tile.y}.{ext}"
     _write_atomic(path, data)
     if stored is not None and stored != path:
@@ -128,6 +128,30 @@ def _read_missing(path: Path) -> set[mercantile.Tile]:
 def _write_missing(path: Path, missing: set[mercantile.Tile]) -> None:
     tiles = sorted([t.z, t.x, t.y] for t in missing)
     _write_atomic(path, (json.dumps({"tiles": tiles}) + "\n").encode())
+
+
+class _Tally:
+    """The outcome of each fetched tile: counted, shown on the bar, and kept in the missing list."""
+
+    def __init__(self, bar: ProgressBar, known_missing: set[mercantile.Tile]) -> None:
+        self.bar, self.known_missing = bar, known_missing
+        self.counts: Counter[str] = Counter()
+        self.failures: list[tuple[mercantile.Tile, str]] = []
+
+    def finish(self, fut: Future[str], tile: mercantile.Tile) -> None:
+        try:
+            self.counts[fut.result()] += 1
+            self.known_missing.discard(tile)
+        except TileNotFoundError:
+            self.counts["missing"] += 1
+            self.known_missing.add(tile)
+        except GeoIndexError as e:
+            self.counts["failed"] += 1
+            self.failures.append((tile, str(e)))
+            log.warning("tile %s failed: %s", tuple(tile), e)
+        self.bar.update(1)
+        self.bar.set_postfix(done=self.counts["fetched"] + self.counts["skipped"], missing=self.counts["missing"],
+                             failed=self.counts["failed"], refresh=False)
 
 
 def fetch_to_directory(
@@ -166,38 +190,18 @@ def fetch_to_directory(
     missing_path = root / MISSING_FILE
     known_missing = _read_missing(missing_path)
     missing_before = set(known_missing)
-    counts: Counter[str] = Counter()
-    failures: list[tuple[mercantile.Tile, str]] = []
     start = time.monotonic()
     bar: ProgressBar = progress if progress is not None else _NoProgress()
     if total is not None:
         bar.reset(total=total)
-
-    def finish(fut: Future[str], tile: mercantile.Tile) -> None:
-        try:
-            counts[fut.result()] += 1
-            known_missing.discard(tile)
-        except TileNotFoundError:
-            counts["missing"] += 1
-            known_missing.add(tile)
-        except GeoIndexError as e:
-            counts["failed"] += 1
-            failures.append((tile, str(e)))
-            log.warning("tile %s failed: %s", tuple(tile), e)
-        bar.update(1)
-        bar.set_postfix(
-            done=counts["fetched"] + counts["skipped"],
-            missing=counts["missing"],
-            failed=counts["failed"],
-            refresh=False,
-        )
+    tally = _Tally(bar, known_missing)
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
     pending: dict[Future[str], mercantile.Tile] = {}
     try:
         for tile in tiles:
             if tile in known_missing and not retry_missing:
-                counts["missing"] += 1
+                tally.counts["missing"] += 1
                 bar.update(1)
                 continue
             pending[pool.submit(_fetch_one, source, root, tile)] = tile
@@ -205,13 +209,14 @@ def fetch_to_directory(
             if len(pending) >= 4 * workers:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    finish(fut, pending.pop(fut))
+                    tally.finish(fut, pending.pop(fut))
         for fut in list(pending):
-            finish(fut, pending.pop(fut))
+            tally.finish(fut, pending.pop(fut))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         if known_missing != missing_before:
             _write_missing(missing_path, known_missing)
+    counts = tally.counts
     summary = FetchSummary(
         total=sum(counts.values()),
         fetched=counts["fetched"],
@@ -219,7 +224,7 @@ def fetch_to_directory(
         missing=counts["missing"],
         failed=counts["failed"],
         seconds=time.monotonic() - start,
-        failures=tuple(failures),
+        failures=tuple(tally.failures),
     )
     log.debug("%s from %s -> %s", summary.line(), source.name, root)
     return summary

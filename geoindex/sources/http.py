@@ -27,9 +27,9 @@ from xyzservices import TileProvider
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.imagery import decode_tile
-from geoindex.sources.base import _check_tile
+from geoindex.sources.base import check_tile
 
-__all__ = ["USER_AGENT", "HttpSource", "open_provider"]
+__all__ = ["USER_AGENT", "HttpSource", "open_provider", "query_provider"]
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,7 @@ class HttpSource:
         Raises:
             ConfigError: unknown provider, or it needs an API key that was not given.
         """
-        tp = _query_provider(provider)
+        tp = query_provider(provider)
         if tp is None:
             raise ConfigError(
                 f"unknown xyzservices provider {provider!r}; list them with "
@@ -340,7 +340,7 @@ class HttpSource:
         if ctype and not (ctype.startswith("image/") or ctype.endswith("octet-stream")):
             return None, f"unexpected Content-Type {ctype!r}", None
         try:
-            _check_tile(resp.content, what=shown)
+            check_tile(resp.content, what=shown)
         except ImageError as e:
             return None, str(e), None
         return resp.content, "", None
@@ -360,7 +360,7 @@ class HttpSource:
         self.close()
 
 
-def _query_provider(name: str) -> TileProvider | None:
+def query_provider(name: str) -> TileProvider | None:
     try:
         return xyzservices.providers.query_name(name)
     except ValueError:

@@ -17,7 +17,7 @@ from PIL import Image
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.files import atomic_path
 from geoindex.imagery import decode_tile
-from geoindex.sources.base import _check_tile, _image_extension
+from geoindex.sources.base import check_tile, image_extension
 
 __all__ = ["MBTilesSource", "write_mbtiles"]
 
@@ -32,8 +32,11 @@ def _tms_row(tile: mercantile.Tile) -> int:
 class MBTilesSource:
     """Tiles from an MBTiles archive (sqlite, read-only); safe to share between threads.
 
-    ``spec`` is ``mbtiles:PATH`` (equal to the name).
+    ``spec`` is ``mbtiles:PATH`` (equal to the name). A copy in another process (pickled, or in a
+    tile-loading worker, ``reopen_in_workers``) opens its own connection: one must not cross a fork.
     """
+
+    reopen_in_workers = True
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -71,7 +74,7 @@ class MBTilesSource:
             raise TileNotFoundError(f"{self.path}: no tile {tuple(tile)}")
         data = bytes(row[0])
         try:
-            _check_tile(data, what=f"{self.path} tile {tuple(tile)}")
+            check_tile(data, what=f"{self.path} tile {tuple(tile)}")
         except ImageError as e:
             raise TileSourceError(f"{e}; the archive is damaged") from e
         return data
@@ -87,6 +90,9 @@ class MBTilesSource:
     def get(self, tile: mercantile.Tile) -> Image.Image:
         """The tile as an RGB image."""
         return decode_tile(self.fetch_bytes(tile), what=f"{self.path} tile {tuple(tile)}")
+
+    def __reduce__(self) -> tuple[type[MBTilesSource], tuple[Path]]:
+        return (MBTilesSource, (self.path,))
 
     def close(self) -> None:
         """Close the database."""
@@ -117,7 +123,7 @@ def write_mbtiles(
     path = Path(path)
     meta = {"name": path.stem, **dict(metadata or {})}
     if "format" not in meta and tiles:
-        ext = _image_extension(next(iter(tiles.values())), what=str(path))
+        ext = image_extension(next(iter(tiles.values())), what=str(path))
         meta["format"] = "jpg" if ext == "jpeg" else ext  # the MBTiles spec's spelling
     with atomic_path(path) as tmp, contextlib.closing(sqlite3.connect(tmp)) as db, db:  # one transaction
         db.execute("CREATE TABLE metadata (name TEXT, value TEXT)")
