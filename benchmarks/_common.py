@@ -336,6 +336,20 @@ def level_sizes(deepest: int, n_levels: int, fanout: int) -> list[int]:
     return sizes[::-1]
 
 
+def publish_slim(path: Path, manifest: Any) -> Any:
+    """Drop the shards' copy of the vectors of every level ``manifest`` records (saved already), as a build
+    does once a level is finished, and save the manifest with the slimmer shards; returns it."""
+    import dataclasses
+
+    from geoindex.store import FIRST_LEVEL_CODEC, drop_embeddings
+
+    levels = tuple(drop_embeddings(path, lv.zoom, lv, codec=manifest.codec if i else FIRST_LEVEL_CODEC)
+                   for i, lv in enumerate(manifest.levels))
+    manifest = dataclasses.replace(manifest, levels=levels)
+    manifest.save(path)
+    return manifest
+
+
 def build_synthetic_index(
     path: Path,
     deepest: int,
@@ -417,6 +431,7 @@ def build_synthetic_index(
         manifest = manifest.with_level(info)
         parent_emb = emb_level
     manifest.save(path)
+    manifest = publish_slim(path, manifest)
     noise = rng.standard_normal(queries.shape, dtype=np.float32) * np.float32(query_noise / np.sqrt(dim))
     queries = _unit_rows(queries + noise)
     seconds = time.perf_counter() - started

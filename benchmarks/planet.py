@@ -5,9 +5,10 @@
   tile). A pixel is water when it is blue (``b - r > 12`` and ``b >= g``: ocean, bathymetry, lakes);
   everything else (including ice sheets) is land. A tile at zoom z <= 14 is a land tile when any
   of its pixels is land; zoom 16 is 16 x the zoom-14 land tiles. Coastal tiles therefore count as land.
-* Bytes per tile per codec: code bytes + the 8-byte id of an IVF entry (what ``index.faiss`` holds
-  per row; benchmarks/codecs.py measures the same to within list overhead); the parquet truth
-  (fp16 + coordinates) and pq's ``exact.npy`` are listed separately.
+* Bytes per tile per codec, every file of a level counted: the codec's code bytes + the 8-byte id
+  of an IVF entry (``index.faiss``), its re-rank code (pq's ``rerank.npy``) and the parquet
+  shards' tile columns (a finished level keeps its vectors once, in ``index.faiss``), as measured
+  per tile by benchmarks/codecs.py (``benchmarks/results/codecs.json``; per-level codebooks fade).
 * Encode cost: tiles/s of the encoders measured here (batch 64, torch threads as configured, the
   build path's ``encode_tensor``), turned into core-seconds per tile.
 
@@ -34,7 +35,8 @@ NAME = "planet"
 BLUEMARBLE = REPO.parent / "shared" / "data" / "bluemarble" / "6"
 ZOOMS = tuple(range(4, 17, 2))
 DIMS = {"vit-b-32-random": 512, "efficientnet-lite0": 1280}
-PARQUET_EXTRA = 40  # z, x, y, quadkey, parent_row per row, before compression (measured files are close)
+PARQUET_TILE_BYTES = 40  # z, x, y, quadkey, parent_row per row before compression, where codecs.json lacks a measure
+CODECS_JSON = REPO / "benchmarks" / "results" / "codecs.json"
 CLUSTER_CORES = 64 * 50  # the Ray cluster the table prices: 50 nodes of 64 cores
 
 
@@ -44,6 +46,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.encode_tiles = a.encode_tiles or (8 if a.smoke else 192)
     return a
+
+
+def parquet_tile_bytes() -> tuple[float, str]:
+    """Bytes per tile of a finished level's parquet shards (tile columns only) and where the figure comes from."""
+    import json
+
+    try:
+        results = json.loads(CODECS_JSON.read_text())["results"]
+        return float(results["fp16"]["synthetic_index"]["deepest_level_parquet_bytes_per_tile"]), str(CODECS_JSON)
+    except (OSError, ValueError, KeyError, TypeError):
+        return float(PARQUET_TILE_BYTES), "uncompressed size (no codecs.json measure)"
+
+
+def tile_bytes(dim: int, parquet: float) -> dict[str, float]:
+    """Bytes per tile on disk of a level of every registered codec: FAISS entry + re-rank code + parquet tiles."""
+    from geoindex.codecs import REGISTRY
+
+    return {name: c.code_bytes(dim) + 8 + c.rerank_bytes(dim) + parquet for name, c in REGISTRY.items()}
 
 
 def land_mask(root: Path, *, side: int) -> np.ndarray:
@@ -89,7 +109,7 @@ def encode_rate(name: str, n: int) -> float:
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     import torch
 
-    from geoindex.store import pq_subquantizers
+    from geoindex.codecs import get_codec
 
     bench = BenchRun.start(NAME, argv)
     machine = bench.machine
@@ -119,15 +139,14 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     rates = {name: encode_rate(name, a.encode_tiles) for name in encoders}
     core_s = {name: threads / r for name, r in rates.items()}
 
+    parquet, parquet_source = parquet_tile_bytes()
+    per_dim = {d: tile_bytes(d, parquet) for d in DIMS.values()}
     levels = []
     for z in ZOOMS:
         world = 4**z
         land = land_tiles(mask, z, mask_zoom)
         row: dict = {"zoom": z, "tiles_world": world, "tiles_land": land, "land_fraction": land / world}
-        for d in DIMS.values():
-            m = pq_subquantizers(d)
-            per = {"flat": 4 * d + 8, "fp16": 2 * d + 8, "sq8": d + 8, "pq": m + 8,
-                   "parquet_fp16": 2 * d + PARQUET_EXTRA, "pq_exact_npy": 2 * d}
+        for d, per in per_dim.items():
             row[f"bytes_d{d}"] = {c: {"per_tile": b, "world": b * world, "land": b * land} for c, b in per.items()}
         for enc, cs in core_s.items():
             row[f"core_hours_{enc}"] = {"world": world * cs / 3600, "land": land * cs / 3600}
@@ -135,7 +154,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     results = {"levels": levels, "land_pixel_fraction_z14": land_pixel_fraction, "mask_zoom": mask_zoom,
                "mask_source": str(BLUEMARBLE) if have_bm else "embedded raster, zoom 4 (smoke)",
                "encode_tiles_per_s": rates, "torch_threads": threads, "core_s_per_tile": core_s,
-               "cluster_cores": CLUSTER_CORES}
+               "cluster_cores": CLUSTER_CORES, "parquet_bytes_per_tile": parquet, "parquet_source": parquet_source,
+               "bytes_per_tile": {f"d{d}": per for d, per in per_dim.items()}}
 
     def gib(b: float) -> str:
         for unit, div in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
@@ -144,10 +164,10 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         return f"{b / 1024:,.0f} KiB"
 
     size_table = markdown_table(
-        ["zoom", "tiles world", "tiles land", "flat (fp32)", "fp16", "sq8", "pq", "parquet (fp16 truth)"],
+        ["zoom", "tiles world", "tiles land", "flat (fp32)", "fp16", "sq8", "pq", "pq_small"],
         [[f"z{r['zoom']}", f"{r['tiles_world']:,}", f"{r['tiles_land']:,} ({r['land_fraction']:.0%})"]
          + [f"{gib(r['bytes_d512'][c]['world'])} / {gib(r['bytes_d512'][c]['land'])}"
-            for c in ("flat", "fp16", "sq8", "pq", "parquet_fp16")] for r in levels],
+            for c in ("flat", "fp16", "sq8", "pq", "pq_small")] for r in levels],
     )
     compute_rows = []
     for r in levels:
@@ -169,11 +189,13 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         f"(b - r > 12 and b >= g). Land pixels: {land_pixel_fraction:.1%} of the Web-Mercator square (Mercator "
         "inflates high latitudes: Antarctica and Greenland count at their stretched size). A tile is land when any "
         "of its pixels is; zoom 16 = 16 x zoom-14 land tiles. Sea ice, if bright, counts as land.",
-        "Bytes (cells: worldwide / land-only) for d=512 (CLIP ViT-B/32): per tile flat 2,056, fp16 1,032, sq8 520, "
-        f"pq {pq_subquantizers(512) + 8} (M={pq_subquantizers(512)}); d=1280 (EfficientNet-Lite0) in planet.json "
-        f"(pq M={pq_subquantizers(1280)}, {pq_subquantizers(1280) + 8} bytes). pq also keeps exact.npy (2d bytes "
-        "per tile, on disk, read a few "
-        "thousand rows per query) for re-ranking. Parquet is uncompressed size; random embeddings do not compress.",
+        "Bytes on disk (cells: worldwide / land-only), every file of a level: for d=512 (CLIP ViT-B/32) per tile "
+        + ", ".join(f"{c} {b:,.0f}" for c, b in per_dim[512].items())
+        + "; d=1280 (EfficientNet-Lite0, in planet.json) "
+        + ", ".join(f"{c} {b:,.0f}" for c, b in per_dim[1280].items())
+        + f". Each is the FAISS entry (code + 8-byte id), pq's re-rank code ({get_codec('pq').rerank_bytes(512)} / "
+        f"{get_codec('pq').rerank_bytes(1280)} bytes) and {parquet:.1f} bytes of parquet tile columns "
+        f"({parquet_source}); per-level codebooks are left out.",
         f"Encode rates measured now on this machine ({machine['cpu']}, {threads} torch threads, shared with other "
         f"jobs: load {machine['load_avg_1m']:.1f}); core-hours = tiles x threads / rate / 3600. vit-b-32-random has "
         "the cost of CLIP ViT-B/32. GPU throughput was not measured here.",

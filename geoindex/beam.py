@@ -47,7 +47,7 @@ __all__ = [
 
 MAX_K = 2048  # FAISS GPU's top-k limit; keeps CPU and GPU builds interchangeable
 NEG = np.float32(-np.finfo(np.float32).max)  # what FAISS reports for an empty result slot
-PQ_RERANK = 4  # pq levels: re-rank the top rerank * k PQ candidates of each level exactly (benchmarks/codecs.py)
+PQ_RERANK = 4  # pq levels: re-rank the top rerank * k PQ candidates of each level from its finer code (codecs.py)
 
 
 class BeamWidth(int):
@@ -266,9 +266,10 @@ class FaissLevel(PriorLevel):
         allowed: optional bool mask over the level's rows, shape (rows,): only rows where it is
             True can be returned (a region filter). FAISS skips the other ids while scanning
             (an ``IDSelectorBitmap``), so the result equals exact search over the allowed rows.
-        rerank: on a level with exact embeddings (the ``pq`` codec), FAISS returns the top
-            ``rerank * k`` by approximate score and those are re-scored exactly from the float16
-            embeddings; scores reported are exact.
+        rerank: on a level with re-rank vectors (``stored.exact``: the ``pq`` codec's finer code, or
+            float16 embeddings in indexes of the earlier layout), FAISS returns the top
+            ``rerank * k`` by approximate score and those are re-scored from those vectors; the
+            scores reported are theirs.
     """
 
     def __init__(

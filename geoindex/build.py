@@ -10,6 +10,7 @@ left out), so a killed build resumes at the first missing shard and ends with th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from geoindex.codecs import get_codec
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import (
     BadTilesError,
@@ -38,10 +40,14 @@ from geoindex.errors import (
     GeoIndexError,
     IndexMismatchError,
 )
-from geoindex.files import atomic_write_bytes, index_write_lock
-from geoindex.manifest import CODECS, EncoderIdentity, Manifest, short_id
+from geoindex.files import atomic_write_bytes, file_sha256, index_write_lock
+from geoindex.manifest import EncoderIdentity, LevelInfo, Manifest, short_id
 from geoindex.sources import ListableTileSource, TileSource, source_spec
 from geoindex.store import (
+    FAISS_FILE,
+    FIRST_LEVEL_CODEC,
+    VectorHome,
+    drop_embeddings,
     finish_level,
     level_dir,
     list_shards,
@@ -329,8 +335,7 @@ def start_level(
     """
     started = time.perf_counter()
     index_dir = Path(index_dir)
-    if codec not in CODECS:
-        raise ConfigError(f"unknown codec {codec!r}; choose one of {list(CODECS)}")
+    get_codec(codec)
     if shard_size < 1 or batch_size < 1:
         raise ConfigError(f"shard_size and batch_size must be >= 1, got {shard_size} and {batch_size}")
     schedule.index_of(zoom)
@@ -347,12 +352,14 @@ def start_level(
     _prepare_level_dir(level_dir(index_dir, zoom), identity, overwrite=overwrite)
     n_shards = max(1, -(-len(plan.x) // shard_size))
     done = set()
+    faiss_sha = functools.cache(lambda: _file_sha(level_dir(index_dir, zoom) / FAISS_FILE))
     for path in list_shards(index_dir, zoom):
         shard = _shard_number(path)
         problem = "not in the plan" if shard is None or shard >= n_shards else None
         if shard is not None and problem is None:
             sl = slice(shard * shard_size, min((shard + 1) * shard_size, len(plan.x)))
-            problem = _shard_problem(path, plan.x[sl], plan.y[sl], plan.parent_row[sl], zoom=zoom, dim=encoder.dim)
+            problem = _shard_problem(path, plan.x[sl], plan.y[sl], plan.parent_row[sl], zoom=zoom, dim=encoder.dim,
+                                     faiss_sha=faiss_sha)
         if problem is None:
             done.add(path.name)
             continue
@@ -367,25 +374,42 @@ def _shard_number(path: Path) -> int | None:
     return int(number) if number.isdigit() else None
 
 
+def _file_sha(path: Path) -> str | None:
+    return file_sha256(path) if path.is_file() else None
+
+
 def _shard_problem(
     path: Path, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], parent_row: npt.NDArray[np.int64], *,
-    zoom: int, dim: int,
+    zoom: int, dim: int, faiss_sha: Callable[[], str | None],
 ) -> str | None:
     """Why a finished shard cannot be reused (unreadable, or not the planned rows of its slice), or None.
 
     Reads the whole shard once: a truncated or damaged file must be re-encoded now, not found
-    when the FAISS file is built from it.
+    when the FAISS file is built from it. A shard of a finished level (no embedding column) is
+    reused only while the level's FAISS file is the one it was slimmed against (``faiss_sha``
+    gives that file's sha256) and gives its vectors back exactly.
     """
     try:
         table = pq.read_table(path, memory_map=True)
     except (OSError, pa.ArrowException) as e:
         return f"damaged ({e})"
-    names = {"x", "y", "parent_row", "embedding"}
+    names = {"x", "y", "parent_row"}
     if not names <= set(table.column_names):
         return f"columns {sorted(table.column_names)} lack {sorted(names - set(table.column_names))}"
-    emb_type = table.schema.field("embedding").type
-    if getattr(emb_type, "list_size", None) != dim:
-        return f"embedding type {emb_type}, expected {dim} values per row"
+    if "embedding" in table.column_names:
+        emb_type = table.schema.field("embedding").type
+        if getattr(emb_type, "list_size", None) != dim:
+            return f"embedding type {emb_type}, expected {dim} values per row"
+    else:
+        try:
+            home = VectorHome.of(path)
+        except GeoIndexError as e:
+            return str(e)
+        assert home is not None
+        if not home.exact:
+            return f"its vectors are kept only as {home.codec} codes, which do not give the embeddings back"
+        if faiss_sha() != home.sha256:
+            return f"its vectors were in a {FAISS_FILE} that is missing or was replaced since"
     sx = table.column("x").to_numpy().astype(np.int64)
     sy = table.column("y").to_numpy().astype(np.int64)
     sp = table.column("parent_row").to_numpy().astype(np.int64)
@@ -438,6 +462,12 @@ def complete_level(
     if build_args:
         manifest = dataclasses.replace(manifest, build_args={**manifest.build_args, f"z{zoom}": build_args})
     manifest.save(job.index_dir)
+    # The manifest now records the FAISS file: drop the shards' copy of the vectors, then record the slimmer shards.
+    slim = drop_embeddings(job.index_dir, zoom, info,
+                           codec=job.codec if job.plan.n_parents is not None else FIRST_LEVEL_CODEC)
+    if slim != info:
+        manifest = dataclasses.replace(manifest, levels=_replace_level(manifest.levels, slim))
+        manifest.save(job.index_dir)
     return BuildSummary(zoom, info.rows, job.planned, job.planned - info.rows, len(job.todo),
                         job.n_shards - len(job.todo), time.perf_counter() - job.started, bad_skipped)
 
@@ -518,6 +548,10 @@ def build_level(
             zoom, orphaned, source.name, zoom, parent_zoom, parent_zoom, parent_zoom, parent_zoom, zoom, zoom,
         )
     return dataclasses.replace(summary, orphaned=orphaned)
+
+
+def _replace_level(levels: tuple[LevelInfo, ...], info: LevelInfo) -> tuple[LevelInfo, ...]:
+    return tuple(info if lv.zoom == info.zoom else lv for lv in levels)
 
 
 def _ignore(_: int) -> None:

@@ -1,11 +1,11 @@
 """One level of an index as a single parquet file of tiles and embeddings, for users' own tools.
 
-The index's shards are parquet already, but spread over files, with float16 embeddings and
-columns only geoindex needs. An export is one file a dataframe library, DuckDB or a vector
-database reads directly (as clip-retrieval's embeddings are): ``row`` (the FAISS id in the
-index), ``z``, ``x``, ``y`` (XYZ, y from the north), ``lat``, ``lon`` (the tile's centre, degrees)
-and ``embedding`` (a fixed-size list of float32, or float16 as stored). Rows keep the index's
-order. Lazy levels (``geoindex.lazy``) are not exported: their rows depend on past queries.
+The index keeps a level's tiles in parquet shards and its vectors once, in its FAISS file. An
+export is one file a dataframe library, DuckDB or a vector database reads directly (as
+clip-retrieval's embeddings are): ``row`` (the FAISS id in the index), ``z``, ``x``, ``y`` (XYZ,
+y from the north), ``lat``, ``lon`` (the tile's centre, degrees) and ``embedding`` (a fixed-size
+list of float32, or float16 as stored; decoded from their codes for the lossy codecs sq8 and
+pq). Rows keep the index's order. Lazy levels (``geoindex.lazy``) are not exported: their rows depend on past queries.
 """
 
 from __future__ import annotations

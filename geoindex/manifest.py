@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from geoindex.calibration import Calibration
+from geoindex.codecs import CODEC_NAMES, get_codec
 from geoindex.errors import ConfigError, IndexFormatError, IndexNotFoundError
 from geoindex.files import atomic_write_bytes
 from geoindex.tiles import LevelSchedule
@@ -35,7 +36,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-CODECS = ("fp16", "flat", "sq8", "pq")
+CODECS = CODEC_NAMES  # the shipped codecs, from their registry (geoindex.codecs), default first
 # The encoder arithmetic a level can be built at (``auto`` resolves to one of the others), and where
 # an index is looked for by default. Here rather than beside the code that uses them so that the
 # command line's options can name them without importing torch (``geoindex --help`` stays fast).
@@ -209,8 +210,7 @@ class Manifest:
     calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
-        if self.codec not in CODECS:
-            raise ConfigError(f"unknown codec {self.codec!r}; choose one of {list(CODECS)}")
+        get_codec(self.codec)  # ConfigError naming the registered codecs
         if self.dim < 1:
             raise ConfigError(f"embedding dimension must be positive, got {self.dim}")
         zooms = tuple(level.zoom for level in self.levels)

@@ -1,39 +1,60 @@
-"""The on-disk index: per zoom level, parquet shards (the truth) and a FAISS file derived from them.
+"""The on-disk index: per zoom level, parquet shards of tiles and one FAISS file holding their vectors.
 
 Layout (README: "The index on disk")::
 
-    <index>/manifest.json        written last, atomically; lists only complete levels
-    <index>/z04/part-00000.parquet  z, x, y, quadkey, parent_row, embedding (fixed_size_list<halffloat>[d])
+    <index>/manifest.json        written last, atomically; lists only complete levels and their files
+    <index>/z04/part-00000.parquet  z, x, y, quadkey, parent_row (+ embedding while the level is built)
     <index>/z04/index.faiss      IndexFlatIP over all rows (first level)
     <index>/z06/index.faiss      IVF: inverted list p = children of previous-level row p
+    <index>/z06/rerank.npy       pq levels: (rows, d) float16 vectors for re-ranking; pq_small levels:
+    <index>/z06/rerank-codebook.npy  (rows, m) uint8 finer codes and their codebooks (m, K, d / m) float32
 
 Rows of a level are sorted by (parent_row, quadkey) and row i is FAISS id i.
+
+One home for the vectors: while a level is built, each shard holds its float16 embeddings (a
+killed build resumes from finished shards). Once the FAISS file (and a pq level's re-rank code)
+is written and recorded in the manifest, each shard is rewritten without its embedding column,
+so a finished level keeps its vectors once, in the form search reads: the FAISS file (for pq
+levels, the re-rank copy). The shard records where its rows start there and which FAISS file (by
+sha256) it was slimmed against, so export, a resumed or repaired build and a change of codec
+read the vectors back (:func:`shard_vectors`): exactly for the exact codecs (fp16, flat, pq's
+float16 re-rank copy; the first level is float32), decoded for lossy ones (sq8; pq_small from its
+re-rank code). Writes stay in that order (FAISS file, manifest, then the slimmer shard), so a
+crash never leaves a shard whose vectors are nowhere.
+Indexes of the earlier layout (embeddings in every shard, pq's ``exact.npy``) open as before.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import faiss
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
+from faiss.contrib.inspect_tools import get_invlist
 from faiss.contrib.ivf_tools import add_preassigned
 
+from geoindex.codecs import get_codec
+from geoindex.codecs.base import RerankRows, rerank_encode, train_rerank_codebook
+from geoindex.codecs.pq import subquantizers as pq_subquantizers
 from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.files import atomic_path, file_sha256
-from geoindex.manifest import CODECS, FileInfo, LevelInfo, Manifest
+from geoindex.manifest import FileInfo, LevelInfo, Manifest
 from geoindex.tiles import quadkey_int_array
 
 __all__ = [
     "StoredLevel",
     "build_faiss_level",
+    "drop_embeddings",
     "level_dir",
     "list_shards",
     "open_store",
@@ -41,6 +62,7 @@ __all__ = [
     "level_embeddings",
     "read_embeddings",
     "read_level_columns",
+    "shard_vectors",
     "shard_path",
     "write_shard",
 ]
@@ -48,10 +70,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FAISS_FILE = "index.faiss"
-SQ8_TRAIN_SAMPLE = 65_536  # rows used to fit the 8-bit quantizer's per-dimension ranges
-PQ_TRAIN_SAMPLE = 16_384  # rows used to train the product quantizer's codebooks (64 per centroid)
-PQ_MAX_M = 64  # pq: at most 64 one-byte sub-vector codes per tile (+ an 8-byte id per IVF entry)
-EXACT_FILE = "exact.npy"  # pq levels: (rows, d) float16 embeddings in row order, memory-mapped for re-ranking
+EXACT_FILE = "exact.npy"  # earlier pq levels: (rows, d) float16 embeddings in row order, for re-ranking
+RERANK_FILE = "rerank.npy"  # re-ranking copy in row order, memory-mapped: pq float16 (rows, d), pq_small uint8 codes
+RERANK_CODEBOOK = "rerank-codebook.npy"  # pq_small: the codes' codebooks (m, K, d / m) float32
+RERANK_TRAIN_SAMPLE = 65_536  # rows used to train the re-rank code's codebooks
+# A shard without its embedding column names where its vectors are: the row of its first row in the
+# level's FAISS file, the codec that encoded them there, and that file's sha256.
+META_FIRST_ROW, META_CODEC, META_SHA256 = b"geoindex.first_row", b"geoindex.vectors_codec", b"geoindex.vectors_sha256"
+FIRST_LEVEL_CODEC = "flat"  # the first level is IndexFlatIP: float32, exact like flat
 VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total size (about 1 s)
 RESIDENT_AUTO_BYTES = 2 << 30  # resident="auto": at most this much FAISS data read into RAM (and 1/4 of free RAM)
 
@@ -84,6 +110,9 @@ def _schema(dim: int) -> pa.Schema:
             ("embedding", pa.list_(pa.float16(), dim)),
         ]
     )
+
+
+TILE_COLUMNS = ("z", "x", "y", "quadkey", "parent_row")
 
 
 def write_shard(
@@ -182,10 +211,131 @@ def read_level_columns(
 
 
 def read_embeddings(shard: Path) -> npt.NDArray[np.float16]:
-    """The (n, d) float16 embeddings of one shard."""
+    """The (n, d) float16 embeddings of one shard's rows, wherever they are kept (see :func:`shard_vectors`):
+    as encoded for the exact codecs, decoded from its codes for lossy ones."""
+    if VectorHome.of(shard) is not None:
+        return shard_vectors(shard).astype(np.float16)
+    return _own_embeddings(shard)
+
+
+def _own_embeddings(shard: Path) -> npt.NDArray[np.float16]:
+    """The (n, d) float16 embeddings a shard holds itself (a shard of a level being built)."""
     col = _read_shard(shard, ["embedding"]).column("embedding").combine_chunks()
     dim = col.type.list_size
     return column_to_numpy(pa.chunked_array([col.flatten()])).reshape(-1, dim)
+
+
+@dataclass(frozen=True)
+class VectorHome:
+    """Where a slim shard's vectors are: rows ``[first_row, first_row + n)`` of its level's FAISS file."""
+
+    first_row: int
+    codec: str
+    sha256: str
+
+    def metadata(self) -> dict[bytes, bytes]:
+        return {META_FIRST_ROW: str(self.first_row).encode(), META_CODEC: self.codec.encode(),
+                META_SHA256: self.sha256.encode()}
+
+    @classmethod
+    def of(cls, shard: Path) -> VectorHome | None:
+        """The home a shard names, None for a shard holding its own embeddings."""
+        try:
+            schema = pq.read_schema(shard, memory_map=True)
+        except (OSError, pa.ArrowException) as e:
+            raise _damaged_shard(shard, str(e)) from e
+        if "embedding" in schema.names:
+            return None
+        meta = schema.metadata or {}
+        try:
+            return cls(int(meta[META_FIRST_ROW]), meta[META_CODEC].decode(), meta[META_SHA256].decode())
+        except (KeyError, ValueError, UnicodeDecodeError) as e:
+            raise _damaged_shard(shard, f"no embedding column and no valid {e} record of where its vectors are") from e
+
+    @property
+    def exact(self) -> bool:
+        """The FAISS file gives these vectors back unchanged, so a rebuild may read them from it."""
+        return get_codec(self.codec).exact
+
+
+def shard_vectors(shard: Path) -> npt.NDArray[np.float16] | npt.NDArray[np.float32]:
+    """The (n, d) vectors of one shard's rows, wherever they are kept.
+
+    From the shard's own embedding column while its level is built (float16); once finished, from
+    the level's FAISS file: float32, equal to the float16 embeddings for the exact codecs (fp16,
+    flat, the first level), decoded for lossy ones (a pq level from its finer re-rank code).
+
+    Raises:
+        IndexFormatError: the FAISS file the shard was slimmed against is gone or was replaced.
+    """
+    home = VectorHome.of(shard)
+    if home is None:
+        return _own_embeddings(shard)
+    parents = _read_shard(shard, ["parent_row"]).column("parent_row").to_numpy()
+    return _open_level_vectors(shard.parent, home.sha256).rows(home.first_row, parents)
+
+
+@dataclass
+class _LevelVectors:
+    """A finished level's vectors, read back from its FAISS file (or re-rank code)."""
+
+    index: faiss.Index
+    rerank: RerankRows | np.ndarray | None  # the re-rank copy, where a codec keeps one: read from it
+
+    def rows(self, first: int, parents: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+        """Vectors (n, d) of rows ``first .. first + n - 1``, whose parent rows (n,) are ``parents``."""
+        n = len(parents)
+        if first + n > self.index.ntotal:
+            raise IndexFormatError(f"rows {first}..{first + n - 1} are not in a FAISS file of {self.index.ntotal}")
+        if self.rerank is not None:
+            return np.asarray(self.rerank[np.arange(first, first + n)], dtype=np.float32)
+        if not n or not isinstance(self.index, (faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer, faiss.IndexIVFPQ)) \
+                or getattr(self.index, "by_residual", False):
+            return self.index.reconstruct_n(first, n)
+        # IndexIVF.reconstruct_n scans every list of the level per call; the rows of a shard lie in the
+        # lists of its parents (row i is id i, lists in parent order), so read only those.
+        ids, codes = [], []
+        for p in range(int(parents.min()), int(parents.max()) + 1):
+            list_ids, list_codes = get_invlist(self.index.invlists, p)
+            keep = (list_ids >= first) & (list_ids < first + n)
+            ids.append(list_ids[keep])
+            codes.append(list_codes[keep])
+        order = np.argsort(np.concatenate(ids), kind="stable")
+        out = _decode(self.index, np.concatenate(codes)[order])
+        if len(out) != n:
+            raise IndexFormatError(f"the FAISS file holds {len(out)} of rows {first}..{first + n - 1} in the lists "
+                                   "of their parents; rebuild the level")
+        return out
+
+
+def _decode(index: faiss.IndexIVF, codes: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    """Vectors (n, d) float32 of the list codes (n, code_size) of a residual-free IVF flat, SQ or PQ index."""
+    codes = np.ascontiguousarray(codes)
+    if isinstance(index, faiss.IndexIVFFlat):
+        return codes.view(np.float32).reshape(len(codes), index.d)
+    if isinstance(index, faiss.IndexIVFScalarQuantizer):
+        return index.sq.decode(codes)
+    product_quantizer: Any = cast(faiss.IndexIVFPQ, index).pq  # the stubs miss the numpy wrapper of decode
+    return np.asarray(product_quantizer.decode(codes), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_level_vectors(ldir: Path, sha256: str) -> _LevelVectors:
+    """A level's vector home, checked against the sha256 its shards recorded; opened once per file version."""
+    path = ldir / FAISS_FILE
+    if not path.is_file() or file_sha256(path) != sha256:
+        zoom = ldir.name.lstrip("z0") or "0"
+        raise IndexFormatError(
+            f"{ldir}: the shards' vectors are kept in {FAISS_FILE} with sha256 {sha256[:12]}, which is missing or "
+            f"was replaced; re-encode the level (`python -m pipelines.build_index --zoom {zoom} --overwrite` "
+            "with the arguments of the build)")
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    rerank: RerankRows | np.ndarray | None = None
+    if (ldir / RERANK_CODEBOOK).is_file():
+        rerank = RerankRows(np.load(ldir / RERANK_FILE, mmap_mode="r"), np.load(ldir / RERANK_CODEBOOK))
+    elif (ldir / RERANK_FILE).is_file():
+        rerank = np.load(ldir / RERANK_FILE, mmap_mode="r")
+    return _LevelVectors(index, rerank)
 
 
 def level_embeddings(index_dir: Path, zoom: int) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.int64]]:
@@ -201,63 +351,33 @@ def level_embeddings(index_dir: Path, zoom: int) -> tuple[npt.NDArray[np.float16
 
 def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.float32], np.ndarray]]:
     for shard in list_shards(index_dir, zoom):
-        emb = read_embeddings(shard).astype(np.float32)
+        home = VectorHome.of(shard)
+        if home is not None and not home.exact:
+            raise IndexFormatError(
+                f"{shard}: its vectors are kept only as {home.codec} codes, which do not give the embeddings back; "
+                f"re-encode level z{zoom} (`python -m pipelines.build_index --zoom {zoom} --overwrite`)")
+        emb = shard_vectors(shard).astype(np.float32)
         parents = _read_shard(shard, ["parent_row"]).column("parent_row").to_numpy()
         yield emb, parents
 
 
-def pq_subquantizers(dim: int) -> int:
-    """Sub-vectors M of the ``pq`` codec: the largest divisor of ``dim`` up to 64 (one byte each).
-
-    512-d (CLIP ViT-B/32) and 1280-d (EfficientNet-Lite0): 64, so an IVF entry is 64 code bytes +
-    an 8-byte id = 72 bytes. Each level also stores its codebooks once (256 x d float32: 0.5 MiB at
-    512-d, 1.25 MiB at 1280-d), which keeps a level of 50,000 rows or more under 100 bytes per tile.
-    """
-    return max(m for m in range(1, min(dim, PQ_MAX_M) + 1) if dim % m == 0)
-
-
-def _new_pq(quantizer: faiss.Index, dim: int, nlist: int, sample: npt.NDArray[np.float32]) -> faiss.IndexIVFPQ:
-    """IVF-PQ without residuals, codebooks trained on ``sample``; the coarse quantizer stays empty."""
-    # 8 bits per sub-vector (256 centroids) need 256 training rows; tiny levels get fewer bits.
-    nbits = int(min(8, max(1, np.floor(np.log2(max(len(sample), 2))))))
-    index = faiss.IndexIVFPQ(quantizer, dim, nlist, pq_subquantizers(dim), nbits, faiss.METRIC_INNER_PRODUCT)
-    index.by_residual = False
-    index.pq.cp.min_points_per_centroid = 1  # small levels: quiet; exact re-ranking makes up for coarse codebooks
-    if len(sample) < 2:  # one row cannot make the two centroids of a 1-bit codebook
-        sample = np.repeat(sample, 2, axis=0)
-    index.pq.train(np.ascontiguousarray(sample, dtype=np.float32))  # not index.train: no k-means of lists
-    return index
-
-
 def build_faiss_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: str, dim: int) -> faiss.Index:
-    """Build a level's FAISS index from its parquet shards, streaming one shard at a time.
+    """Build a level's FAISS index from its shards' vectors, streaming one shard at a time.
 
-    The first level (``n_parents`` None) is an ``IndexFlatIP``. Later levels are IVF indexes with
-    ``nlist = n_parents`` whose list p holds the children of previous-level row p, added with
-    precomputed assignments; the coarse quantizer stays empty because it is never used.
+    The first level (``n_parents`` None) is an ``IndexFlatIP``. Later levels are IVF indexes made by
+    the codec's factory with ``nlist = n_parents``, whose list p holds the children of
+    previous-level row p, added with precomputed assignments; the coarse quantizer stays empty
+    because it is never used.
     """
-    if codec not in CODECS:
-        raise ConfigError(f"unknown codec {codec!r}; choose one of {list(CODECS)}")
+    spec = get_codec(codec)
     if n_parents is None:
         index: faiss.Index = faiss.IndexFlatIP(dim)
         for emb, _ in _iter_level(index_dir, zoom):
             index.add(emb)
         return index
     quantizer = faiss.IndexFlatIP(dim)
-    ivf: faiss.IndexIVF
-    if codec == "pq":
-        ivf = _new_pq(quantizer, dim, max(n_parents, 1), _sample_rows(index_dir, zoom, PQ_TRAIN_SAMPLE, codec))
-    elif codec == "flat":
-        ivf = faiss.IndexIVFFlat(quantizer, dim, max(n_parents, 1), faiss.METRIC_INNER_PRODUCT)
-    else:
-        qtype = faiss.ScalarQuantizer.QT_fp16 if codec == "fp16" else faiss.ScalarQuantizer.QT_8bit
-        sq = faiss.IndexIVFScalarQuantizer(
-            quantizer, dim, max(n_parents, 1), qtype, faiss.METRIC_INNER_PRODUCT, False
-        )
-        if codec == "sq8":
-            # Fit only the scalar quantizer's ranges: index.train would k-means the empty quantizer.
-            sq.sq.train(_sample_rows(index_dir, zoom, SQ8_TRAIN_SAMPLE, codec))
-        ivf = sq
+    sample = _sample_rows(index_dir, zoom, spec.train_rows, codec) if spec.train_rows else None
+    ivf = spec.make_ivf(quantizer, dim, max(n_parents, 1), sample)
     ivf.own_fields = True
     quantizer.this.disown()  # type: ignore[attr-defined]  # SWIG: the IVF index now owns it
     ivf.is_trained = True
@@ -284,20 +404,40 @@ def _sample_rows(index_dir: Path, zoom: int, limit: int, codec: str) -> npt.NDAr
     return np.concatenate(out)[:limit]
 
 
-def write_exact(index_dir: Path, zoom: int, *, dim: int) -> Path:
-    """Write a level's float16 embeddings in row order as one ``.npy`` file (atomically), for re-ranking.
+def write_rerank(index_dir: Path, zoom: int, *, m: int, dim: int) -> tuple[Path, Path]:
+    """Train a product quantizer of ``m`` one-byte sub-vectors on the level and write every row's codes
+    (``rerank.npy``, (rows, m) uint8 in row order) and its codebooks (``rerank-codebook.npy``), atomically.
 
-    Derived from parquet like ``index.faiss``; a pq level needs it because parquet pages cannot be
-    read row by row, and re-ranking reads a few thousand scattered rows per query.
+    Memory-mapped at search time: re-ranking reads a few thousand scattered rows per query.
     """
-    shards = list_shards(index_dir, zoom)
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in shards)
-    path = level_dir(index_dir, zoom) / EXACT_FILE
+    codebook = train_rerank_codebook(_sample_rows(index_dir, zoom, RERANK_TRAIN_SAMPLE, "re-rank"), m)
+    ldir = level_dir(index_dir, zoom)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(index_dir, zoom))
+    with atomic_path(ldir / RERANK_FILE) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(rows, m))
+        offset = 0
+        for emb, _ in _iter_level(index_dir, zoom):
+            out[offset : offset + len(emb)] = rerank_encode(emb, codebook)
+            offset += len(emb)
+        out.flush()
+        del out
+    with atomic_path(ldir / RERANK_CODEBOOK) as tmp, open(tmp, "wb") as f:
+        np.save(f, codebook)
+    return ldir / RERANK_FILE, ldir / RERANK_CODEBOOK
+
+
+def write_rerank_fp16(index_dir: Path, zoom: int, *, dim: int) -> Path:
+    """Write a level's float16 vectors in row order as ``rerank.npy`` (atomically), for re-ranking.
+
+    Memory-mapped at search time: parquet pages cannot be read row by row, and re-ranking reads
+    a few thousand scattered rows per query.
+    """
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in list_shards(index_dir, zoom))
+    path = level_dir(index_dir, zoom) / RERANK_FILE
     with atomic_path(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(rows, dim))
         offset = 0
-        for shard in shards:
-            emb = read_embeddings(shard)
+        for emb, _ in _iter_level(index_dir, zoom):
             out[offset : offset + len(emb)] = emb
             offset += len(emb)
         out.flush()
@@ -316,16 +456,51 @@ def write_faiss(index: faiss.Index, path: Path) -> None:
 
 
 def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: str, dim: int) -> LevelInfo:
-    """Build and write a level's FAISS file from its shards; return its manifest entry (encoder unset)."""
+    """Build and write a level's FAISS file (and re-rank code) from its shards; return its manifest entry
+    (encoder unset). The shards keep their embeddings until :func:`drop_embeddings`, once the manifest
+    records these files."""
     index = build_faiss_level(index_dir, zoom, n_parents=n_parents, codec=codec, dim=dim)
+    spec = get_codec(codec)
     ldir = level_dir(index_dir, zoom)
+    rerank: tuple[Path, ...] = ()
+    # before index.faiss: the shards may be slim, their vectors read from the files this replaces
+    if spec.rerank_subquantizers is not None and n_parents is not None:
+        rerank = write_rerank(index_dir, zoom, m=spec.rerank_subquantizers(dim), dim=dim)
+    elif spec.rerank_exact and n_parents is not None:
+        rerank = (write_rerank_fp16(index_dir, zoom, dim=dim),)
+    for stale in {RERANK_FILE, RERANK_CODEBOOK} - {p.name for p in rerank}:  # a codec change leaves none behind
+        (ldir / stale).unlink(missing_ok=True)
     write_faiss(index, ldir / FAISS_FILE)
-    files = tuple(_file_info(p) for p in list_shards(index_dir, zoom)) + (_file_info(ldir / FAISS_FILE),)
-    if codec == "pq" and n_parents is not None:
-        files += (_file_info(write_exact(index_dir, zoom, dim=dim)),)
-    else:
-        (ldir / EXACT_FILE).unlink(missing_ok=True)  # a codec change leaves no stale re-ranking file
+    (ldir / EXACT_FILE).unlink(missing_ok=True)  # the earlier layout's re-ranking copy
+    files = (tuple(_file_info(p) for p in list_shards(index_dir, zoom)) + (_file_info(ldir / FAISS_FILE),)
+             + tuple(_file_info(p) for p in rerank))
     return LevelInfo(zoom=zoom, rows=int(index.ntotal), encoder=None, files=files)
+
+
+def drop_embeddings(index_dir: Path, zoom: int, info: LevelInfo, *, codec: str) -> LevelInfo:
+    """Rewrite each shard of a finished level without its embedding column; return ``info`` with their new sizes.
+
+    Call once the manifest records ``info``: the vectors are then in the level's FAISS file
+    (``codec``: the manifest's codec, ``flat`` for the first level), and each shard records where.
+    A shard already slim against this FAISS file is left as it is (same bytes, same mtime).
+    """
+    ldir = level_dir(index_dir, zoom)
+    sha = next((f.sha256 for f in info.files if f.name == FAISS_FILE), None)
+    if sha is None:
+        raise IndexFormatError(f"{ldir}: the level's manifest entry lists no {FAISS_FILE}; rebuild level z{zoom}")
+    first = 0
+    new: dict[str, FileInfo] = {}
+    for shard in list_shards(index_dir, zoom):
+        table = pq.ParquetFile(shard, memory_map=True).read(columns=list(TILE_COLUMNS))
+        home = VectorHome(first, codec, sha)
+        first += table.num_rows
+        if VectorHome.of(shard) == home:
+            continue
+        slim = table.replace_schema_metadata(home.metadata())
+        with atomic_path(shard) as tmp:
+            pq.write_table(slim, tmp)
+        new[shard.name] = _file_info(shard)
+    return dataclasses.replace(info, files=tuple(new.get(f.name, f) for f in info.files))
 
 
 @dataclass
@@ -337,7 +512,9 @@ class StoredLevel:
     x: npt.NDArray[np.int32]
     y: npt.NDArray[np.int32]
     info: LevelInfo
-    exact: npt.NDArray[np.float16] | None = None  # pq levels: (rows, d) embeddings for exact re-ranking
+    # pq levels: rows by id -> (n, d) vectors that re-rank candidates: the re-rank code (RerankRows), or in
+    # indexes of the earlier layout the float16 embeddings of exact.npy
+    exact: npt.NDArray[np.float16] | RerankRows | None = None
     resident: bool = False  # the FAISS file was read into RAM (else it is memory-mapped)
 
     @property
@@ -532,24 +709,35 @@ def resident_levels(sizes: list[int], resident: bool | str) -> list[bool]:
     return [i < fits for i in range(len(sizes))]
 
 
-def _open_exact(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.float16]:
-    """``exact.npy`` memory-mapped, its header checked: C-order little-endian float16 of ``shape``.
+def _open_npy(path: Path, dtype: str, shape: tuple[int, ...] | None, *, ndim: int = 2, mmap: bool = True) -> np.ndarray:
+    """A ``.npy`` file (memory-mapped), its header checked: C-order ``dtype`` of ``shape`` (None: any ``ndim``).
 
     Checksums are skipped on large indexes, so the header is the only guard: an ``<i2`` or
     Fortran-order header would otherwise be read as other numbers and give wrong answers.
     """
-    fix = "rebuild this level (`python -m pipelines.build_index --zoom Z` with the arguments of the build)"
+    fix = f"rebuild this level (`python -m pipelines.build_index --zoom {path.parent.name.lstrip('z0') or '0'}` " \
+          "with the arguments of the build)"
     try:
-        exact = np.load(path, mmap_mode="r", allow_pickle=False)
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - numpy's header parser raises ValueError, SyntaxError, TokenError...
         raise IndexFormatError(f"{path}: unreadable .npy header ({type(e).__name__}: {e}); {fix}") from e
-    if exact.dtype.str != "<f2" or exact.ndim != 2 or not exact.flags.c_contiguous:
-        order = "Fortran" if exact.flags.f_contiguous and not exact.flags.c_contiguous else "C"
-        raise IndexFormatError(f"{path}: holds {exact.dtype.str} in {order} order with {exact.ndim} dimensions, "
-                               f"expected C-order <f2 (float16) rows; {fix}")
-    if exact.shape != shape:
-        raise IndexFormatError(f"{path}: has shape {exact.shape}, expected {shape}; {fix}")
-    return exact
+    if array.dtype.str != dtype or array.ndim != ndim or not array.flags.c_contiguous:
+        order = "Fortran" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
+        raise IndexFormatError(f"{path}: holds {array.dtype.str} in {order} order with {array.ndim} dimensions, "
+                               f"expected C-order {dtype} with {ndim}; {fix}")
+    if shape is not None and array.shape != shape:
+        raise IndexFormatError(f"{path}: has shape {array.shape}, expected {shape}; {fix}")
+    return array
+
+
+def _open_rerank(ldir: Path, rows: int, dim: int) -> RerankRows:
+    """``rerank.npy`` memory-mapped and its codebooks, their headers checked against each other and the level."""
+    codebook = _open_npy(ldir / RERANK_CODEBOOK, "<f4", None, ndim=3, mmap=False)
+    m, k, dsub = codebook.shape
+    if m * dsub != dim or not 1 <= k <= 256:
+        raise IndexFormatError(f"{ldir / RERANK_CODEBOOK}: codebooks of shape {codebook.shape} do not make "
+                               f"{dim}-d vectors from one-byte codes; rebuild this level")
+    return RerankRows(_open_npy(ldir / RERANK_FILE, "|u1", (rows, m)), codebook)
 
 
 def open_store(
@@ -606,9 +794,14 @@ def open_store(
                     f"level z{info.zoom}: expected an IVF index with {parent.rows} lists (rows of z{parent.zoom})"
                 )
             _check_ivf_ids(path, info.zoom, index, cols["parent_row"])
-        exact = None
-        if any(f.name == EXACT_FILE for f in info.files):
-            exact = _open_exact(ldir / EXACT_FILE, (info.rows, manifest.dim))
+        exact: npt.NDArray[np.float16] | RerankRows | None = None
+        listed = {f.name for f in info.files}
+        if EXACT_FILE in listed:
+            exact = _open_npy(ldir / EXACT_FILE, "<f2", (info.rows, manifest.dim))
+        elif RERANK_CODEBOOK in listed:
+            exact = _open_rerank(ldir, info.rows, manifest.dim)
+        elif RERANK_FILE in listed:
+            exact = _open_npy(ldir / RERANK_FILE, "<f2", (info.rows, manifest.dim))
         levels.append(StoredLevel(info.zoom, index, cols["x"].astype(np.int32), cols["y"].astype(np.int32), info,
                                   exact, resident=ram))
     return manifest, levels

@@ -402,19 +402,72 @@ def _rewrite_npy_header(path: Path, header: dict | bytes) -> None:
     path.write_bytes(raw[:10] + new + raw[10 + hlen :])
 
 
+def _earlier_layout(src: Path, dst: Path) -> Path:
+    """A copy of a pq index as the earlier layout kept it: the level's float16 vectors in exact.npy, no re-rank code."""
+    import dataclasses
+    import shutil
+
+    from geoindex.manifest import FileInfo, Manifest
+    from geoindex.store import EXACT_FILE, RERANK_CODEBOOK, RERANK_FILE, list_shards, read_embeddings
+
+    shutil.copytree(src, dst)
+    ldir = dst / "z02"
+    np.save(ldir / EXACT_FILE, np.concatenate([read_embeddings(p) for p in list_shards(dst, 2)]))
+    manifest = Manifest.load(dst)
+    level = manifest.level(2)
+    assert level is not None
+    files = tuple(f for f in level.files if f.name not in (RERANK_FILE, RERANK_CODEBOOK))
+    files += (FileInfo(EXACT_FILE, 0, ""),)
+    for name in (RERANK_FILE, RERANK_CODEBOOK):
+        (ldir / name).unlink(missing_ok=True)
+    dataclasses.replace(manifest, levels=(manifest.levels[0], dataclasses.replace(level, files=files))).save(dst)
+    _relist(dst)
+    return dst
+
+
+def test_an_index_of_the_earlier_layout_reranks_from_exact_npy(pq_index, tmp_path):
+    from geoindex.beam import FaissLevel
+    from geoindex.store import EXACT_FILE, open_store
+
+    path = _earlier_layout(pq_index, tmp_path / "earlier")
+    _, stored = open_store(path, verify=True)
+    exact = np.load(path / "z02" / EXACT_FILE).astype(np.float32)
+    np.testing.assert_array_equal(stored[1].exact, exact)
+    xq = exact[:3] / np.linalg.norm(exact[:3], axis=1, keepdims=True)
+    D, I = FaissLevel(stored[1]).search(xq, 2, np.zeros((3, 1), dtype=np.int64))
+    np.testing.assert_allclose(D, np.einsum("qkd,qd->qk", exact[I], xq), atol=1e-5)  # scored from exact.npy
+
+
 @pytest.mark.parametrize("header,match", [
     (lambda shape: {"descr": "<i2", "fortran_order": False, "shape": shape}, r"holds <i2"),
     (lambda shape: {"descr": "<f2", "fortran_order": True, "shape": shape}, r"Fortran order"),
     (lambda shape: b"{garbage", r"unreadable .npy header"),
 ])
 def test_exact_npy_header_is_checked_without_checksums(pq_index, tmp_path, header, match):
+    from geoindex.store import EXACT_FILE, open_store
+
+    path = _earlier_layout(pq_index, tmp_path / "copy")
+    npy = path / "z02" / EXACT_FILE
+    shape = np.load(npy, mmap_mode="r").shape
+    _rewrite_npy_header(npy, header(shape))
+    with pytest.raises(IndexFormatError, match=match) as info:
+        open_store(path, verify=False)
+    assert str(npy) in str(info.value) and "build_index" in str(info.value)
+
+
+@pytest.mark.parametrize("header,match", [
+    (lambda shape: {"descr": "|i1", "fortran_order": False, "shape": shape}, r"holds \|i1"),
+    (lambda shape: {"descr": "|u1", "fortran_order": True, "shape": shape}, r"Fortran order"),
+    (lambda shape: b"{garbage", r"unreadable .npy header"),
+])
+def test_rerank_code_header_is_checked_without_checksums(pq_index, tmp_path, header, match):
     import shutil
 
-    from geoindex.store import EXACT_FILE, open_store
+    from geoindex.store import RERANK_FILE, open_store
 
     path = tmp_path / "copy"
     shutil.copytree(pq_index, path)
-    npy = path / "z02" / EXACT_FILE
+    npy = path / "z02" / RERANK_FILE
     shape = np.load(npy, mmap_mode="r").shape
     _rewrite_npy_header(npy, header(shape))
     with pytest.raises(IndexFormatError, match=match) as info:

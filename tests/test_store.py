@@ -12,6 +12,8 @@ from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.manifest import EncoderIdentity, Manifest
 from geoindex.store import (
     FAISS_FILE,
+    RERANK_CODEBOOK,
+    RERANK_FILE,
     build_faiss_level,
     finish_level,
     level_dir,
@@ -128,9 +130,11 @@ def test_pq_subquantizers_keep_entries_within_100_bytes():
         assert d % m == 0 and m + 8 <= 72
 
 
+@pytest.mark.parametrize("codec", ["pq", "pq_small"])
 @pytest.mark.parametrize("children", [300, 20])  # 8-bit codebooks; and fewer rows than 256 centroids
-def test_pq_level_reranks_exactly(tmp_path, children):
-    """IVF-PQ (by_residual off, empty coarse quantizer) + exact re-ranking from exact.npy equals exact search."""
+def test_pq_level_reranks_from_its_rerank_copy(tmp_path, children, codec):
+    """IVF-PQ (by_residual off, empty coarse quantizer) + re-ranking from the level's re-rank copy (pq: float16
+    vectors, so exact search; pq_small: a finer product code) equals an exhaustive search over that copy."""
     rng = np.random.default_rng(3)
     d, n_par = 32, 4
     x1, y1 = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
@@ -144,22 +148,26 @@ def test_pq_level_reranks_exactly(tmp_path, children):
     for s, sl in enumerate((slice(0, half), slice(half, None))):
         write_shard(shard_path(tmp_path, 9, s), zoom=9, x=xs[sl], y=ys[sl], parent_row=parents[sl],
                     embeddings=emb[sl])
-    info1 = finish_level(tmp_path, 1, n_parents=None, codec="pq", dim=d)
-    info2 = finish_level(tmp_path, 9, n_parents=n_par, codec="pq", dim=d)
-    assert [f.name for f in info1.files] == ["part-00000.parquet", FAISS_FILE]  # first level: flat, no exact file
-    assert "exact.npy" in [f.name for f in info2.files]
-    Manifest(schedule=LevelSchedule(1, 9, 8), dim=d, codec="pq", imagery="x", levels=(info1, info2),
+    info1 = finish_level(tmp_path, 1, n_parents=None, codec=codec, dim=d)
+    info2 = finish_level(tmp_path, 9, n_parents=n_par, codec=codec, dim=d)
+    assert [f.name for f in info1.files] == ["part-00000.parquet", FAISS_FILE]  # first level: flat, no re-rank code
+    names = [f.name for f in info2.files]
+    assert names[-2:] == ([FAISS_FILE, RERANK_FILE] if codec == "pq" else [RERANK_FILE, RERANK_CODEBOOK])
+    Manifest(schedule=LevelSchedule(1, 9, 8), dim=d, codec=codec, imagery="x", levels=(info1, info2),
              photo_encoder=EncoderIdentity(name="tiny", base_fingerprint="0" * 64)).save(tmp_path)
     _, stored = open_store(tmp_path)
     index = stored[1].index
     assert isinstance(index, faiss.IndexIVFPQ) and not index.by_residual and index.quantizer.ntotal == 0
     assert index.pq.M == pq_subquantizers(d) and index.pq.nbits == (8 if children * n_par >= 256 else 6)
     assert index.code_size <= pq_subquantizers(d)
-    stored16 = emb.astype(np.float16).astype(np.float32)
-    np.testing.assert_array_equal(stored[1].exact, emb.astype(np.float16))
+    vectors = np.asarray(stored[1].exact[np.arange(len(emb))], dtype=np.float32)  # the re-rank copy, (rows, d)
+    assert vectors.shape == emb.shape
+    if codec == "pq":
+        np.testing.assert_array_equal(vectors, emb.astype(np.float16))
+    assert np.median(np.einsum("nd,nd->n", vectors, emb)) > 0.7  # near the embeddings (random: about 0)
     xq = _unit(rng, 6, d)
     lists = np.array([[2, 0], [1, -1], [3, 2], [0, 1], [3, -1], [-1, -1]], dtype=np.int64)
-    everything = FaissLevel(stored[1], rerank=2 * children)  # re-rank every candidate: must equal exact search
+    everything = FaissLevel(stored[1], rerank=2 * children)  # re-rank every candidate: an exhaustive search
     default = FaissLevel(stored[1])
     for level in (everything, default):
         D, I = level.search(xq, 5, lists)
@@ -167,13 +175,13 @@ def test_pq_level_reranks_exactly(tmp_path, children):
             allowed = np.flatnonzero(np.isin(parents, lists[q][lists[q] >= 0]))
             got = I[q][I[q] >= 0]
             assert len(got) == 5 and np.isin(got, allowed).all()
-            np.testing.assert_allclose(D[q], stored16[got] @ xq[q], atol=1e-5)  # reported scores are exact
+            np.testing.assert_allclose(D[q], vectors[got] @ xq[q], atol=1e-5)  # scores are the re-rank code's
             if level is everything:
-                assert list(got) == list(allowed[np.argsort(-(stored16[allowed] @ xq[q]), kind="stable")[:5]])
+                assert list(got) == list(allowed[np.argsort(-(vectors[allowed] @ xq[q]), kind="stable")[:5]])
         assert list(I[5]) == [-1] * 5
-    # score_ids reports the exact score too
+    # score_ids reports the re-ranked score too
     row = int(I[0, 0])
-    np.testing.assert_allclose(default.score_ids(xq[:1], np.array([row]), lists[:1]), [stored16[row] @ xq[0]],
+    np.testing.assert_allclose(default.score_ids(xq[:1], np.array([row]), lists[:1]), [vectors[row] @ xq[0]],
                                atol=1e-5)
 
 
