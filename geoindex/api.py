@@ -27,7 +27,7 @@ from geoindex.beam import (
 from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
-from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, ImageError
+from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
 from geoindex.exif import read_gps
 from geoindex.imagery import ImageInput, load_image
 from geoindex.lazy import LazyLevel, open_lazy_levels
@@ -47,14 +47,10 @@ def _name(image: ImageInput) -> str | None:
     return os.fspath(image) if isinstance(image, (str, os.PathLike)) else None
 
 
-def _with_exif(result: SearchResult, image: ImageInput) -> SearchResult:
-    """``result`` with the photo's EXIF GPS position, where the image carries one (arrays carry none)."""
-    if isinstance(image, np.ndarray):
-        return result
-    try:
-        gps = read_gps(image)
-    except ImageError:  # the encoder read it; an unreadable EXIF block only means "no position"
-        gps = None
+def _with_exif(result: SearchResult, image: Any) -> SearchResult:
+    """``result`` with the EXIF GPS position of the photo's decoded image (``load_image`` keeps the EXIF
+    block; an array's image has none), so the file is not opened a second time."""
+    gps = read_gps(image)  # never raises for an opened image: a bad EXIF block means "no position"
     return dataclasses.replace(result, exif=gps) if gps is not None else result
 
 
@@ -160,7 +156,8 @@ class _Searcher:
         options = PriorOptions(prior_mode, prior_weight) if prior is not None else None
         loaded = get_prior(prior) if prior is not None else None
         batch = cast(list[ImageInput], [images] if not isinstance(images, (list, tuple)) else list(images))
-        batch_in, pixels = self._preprocess(batch, on_error, decode=loaded is not None)
+        # decoded once: the prior and the EXIF position read the same PIL images as the encoder
+        batch_in, pixels = self._preprocess(batch, on_error, decode=loaded is not None or read_exif)
         good = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
         out: list[SearchResult | GeoIndexError | None] = [
             p if isinstance(p, GeoIndexError) else None for p in pixels
@@ -171,14 +168,14 @@ class _Searcher:
             results = self.search_embeddings(xq, k, top_n=top_n, names=[_name(batch[i]) for i in good],
                                              prior=belief, prior_options=options)
             for i, r in zip(good, results):
-                out[i] = _with_exif(r, batch[i]) if read_exif else r
+                out[i] = _with_exif(r, batch_in[i]) if read_exif else r
         return out if isinstance(images, (list, tuple)) else out[0]  # type: ignore[return-value]  # all filled
 
     def _preprocess(
         self, batch: list[ImageInput], on_error: OnError, *, decode: bool
     ) -> tuple[list[ImageInput | GeoIndexError], list[torch.Tensor | GeoIndexError]]:
         """Each image as the encoder's input, or the error that made it unreadable (``on_error="raise"``:
-        raised). ``decode``: open them first (a prior reads the same PIL images) and return those."""
+        raised). ``decode``: open them first (for the prior and the EXIF position) and return those."""
         def attempt(step: Callable[[Any], Any], item: Any) -> Any:
             if isinstance(item, GeoIndexError):
                 return item
