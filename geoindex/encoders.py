@@ -288,26 +288,27 @@ class CachedGraph:
 
     @staticmethod
     def path(spec: EncoderSpec, weights: Path) -> Path:
+        """Where the record of ``spec`` with the weights file ``weights`` goes (hashes the file: once per open)."""
         return onnx_runtime.onnx_cache_dir() / f"{spec.name}-{file_sha256(weights)[:32]}.json"
 
     @classmethod
-    def read(cls, spec: EncoderSpec, weights: Path) -> CachedGraph | None:
-        """The record of ``weights``, if one was written and its ONNX graph is still there."""
+    def read(cls, record: Path) -> CachedGraph | None:
+        """The record at ``record`` (:meth:`path`), if one was written and its ONNX graph is still there."""
         try:
-            raw = json.loads(cls.path(spec, weights).read_text())
-            record = cls(raw["base_fingerprint"], raw["graph_fingerprint"], int(raw["dim"]), int(raw["size"]),
-                         tuple(raw["mean"]), tuple(raw["std"]))
+            raw = json.loads(record.read_text())
+            found = cls(raw["base_fingerprint"], raw["graph_fingerprint"], int(raw["dim"]), int(raw["size"]),
+                        tuple(raw["mean"]), tuple(raw["std"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None  # none yet, or unreadable: the network is built and the record written again
-        graph = onnx_runtime.cached_graph(record.graph_fingerprint, (3, record.size, record.size),
+        graph = onnx_runtime.cached_graph(found.graph_fingerprint, (3, found.size, found.size),
                                           onnx_runtime.onnx_cache_dir())
-        return record if graph is not None and graph.is_file() else None
+        return found if graph is not None and graph.is_file() else None
 
-    def write(self, spec: EncoderSpec, weights: Path) -> None:
+    def write(self, record: Path) -> None:
         try:
-            atomic_write_bytes(self.path(spec, weights), json.dumps(dataclasses.asdict(self)).encode(), durable=False)
+            atomic_write_bytes(record, json.dumps(dataclasses.asdict(self)).encode(), durable=False)
         except OSError as e:  # a cache: without it the next open builds the network again
-            log.debug("not recording the ONNX graph of %s: %s", weights, e)
+            log.debug("not writing the ONNX graph's record %s: %s", record, e)
 
 
 class ImageEncoder:
@@ -627,7 +628,8 @@ def create_encoder(
     graphable = (path is not None and resolved == "fp32" and not cuda and preprocessing in ("auto", "pil")
                  and FAMILIES[spec.family].exports_onnx and onnx_runtime.wanted() != "torch"
                  and onnx_runtime.available())
-    cached = CachedGraph.read(spec, path) if graphable and path is not None else None
+    record = CachedGraph.path(spec, path) if graphable and path is not None else None
+    cached = CachedGraph.read(record) if record is not None else None
     if cached is not None:
         pixels = ResizeCropNormalize(cached.size, cached.mean, cached.std)
         return ImageEncoder(spec, (lambda: build()[0], cached), pixels, cached.base_fingerprint, precision=precision,
@@ -637,10 +639,10 @@ def create_encoder(
         preprocessing = "torch" if cuda and isinstance(preprocess, ResizeCropNormalize) else "pil"
     encoder = ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision,
                            preprocessing=preprocessing)
-    if graphable and path is not None and isinstance(preprocess, ResizeCropNormalize):
+    if record is not None and isinstance(preprocess, ResizeCropNormalize):
         graph = FAMILIES[spec.family].for_inference(visual)
         CachedGraph(encoder.base_fingerprint, _state_fingerprint(graph), encoder.dim, preprocess.size,
-                    preprocess.mean, preprocess.std).write(spec, path)
+                    preprocess.mean, preprocess.std).write(record)
     return encoder
 
 

@@ -161,15 +161,16 @@ def run(cfg: Config) -> int:
         print(f"{name:<20} {lat:>6.1f},{lon:>7.1f} {result.lat:>6.1f},{result.lon:>8.1f} "
               f"{f'{t.z}/{t.x}/{t.y}':>11} {err:>9.0f} {_confidence(result):>5} {indexed_ms[-1]:>10.1f} "
               f"{otf_text:>13}")
+    guess = random_guess_km(PLACES, cfg.max_zoom)
     print(f"{'random guess':<20} {'':>14} {'':>15} {f'any z{cfg.max_zoom}':>11} "
-          f"{random_guess_km(PLACES, cfg.max_zoom):>9.0f}   (median error of a uniformly random z{cfg.max_zoom} tile)")
+          f"{guess:>9.0f}   (median error of a uniformly random z{cfg.max_zoom} tile)")
     print("\nconf: the probability that the place lies in the predicted tile's area (touching tiles merged),\n"
           "      calibrated on views of this imagery; '?' marks a photo unlike what the index can match.\n"
           "on-the-fly ms: the paper's search, encoding every candidate tile at query time; (same) means it\n"
           "      found the same final tile as the precomputed index, DIFFERENT that it did not.")
     print(f"\nmedian error {statistics.median(errors):.0f} km over {len(errors)} queries "
           f"({encoder if meaningful else 'random-init encoder: not meaningful'}); random guess "
-          f"{random_guess_km(PLACES, cfg.max_zoom):.0f} km")
+          f"{guess:.0f} km")
     if otf_ms:
         med_idx = statistics.median(indexed_ms[: len(otf_ms)])
         med_otf = statistics.median(otf_ms)
