@@ -145,6 +145,19 @@ def resize_crop_normalize(
     return out
 
 
+def _converts_to_rgb(step: Any) -> bool:
+    """Whether a pipeline step is a conversion to RGB (open_clip puts one before ``Resize``): judged by
+    what it does to two small probes, so no transform class is named here."""
+    grey, colour = Image.new("L", (2, 2), 77), Image.new("RGB", (2, 2), (200, 40, 90))
+    try:
+        converted, kept = step(grey), step(colour)
+        return (isinstance(converted, Image.Image) and converted.mode == "RGB"
+                and converted.tobytes() == grey.convert("RGB").tobytes()
+                and isinstance(kept, Image.Image) and kept.mode == "RGB" and kept.tobytes() == colour.tobytes())
+    except Exception:  # a step that cannot take a PIL image is no conversion
+        return False
+
+
 def fast_preprocess(preprocess: Callable[[Image.Image], torch.Tensor]) -> Callable[[Image.Image], torch.Tensor]:
     """``ResizeCropNormalize`` in place of a torchvision ``Compose`` that does exactly what it does
     (open_clip's and timm's eval transforms); any other callable is returned unchanged."""
@@ -152,8 +165,7 @@ def fast_preprocess(preprocess: Callable[[Image.Image], torch.Tensor]) -> Callab
 
     if not isinstance(preprocess, T.Compose):
         return preprocess
-    steps: list[Any] = [t for t in preprocess.transforms  # open_clip's RGB conversion: done at the same point
-                        if not (type(t).__name__ == "MaybeConvertMode" and getattr(t, "mode", None) == "RGB")]
+    steps: list[Any] = [t for t in preprocess.transforms if not _converts_to_rgb(t)]  # done at the same point
     if [type(t) for t in steps[:2]] != [T.Resize, T.CenterCrop] or len(steps) != 4 \
             or not isinstance(steps[2], T.ToTensor) or type(steps[3]) is not T.Normalize:
         return preprocess

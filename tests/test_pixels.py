@@ -104,3 +104,15 @@ def test_torch_preprocessing_is_part_of_the_encoder_identity(tiny_encoder):
     assert float(np.sum(a * b)) > 0.999  # close, not equal: PIL's fixed-point filter against torch's float one
     with pytest.raises(Exception, match="preprocessing"):
         tiny_encoder.with_precision("fp32", preprocessing="gpu")
+
+
+def test_a_leading_rgb_conversion_is_recognised_by_what_it_does():
+    """open_clip's eval pipeline starts with an RGB conversion; any step that converts to RGB (and only such a
+    step) is folded into ResizeCropNormalize, whatever its class."""
+    import open_clip
+
+    assert isinstance(fast_preprocess(open_clip.image_transform(224, is_train=False)), ResizeCropNormalize)
+    to_rgb = T.Compose([T.Lambda(lambda im: im.convert("RGB")), *_torchvision(64).transforms])
+    assert isinstance(fast_preprocess(to_rgb), ResizeCropNormalize)
+    to_grey = T.Compose([T.Grayscale(num_output_channels=3), *_torchvision(64).transforms])
+    assert fast_preprocess(to_grey) is to_grey
