@@ -8,7 +8,7 @@ A tile source maps a ``mercantile.Tile`` to an RGB ``PIL.Image`` and raises
 from __future__ import annotations
 
 import io
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Self, runtime_checkable
 
 import mercantile
 import numpy as np
@@ -19,7 +19,8 @@ from geoindex.errors import ImageError
 from geoindex.imagery import decode_tile
 
 __all__ = [
-    "TILE_EXTENSIONS", "ByteTileSource", "ListableTileSource", "TileSource", "check_tile", "image_extension",
+    "TILE_EXTENSIONS", "ByteTileSource", "ClosingSource", "ListableTileSource", "TileSource", "check_tile",
+    "image_extension",
     "source_spec",
 ]
 
@@ -28,6 +29,19 @@ _FORMAT_EXTENSIONS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 # Every extension a tile folder is read with (compared case-insensitively): what is written, and
 # ``jpg``, which other tools (GDAL, QGIS, the Landsat tiles in ../shared/data) use for JPEG.
 TILE_EXTENSIONS = ("jpeg", "jpg", "png", "webp")
+
+
+class ClosingSource:
+    """A source that holds a resource (connections, a database): ``close`` frees it, and ``with`` closes it."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @runtime_checkable

@@ -27,7 +27,7 @@ from xyzservices import TileProvider
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.imagery import decode_tile
-from geoindex.sources.base import check_tile
+from geoindex.sources.base import ClosingSource, check_tile
 
 __all__ = ["USER_AGENT", "HttpSource", "open_provider", "query_provider"]
 
@@ -128,7 +128,7 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="{}*")))
 
 
-class HttpSource:
+class HttpSource(ClosingSource):
     """XYZ tiles from an HTTP server, with retries, backoff, Retry-After, rate limit and validation.
 
     The URL template uses ``{z}``, ``{x}``, ``{y}`` (XYZ, y from the north), optionally ``{s}``
@@ -352,12 +352,6 @@ class HttpSource:
     def close(self) -> None:
         """Close the HTTP connections."""
         self._session.close()
-
-    def __enter__(self) -> HttpSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def query_provider(name: str) -> TileProvider | None:

@@ -17,7 +17,7 @@ from PIL import Image
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.files import atomic_path
 from geoindex.imagery import decode_tile
-from geoindex.sources.base import check_tile, image_extension
+from geoindex.sources.base import ClosingSource, check_tile, image_extension
 
 __all__ = ["MBTilesSource", "write_mbtiles"]
 
@@ -29,7 +29,7 @@ def _tms_row(tile: mercantile.Tile) -> int:
     return (1 << tile.z) - 1 - tile.y
 
 
-class MBTilesSource:
+class MBTilesSource(ClosingSource):
     """Tiles from an MBTiles archive (sqlite, read-only); safe to share between threads.
 
     ``spec`` is ``mbtiles:PATH`` (equal to the name). A copy in another process (pickled, or in a
@@ -97,12 +97,6 @@ class MBTilesSource:
     def close(self) -> None:
         """Close the database."""
         self._db.close()
-
-    def __enter__(self) -> MBTilesSource:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def write_mbtiles(
