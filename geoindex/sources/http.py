@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -128,6 +129,23 @@ def _redact(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query, safe="{}*")))
 
 
+@dataclass
+class _RetryDelays:
+    """How long to wait before retry ``attempt``: the server's Retry-After (capped), else exponential
+    backoff with "equal jitter" (half fixed, half random, capped)."""
+
+    backoff: float
+    max_backoff: float
+    max_retry_after: float
+    rng: random.Random
+
+    def before_retry(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        cap = min(self.max_backoff, self.backoff * 2.0**attempt)
+        return cap / 2.0 + self.rng.uniform(0.0, cap / 2.0)
+
+
 class HttpSource(ClosingSource):
     """XYZ tiles from an HTTP server, with retries, backoff, Retry-After, rate limit and validation.
 
@@ -199,11 +217,8 @@ class HttpSource(ClosingSource):
         self._spec = template
         self.timeout = timeout
         self.max_retries = max_retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self.max_retry_after = max_retry_after
+        self._delays = _RetryDelays(backoff, max_backoff, max_retry_after, random.Random(seed))
         self._sleep = sleep
-        self._rng = random.Random(seed)
         self._limiter = (
             _TokenBucket(max_rps, burst=max(1, int(max_rps)), clock=clock, sleep=sleep) if max_rps else None
         )
@@ -268,11 +283,6 @@ class HttpSource(ClosingSource):
             url = url.replace("{s}", self.subdomains[(tile.x + tile.y) % len(self.subdomains)])
         return url
 
-    def _backoff_delay(self, attempt: int) -> float:
-        """Exponential backoff with "equal jitter": half fixed, half random, capped."""
-        cap = min(self.max_backoff, self.backoff * 2.0**attempt)
-        return cap / 2.0 + self._rng.uniform(0.0, cap / 2.0)
-
     def fetch_bytes(self, tile: mercantile.Tile) -> bytes:
         """Download one tile's encoded image, retrying transient failures.
 
@@ -305,10 +315,7 @@ class HttpSource(ClosingSource):
                     "in --source for a typo, and that this machine is online (a proxy or DNS server may be needed)"
                 )
             if attempt < self.max_retries:
-                if retry_after is None:
-                    delay = self._backoff_delay(attempt)
-                else:
-                    delay = min(retry_after, self.max_retry_after)
+                delay = self._delays.before_retry(attempt, retry_after)
                 log.debug(
                     "%s: %s; retry %d/%d in %.2f s", shown, reason, attempt + 1, self.max_retries, delay
                 )
