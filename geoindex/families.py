@@ -118,25 +118,17 @@ def _open_clip_head(visual: torch.nn.Module, head: str) -> tuple[str, ...]:
 def _open_clip_split(visual: Any, head: str) -> Split:
     """The ViT's forward (open_clip ``VisionTransformer.forward``) cut before its last two blocks
     (``stages``) or before the pooling and projection (``projection``)."""
-    _check_head(head)
-    blocks = list(visual.transformer.resblocks)
     batch_first = visual.transformer.batch_first
-    cut = len(blocks) - 2 if head == "stages" else len(blocks)
 
-    def trunk(pixels: torch.Tensor) -> torch.Tensor:
+    def embed(pixels: torch.Tensor) -> torch.Tensor:
         x = visual._embeds(pixels)
-        x = x if batch_first else x.transpose(0, 1)
-        for block in blocks[:cut]:
-            x = block(x)
-        return x
+        return x if batch_first else x.transpose(0, 1)
 
-    def head_fn(x: torch.Tensor) -> torch.Tensor:
-        for block in blocks[cut:]:
-            x = block(x)
+    def pool_project(x: torch.Tensor) -> torch.Tensor:
         pooled, _ = visual._pool(x if batch_first else x.transpose(0, 1))
         return pooled @ visual.proj if visual.proj is not None else pooled
 
-    return trunk, head_fn
+    return _split_blocks(embed, list(visual.transformer.resblocks), pool_project, head)
 
 
 # ---------------------------------------------------------------------------------- timm family
@@ -233,20 +225,27 @@ def _timm_head(visual: torch.nn.Module, head: str) -> tuple[str, ...]:
 def _timm_split(visual: Any, head: str) -> Split:
     """timm's EfficientNet forward (stem, stages, head conv, pool) cut before its last two stages
     (``stages``) or before the head convolution (``projection``)."""
+    return _split_blocks(lambda pixels: visual.bn1(visual.conv_stem(pixels)), list(visual.blocks),
+                         lambda x: visual.forward_head(visual.bn2(visual.conv_head(x))), head)
+
+
+def _split_blocks(stem: Callable[[torch.Tensor], torch.Tensor], blocks: list[torch.nn.Module],
+                  finish: Callable[[torch.Tensor], torch.Tensor], head: str) -> Split:
+    """A network that runs ``stem``, then ``blocks`` in order, then ``finish``, as (trunk, head): the
+    head is the last two blocks and ``finish`` (``stages``) or ``finish`` alone (``projection``)."""
     _check_head(head)
-    stages = list(visual.blocks)
-    cut = len(stages) - 2 if head == "stages" else len(stages)
+    cut = len(blocks) - 2 if head == "stages" else len(blocks)
 
     def trunk(pixels: torch.Tensor) -> torch.Tensor:
-        x = visual.bn1(visual.conv_stem(pixels))
-        for stage in stages[:cut]:
-            x = stage(x)
+        x = stem(pixels)
+        for block in blocks[:cut]:
+            x = block(x)
         return x
 
     def head_fn(x: torch.Tensor) -> torch.Tensor:
-        for stage in stages[cut:]:
-            x = stage(x)
-        return visual.forward_head(visual.bn2(visual.conv_head(x)))
+        for block in blocks[cut:]:
+            x = block(x)
+        return finish(x)
 
     return trunk, head_fn
 
