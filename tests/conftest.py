@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
+import io
 import socket
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,31 @@ import pytest
 from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height pixels (a cheap decompression bomb)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[12:29])
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+def relist(index_dir: Path) -> None:
+    """Record the files' current sizes and checksums in the manifest, as a consistent-looking index would."""
+    from geoindex.manifest import Manifest
+    from geoindex.store import _file_info, level_dir
+
+    manifest = Manifest.load(index_dir)
+    levels = []
+    for lv in manifest.levels:
+        ldir = level_dir(index_dir, lv.zoom)
+        levels.append(dataclasses.replace(lv, files=tuple(_file_info(ldir / f.name) for f in lv.files)))
+    dataclasses.replace(manifest, levels=tuple(levels)).save(index_dir)
 
 
 def render_tile(tile: mercantile.Tile, size: int = 64) -> Image.Image:

@@ -23,8 +23,7 @@ from geoindex.errors import (
 )
 from geoindex.lazy import LAZY_FILE, compact, declare_lazy
 from geoindex.sources import MemorySource
-from tests.conftest import render_tile
-from tests.test_reliability2 import _relist
+from tests.conftest import relist, render_tile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -421,7 +420,7 @@ def _earlier_layout(src: Path, dst: Path) -> Path:
     for name in (RERANK_FILE, RERANK_CODEBOOK):
         (ldir / name).unlink(missing_ok=True)
     dataclasses.replace(manifest, levels=(manifest.levels[0], dataclasses.replace(level, files=files))).save(dst)
-    _relist(dst)
+    relist(dst)
     return dst
 
 
@@ -486,7 +485,7 @@ def test_parquet_column_types_are_checked_without_checksums(small_index, tmp_pat
     table = pq.read_table(shard)
     i = table.schema.get_field_index("x")
     pq.write_table(table.set_column(i, "x", table.column("x").cast(pa.float64())), shard)
-    _relist(path)  # a consistent-looking manifest: sizes and checksums agree
+    relist(path)  # a consistent-looking manifest: sizes and checksums agree
     with pytest.raises(IndexFormatError, match=r"column 'x' is double, not an integer"):
         open_store(path, verify=False)
 

@@ -1,8 +1,7 @@
-"""Issue 14: no input may cost the other answers, hang, or give a silent wrong answer."""
+"""No input may cost the other answers, hang, or give a silent wrong answer."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -19,13 +18,13 @@ from geoindex.errors import IndexFormatError
 from geoindex.manifest import Manifest
 from geoindex.store import (
     FAISS_FILE,
-    _file_info,
     level_dir,
     list_shards,
     read_embeddings,
     read_level_columns,
     write_faiss,
 )
+from tests.conftest import png_claiming, relist
 
 
 @pytest.fixture
@@ -33,16 +32,6 @@ def index_copy(small_index, tmp_path) -> Path:
     dst = tmp_path / "copy"
     shutil.copytree(small_index, dst)
     return dst
-
-
-def _relist(index_dir: Path) -> None:
-    """Record the files' current sizes and checksums in the manifest, as a consistent-looking index would."""
-    manifest = Manifest.load(index_dir)
-    levels = []
-    for lv in manifest.levels:
-        ldir = level_dir(index_dir, lv.zoom)
-        levels.append(dataclasses.replace(lv, files=tuple(_file_info(ldir / f.name) for f in lv.files)))
-    dataclasses.replace(manifest, levels=tuple(levels)).save(index_dir)
 
 
 def _edit_manifest(index_dir: Path, edit) -> None:
@@ -111,7 +100,7 @@ def test_tile_coordinates_are_checked_on_open(index_copy, edit):
         y[[0, -1]] = y[[-1, 0]]
     table = table.set_column(1, "x", pa.array(x)).set_column(2, "y", pa.array(y))
     pq.write_table(table, shard)
-    _relist(index_copy)  # checksums agree: only the content check can tell
+    relist(index_copy)  # checksums agree: only the content check can tell
     with pytest.raises(IndexFormatError, match="z03|zoom-3") as info:
         geoindex.open_index(index_copy, verify=True)
     assert "build_index --zoom 3" in str(info.value)
@@ -128,7 +117,7 @@ def _rewrite_ids(index_dir: Path, zoom: int, change) -> None:
     ids = change(np.arange(len(emb), dtype=np.int64))
     add_preassigned(ivf, emb, cols["parent_row"].astype(np.int64), ids)
     write_faiss(ivf, level_dir(index_dir, zoom) / FAISS_FILE)
-    _relist(index_dir)
+    relist(index_dir)
 
 
 def _set(i: int, value: int):
@@ -489,10 +478,9 @@ def client_for(small_index):
 def test_service_pixel_limit_refuses_before_decoding_but_passes_big_jpegs(client_for, monkeypatch):
     from PIL import Image
 
-    from tests.test_reliability import _png_claiming
 
     client = client_for(max_pixels=2_000_000)
-    r = client.post("/locate", files={"image": ("bomb.png", _png_claiming(9400, 9400))})
+    r = client.post("/locate", files={"image": ("bomb.png", png_claiming(9400, 9400))})
     assert r.status_code == 413 and "9400x9400 pixels exceeds the 2000000 pixel limit" in r.json()["detail"]
     wide = _encoded(Image.new("RGB", (2000, 1001)), "PNG")
     loads = []

@@ -1,4 +1,4 @@
-"""Issue 5: bad input gets a clear error, faults lose nothing, wrong indexes are refused, searches are thread-safe."""
+"""Bad input gets a clear error, faults lose nothing, wrong indexes are refused, searches are thread-safe."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import dataclasses
 import io
 import json
 import shutil
-import struct
 import subprocess
 import sys
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,21 +29,9 @@ from geoindex.errors import (
 )
 from geoindex.sources import DirectorySource
 from geoindex.tiles import LevelSchedule
-from tests.conftest import render_tile
+from tests.conftest import png_claiming, render_tile
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A valid 1x1 PNG whose header claims width x height pixels (a cheap decompression bomb)."""
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, "PNG")
-    data = bytearray(buf.getvalue())
-    ihdr = bytearray(data[12:29])
-    ihdr[4:12] = struct.pack(">II", width, height)
-    data[12:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
-    return bytes(data)
 
 
 def _inputs(tmp: Path) -> tuple[dict[str, Path], dict[str, Path]]:
@@ -76,7 +62,7 @@ def _inputs(tmp: Path) -> tuple[dict[str, Path], dict[str, Path]]:
         "empty.jpg": b"",
         "random.jpg": np.random.default_rng(0).bytes(2048),
         "page.png": b"<!doctype html><html><body>404 Not Found</body></html>",
-        "bomb.png": _png_claiming(30000, 30000),
+        "bomb.png": png_claiming(30000, 30000),
     }.items():
         bad[name] = tmp / name
         bad[name].write_bytes(data)
