@@ -1,7 +1,7 @@
 """One photo fast on CUDA: the encoder's small-batch forward pass captured once per input shape in a CUDA graph.
 
-A batch-1 forward pass of EfficientNet-Lite0 on an H200 is launch-bound (about 4 ms for some
-hundred kernel launches, issue 25); replaying a captured graph launches them as one. Each input
+A batch-1 forward pass of a small network on a fast GPU is bound by its hundreds of kernel
+launches, not by arithmetic; replaying a captured graph launches them as one. Each input
 shape (batch, channels, size, dtype, strides) is captured on first use with its own static input
 and output buffers; a call copies its pixels into the input, replays, and returns a copy of the output.
 Anything else (a CPU, batches above ``max_batch``, ``GEOINDEX_CUDA_GRAPHS=0``, or a capture that

@@ -1,12 +1,12 @@
 """Keep freed memory for reuse in batch programs: the page faults of glibc's large allocations.
 
-glibc serves every allocation above its mmap threshold (at most 32 MB, adjusted as blocks are
-freed) with a fresh ``mmap`` and returns it to the OS on ``free``. A forward pass over a batch of
-64 tiles allocates activations of about 100 MB each, so every batch faults all of them in again,
-page by page, which halves a CPU build's throughput (benchmarks/build_throughput.py; figures in
-RESULTS.md). Kept memory is reused by the next batch, so a build's memory stays at its peak instead of shrinking
-between batches: right for batch programs (the pipelines call :func:`keep_freed_memory`), not
-for a long-lived service, whose RSS should fall after a burst of requests.
+glibc serves every allocation above its mmap threshold with a fresh ``mmap`` and returns it to the
+OS on ``free``. A forward pass over a batch of tiles allocates large activations, so every batch
+faults all of them in again, page by page, which costs a CPU build much of its throughput
+(measured by benchmarks/build_throughput.py). Kept memory is reused by the next batch, so a build's
+memory stays at its peak instead of shrinking between batches: right for batch programs (the
+pipelines call :func:`keep_freed_memory`), not for a long-lived service, whose RSS should fall
+after a burst of requests.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ module turns photos into a :class:`GalleryBelief`, which answers the two questio
 the tile of the top-1 point at a zoom, and the probability mass inside given tiles.
 
 The ``geoclip`` package (``pip install -e '.[geoclip]'`` in the checkout) is imported only when a prior is
-loaded. It ships the head, the location encoder and the gallery; the ViT-L/14 backbone (about
-1.7 GB) comes from a local Hugging Face folder, the local hub cache, or a download that must be
-asked for. The gallery's 100k location embeddings take about 90 s on 2 CPU cores (GeoCLIP's own
-``predict`` recomputes them on every call); they are computed once and kept on disk.
+loaded. It ships the head, the location encoder and the gallery; the ViT-L/14 backbone comes from
+a local Hugging Face folder, the local hub cache, or a download that must be asked for. The
+gallery's location embeddings are slow to compute on a CPU (GeoCLIP's own ``predict`` recomputes
+them on every call); they are computed once and kept on disk.
 """
 
 from __future__ import annotations
