@@ -1,5 +1,9 @@
 """An HTTP service over one opened index (FastAPI): a web page at ``/``, ``POST /locate`` a photo, ``GET /health``.
 
+``POST /locate`` answers in JSON and adds any file output format asked for (``include_map``, ``include_geojson``:
+one field per file format of :mod:`geoindex.outputs`); ``POST /locate/{format}`` answers in any registered
+format, and ``GET /formats`` lists them for the page and other clients.
+
 The index and the photo encoder are loaded once, when the app is created. Uploads are capped
 (413 beyond ``max_upload_bytes``, checked on the declared length and again while reading), and
 every problem with the request (unreadable image, bad bbox, k out of range) is a 4xx whose

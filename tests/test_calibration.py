@@ -28,10 +28,10 @@ from geoindex.calibration import (
     required_mass,
 )
 from geoindex.errors import ConfigError, IndexFormatError
-from geoindex.outputs import REGISTRY, result_to_dict
-from geoindex.outputs.geojson import to_geojson
 from geoindex.manifest import Manifest
 from geoindex.metrics import circle_points, great_circle_km
+from geoindex.outputs import REGISTRY, result_to_dict
+from geoindex.outputs.geojson import to_geojson
 from tests.conftest import SHARED_DATA, render_tile
 
 T = mercantile.Tile

@@ -83,7 +83,8 @@ def photos(tmp_path) -> Path:
 def test_shipped_formats_are_registered_streams_first_then_files():
     assert [f.name for f in stream_formats()] == ["table", "json", "csv"]
     assert [f.name for f in file_formats()] == ["geojson", "map"]
-    assert get_format("map").per_result and get_format("map").needs_imagery and get_format("map").media_type == "image/png"
+    drawn = get_format("map")
+    assert drawn.per_result and drawn.needs_imagery and drawn.media_type == "image/png"
     assert get_format("geojson").answer_field == "geojson" and get_format("map").answer_field == "map_png"
 
 

@@ -14,9 +14,8 @@ from geoindex.beam import DEFAULT_TEMPERATURE
 from geoindex.errors import TileNotFoundError
 from geoindex.outputs import result_to_dict
 from geoindex.outputs.geojson import to_geojson
-from geoindex.results import areas, tile_probabilities
 from geoindex.render import basemap_tile, draw_map
-from geoindex.results import Candidate, LevelTrace, SearchResult
+from geoindex.results import Candidate, LevelTrace, SearchResult, areas, tile_probabilities
 from geoindex.sources import MemorySource, RasterSource
 from geoindex.tiles import tile_center
 from tests.conftest import render_tile
