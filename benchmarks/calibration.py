@@ -40,9 +40,8 @@ import geoindex
 from benchmarks._common import REPO, BenchRun, Report, benchmark_parser, markdown_table, run_benchmark
 from geoindex.calibrate import DEFAULT_COUNT, DEFAULT_K, DEFAULT_SEED, calibration_source, fit_calibration
 from geoindex.calibration import RADIUS_LEVELS, expected_calibration_error, kept_probabilities, radii_km
-from geoindex.formats import areas, final_level
 from geoindex.metrics import great_circle_km
-from geoindex.results import SearchResult
+from geoindex.results import SearchResult, areas, final_level
 
 NAME = "calibration"
 PHOTOS = REPO.parent / "shared" / "data" / "photos" / "photos.csv"

@@ -29,8 +29,9 @@ from geoindex.errors import ConfigError, GeoIndexError
 from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, PRECISION_HELP, PRECISIONS
 
 if TYPE_CHECKING:
-    from geoindex.api import GeoIndex
+    from geoindex.api import GeoIndex, RegionSearcher
     from geoindex.coverage import Coverage
+    from geoindex.outputs import OutputFormat, ResultWriter
     from geoindex.results import SearchResult
     from geoindex.sources import TileSource
 
@@ -91,8 +92,8 @@ def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[_Failed]]:
 
 def _expand_one(arg: str) -> tuple[list[str], str | None]:
     """The image paths one argument stands for, or the reason it stands for none."""
-    from geoindex.formats import one_line
     from geoindex.imagery import describe_os_error
+    from geoindex.outputs import one_line
 
     path = Path(arg)
     if path.is_dir():
@@ -172,16 +173,16 @@ def _map_source(index: GeoIndex, spec: str | None) -> TileSource:
     return map_source(index.manifest.imagery, spec, imagery_spec=index.manifest.imagery_spec)
 
 
-def _check_output(path: Path, option: str, *, image: bool) -> None:
-    """ConfigError now, before any search, if ``path`` cannot be written later."""
+def _check_output(path: Path, option: str, *, image: bool, example: str | None = None) -> None:
+    """ConfigError now, before any search, if ``path`` cannot be written later; ``example`` names a file
+    in the error for a directory (default: ``out.png`` for an image, else ``out.geojson``)."""
     from PIL import Image
 
     from geoindex.imagery import describe_os_error
 
     if path.is_dir():
-        raise ConfigError(f"{option} {path}: is a directory; give a file name, e.g. {option} {path / 'out.png'}"
-                          if image else f"{option} {path}: is a directory; give a file name, e.g. "
-                          f"{option} {path / 'out.geojson'}")
+        example = example or ("out.png" if image else "out.geojson")
+        raise ConfigError(f"{option} {path}: is a directory; give a file name, e.g. {option} {path / example}")
     if image:
         Image.init()
         fmt = Image.registered_extensions().get(path.suffix.lower())
@@ -266,19 +267,56 @@ def _map_paths(path: Path, images: Sequence[str]) -> list[Path]:
     return out
 
 
-def _locate(args: argparse.Namespace) -> int:
+@dataclass(frozen=True)
+class _FileOutput:
+    """One ``--NAME FILE`` of ``geoindex locate``: its format, the option, and where each photo's file goes
+    for a format that draws one file per photo."""
+
+    format: OutputFormat
+    option: str
+    path: Path
+    per_image: dict[str, Path]
+
+
+def _file_outputs(args: argparse.Namespace, images: Sequence[str]) -> list[_FileOutput]:
+    """The file formats asked for, their paths checked now, before any search."""
+    from geoindex.outputs import file_formats
+
+    outputs = []
+    for fmt in file_formats():
+        path = getattr(args, fmt.name, None)
+        if path is None:
+            continue
+        option = _file_option(fmt)
+        per_image = dict(zip(images, _map_paths(path, images), strict=True)) if fmt.per_result else {}
+        _check_output(path, option, image=fmt.media_type.startswith("image/"), example=f"out{fmt.extension}")
+        outputs.append(_FileOutput(fmt, option, path, per_image))
+    return outputs
+
+
+def _file_option(fmt: OutputFormat) -> str:
+    return "--" + fmt.name.replace("_", "-")
+
+
+def _check_locate_args(args: argparse.Namespace) -> None:
+    from geoindex.outputs import REGISTRY
+
     if args.top_n < 1:
         raise ConfigError(f"--top-n must be >= 1, got {args.top_n}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.trace and args.format != "json":
-        raise ConfigError(f"--trace is written in --format json only (one record per image); --format {args.format} "
-                          "has one row per candidate. Use --format json --trace, or --map to draw the trace")
-    from tqdm import tqdm
+    if args.trace and not REGISTRY[args.format].trace:
+        traced = " or ".join(f"--format {f.name}" for f in REGISTRY.values() if f.trace)
+        example = next((f.name for f in REGISTRY.values() if f.trace), "json")
+        raise ConfigError(f"--trace is written in {traced} only (one record per image); --format {args.format} "
+                          f"has one row per candidate. Use --format {example} --trace, or --map to draw the trace")
 
-    from geoindex.api import RegionSearcher, open_index
+
+def _locate(args: argparse.Namespace) -> int:
+    _check_locate_args(args)
+    from geoindex.api import open_index
     from geoindex.beam import check_k
-    from geoindex.formats import WRITERS, one_line
+    from geoindex.outputs import REGISTRY, one_line
     from geoindex.threads import configure_query_threads
 
     k = check_k(args.k)
@@ -289,11 +327,7 @@ def _locate(args: argparse.Namespace) -> int:
         print(f"error: {one_line(f.image)}: {f.reason}", file=sys.stderr)
     if not images:
         raise ConfigError("no input images (give files, folders or glob patterns)")
-    maps = _map_paths(args.map, images) if args.map is not None else []
-    if args.map is not None:
-        _check_output(args.map, "--map", image=True)
-    if args.geojson is not None:
-        _check_output(args.geojson, "--geojson", image=False)
+    outputs = _file_outputs(args, images)
     region = _region(args)
 
     with _loading(f"the index {args.index} and its photo encoder", quiet=args.quiet):
@@ -301,70 +335,93 @@ def _locate(args: argparse.Namespace) -> int:
                            verify=args.verify or None, precision=args.precision,
                            resident=_RESIDENT[args.resident], retry_missing=args.retry_missing)
     searcher = index.within(region) if region is not None else index
+    imagery = _map_source(index, args.map_source) if any(o.format.needs_imagery for o in outputs) else None
     prior_kwargs = _prior(args, str(index.photo_encoder.device))
-    map_source = _map_source(index, args.map_source) if args.map is not None else None
-    writer = WRITERS[args.format](sys.stdout, top_n=args.top_n, trace=args.trace)
+    writer = REGISTRY[args.format].writer
+    assert writer is not None  # --format offers stream formats only
+    started = time.perf_counter()
+    located, photos = _search_all(args, searcher, images, failed, k, prior_kwargs,
+                                  writer(sys.stdout, top_n=args.top_n, trace=args.trace))
+    seconds = time.perf_counter() - started
+
+    _write_files(outputs, located, photos, imagery)
+    n = len(located) + len(failed)
+    rate = len(images) / seconds if seconds > 0 else float("inf")
+    print(f"{len(located)} of {n} images located{_where(searcher)} in {seconds:.2f} s on "
+          f"{index.photo_encoder.device} ({rate:.1f} images/s, k={k}); {len(failed)} failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _search_all(
+    args: argparse.Namespace, searcher: GeoIndex | RegionSearcher, images: list[str], failed: list[_Failed], k: int,
+    prior_kwargs: dict[str, Any], writer: ResultWriter,
+) -> tuple[list[SearchResult], list[str]]:
+    """Search ``images`` in batches, streaming each answer to ``writer``; failures are appended to ``failed``.
+    Returns the results and the paths of the photos they answer."""
+    from tqdm import tqdm
+
+    from geoindex.outputs import one_line
+
     for f in failed:
         writer.failure(f.image, f.reason)
     located: list[SearchResult] = []
-    located_maps: list[tuple[str, Path]] = []
-    started = time.perf_counter()
+    photos: list[str] = []
     bar = tqdm(total=len(images), unit="img", file=sys.stderr, dynamic_ncols=True,
                disable=args.quiet or len(images) < 2 or not sys.stderr.isatty())
-    paths = iter(maps)
     try:
         for batch in _batches(images, args.batch_size):
             for path, item in zip(batch, searcher.search(batch, k, top_n=args.top_n, on_error="return",
                                                          read_exif=not args.ignore_exif, **prior_kwargs),
                                   strict=True):
-                map_path = next(paths, None)
                 if isinstance(item, GeoIndexError):
                     failed.append(_Failed(path, str(item)))
                     bar.write(f"error: {one_line(str(item))}", file=sys.stderr)
                     writer.failure(path, str(item))
                     continue
                 located.append(item)
-                if map_path is not None:
-                    located_maps.append((path, map_path))
+                photos.append(path)
                 writer.result(item)
             bar.update(len(batch))
     finally:
         bar.close()
         writer.close()
-    seconds = time.perf_counter() - started
-
-    _write_files(args, located, located_maps, map_source)
-    n = len(located) + len(failed)
-    rate = len(images) / seconds if seconds > 0 else float("inf")
-    where = ""
-    if isinstance(searcher, RegionSearcher):
-        deepest = max(searcher.tiles_per_level)
-        where = f" within the region ({searcher.tiles_per_level[deepest]} tiles at zoom {deepest})"
-    print(f"{len(located)} of {n} images located{where} in {seconds:.2f} s on {index.photo_encoder.device} "
-          f"({rate:.1f} images/s, k={k}); {len(failed)} failed", file=sys.stderr)
-    return 1 if failed else 0
+    return located, photos
 
 
-def _write_files(args: argparse.Namespace, located: list[SearchResult], maps: list[tuple[str, Path]],
-                 map_source: TileSource | None) -> None:
-    """``--geojson`` (one file for every located photo) and ``--map`` (a picture per photo)."""
-    from geoindex.formats import encode_geojson, encode_map, one_line
+def _where(searcher: GeoIndex | RegionSearcher) -> str:
+    """`` within the region (N tiles at zoom Z)`` for a region-restricted search, else nothing."""
+    from geoindex.api import RegionSearcher
 
-    if args.geojson is not None and located:
-        data, features = encode_geojson(located)
-        _write_output(args.geojson, data, "--geojson")
-        print(f"wrote {args.geojson} ({features} features)", file=sys.stderr)
-    if map_source is None:
-        return
-    from PIL import Image
+    if not isinstance(searcher, RegionSearcher):
+        return ""
+    deepest = max(searcher.tiles_per_level)
+    return f" within the region ({searcher.tiles_per_level[deepest]} tiles at zoom {deepest})"
 
-    image_format = Image.registered_extensions()[args.map.suffix.lower()]
-    for result, (photo, map_path) in zip(located, maps, strict=True):
-        data, (width, height) = encode_map(result, map_source, truth=result.exif, photo=photo,
-                                           image_format=image_format)
-        _write_output(map_path, data, "--map")
-        print(f"wrote {map_path} ({width}x{height})" + (f" for {one_line(photo)}" if len(maps) > 1 else ""),
-              file=sys.stderr)
+
+def _write_files(outputs: list[_FileOutput], located: list[SearchResult], photos: list[str],
+                 imagery: TileSource | None) -> None:
+    """Each ``--NAME FILE``: one file for every located photo, or one per photo (``--map``)."""
+    from geoindex.outputs import FileInputs, one_line
+
+    def opened() -> TileSource:
+        assert imagery is not None  # opened before the search for every format that needs it
+        return imagery
+
+    for out in outputs:
+        encode = out.format.encode
+        assert encode is not None  # a file format
+        if not out.format.per_result:
+            if located:
+                done = encode(located, FileInputs(photos=photos, imagery=opened, suffix=out.path.suffix))
+                _write_output(out.path, done.data, out.option)
+                print(f"wrote {out.path} ({done.summary})", file=sys.stderr)
+            continue
+        for result, photo in zip(located, photos, strict=True):
+            path = out.per_image[photo]
+            done = encode([result], FileInputs(photos=[photo], imagery=opened, suffix=path.suffix))
+            _write_output(path, done.data, out.option)
+            print(f"wrote {path} ({done.summary})" + (f" for {one_line(photo)}" if len(located) > 1 else ""),
+                  file=sys.stderr)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -506,12 +563,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _locate_options(loc: argparse.ArgumentParser) -> None:
-    from geoindex.formats import FORMATS
+    from geoindex.outputs import stream_formats
 
+    streams = [f.name for f in stream_formats()]
     loc.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     _common(loc)
     loc.add_argument("--top-n", type=int, default=5, help="candidates per image (default: 5)")
-    loc.add_argument("--format", choices=FORMATS, default="table", help="output on stdout (default: table)")
+    loc.add_argument("--format", choices=streams, default=streams[0], help=f"output on stdout (default: {streams[0]})")
     loc.add_argument("--batch-size", type=int, default=32, help="images per encoder batch (default: 32)")
     _bbox_arg(loc)
     loc.add_argument("--ignore-exif", action="store_true", help="do not read or show the photos' EXIF GPS")
@@ -524,15 +582,26 @@ def _locate_options(loc: argparse.ArgumentParser) -> None:
     loc.add_argument("--prior-weight", type=float, default=0.5, help="rerank weight in [0, 1] (default: 0.5)")
     loc.add_argument("--geoclip-backbone", metavar="PATH",
                      help="local folder of openai/clip-vit-large-patch14 (else $GEOINDEX_GEOCLIP_BACKBONE)")
-    loc.add_argument("--map", type=Path, metavar="PNG",
-                     help="draw the answer and its per-level trace; for several images, one file per image named "
-                          "after it beside PNG (--map maps/m.png: maps/m-<photo name>.png)")
-    loc.add_argument("--map-source", metavar="SOURCE",
-                     help="imagery for --map: bluemarble, a tile folder, .mbtiles, a URL template "
-                          "(default: the index's own imagery when local, else bluemarble)")
-    loc.add_argument("--geojson", type=Path, metavar="FILE",
-                     help="write the candidates with probabilities as GeoJSON (open in any GIS or geojson.io)")
+    _file_options(loc)
     loc.set_defaults(func=_locate)
+
+
+def _file_options(loc: argparse.ArgumentParser) -> None:
+    """``--NAME FILE`` for each file format, and ``--map-source`` where one draws on the imagery."""
+    from geoindex.outputs import file_formats
+
+    drawn = []
+    for fmt in file_formats():
+        option = _file_option(fmt)
+        each = (f"; for several images, one file per image named after it beside {fmt.metavar} ({option} "
+                f"maps/m{fmt.extension}: maps/m-<photo name>{fmt.extension})") if fmt.per_result else ""
+        loc.add_argument(option, type=Path, metavar=fmt.metavar, help=(fmt.help or f"write {fmt.label}") + each)
+        if fmt.needs_imagery:
+            drawn.append(option)
+    if drawn:
+        loc.add_argument("--map-source", metavar="SOURCE",
+                         help=f"imagery for {', '.join(drawn)}: bluemarble, a tile folder, .mbtiles, a URL template "
+                              "(default: the index's own imagery when local, else bluemarble)")
 
 
 def _serve_options(srv: argparse.ArgumentParser) -> None:

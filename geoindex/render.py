@@ -1,7 +1,7 @@
 """PNG maps of a search result: per level, the kept tiles coloured by probability over the imagery.
 
-The other output formats (table, CSV, JSON, GeoJSON) and the registry of formats live in
-:mod:`geoindex.formats`, which hands ``png`` here.
+The output format that saves these pictures (``map``) and the registry of every format live in
+:mod:`geoindex.outputs`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a search returns: per query, the final tiles with probabilities and the trace of every level.
 
 ``make_results`` turns the per-level hits of :func:`geoindex.beam.beam_search` (arrays) into
-``SearchResult`` values (tiles, centres, scores); output formats (``geoindex.formats``) and the
+``SearchResult`` values (tiles, centres, scores); output formats (``geoindex.outputs``) and the
 API build on these.
 """
 

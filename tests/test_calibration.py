@@ -28,9 +28,10 @@ from geoindex.calibration import (
     required_mass,
 )
 from geoindex.errors import ConfigError, IndexFormatError
-from geoindex.formats import WRITERS, result_to_dict, to_geojson
 from geoindex.manifest import Manifest
 from geoindex.metrics import circle_points, great_circle_km
+from geoindex.outputs import REGISTRY, result_to_dict
+from geoindex.outputs.geojson import to_geojson
 from tests.conftest import SHARED_DATA, render_tile
 
 T = mercantile.Tile
@@ -150,7 +151,7 @@ def test_an_old_manifest_opens_and_its_answers_say_uncalibrated(small_index):
     json.dumps(d, allow_nan=False)  # strict JSON: no NaN
     assert sum(c["probability"] for c in d["candidates"]) <= 1 + 1e-9
     out = io.StringIO()
-    writer = WRITERS["table"](out, top_n=2, trace=False)
+    writer = REGISTRY["table"].writer(out, top_n=2, trace=False)
     writer.result(result, None)
     assert "uncalibrated index" in out.getvalue().splitlines()[-1]
 
@@ -182,7 +183,7 @@ def test_calibrated_answers_give_radii_and_confidence(calibrated):
     kinds = [f["properties"]["kind"] for f in to_geojson([result])["features"]]
     assert kinds.count("radius") == sum(r < EVERYWHERE_KM for r in result.radius_km)
     out = io.StringIO()
-    writer = WRITERS["csv"](out, top_n=1, trace=False)
+    writer = REGISTRY["csv"].writer(out, top_n=1, trace=False)
     writer.result(result, None)
     row = next(csv.DictReader(io.StringIO(out.getvalue())))
     assert float(row["radius90_km"]) == pytest.approx(r90, abs=0.1) and row["calibrated"] == "true"
@@ -201,7 +202,7 @@ def test_a_query_below_the_threshold_is_no_confident_match(calibrated, tmp_path)
     d = result_to_dict(result)
     assert d["confident"] is False and "does not resemble" in d["reason"]
     out = io.StringIO()
-    WRITERS["table"](out, top_n=1, trace=False).result(result, None)
+    REGISTRY["table"].writer(out, top_n=1, trace=False).result(result, None)
     assert "no confident match" in out.getvalue()
 
 

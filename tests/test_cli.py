@@ -132,7 +132,7 @@ def test_locate_shows_exif_gps_and_distance_unless_ignored(capsys, small_index, 
 def test_python_result_carries_what_the_json_has(small_index, tmp_path):
     """One result type for every output: probability, areas and EXIF are fields of SearchResult, and the JSON is
     made from them (result_to_dict needs no EXIF of its own)."""
-    from geoindex.formats import result_to_dict
+    from geoindex.outputs import result_to_dict
 
     path = _save(T(5, 2, 3), tmp_path / "gps.jpg", gps=(-33.85678, 151.21528))
     index = geoindex.open_index(small_index, device="cpu")
@@ -202,7 +202,7 @@ def test_table_cuts_long_file_names_in_the_middle(capsys, small_index, tmp_path,
 
 
 def test_clip_keeps_short_names_and_fits_the_width():
-    from geoindex.formats import _clip
+    from geoindex.outputs import clip as _clip
 
     assert _clip("a.png", 32) == "a.png"
     for text in ("/very/long/folder/name/that/goes/on/and/on/photo.jpg", "x" * 100, "/" + "y" * 100):

@@ -334,7 +334,7 @@ def test_service_lazy_source_failure_is_a_bounded_503(tmp_path, tiny_encoder, re
 @pytest.mark.parametrize("stage", ["search", "map"])
 def test_service_searches_and_draws_maps_inside_the_slot(small_index, stage, monkeypatch):
     """With one slot, a request arriving while another searches or draws its map waits, then gets 503."""
-    import geoindex.service as service
+    import geoindex.outputs.map_image as map_image
 
     index = GeoIndex(small_index)
     client = _client(index, max_concurrent=1, busy_timeout_s=0.1, map_source=MemorySource(render_tile))
@@ -347,8 +347,8 @@ def test_service_searches_and_draws_maps_inside_the_slot(small_index, stage, mon
         real = index.search_embeddings
         monkeypatch.setattr(index, "search_embeddings", lambda *a, **kw: nested() or real(*a, **kw))
     else:
-        real_map = service.encode_map
-        monkeypatch.setattr(service, "encode_map", lambda *a, **kw: nested() or real_map(*a, **kw))
+        real_map = map_image.encode_map
+        monkeypatch.setattr(map_image, "encode_map", lambda *a, **kw: nested() or real_map(*a, **kw))
     r = client.post("/locate", files={"image": ("a.png", _png())}, data={"include_map": "true"})
     assert r.status_code == 200 and inner == [503]
 

@@ -66,7 +66,7 @@ def test_lazy_equals_built(tmp_path, small_index, tiny_encoder, rendered_source,
     np.testing.assert_allclose(_scores(first), _scores(want), atol=1e-5)  # same scores
     assert _encoded(lazy) > 0
     assert all(lt.note and "appended" in lt.note for lt in first[0].trace if lt.zoom >= from_zoom)
-    from geoindex.formats import result_to_dict
+    from geoindex.outputs import result_to_dict
 
     assert "appended" in result_to_dict(first[0], trace=True)["trace"][-1]["note"]  # the JSON trace says it too
     # repeated: nothing encoded; a freshly opened index (another process) reads the appended rows

@@ -12,9 +12,10 @@ from PIL import Image
 import geoindex
 from geoindex.beam import DEFAULT_TEMPERATURE
 from geoindex.errors import TileNotFoundError
-from geoindex.formats import areas, result_to_dict, tile_probabilities, to_geojson
+from geoindex.outputs import result_to_dict
+from geoindex.outputs.geojson import to_geojson
 from geoindex.render import basemap_tile, draw_map
-from geoindex.results import Candidate, LevelTrace, SearchResult
+from geoindex.results import Candidate, LevelTrace, SearchResult, areas, tile_probabilities
 from geoindex.sources import MemorySource, RasterSource
 from geoindex.tiles import tile_center
 from tests.conftest import render_tile
