@@ -532,3 +532,20 @@ def test_a_host_that_does_not_resolve_is_named_not_blamed_on_retries_or_rate():
 def test_one_dns_hiccup_is_retried():
     session, sleeps = ScriptedSession(_dns_failure(), response(body=GOOD)), []
     assert http_source(session, sleeps).fetch_bytes(TILE) == GOOD and len(session.urls) == 2
+
+
+def test_every_source_module_declares_its_kind_and_the_scheme_table_is_built_from_them():
+    """Adding a kind of source is one module: ``open_source`` finds its ``KIND`` without any other edit."""
+    import pkgutil
+
+    import geoindex.sources as sources
+
+    modules = {m.name for m in pkgutil.iter_modules(sources.__path__)} - {"base", "fetch"}
+    assert len(sources.KINDS) == len(modules) >= 5
+    declared = [scheme for kind in sources.KINDS for scheme in kind.schemes]
+    assert sorted(declared) == sorted(sources.SCHEMES) and len(declared) == len(set(declared))
+    for kind in sources.KINDS:
+        assert kind.forms or kind.schemes.keys() == {"memory"}
+        for form in kind.forms.split("'"):
+            if form.endswith(":PATH"):
+                assert form.partition(":")[0] in kind.schemes, form  # the message names schemes the kind opens

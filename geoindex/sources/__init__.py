@@ -6,30 +6,39 @@ xyzservices provider (``http``) and an MBTiles archive (``mbtiles``); ``fetch`` 
 them into a folder. ``open_source`` turns a spec string into a source; every source's ``spec``
 opens an equivalent source again (``open_source(src.spec)``), except an in-memory one.
 
-To add a kind: a module with its class (``name``, ``spec``, ``get``), and one entry in
-``SCHEMES``.
+To add a kind: one module in this package with its class (``name``, ``spec``, ``get``) and a
+``KIND = SourceKind(...)`` saying which spec schemes open it (found on import, like the codecs).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+import pkgutil
+from collections.abc import Mapping
 from typing import Any
 
-from geoindex.errors import ConfigError, ImageError, SourceNotReopenableError
-from geoindex.sources.base import TILE_EXTENSIONS, ByteTileSource, ListableTileSource, TileSource, source_spec
+from geoindex.errors import ConfigError, ImageError
+from geoindex.sources.base import (
+    TILE_EXTENSIONS,
+    ByteTileSource,
+    ListableTileSource,
+    Scheme,
+    SourceKind,
+    TileSource,
+    source_spec,
+)
 from geoindex.sources.fetch import MISSING_FILE, FetchSummary, ProgressBar, fetch_to_directory
-from geoindex.sources.folder import DirectorySource, open_directory, stored_tile_path
-from geoindex.sources.http import USER_AGENT, HttpSource, open_provider, query_provider
+from geoindex.sources.folder import DirectorySource, stored_tile_path
+from geoindex.sources.http import USER_AGENT, HttpSource
 from geoindex.sources.mbtiles import MBTilesSource, write_mbtiles
 from geoindex.sources.memory import MemorySource
-from geoindex.sources.raster import RasterSource, embedded_world_raster, open_raster
+from geoindex.sources.raster import RasterSource, embedded_world_raster
 
 __all__ = [
     "MAP_HTTP_OPTIONS",
     "MISSING_FILE",
+    "KINDS",
     "SCHEMES",
     "TILE_EXTENSIONS",
     "USER_AGENT",
@@ -43,6 +52,7 @@ __all__ = [
     "ProgressBar",
     "RasterSource",
     "Scheme",
+    "SourceKind",
     "TileSource",
     "embedded_world_raster",
     "fetch_to_directory",
@@ -56,55 +66,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Opener = Callable[[str, Mapping[str, Any]], TileSource]
-"""Opens a spec (given whole, scheme included) with the HTTP options a caller passed."""
+# Every module of this package but these declares one kind of source as ``KIND``.
+_NOT_KINDS = frozenset({"base", "fetch"})
 
 
-@dataclass(frozen=True)
-class Scheme:
-    """How one kind of spec opens.
-
-    Attributes:
-        open: the opener; it gets the whole spec and the HTTP options (local kinds ignore them).
-        local: the tiles are on this machine, so a map may reopen an index's imagery from its spec.
-        bare: the scheme is the whole spec (``bluemarble``), not a ``scheme:`` prefix.
-    """
-
-    open: Opener
-    local: bool
-    bare: bool = False
+def _kinds() -> list[SourceKind]:
+    """The ``KIND`` of every source module, in module-name order (the order scheme-less specs are guessed in)."""
+    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_KINDS)
+    return [importlib.import_module(f"{__name__}.{name}").KIND for name in names]
 
 
-def _after_colon(spec: str) -> str:
-    return spec.partition(":")[2]
-
-
-def _memory(spec: str, _: Mapping[str, Any]) -> TileSource:
-    raise SourceNotReopenableError(
-        f"cannot use --source {spec!r}: an in-memory source cannot be opened from a string (its tiles lived "
-        "in the process that made it); pass the MemorySource object itself, or choose imagery on disk"
-    )
-
-
-SCHEMES: dict[str, Scheme] = {
-    "http": Scheme(lambda spec, options: HttpSource(spec, **options), local=False),
-    "https": Scheme(lambda spec, options: HttpSource(spec, **options), local=False),
-    "xyz": Scheme(lambda spec, options: open_provider(_after_colon(spec), options), local=False),
-    "dir": Scheme(lambda spec, _: open_directory(_after_colon(spec)), local=True),
-    "mbtiles": Scheme(lambda spec, _: MBTilesSource(_after_colon(spec)), local=True),
-    "raster": Scheme(lambda spec, _: open_raster(_after_colon(spec)), local=True),
-    "bluemarble": Scheme(lambda spec, _: RasterSource(), local=True, bare=True),
-    "memory": Scheme(_memory, local=False),
-}
+KINDS = _kinds()
+SCHEMES: dict[str, Scheme] = {scheme: entry for kind in KINDS for scheme, entry in kind.schemes.items()}
 """Spec scheme (the part before the first ``:``, or the whole of a bare spec) -> how it opens."""
 
-_SPEC_FORMS = (
-    "an http(s) URL template with {z}/{x}/{y} or {q} (e.g. 'https://tile.example.com/{z}/{x}/{y}.png'), "
-    "'xyz:PROVIDER' or a bare xyzservices provider name (e.g. 'Esri.WorldImagery', options as "
-    "'xyz:PROVIDER?apikey=KEY'), a path ending in .mbtiles (or 'mbtiles:PATH'), an existing "
-    "{z}/{x}/{y}.{ext} directory (or 'dir:PATH'), "
-    "'raster:PATH' (an equirectangular world image) or 'bluemarble' (the embedded Blue Marble)"
-)
+_SPEC_FORMS = ", ".join(kind.forms for kind in KINDS if kind.forms)
 
 
 def _scheme(spec: str) -> Scheme | None:
@@ -122,13 +98,10 @@ def is_local_spec(spec: str) -> bool:
 
 def _guess(spec: str, http_options: Mapping[str, Any]) -> TileSource:
     """Specs without a scheme, recognised by their shape: a .mbtiles path, a folder, a provider name."""
-    if spec.endswith(".mbtiles"):
-        return MBTilesSource(spec)
-    path = Path(spec)
-    if path.is_dir():
-        return open_directory(path)
-    if not path.exists() and query_provider(spec.partition("?")[0]) is not None:
-        return open_provider(spec, http_options)
+    for kind in KINDS:
+        source = kind.guess(spec, http_options) if kind.guess is not None else None
+        if source is not None:
+            return source
     raise ConfigError(f"cannot use --source {spec!r}: expected {_SPEC_FORMS}")
 
 

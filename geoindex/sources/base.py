@@ -8,7 +8,9 @@ A tile source maps a ``mercantile.Tile`` to an RGB ``PIL.Image`` and raises
 from __future__ import annotations
 
 import io
-from typing import Protocol, Self, runtime_checkable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, Self, runtime_checkable
 
 import mercantile
 import numpy as np
@@ -19,8 +21,8 @@ from geoindex.errors import ImageError
 from geoindex.imagery import decode_tile
 
 __all__ = [
-    "TILE_EXTENSIONS", "ByteTileSource", "ClosingSource", "ListableTileSource", "TileSource", "check_tile",
-    "image_extension",
+    "TILE_EXTENSIONS", "ByteTileSource", "ClosingSource", "ListableTileSource", "Opener", "Scheme", "SourceKind",
+    "TileSource", "after_colon", "check_tile", "image_extension",
     "source_spec",
 ]
 
@@ -29,6 +31,46 @@ _FORMAT_EXTENSIONS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp"}
 # Every extension a tile folder is read with (compared case-insensitively): what is written, and
 # ``jpg``, which other tools (GDAL, QGIS, the Landsat tiles in ../shared/data) use for JPEG.
 TILE_EXTENSIONS = ("jpeg", "jpg", "png", "webp")
+
+
+Opener = Callable[[str, Mapping[str, Any]], "TileSource"]
+"""Opens a spec (given whole, scheme included) with the HTTP options a caller passed."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one kind of spec opens.
+
+    Attributes:
+        open: the opener; it gets the whole spec and the HTTP options (local kinds ignore them).
+        local: the tiles are on this machine, so a map may reopen an index's imagery from its spec.
+        bare: the scheme is the whole spec (``bluemarble``), not a ``scheme:`` prefix.
+    """
+
+    open: Opener
+    local: bool
+    bare: bool = False
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of tile source as ``open_source`` sees it: each source module declares one as ``KIND``.
+
+    Attributes:
+        schemes: spec scheme (the part before the first ``:``, or a bare spec's whole) -> how it opens.
+        forms: how this kind's specs look, for the error that lists every accepted form.
+        guess: opens a spec without a scheme when its shape is this kind's (a ``.mbtiles`` path, a
+            folder, a provider name), else returns None.
+    """
+
+    schemes: Mapping[str, Scheme]
+    forms: str = ""
+    guess: Callable[[str, Mapping[str, Any]], TileSource | None] | None = None
+
+
+def after_colon(spec: str) -> str:
+    """The part of a ``scheme:rest`` spec after its scheme."""
+    return spec.partition(":")[2]
 
 
 class ClosingSource:

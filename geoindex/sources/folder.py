@@ -13,9 +13,9 @@ from PIL import Image
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.imagery import load_image
-from geoindex.sources.base import TILE_EXTENSIONS
+from geoindex.sources.base import TILE_EXTENSIONS, Scheme, SourceKind, after_colon
 
-__all__ = ["DirectorySource", "open_directory", "stored_tile_path"]
+__all__ = ["KIND", "DirectorySource", "open_directory", "stored_tile_path"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +125,10 @@ def open_directory(root: str | Path) -> DirectorySource:
 def stored_tile_path(root: Path, tile: mercantile.Tile) -> Path | None:
     """The stored file of a tile under ``root/{z}/{x}/{y}.{ext}``, whatever its extension; None if absent."""
     return _find_tile_file(root / str(tile.z) / str(tile.x), tile.y, TILE_EXTENSIONS)
+
+
+KIND = SourceKind(
+    schemes={"dir": Scheme(lambda spec, _: open_directory(after_colon(spec)), local=True)},
+    forms="an existing {z}/{x}/{y}.{ext} directory (or 'dir:PATH')",
+    guess=lambda spec, _: open_directory(spec) if Path(spec).is_dir() and not spec.endswith(".mbtiles") else None,
+)

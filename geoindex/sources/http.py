@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -28,9 +29,9 @@ from xyzservices import TileProvider
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.imagery import decode_tile
-from geoindex.sources.base import ClosingSource, check_tile
+from geoindex.sources.base import ClosingSource, Scheme, SourceKind, after_colon, check_tile
 
-__all__ = ["USER_AGENT", "HttpSource", "open_provider", "query_provider"]
+__all__ = ["KIND", "USER_AGENT", "HttpSource", "open_provider", "query_provider"]
 
 log = logging.getLogger(__name__)
 
@@ -374,3 +375,15 @@ def open_provider(spec: str, http_options: Mapping[str, Any]) -> HttpSource:
     return HttpSource.from_provider(name, provider_options=dict(parse_qsl(query)), **http_options)
 
 
+KIND = SourceKind(
+    schemes={
+        "http": Scheme(lambda spec, options: HttpSource(spec, **options), local=False),
+        "https": Scheme(lambda spec, options: HttpSource(spec, **options), local=False),
+        "xyz": Scheme(lambda spec, options: open_provider(after_colon(spec), options), local=False),
+    },
+    forms=("an http(s) URL template with {z}/{x}/{y} or {q} (e.g. 'https://tile.example.com/{z}/{x}/{y}.png'), "
+           "'xyz:PROVIDER' or a bare xyzservices provider name (e.g. 'Esri.WorldImagery', options as "
+           "'xyz:PROVIDER?apikey=KEY')"),
+    guess=lambda spec, options: (open_provider(spec, options) if not Path(spec).exists()
+                                 and query_provider(spec.partition("?")[0]) is not None else None),
+)

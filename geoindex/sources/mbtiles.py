@@ -17,9 +17,9 @@ from PIL import Image
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.files import atomic_path
 from geoindex.imagery import decode_tile
-from geoindex.sources.base import ClosingSource, check_tile, image_extension
+from geoindex.sources.base import ClosingSource, Scheme, SourceKind, after_colon, check_tile, image_extension
 
-__all__ = ["MBTilesSource", "write_mbtiles"]
+__all__ = ["KIND", "MBTilesSource", "write_mbtiles"]
 
 _MBTILES_QUERY = "SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?"
 
@@ -132,3 +132,10 @@ def write_mbtiles(
             ((t.z, t.x, _tms_row(t), sqlite3.Binary(data)) for t, data in tiles.items()),
         )
     return path
+
+
+KIND = SourceKind(
+    schemes={"mbtiles": Scheme(lambda spec, _: MBTilesSource(after_colon(spec)), local=True)},
+    forms="a path ending in .mbtiles (or 'mbtiles:PATH')",
+    guess=lambda spec, _: MBTilesSource(spec) if spec.endswith(".mbtiles") else None,
+)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import mercantile
 from PIL import Image
 
-from geoindex.errors import TileNotFoundError
+from geoindex.errors import SourceNotReopenableError, TileNotFoundError
+from geoindex.sources.base import Scheme, SourceKind, TileSource
 
-__all__ = ["MemorySource"]
+__all__ = ["KIND", "MemorySource"]
 
 
 class MemorySource:
@@ -38,3 +40,13 @@ class MemorySource:
         if img is None:
             raise TileNotFoundError(f"{self.name}: no tile {tuple(tile)}")
         return img
+
+
+def _refuse(spec: str, _: Mapping[str, Any]) -> TileSource:
+    raise SourceNotReopenableError(
+        f"cannot use --source {spec!r}: an in-memory source cannot be opened from a string (its tiles lived "
+        "in the process that made it); pass the MemorySource object itself, or choose imagery on disk"
+    )
+
+
+KIND = SourceKind(schemes={"memory": Scheme(_refuse, local=False)})

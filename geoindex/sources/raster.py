@@ -17,9 +17,10 @@ from PIL import Image, UnidentifiedImageError
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError
 from geoindex.imagery import to_rgb
+from geoindex.sources.base import Scheme, SourceKind, after_colon
 from geoindex.tiles import merc_latlon_array, view_merc_grid
 
-__all__ = ["RasterSource", "embedded_world_raster", "open_raster"]
+__all__ = ["KIND", "RasterSource", "embedded_world_raster", "open_raster"]
 
 _WORLD = (-180.0, -90.0, 180.0, 90.0)
 _TILE_SIZE = 256
@@ -188,3 +189,12 @@ def open_raster(where: str) -> RasterSource:
             f"cannot use --source 'raster:{where}': {err}; options are bounds=W,S,E,N and tile_size=N"
         ) from err
     return RasterSource(path, bounds=(w, s, e, n), tile_size=tile_size)
+
+
+KIND = SourceKind(
+    schemes={
+        "raster": Scheme(lambda spec, _: open_raster(after_colon(spec)), local=True),
+        "bluemarble": Scheme(lambda spec, _: RasterSource(), local=True, bare=True),
+    },
+    forms="'raster:PATH' (an equirectangular world image) or 'bluemarble' (the embedded Blue Marble)",
+)
