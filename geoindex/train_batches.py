@@ -8,6 +8,7 @@ frozen trunk's output of each tile within a memory budget, so a later step runs 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence, Set
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -51,24 +52,22 @@ class _Batch(NamedTuple):
     missing: int
 
 
+@dataclass(eq=False)
 class TileBatches(torch.utils.data.Dataset):
     """Batch i of an epoch (see ``_Batch``). Photos whose tile the source lacks are left out of their
     batch (and counted); missing negatives are dropped. Tiles whose code is in ``cached`` are not loaded.
     """
 
-    def __init__(self, batches: list[npt.NDArray[np.int64]], codes: npt.NDArray[np.int64],
-                 source: TileSource, preprocess: Callable[[Any], torch.Tensor], zoom: int, *,
-                 negatives: int = 0, pool: npt.NDArray[np.int64] | None = None,
-                 seed: Sequence[int] = (), cached: Set[int] = frozenset()) -> None:
-        self.batches = batches
-        self.codes = codes
-        self.source = source
-        self.preprocess = preprocess
-        self.zoom = zoom
-        self.negatives = negatives
-        self.pool = pool
-        self.seed = list(seed)
-        self.cached = cached
+    batches: list[npt.NDArray[np.int64]]
+    codes: npt.NDArray[np.int64]
+    source: TileSource
+    preprocess: Callable[[Any], torch.Tensor]
+    zoom: int
+    _: KW_ONLY
+    negatives: int = 0
+    pool: npt.NDArray[np.int64] | None = None
+    seed: Sequence[int] = ()
+    cached: Set[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -76,7 +75,7 @@ class TileBatches(torch.utils.data.Dataset):
     def _negatives(self, i: int, positives: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         if not self.negatives or self.pool is None:
             return np.zeros(0, np.int64)
-        rng = np.random.default_rng(self.seed + [i])  # seeded per step: a resumed run draws the same
+        rng = np.random.default_rng([*self.seed, i])  # seeded per step: a resumed run draws the same
         draw = self.pool[rng.choice(len(self.pool), min(len(self.pool), self.negatives + len(positives)),
                                     replace=False)]
         return draw[~np.isin(draw, positives)][: self.negatives]
