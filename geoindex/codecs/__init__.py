@@ -13,43 +13,15 @@ the codecs (``--help``, the manifest) does not load it.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
 from geoindex.codecs.base import Codec
-from geoindex.errors import ConfigError
+from geoindex.registry import Registry, discover
 
 __all__ = ["CODEC_NAMES", "REGISTRY", "Codec", "get_codec", "register"]
 
-REGISTRY: dict[str, Codec] = {}
-_ORDER = ("fp16", "flat", "sq8", "pq", "pq_small")  # how help texts list the shipped codecs: default first
-
-
-def register(codec: Codec) -> Codec:
-    """Add ``codec`` to the registry (a test or a plug-in may add its own); returns it."""
-    if codec.name in REGISTRY and REGISTRY[codec.name] is not codec:
-        raise ConfigError(f"a codec named {codec.name!r} is registered already")
-    REGISTRY[codec.name] = codec
-    return codec
-
-
-def get_codec(name: str) -> Codec:
-    """The registered codec ``name``; ConfigError naming the choices otherwise."""
-    try:
-        return REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown codec {name!r}; choose one of {list(REGISTRY)} (--codec)") from None
-
-
-def _discover() -> None:
-    found = {}
-    for module in pkgutil.iter_modules(__path__):
-        if module.name != "base" and not module.name.startswith("_"):
-            found[module.name] = importlib.import_module(f"{__name__}.{module.name}").CODEC
-    for name in sorted(found, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
-        register(found[name])
-
-
-_discover()
+REGISTRY: Registry[Codec] = Registry("a codec", option="--codec")
+register = REGISTRY.register
+get_codec = REGISTRY.named
+REGISTRY.register_all(discover(__name__, __path__, "CODEC", skip={"base"}).values(),
+                      first=("fp16", "flat", "sq8", "pq", "pq_small"))  # help texts list the default first
 CODEC_NAMES: tuple[str, ...] = tuple(REGISTRY)
 """The codecs shipped with geoindex, default first (``--codec`` choices)."""

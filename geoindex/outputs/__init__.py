@@ -12,12 +12,9 @@ and registered on import), plus its test.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-
-from geoindex.errors import ConfigError
 from geoindex.outputs.base import Encoded, FileInputs, OutputFormat, ResultWriter, clip, one_line
 from geoindex.outputs.record import result_to_dict
+from geoindex.registry import Registry, discover
 
 __all__ = [
     "REGISTRY",
@@ -34,25 +31,9 @@ __all__ = [
     "stream_formats",
 ]
 
-REGISTRY: dict[str, OutputFormat] = {}
-_ORDER = ("table", "json", "csv", "geojson", "map")  # how help texts list the shipped formats: default first
-_NOT_FORMATS = frozenset({"base", "record"})
-
-
-def register(fmt: OutputFormat) -> OutputFormat:
-    """Add ``fmt`` to the registry (a test or a plug-in may add its own); returns it."""
-    if fmt.name in REGISTRY and REGISTRY[fmt.name] is not fmt:
-        raise ConfigError(f"an output format named {fmt.name!r} is registered already")
-    REGISTRY[fmt.name] = fmt
-    return fmt
-
-
-def get_format(name: str) -> OutputFormat:
-    """The registered format ``name``; ConfigError naming the choices otherwise."""
-    try:
-        return REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ConfigError(f"unknown output format {name!r}; choose one of {list(REGISTRY)}") from None
+REGISTRY: Registry[OutputFormat] = Registry("an output format")
+register = REGISTRY.register
+get_format = REGISTRY.named
 
 
 def stream_formats() -> list[OutputFormat]:
@@ -65,14 +46,5 @@ def file_formats() -> list[OutputFormat]:
     return [f for f in REGISTRY.values() if not f.streams]
 
 
-def _discover() -> None:
-    found = {}
-    for module in pkgutil.iter_modules(__path__):
-        if module.name not in _NOT_FORMATS and not module.name.startswith("_"):
-            fmt = importlib.import_module(f"{__name__}.{module.name}").FORMAT
-            found[fmt.name] = fmt
-    for name in sorted(found, key=lambda n: (_ORDER.index(n) if n in _ORDER else len(_ORDER), n)):
-        register(found[name])
-
-
-_discover()
+REGISTRY.register_all(discover(__name__, __path__, "FORMAT", skip={"base", "record"}).values(),
+                      first=("table", "json", "csv", "geojson", "map"))  # help texts list the default first

@@ -12,13 +12,12 @@ To add a kind: one module in this package with its class (``name``, ``spec``, ``
 
 from __future__ import annotations
 
-import importlib
 import logging
-import pkgutil
 from collections.abc import Mapping
 from typing import Any
 
 from geoindex.errors import ConfigError, ImageError
+from geoindex.registry import discover
 from geoindex.sources.base import (
     TILE_EXTENSIONS,
     ByteTileSource,
@@ -66,17 +65,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Every module of this package but these declares one kind of source as ``KIND``.
-_NOT_KINDS = frozenset({"base", "fetch"})
-
-
-def _kinds() -> list[SourceKind]:
-    """The ``KIND`` of every source module, in module-name order (the order scheme-less specs are guessed in)."""
-    names = sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _NOT_KINDS)
-    return [importlib.import_module(f"{__name__}.{name}").KIND for name in names]
-
-
-KINDS = _kinds()
+KINDS: list[SourceKind] = list(discover(__name__, __path__, "KIND", skip={"base", "fetch"}).values())
+"""Every kind of source, in module-name order (the order scheme-less specs are guessed in)."""
 SCHEMES: dict[str, Scheme] = {scheme: entry for kind in KINDS for scheme, entry in kind.schemes.items()}
 """Spec scheme (the part before the first ``:``, or the whole of a bare spec) -> how it opens."""
 
