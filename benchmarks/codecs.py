@@ -103,8 +103,9 @@ def level_bytes(path: Path) -> list[dict]:
 
 def evaluate(paths: dict[str, Path], xq: np.ndarray, ks: Sequence[int]) -> dict[str, dict]:
     """Per codec: bytes per tile on disk (every file) and in one FAISS entry, and final-tile agreement with flat."""
-    from geoindex.beam import FaissLevel, beam_search
+    from geoindex.beam import beam_search
     from geoindex.codecs import get_codec
+    from geoindex.levels.faiss import FaissLevel
     from geoindex.store import list_shards, open_store, read_embeddings
 
     finals: dict[tuple[str, int], np.ndarray] = {}

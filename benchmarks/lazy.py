@@ -93,7 +93,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.build import build_level
     from geoindex.coverage import Coverage
     from geoindex.encoders import create_encoder
-    from geoindex.lazy import declare_lazy
+    from geoindex.lazy_store import declare_lazy
     from geoindex.sources import RasterSource
     from geoindex.tiles import LevelSchedule
 

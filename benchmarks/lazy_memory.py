@@ -2,7 +2,7 @@
 
 A lazy level scores each photo against the float16 embeddings of up to 16k candidate tiles. It used
 to gather them all at once as float32 (photos x 16k x d: 16 photos at k=2048, d=1280 is 2.7 GB, and
-the float16 gather and einsum add to it); ``geoindex.lazy._scores`` gathers ``SCORE_BLOCK`` values
+the float16 gather and einsum add to it); ``geoindex.levels.lazy.score_rows`` gathers ``SCORE_BLOCK`` values
 at a time. Each variant runs in a fresh process over the same synthetic rows (float16, sorted codes,
 as a lazy level holds them); the figure is the process's VmHWM growth over the scoring call, read
 from /proc. Run: ``.venv/bin/python benchmarks/lazy_memory.py``.
@@ -29,7 +29,8 @@ _CHILD = """
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from geoindex import lazy
+from geoindex.lazy_store import Rows
+from geoindex.levels import lazy
 
 def hwm():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -42,7 +43,7 @@ rng = np.random.default_rng(0)
 emb = np.empty((n * c, d), dtype=np.float16)
 for lo in range(0, n * c, 1024):  # filled in small blocks, so that making the rows sets no high-water mark
     emb[lo : lo + 1024] = rng.standard_normal((min(1024, n * c - lo), d), dtype=np.float32)
-table = lazy._Rows(np.arange(n * c, dtype=np.int64), np.ones(n * c, bool), emb, np.zeros(n * c, np.int64))
+table = Rows(np.arange(n * c, dtype=np.int64), np.ones(n * c, bool), emb, np.zeros(n * c, np.int64))
 rows = rng.permutation(n * c).reshape(n, c)
 xq = rng.standard_normal((n, d), dtype=np.float32)
 before = hwm()
@@ -51,7 +52,7 @@ if variant == "gather":  # the scoring before blocks (geoindex.lazy before issue
     emb = table.emb[np.maximum(rows, 0).ravel()].astype(np.float32).reshape(*rows.shape, -1)
     scores = np.einsum("qcd,qd->qc", emb, xq)
 else:
-    scores = lazy._scores(table, rows, xq)
+    scores = lazy.score_rows(table, rows, xq)
 seconds = time.perf_counter() - started
 print(json.dumps({"base_mb": before, "peak_mb": hwm(), "seconds": seconds, "checksum": float(scores.sum())}))
 """
@@ -85,7 +86,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
          for r in rows],
     )
     notes = ("gather = geoindex.lazy before issue 28 (one float32 gather of every candidate, then einsum); "
-             "blocks = geoindex.lazy._scores (SCORE_BLOCK values at a time). Same rows and queries; the "
+             "blocks = geoindex.levels.lazy.score_rows (SCORE_BLOCK values at a time). Same rows and queries; the "
              "scores agree (checksums in the JSON). The rows themselves (n x 16k x d float16) are held by both "
              "and not counted.",)
     return bench.report("lazy_memory: peak memory of lazy-level scoring", "synthetic", rows, (table,), notes)

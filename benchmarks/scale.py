@@ -84,7 +84,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def search_worker(index_dir: Path, queries_file: Path, k: int, warmup: int, setting: str) -> dict:
     """Open the index, search one query at a time; timings and this process's memory as a dict."""
     before_import = proc_status()
-    from geoindex.beam import FaissLevel, beam_search
+    from geoindex.beam import beam_search
+    from geoindex.levels.faiss import FaissLevel
     from geoindex.results import make_results
     from geoindex.store import open_store
     from geoindex.threads import configure_query_threads

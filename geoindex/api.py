@@ -13,24 +13,18 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from geoindex.beam import (
-    FaissLevel,
-    Level,
-    OnTheFlyLevel,
-    PriorMode,
-    PriorOptions,
-    TilePrior,
-    TorchLevel,
-    beam_search,
-    beam_width,
-)
+from geoindex.beam import PriorMode, PriorOptions, TilePrior, beam_search, beam_width
 from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
 from geoindex.exif import read_gps
 from geoindex.imagery import ImageInput, load_image
-from geoindex.lazy import LazyLevel, open_lazy_levels
+from geoindex.levels import Level
+from geoindex.levels.faiss import FaissLevel
+from geoindex.levels.lazy import LazyLevel, open_lazy_levels
+from geoindex.levels.onthefly import OnTheFlyLevel
+from geoindex.levels.torch import TorchLevel
 from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, Manifest, short_id
 from geoindex.prior import GeoCLIPPrior, get_prior
 from geoindex.results import SearchResult, make_results
@@ -195,15 +189,17 @@ class GeoIndex(_Searcher):
     """An index opened for search: manifest checked, FAISS files memory-mapped, photo encoder loaded.
 
     Thread-safe for concurrent searches. Use :func:`open_index` to create one. Lazy levels
-    (``geoindex.lazy``) follow the built ones: ``lazy_source`` overrides the tile source named in
+    (``geoindex.levels.lazy``) follow the built ones: ``lazy_source`` overrides the tile source named in
     ``lazy.json``; ``read_only`` never writes to the index (missing tiles are then encoded on the
     fly, and each result's trace says so); ``retry_missing`` asks the source again for tiles it
     lacked before (else that happens after lazy.json's ``retry_missing_after_s``).
 
     ``search_backend``: ``faiss`` searches the levels with FAISS on the CPU; ``torch`` holds each
     level's embeddings as a tensor on ``device`` and scores the kept tiles' children with one batched
-    matmul per level (fp16 and flat codecs; the same tiles and scores); ``auto``: torch when
-    ``device`` is a GPU and the codec allows, else FAISS.
+    matmul per level (fp16 and flat codecs; the same tiles and scores); ``faiss-gpu`` searches the
+    kept tiles' children with ``faiss.knn_gpu`` where faiss has GPU support (the ``gpu`` extra), else
+    runs the torch search, and each result's trace says which ran; ``auto``: torch when ``device`` is
+    a GPU and the codec allows, else FAISS.
     """
 
     def __init__(self, path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
@@ -241,9 +237,10 @@ class GeoIndex(_Searcher):
 
     def level(self, stored: StoredLevel, allowed: npt.NDArray[np.bool_] | None = None) -> FaissLevel:
         """The searcher of one stored level on this index's backend (``allowed``: a region's rows)."""
-        if self.search_backend == "torch":
+        if self.search_backend in ("torch", "faiss-gpu"):
             emb, parent_row = level_embeddings(self.path, stored.zoom)
-            return TorchLevel(stored, emb, parent_row, device=self.device, allowed=allowed)
+            return TorchLevel(stored, emb, parent_row, device=self.device, allowed=allowed,
+                              faiss_gpu=self.search_backend == "faiss-gpu")
         return FaissLevel(stored, allowed=allowed)
 
     def within(self, region: Coverage) -> RegionSearcher:
@@ -282,7 +279,7 @@ class RegionSearcher(_Searcher):
         self.tiles_per_level = {s.zoom: int(m.sum()) for s, m in zip(index.stored, masks, strict=True)}
 
 
-SEARCH_BACKENDS = ("auto", "faiss", "torch")
+SEARCH_BACKENDS = ("auto", "faiss", "torch", "faiss-gpu")
 _TORCH_CODECS = ("fp16", "flat")  # codecs whose FAISS scores are plain float inner products of the stored rows
 
 
@@ -292,9 +289,9 @@ def _search_backend(backend: str, device: str, codec: str) -> str:
         raise ConfigError(f"unknown search_backend {backend!r}; choose one of {', '.join(SEARCH_BACKENDS)}")
     if backend == "auto":
         return "torch" if torch.device(device).type == "cuda" and codec in _TORCH_CODECS else "faiss"
-    if backend == "torch" and codec not in _TORCH_CODECS:
-        raise ConfigError(f"search_backend 'torch' needs an index of codec {' or '.join(_TORCH_CODECS)}; this one is "
-                          f"{codec!r}: use search_backend='faiss'")
+    if backend in ("torch", "faiss-gpu") and codec not in _TORCH_CODECS:
+        raise ConfigError(f"search_backend {backend!r} needs an index of codec {' or '.join(_TORCH_CODECS)}; this one "
+                          f"is {codec!r}: use search_backend='faiss'")
     return backend
 
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import mercantile
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
@@ -56,7 +55,7 @@ from geoindex.store import (
     write_shard,
 )
 from geoindex.threads import loader_threads
-from geoindex.tile_encoding import TileProcessPool, encode_tile_batches, loader_pool
+from geoindex.tile_encoding import EncodedBatch, TileProcessPool, embed_tiles, loader_pool
 from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array, tile_code_array
 
 __all__ = [
@@ -232,14 +231,10 @@ def encode_tiles(
         BadTilesError: some tiles could not be read (without ``skip_bad``); names every one.
     """
     progress = progress or _ignore
-    n = len(x)
-    found = np.zeros(n, dtype=bool)
-    emb = np.zeros((n, encoder.dim), dtype=np.float32)
     bad: list[str] = []
     sizes: dict[tuple[int, int], list[str]] = {}
-    wanted = [mercantile.Tile(int(tx), int(ty), zoom) for tx, ty in zip(x.tolist(), y.tolist())]
-    for batch in encode_tile_batches(source, wanted, encoder, batch_size=batch_size, pool=pool,
-                                     on_error="skip" if skip_bad else "collect"):
+
+    def record(batch: EncodedBatch) -> None:
         for i, load in enumerate(batch.loads):
             if load.error is not None:
                 bad.append(str(load.error))
@@ -247,10 +242,10 @@ def encode_tiles(
                     on_bad(str(load.error))
             elif load.size is not None:
                 sizes.setdefault(load.size, []).append(f"{zoom}/{int(x[batch.start + i])}/{int(y[batch.start + i])}")
-        rows = batch.ok + batch.start
-        emb[rows] = batch.emb
-        found[rows] = True
         progress(len(batch.loads))
+
+    found, emb = embed_tiles(source, encoder, tile_code_array(x, y, zoom=zoom), zoom=zoom, batch_size=batch_size,
+                             pool=pool, on_error="skip" if skip_bad else "collect", on_batch=record)
     if len(sizes) > 1:
         usual = max(sizes, key=lambda s: len(sizes[s]))
         odd = [(size, tile) for size, tiles in sizes.items() if size != usual for tile in tiles]

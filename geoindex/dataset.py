@@ -9,12 +9,13 @@ and an optional ``split`` column (train/val/test) overrides the seeded split.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -266,6 +267,43 @@ def _load_pixels(encoder: ImageEncoder, path: str) -> torch.Tensor | None:
         return None
 
 
+def embed_photos(
+    encoder: ImageEncoder,
+    paths: Sequence[str],
+    *,
+    batch_size: int = 64,
+    pool: Executor | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """Embed photos in batches of ``batch_size`` consecutive paths; unreadable photos are logged and left out.
+
+    The one place photos become embeddings for evaluation and training data (``photo_embeddings``).
+
+    Args:
+        pool: threads that read and preprocess a batch's photos (None: read here, in order).
+        progress: called with the number of photos of each batch once it is encoded.
+
+    Returns:
+        embeddings (n, d) float32, L2-normalised, zero rows where unreadable; ok (n,) bool, False there.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    emb = np.zeros((len(paths), encoder.dim), dtype=np.float32)
+    ok = np.zeros(len(paths), dtype=bool)
+    for s in range(0, len(paths), batch_size):
+        batch = paths[s : s + batch_size]
+        load = functools.partial(_load_pixels, encoder)
+        pixels = list(pool.map(load, batch) if pool is not None else map(load, batch))
+        good = [i for i, t in enumerate(pixels) if t is not None]
+        if good:
+            rows = np.asarray(good) + s
+            emb[rows] = encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
+            ok[rows] = True
+        if progress:
+            progress(len(batch))
+    return emb, ok
+
+
 def photo_embeddings(
     table: PhotoTable,
     encoder: ImageEncoder,
@@ -313,18 +351,9 @@ def photo_embeddings(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for c, lo in todo:
             hi = min(lo + chunk_size, n)
-            part = np.zeros((hi - lo, encoder.dim), dtype=np.float16)
-            part_ok = np.zeros(hi - lo, dtype=bool)
-            for s in range(lo, hi, batch_size):
-                e = min(s + batch_size, hi)
-                pixels = list(pool.map(lambda p: _load_pixels(encoder, p), table.paths[s:e]))
-                good = [i for i, t in enumerate(pixels) if t is not None]
-                if good:
-                    out = encoder.encode_tensor(torch.stack([pixels[i] for i in good]))  # type: ignore[misc]
-                    part[np.asarray(good) + s - lo] = out.astype(np.float16)
-                    part_ok[np.asarray(good) + s - lo] = True
-                if progress:
-                    progress(e - s)
+            part_emb, part_ok = embed_photos(encoder, table.paths[lo:hi], batch_size=batch_size, pool=pool,
+                                             progress=progress)
+            part = part_emb.astype(np.float16)
             buf = io.BytesIO()
             np.savez(buf, emb=part, ok=part_ok)
             atomic_write_bytes(folder / f"chunk-{c:05d}.npz", buf.getvalue())

@@ -16,12 +16,12 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
-import torch
 
-from geoindex.beam import Level, LevelHits, PriorOptions, beam_search, check_k
-from geoindex.dataset import PhotoTable
+from geoindex.beam import PriorOptions, beam_search, check_k
+from geoindex.dataset import PhotoTable, embed_photos
 from geoindex.encoders import ImageEncoder
-from geoindex.errors import ConfigError, GeoIndexError
+from geoindex.errors import ConfigError
+from geoindex.levels import Level, LevelHits
 from geoindex.metrics import THRESHOLDS_KM, accuracy_at, great_circle_km
 from geoindex.tiles import tile_center_array, tile_of_array
 
@@ -221,24 +221,8 @@ def _ms(ms: float) -> str:
 def _embed(searcher: Searcher, paths: Sequence[str], batch_size: int,
            progress: Callable[[int], None] | None) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_], float]:
     """Photo embeddings (n, d), readable mask (n,), and seconds spent (loading + encoding)."""
-    enc = searcher.photo_encoder
-    emb = np.zeros((len(paths), enc.dim), dtype=np.float32)
-    ok = np.zeros(len(paths), dtype=bool)
     started = time.perf_counter()
-    for s in range(0, len(paths), batch_size):
-        pixels: list[torch.Tensor] = []
-        rows: list[int] = []
-        for i in range(s, min(s + batch_size, len(paths))):
-            try:
-                pixels.append(enc.preprocess_images([paths[i]])[0])
-                rows.append(i)
-            except GeoIndexError as e:
-                log.warning("skipping photo: %s", e)
-        if pixels:
-            emb[rows] = enc.encode_tensor(torch.stack(pixels))
-            ok[rows] = True
-        if progress:
-            progress(min(s + batch_size, len(paths)) - s)
+    emb, ok = embed_photos(searcher.photo_encoder, paths, batch_size=batch_size, progress=progress)
     return emb, ok, time.perf_counter() - started
 
 
@@ -285,7 +269,7 @@ def evaluate(
         embed_s += time.perf_counter() - started  # part of each photo's cost, like the photo embedding
     results = []
     for k in ks:
-        encoded_before = getattr(searcher, "tiles_encoded", None)
+        encoded_before = sum(lv.tiles_encoded for lv in searcher.levels)
         search_s = 0.0
         per_batch: list[list[LevelHits]] = []
         for s in range(0, len(rows), query_batch):
@@ -304,12 +288,12 @@ def evaluate(
         errors = great_circle_km(lat, lon, pred.lat, pred.lon)
         summary = error_summary(errors)
         top1, recall = level_stats(hits, lat, lon)
-        encoded = getattr(searcher, "tiles_encoded", None)
+        encoded = sum(lv.tiles_encoded for lv in searcher.levels)
         results.append(KResult(
             k=k, n=len(rows), accuracy=summary["accuracy"], median_km=summary["median_km"],
             mean_km=summary["mean_km"], tile_top1=top1, beam_recall=recall,
             embed_ms_per_image=1e3 * embed_s / len(rows), search_ms_per_image=1e3 * search_s / len(rows),
-            tiles_encoded_per_image=(encoded - encoded_before) / len(rows) if encoded is not None else None,
+            tiles_encoded_per_image=(encoded - encoded_before) / len(rows),
         ))
         if on_predictions:
             on_predictions(k, rows, pred, errors)

@@ -5,7 +5,8 @@ export is one file a dataframe library, DuckDB or a vector database reads direct
 clip-retrieval's embeddings are): ``row`` (the FAISS id in the index), ``z``, ``x``, ``y`` (XYZ,
 y from the north), ``lat``, ``lon`` (the tile's centre, degrees) and ``embedding`` (a fixed-size
 list of float32, or float16 as stored; decoded from their codes for the lossy codecs sq8 and
-pq). Rows keep the index's order. Lazy levels (``geoindex.lazy``) are not exported: their rows depend on past queries.
+pq). Rows keep the index's order. Lazy levels (``geoindex.levels.lazy``) are not exported: their
+rows depend on past queries.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import mercantile
 import numpy as np
 
-from geoindex.beam import LevelHits
 from geoindex.calibration import (
     DEFAULT_TEMPERATURE,
     RADIUS_LEVELS,
@@ -24,6 +23,7 @@ from geoindex.calibration import (
     radii_km,
 )
 from geoindex.errors import ConfigError
+from geoindex.levels import LevelHits
 from geoindex.metrics import great_circle_km
 from geoindex.tiles import tile_center
 

@@ -5,8 +5,8 @@ resizing hold the GIL, so threads would share one core) and threads for remote o
 (``loader_pool`` chooses). Loaders hand back uint8 pixels; the encoder makes them its input on its
 own device (``ImageEncoder.encode_pixels``).
 
-The one reader -> encoder step of building an index (``build.encode_tiles``), of on-the-fly and
-lazy levels (``beam.OnTheFlyLevel``) and of training (``train``'s validation and batches).
+``embed_tiles`` is the one place tiles become embeddings: building an index (``build.encode_tiles``),
+on-the-fly and lazy levels (``levels.onthefly``, ``levels.lazy``) and training's validation call it.
 Batches are runs of ``batch_size`` consecutive tiles of the request; a tile the source lacks is
 left out of its batch, so what a batch holds depends only on the tiles asked for, and every
 caller gets the same embeddings for the same tiles.
@@ -34,9 +34,10 @@ from geoindex.encoders import ImageEncoder
 from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
 from geoindex.imagery import to_rgb
 from geoindex.sources import TileSource, is_local_spec, source_spec
+from geoindex.tiles import tile_xy_of_code_array
 
-__all__ = ["PREFETCH_BATCHES", "EncodedBatch", "TileLoad", "TileProcessPool", "encode_tile_batches", "load_tile",
-           "loader_pool", "read_tile", "read_tile_batches"]
+__all__ = ["PREFETCH_BATCHES", "EncodedBatch", "TileLoad", "TileProcessPool", "embed_tiles", "encode_tile_batches",
+           "load_tile", "loader_pool", "read_tile", "read_tile_batches"]
 
 PREFETCH_BATCHES = 3  # batches read and preprocessed ahead of the encoder
 
@@ -259,6 +260,44 @@ def encode_tile_batches(
         else:
             emb = np.zeros((0, encoder.dim), dtype=np.float32)
         yield EncodedBatch(start, loads, ok, emb)
+
+
+def embed_tiles(
+    source: TileSource,
+    encoder: ImageEncoder,
+    codes: npt.ArrayLike,
+    *,
+    zoom: int,
+    batch_size: int,
+    pool: Executor | TileProcessPool | None = None,
+    on_error: OnError = "raise",
+    on_batch: Callable[[EncodedBatch], None] | None = None,
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float32]]:
+    """Embed the tiles ``codes`` (tile codes ``(y << zoom) | x``) in request order; leave out those the source lacks.
+
+    Batches are runs of ``batch_size`` consecutive codes (:func:`encode_tile_batches`), so the
+    embeddings depend only on the codes asked for, not on ``pool`` or its number of workers.
+
+    Args:
+        codes: (n,) int64 tile codes at ``zoom``.
+        pool, on_error: as for :func:`encode_tile_batches`.
+        on_batch: called with each :class:`EncodedBatch` once it is stored (progress, bad-tile reports).
+
+    Returns:
+        found: bool (n,), False where the source has no such tile (or it was skipped or not encoded
+        for ``on_error``). emb: float32 (n, d), L2-normalised; zero where not found.
+    """
+    x, y = tile_xy_of_code_array(np.asarray(codes, dtype=np.int64).ravel(), zoom=zoom)
+    tiles = [mercantile.Tile(tx, ty, zoom) for tx, ty in zip(x.tolist(), y.tolist())]
+    found = np.zeros(len(tiles), dtype=bool)
+    emb = np.zeros((len(tiles), encoder.dim), dtype=np.float32)
+    for batch in encode_tile_batches(source, tiles, encoder, batch_size=batch_size, pool=pool, on_error=on_error):
+        rows = batch.start + batch.ok
+        emb[rows] = batch.emb
+        found[rows] = True
+        if on_batch is not None:
+            on_batch(batch)
+    return found, emb
 
 
 def _encode(encoder: ImageEncoder, loads: list[TileLoad]) -> npt.NDArray[np.float32]:

@@ -54,7 +54,7 @@ from geoindex.encoders import (
 from geoindex.errors import ConfigError
 from geoindex.files import atomic_write_bytes, file_sha256
 from geoindex.sources import TileSource
-from geoindex.tile_encoding import encode_tile_batches
+from geoindex.tile_encoding import embed_tiles
 from geoindex.tiles import tile_of_code
 from geoindex.train_batches import TileBatches, TrunkCache, batch_targets
 
@@ -227,19 +227,6 @@ def _epoch_batches(n: int, codes: npt.NDArray[np.int64], cfg: TrainConfig, zoom:
 # --------------------------------------------------------------------------------- validation
 
 
-@torch.inference_mode()
-def _encode_tiles(encoder: ImageEncoder, source: TileSource, codes: Sequence[int], zoom: int,
-                  batch_size: int) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
-    """Embeddings (m, d) of the tiles the source has, and which of ``codes`` those are (m = found.sum())."""
-    tiles = [tile_of_code(c, zoom=zoom) for c in codes]
-    out, found = [], np.zeros(len(codes), dtype=bool)
-    for batch in encode_tile_batches(source, tiles, encoder, batch_size=batch_size):
-        found[batch.ok + batch.start] = True
-        if len(batch.ok):
-            out.append(batch.emb)
-    return (np.concatenate(out) if out else np.zeros((0, encoder.dim), np.float32)), found
-
-
 def tile_accuracy(
     encoder: ImageEncoder, photo_emb: npt.NDArray[np.float32], codes: npt.NDArray[np.int64], *,
     source: TileSource, zoom: int, batch_size: int = 256,
@@ -258,7 +245,9 @@ def tile_accuracy(
     unique, target = batch_targets(codes)
     was_training = encoder.visual.training
     encoder.visual.eval()
-    tiles, found = _encode_tiles(encoder, source, unique.tolist(), zoom, batch_size)
+    with torch.inference_mode():
+        found, emb = embed_tiles(source, encoder, unique, zoom=zoom, batch_size=batch_size)
+    tiles = emb[found]
     encoder.visual.train(was_training)
     keep = found[target]
     if not keep.any():

@@ -12,7 +12,7 @@ imagery is on this machine (`--no-calibrate` skips it).
 
 `--all --lazy-from 12` builds the levels above zoom 12 and declares 12 and deeper lazy: their tiles
 are fetched from `--source` and encoded the first time a query needs them, then kept in the index
-(geoindex.lazy). `--compact` folds a lazy index's appended rows into sorted parts.
+(geoindex.levels.lazy, geoindex.lazy_store). `--compact` folds a lazy index's appended rows into sorted parts.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from geoindex.encoders import (
 )
 from geoindex.errors import ConfigError, GeoIndexError, IndexWriteError
 from geoindex.files import index_write_lock
-from geoindex.lazy import compact, declare_lazy
+from geoindex.lazy_store import compact, declare_lazy
 from geoindex.manifest import CODECS, MANIFEST, PRECISION_HELP, Manifest
 from geoindex.sources import open_source
 from geoindex.threads import build_threads, check_threads

@@ -11,10 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geoindex.beam import FaissLevel, beam_search
+from geoindex.beam import beam_search
 from geoindex.build import build_level
 from geoindex.codecs import CODEC_NAMES, REGISTRY, Codec, get_codec
 from geoindex.errors import ConfigError, IndexFormatError
+from geoindex.levels.faiss import FaissLevel
 from geoindex.manifest import CODECS, EncoderIdentity, Manifest
 from geoindex.store import (
     FAISS_FILE,

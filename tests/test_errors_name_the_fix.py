@@ -21,7 +21,7 @@ from geoindex.errors import (
     LazyLevelError,
     TileNotFoundError,
 )
-from geoindex.lazy import LAZY_FILE, compact, declare_lazy
+from geoindex.lazy_store import LAZY_FILE, compact, declare_lazy
 from geoindex.sources import MemorySource
 from tests.conftest import relist, render_tile
 
@@ -172,18 +172,19 @@ def test_failing_lazy_source_message_is_bounded(tmp_path, tiny_encoder, rendered
 
 
 def test_lazy_scoring_is_chunked_and_equals_the_einsum(monkeypatch):
-    from geoindex import lazy
+    from geoindex.lazy_store import Rows
+    from geoindex.levels import lazy
 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((50, 8)).astype(np.float16)
-    table = lazy._Rows(np.arange(50, dtype=np.int64), np.ones(50, bool), emb, np.zeros(50, np.int64))
+    table = Rows(np.arange(50, dtype=np.int64), np.ones(50, bool), emb, np.zeros(50, np.int64))
     rows = rng.integers(-1, 50, (3, 40))
     xq = rng.standard_normal((3, 8)).astype(np.float32)
     want = np.einsum("qcd,qd->qc", emb[np.maximum(rows, 0)].astype(np.float32), xq)
     for block in (16, 8 * 40 * 2):  # two candidates per block; two queries per block
         monkeypatch.setattr(lazy, "SCORE_BLOCK", block)
-        np.testing.assert_allclose(lazy._scores(table, rows, xq), want, rtol=1e-5, atol=1e-6)
-    assert lazy._scores(lazy._Rows.empty(8), np.full((2, 5), -1), xq[:2]).shape == (2, 5)
+        np.testing.assert_allclose(lazy.score_rows(table, rows, xq), want, rtol=1e-5, atol=1e-6)
+    assert lazy.score_rows(Rows.empty(8), np.full((2, 5), -1), xq[:2]).shape == (2, 5)
 
 
 # -- arguments ---------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def test_unreadable_photo_csv_is_a_config_error(tmp_path, body, match):
 
 def test_lazy_rows_keep_their_time_when_a_segment_lacks_it(tmp_path, tiny_encoder, rendered_source, world):
     """Segments written before rows carried a time take the file's mtime."""
-    from geoindex.lazy import LazyStore
+    from geoindex.lazy_store import LazyStore
 
     path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
     store = LazyStore(path, 2, tiny_encoder.dim)
@@ -425,7 +426,7 @@ def _earlier_layout(src: Path, dst: Path) -> Path:
 
 
 def test_an_index_of_the_earlier_layout_reranks_from_exact_npy(pq_index, tmp_path):
-    from geoindex.beam import FaissLevel
+    from geoindex.levels.faiss import FaissLevel
     from geoindex.store import EXACT_FILE, open_store
 
     path = _earlier_layout(pq_index, tmp_path / "earlier")
@@ -564,7 +565,7 @@ def test_refused_writes_are_one_line_and_lose_nothing(tmp_path, tile_dir, capsys
 
 
 def test_refused_compaction_is_one_line(tmp_path, tile_dir, capsys, monkeypatch):
-    from geoindex.lazy import LazyStore
+    from geoindex.lazy_store import LazyStore
     from pipelines import build_index
 
     index = tmp_path / "i"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from geoindex.api import GeoIndex
-from geoindex.errors import ConfigError, TileSourceError
-from geoindex.lazy import LAZY_FILE, LazyLevelError, compact, declare_lazy
+from geoindex.errors import ConfigError, LazyLevelError, TileSourceError
+from geoindex.lazy_store import LAZY_FILE, compact, declare_lazy
 from geoindex.sources import MemorySource
 from tests.conftest import render_tile
 
@@ -172,7 +172,7 @@ def test_crash_during_append_loses_nothing_committed(tmp_path, tiny_encoder, ren
     seg_dir = lazy.lazy[0].store.dir
     (seg_dir / "seg-99999999999999999999-1-deadbeef.parquet.1234abcd.tmp").write_bytes(b"PAR1 half a file")
 
-    import geoindex.lazy as lazy_mod
+    import geoindex.lazy_store as lazy_mod
 
     def die(*a, **k):
         raise KeyboardInterrupt  # the process is interrupted while writing the next segment
@@ -198,7 +198,7 @@ def test_read_only_index_falls_back_to_on_the_fly(tmp_path, small_index, tiny_en
     assert all(lt.note.startswith("on-the-fly: opened read-only") for lt in res[0].trace[1:])
     assert not any(lv.store.files() for lv in ro.lazy)  # nothing written
     # a write that fails (read-only filesystem, permissions) falls back the same way, and says why
-    import geoindex.lazy as lazy_mod
+    import geoindex.lazy_store as lazy_mod
 
     def refuse(self, rows):
         raise PermissionError(13, "Permission denied", str(self.dir))

@@ -183,8 +183,10 @@ def test_k_is_checked_once_per_call(small_index, monkeypatch):
 
 
 def test_levels_that_take_an_injected_prior_declare_it(small_index):
-    from geoindex.beam import FaissLevel, OnTheFlyLevel, PriorLevel
-    from geoindex.lazy import LazyLevel
+    from geoindex.levels import PriorLevel
+    from geoindex.levels.faiss import FaissLevel
+    from geoindex.levels.lazy import LazyLevel
+    from geoindex.levels.onthefly import OnTheFlyLevel
 
     index = geoindex.open_index(small_index)
     assert all(isinstance(level, PriorLevel) for level in index.levels)
@@ -204,8 +206,8 @@ def test_build_and_on_the_fly_read_rgba_tiles_alike(tiny_encoder):
     step (tile_encoding), so both composite over white and give the same embeddings."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from geoindex.beam import OnTheFlyLevel
     from geoindex.build import encode_tiles
+    from geoindex.levels.onthefly import OnTheFlyLevel
     from geoindex.tiles import tile_code_array
 
     rng = np.random.default_rng(0)
@@ -250,7 +252,8 @@ def _hits(levels, xq, k):
 def test_torch_search_gives_faiss_tiles_and_scores(small_index, k):
     """The batched torch search (CPU tensors here) keeps the same ids at every level as FAISS, with the same
     scores, also under a region's mask and where the beam is wider than a level."""
-    from geoindex.beam import FaissLevel, TorchLevel
+    from geoindex.levels.faiss import FaissLevel
+    from geoindex.levels.torch import TorchLevel
     from geoindex.store import level_embeddings
 
     index = geoindex.open_index(small_index)

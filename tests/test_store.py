@@ -7,8 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geoindex.beam import FaissLevel, beam_search
+from geoindex.beam import beam_search
 from geoindex.errors import ConfigError, IndexFormatError
+from geoindex.levels.faiss import FaissLevel
 from geoindex.manifest import EncoderIdentity, Manifest
 from geoindex.store import (
     FAISS_FILE,
