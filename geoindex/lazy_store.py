@@ -2,9 +2,8 @@
 
 An index declares its deep levels lazy in ``<index>/lazy.json`` (which zooms, the tile source to
 fetch from, the map-encoder checkpoint of each zoom). The levels above are built as usual. At search
-time a :class:`LazyLevel` takes the surviving parents, lists their children (filtered by the index's
-coverage), encodes the ones it has never seen, appends them to the index and scores all of them
-exactly, so the answer equals that of a fully built index with the same encoders and imagery.
+time ``geoindex.levels.lazy.LazyLevel`` encodes the tiles a query needs and never saw, and appends
+them here (:class:`LazyStore`); ``compact`` folds the appended segments into sorted parts.
 
 Layout, beside the regular levels::
 

@@ -284,6 +284,79 @@ def test_index_opened_with_the_torch_backend_answers_as_faiss(small_index):
         geoindex.open_index(small_index, search_backend="gpu")
 
 
+class _StandInGpuResources:
+    """Where faiss-gpu's StandardGpuResources would be: the CPU stand-in of knn_gpu checks it is passed."""
+
+
+def _stand_in_faiss_gpu(monkeypatch) -> list[int]:
+    """faiss with GPU support on this CPU machine: knn_gpu answered by faiss.knn (the same contract: float32
+    arrays in, (D, I) of the k best out). Returns the number of queries of each knn_gpu call."""
+    import faiss
+
+    calls: list[int] = []
+
+    def knn_gpu(res, xq, xb, k, D=None, I=None, metric=faiss.METRIC_L2, device=-1, **options):  # noqa: E741
+        assert isinstance(res, _StandInGpuResources) and D is None and I is None
+        assert xq.dtype == np.float32 and xb.dtype == np.float32 and xb.flags.c_contiguous
+        calls.append(len(xq))
+        return faiss.knn(xq, xb, k, metric=metric)
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", _StandInGpuResources, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("k", [1, 3, 64])
+def test_faiss_gpu_search_gives_faiss_tiles_and_scores(small_index, monkeypatch, k):
+    """The faiss-gpu path gathers each query's children (allowed rows only) and searches them with knn_gpu:
+    the same ids and scores as FAISS on the CPU at every level, also under a region's mask and where the
+    beam is wider than a level; the trace says faiss-gpu ran."""
+    from geoindex.levels.faiss import FaissLevel
+    from geoindex.levels.torch import TorchLevel
+    from geoindex.store import level_embeddings
+
+    calls = _stand_in_faiss_gpu(monkeypatch)
+    index = geoindex.open_index(small_index, search_backend="faiss")
+    xq = index.embed(_queries(16, zoom=3, seed=k))
+    allowed = [np.arange(s.rows) % 3 != 1 for s in index.stored]
+    for masks in (None, allowed):
+        faiss_levels, gpu_levels = [], []
+        for i, s in enumerate(index.stored):
+            m = None if masks is None else masks[i]
+            faiss_levels.append(FaissLevel(s, allowed=m))
+            gpu_levels.append(TorchLevel(s, *level_embeddings(small_index, s.zoom), allowed=m, faiss_gpu=True))
+        for a, b in zip(_hits(faiss_levels, xq, k), _hits(gpu_levels, xq, k), strict=True):
+            assert np.array_equal(a.I, b.I), (a.zoom, masks is None)
+            np.testing.assert_allclose(a.D, b.D, rtol=0, atol=1e-5)
+            assert b.note is not None and b.note.startswith("faiss-gpu")
+    assert set(calls) == {1, len(xq)} and calls.count(len(xq)) == 2  # per mask: first level one call, then per query
+
+
+def test_faiss_gpu_backend_answers_as_faiss_and_falls_back_to_torch(small_index, monkeypatch):
+    """search_backend='faiss-gpu' gives FAISS's answers; where faiss has no GPU support the torch search runs
+    instead, with the same answers, and every level's trace says so."""
+    import faiss
+
+    queries = _queries(8, zoom=3, seed=13)
+    want = geoindex.open_index(small_index, search_backend="faiss").search(queries, k=3)
+    assert all(lt.note is None for lt in want[0].trace)
+    calls = _stand_in_faiss_gpu(monkeypatch)
+    on_gpu = geoindex.open_index(small_index, search_backend="faiss-gpu")
+    got = on_gpu.search(queries, k=3)
+    assert calls and on_gpu.search_backend == "faiss-gpu"
+    assert all(lt.note.startswith("faiss-gpu") for lt in got[0].trace)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 0)  # faiss with GPU support, but no GPU visible
+    n_calls = len(calls)
+    fallback = geoindex.open_index(small_index, search_backend="faiss-gpu").search(queries, k=3)
+    assert len(calls) == n_calls  # knn_gpu never called
+    assert all("faiss-gpu was asked for" in lt.note and lt.note.startswith("torch") for lt in fallback[0].trace)
+    for a, b, c in zip(want, got, fallback, strict=True):
+        assert _trace_tiles(a) == _trace_tiles(b) == _trace_tiles(c)
+        np.testing.assert_allclose(a.score, b.score, atol=1e-5)
+        np.testing.assert_allclose(a.score, c.score, atol=1e-5)
+
+
 def test_torch_search_on_cuda_matches_the_cpu(small_index):
     import torch
 
