@@ -77,7 +77,7 @@ def test_ivf_level_matches_exact_search(tmp_path, codec, atol):
         assert index.invlists.list_size(p) == 4
     xq = _unit(rng, 5, 32)
     lists = np.array([[2, 0], [1, -1], [3, 2], [0, 1], [-1, -1]], dtype=np.int64)
-    level = FaissLevel(type("S", (), {"zoom": 2, "index": index})())  # type: ignore[arg-type]
+    level = FaissLevel(type("S", (), {"zoom": 2, "index": index, "exact": None})())  # type: ignore[arg-type]
     D, I = level.search(xq, 3, lists)
     for q in range(5):
         allowed = np.flatnonzero(np.isin(parents, lists[q][lists[q] >= 0]))

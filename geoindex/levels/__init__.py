@@ -21,9 +21,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-from geoindex.tiles import children_array, tile_code_array
+from geoindex.tiles import children_array, tile_code_array, tile_xy_of_code_array
 
-__all__ = ["KeepFn", "Level", "LevelHits", "PriorLevel", "children_codes"]
+__all__ = ["KeepFn", "Level", "LevelHits", "PriorLevel", "children_codes", "code_tiles"]
 
 KeepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # coverage filter: tiles (x, y) -> bool array
 
@@ -111,3 +111,10 @@ def children_codes(
     if keep is not None and ok.any():
         ok[ok] = np.asarray(keep(cx[ok], cy[ok]), dtype=bool)
     return np.where(ok, tile_code_array(cx, cy, zoom=zoom), -1)
+
+
+def code_tiles(ids: npt.NDArray[np.int64], *, zoom: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Tile (x, y) of each id of a level whose ids are tile codes (on-the-fly, lazy); -1 where the id is -1."""
+    valid = ids >= 0
+    x, y = tile_xy_of_code_array(ids, zoom=zoom)
+    return np.where(valid, x, -1), np.where(valid, y, -1)

@@ -24,11 +24,10 @@ from geoindex.beam import top_k
 from geoindex.encoders import ImageEncoder, load_map_encoder
 from geoindex.errors import ConfigError, GeoIndexError, IndexFormatError, LazyLevelError
 from geoindex.lazy_store import LAZY_FILE, RETRY_MISSING_AFTER_S, LazyConfig, LazyStore, Rows
-from geoindex.levels import KeepFn, children_codes
+from geoindex.levels import KeepFn, children_codes, code_tiles
 from geoindex.manifest import Manifest
 from geoindex.sources import TileSource
 from geoindex.tile_encoding import embed_tiles
-from geoindex.tiles import tile_xy_of_code_array
 
 __all__ = ["SCORE_BLOCK", "LazyLevel", "open_lazy_levels", "score_rows"]
 
@@ -281,9 +280,7 @@ class LazyLevel:
         return top_k(score_rows(table, rows, xq), np.where(ok, cand, -1), k)
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        valid = ids >= 0
-        x, y = tile_xy_of_code_array(ids, zoom=self.zoom)
-        return np.where(valid, x, -1), np.where(valid, y, -1)
+        return code_tiles(ids, zoom=self.zoom)
 
 
 def open_lazy_levels(

@@ -8,7 +8,7 @@ import numpy.typing as npt
 from geoindex.beam import NEG, top_k
 from geoindex.encoders import ImageEncoder
 from geoindex.errors import ConfigError
-from geoindex.levels import KeepFn, PriorLevel, children_codes
+from geoindex.levels import KeepFn, PriorLevel, children_codes, code_tiles
 from geoindex.sources import TileSource
 from geoindex.tile_encoding import embed_tiles
 from geoindex.tiles import tile_code_array, tile_xy_of_code_array
@@ -93,9 +93,7 @@ class OnTheFlyLevel(PriorLevel):
         return None
 
     def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
-        valid = ids >= 0
-        x, y = tile_xy_of_code_array(ids, zoom=self.zoom)
-        return np.where(valid, x, -1), np.where(valid, y, -1)
+        return code_tiles(ids, zoom=self.zoom)
 
     def ids_of(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
         """Tile code of each tile (x, y), -1 where the coverage filter drops it."""
