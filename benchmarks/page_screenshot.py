@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from geoindex.service import create_app
     from geoindex.sources import RasterSource
     from tests.conftest import serving
-    from tests.test_service_page import _chromium, _foreign_requests
+    from tests.test_service_page import chromium, foreign_requests
 
     with tempfile.TemporaryDirectory() as tmp:
         photo = Path(tmp) / "alps-view.jpg"
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                                                     quality=92)
         with serving(create_app(args.index, device="cpu")) as base:
             try:
-                chrome = _chromium(Path(tmp) / "profile")
+                chrome = chromium(Path(tmp) / "profile")
             except pytest.skip.Exception as e:
                 print(f"cannot take the screenshot: {e}", file=sys.stderr)
                 return 1
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 chrome.save_screenshot(str(args.out))
                 print(chrome.find_element(By.CSS_SELECTOR, "li.card").text)
-                print(f"requests to other hosts: {_foreign_requests(chrome)}")
+                print(f"requests to other hosts: {foreign_requests(chrome)}")
                 print(f"screenshot: {args.out}")
             finally:
                 chrome.quit()

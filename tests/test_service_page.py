@@ -97,7 +97,7 @@ def test_a_map_that_cannot_be_drawn_leaves_the_answer(small_index):
 # -- in the browser --------------------------------------------------------------------------------
 
 
-def _chromium(profile: Path) -> Any:
+def chromium(profile: Path) -> Any:
     """A headless Chromium driven by selenium, or a skip that says what is missing."""
     try:
         from selenium import webdriver
@@ -124,7 +124,7 @@ def _chromium(profile: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory) -> Iterator[Any]:
-    chrome = _chromium(tmp_path_factory.mktemp("chromium-profile"))
+    chrome = chromium(tmp_path_factory.mktemp("chromium-profile"))
     chrome.set_page_load_timeout(30)
     try:
         yield chrome
@@ -176,7 +176,7 @@ def _screenshot(browser, path: Path, width: int) -> None:
     print(f"screenshot: {path}")
 
 
-def _foreign_requests(browser) -> list[str]:
+def foreign_requests(browser) -> list[str]:
     """Every resource the page has requested from a host other than its own server (none may be: no network)."""
     return list(browser.execute_script("""
         return performance.getEntriesByType("resource").map((e) => e.name)
@@ -237,7 +237,7 @@ def test_page_locates_photos_in_a_browser(browser, page_server, tmp_path, shots)
     _screenshot(browser, shots / "service-page-wide.png", 1280)
     _check_the_phone_layout(browser, card)
     _screenshot(browser, shots / "service-page-narrow.png", 390)
-    assert _foreign_requests(browser) == []
+    assert foreign_requests(browser) == []
 
 
 def _check_the_map(browser, card, base: str) -> None:
@@ -478,6 +478,6 @@ def test_api_docs_render_offline(browser, page_server, page, ready):
     WebDriverWait(browser, 30).until(lambda b: "/locate" in b.find_element(By.TAG_NAME, "body").text)
     # ReDoc asks for its logo from its CDN whatever its options; the page's policy refuses it before it is sent.
     console = [str(m.get("message")) for m in browser.get_log("browser")]
-    for url in _foreign_requests(browser):
+    for url in foreign_requests(browser):
         refused = [m for m in console if f"image '{url}'" in m and "Content Security Policy" in m]
         assert refused, f"{page} requested {url}; the console says {console}"
