@@ -27,7 +27,7 @@ from PIL import Image
 
 from geoindex.errors import ConfigError
 
-__all__ = ["ResizeCropNormalize", "fast_preprocess", "normalize_pixels", "output_size", "resize_crop_normalize"]
+__all__ = ["ResizeCropNormalize", "as_uint8_tensor", "fast_preprocess", "normalize_pixels", "output_size", "resize_crop_normalize"]
 
 
 class ResizeCropNormalize:
@@ -94,6 +94,13 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     return x.div_(255.0).sub_(m).div_(sd)
 
 
+def as_uint8_tensor(image: npt.NDArray[np.uint8] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An image's uint8 pixels as a tensor on ``device``: a tensor moved, an array copied (PIL's are read-only)."""
+    if isinstance(image, torch.Tensor):
+        return image.to(device)
+    return torch.from_numpy(np.array(image, copy=True)).to(device)
+
+
 def output_size(w: int, h: int, size: int) -> tuple[int, int]:
     """(width, height) after resizing the shorter side of a w x h image to ``size``, as torchvision does
     (the longer side truncated, not rounded)."""
@@ -125,8 +132,10 @@ def resize_crop_normalize(
         groups.setdefault(tuple(im.shape), []).append(i)
     for (h, w, _), members in groups.items():
         group = [images[i] for i in members]
-        batch = (torch.stack(group) if isinstance(group[0], torch.Tensor)  # type: ignore[arg-type]
-                 else torch.from_numpy(np.stack(group)))  # one copy: PIL's arrays are read-only
+        if any(isinstance(im, torch.Tensor) for im in group):  # JPEGs decoded on the device, maybe beside arrays
+            batch = torch.stack([as_uint8_tensor(im, target) for im in group])
+        else:
+            batch = torch.from_numpy(np.stack(group))  # one copy: PIL's arrays are read-only
         if target.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()
         x = batch.to(target, non_blocking=True).permute(0, 3, 1, 2)
