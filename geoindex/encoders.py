@@ -41,7 +41,13 @@ from geoindex.families import FAMILIES, HEADS, Split, efficientnet_key_map
 from geoindex.files import atomic_path, atomic_write_bytes, file_sha256
 from geoindex.imagery import ImageInput, load_image, to_rgb
 from geoindex.manifest import PRECISIONS
-from geoindex.pixels import ResizeCropNormalize, as_uint8_tensor, fast_preprocess, normalize_pixels, resize_crop_normalize
+from geoindex.pixels import (
+    ResizeCropNormalize,
+    as_uint8_tensor,
+    fast_preprocess,
+    normalize_pixels,
+    resize_crop_normalize,
+)
 
 __all__ = [
     "AUTO_ENCODER",

@@ -27,7 +27,8 @@ from PIL import Image
 
 from geoindex.errors import ConfigError
 
-__all__ = ["ResizeCropNormalize", "as_uint8_tensor", "fast_preprocess", "normalize_pixels", "output_size", "resize_crop_normalize"]
+__all__ = ["ResizeCropNormalize", "as_uint8_tensor", "fast_preprocess", "normalize_pixels", "output_size",
+           "resize_crop_normalize"]
 
 
 class ResizeCropNormalize:
