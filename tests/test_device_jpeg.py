@@ -175,3 +175,16 @@ def test_tiles_from_a_folder_encode_as_the_host_path_does(tiny_encoder, cpu_deco
     np.testing.assert_allclose(got, want, atol=1e-5)
     with pytest.raises(TileSourceError, match="damaged"):  # the truncated tile: refused as on the host path
         list(encode_tile_batches(source, [mercantile.Tile(3, 3, 2)], device, batch_size=8))
+
+
+def test_gpu_benchmarks_decode_figures_run_on_cpu(cpu_decodes, jpeg_folder):
+    """benchmarks/gpu.py's JPEG rows, on the CPU: the code path only (the GPU run measures)."""
+    pytest.importorskip("benchmarks._common")
+    from benchmarks.gpu import decode_figures
+
+    (jpeg_folder / "2" / "3" / "3.jpg").unlink()  # the damaged tile: a build would stop there
+    out = decode_figures(jpeg_folder, 2, "tiny", "cpu", 8, max_tiles=16, reps=1, seed=0)
+    assert out["tiles"] == 15 and out["tile_pixels"]["decoded_on_device"] == 7  # the 8th of the batch is the PNG
+    assert out["tile_pixels"]["max_abs_diff"] <= 2 and out["embedding_cosine_min"] > 0.9999
+    assert all(v > 0 for v in [*out["tile_ms"].values(), *(ms for p in out["photo_ms"].values() for ms in p.values()),
+                               out["encode_torch"]["tiles_per_s"], out["encode_torch-nvjpeg"]["tiles_per_s"]])
