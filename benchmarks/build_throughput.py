@@ -16,6 +16,7 @@ import cProfile
 import io
 import os
 import pstats
+import resource
 import shutil
 import statistics
 import sys
@@ -43,6 +44,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int,
                    help="build_index's tile-loading threads (default: its own, geoindex.threads.loader_threads)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--source", default="bluemarble",
+                   help="tiles, as build_index's --source (default: the embedded Blue Marble raster, rendered per "
+                        "tile); e.g. ../shared/data/bluemarble for the same imagery as JPEG files")
     p.add_argument("--runtime", choices=("auto", "torch", "onnxruntime"), default="auto",
                    help="encoder runtime for both passes (sets $GEOINDEX_RUNTIME; default: auto)")
     p.add_argument("--rounds", type=int, default=3, help="builds, each between two encode-only passes (default 3)")
@@ -110,7 +114,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.encoders import create_encoder
     from geoindex.malloc import keep_freed_memory
-    from geoindex.sources import RasterSource
+    from geoindex.sources import open_source
     from geoindex.threads import cpu_cores, loader_threads
     from pipelines import build_index
 
@@ -118,7 +122,7 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     keep_freed_memory()  # as the build_index command does (pipeline_main), for both passes alike
     enc_name = resolve_encoder(a)
     tiles = _tiles(a)
-    source = RasterSource()
+    source = open_source(a.source)
     encoder = create_encoder(enc_name, device=a.device)
     stages = cpu_ms_per_tile(source, encoder, tiles[: min(len(tiles), a.batch_size)])
     pixels = torch.stack([encoder.preprocess(source.get(t)) for t in tiles])
@@ -128,7 +132,7 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     if len(pixels) % a.batch_size:
         encoder.encode_tensor(pixels[: len(pixels) % a.batch_size])
     work = Path(tempfile.mkdtemp(prefix="geoindex-bench-build-"))
-    argv_build = ["--zoom", *map(str, a.zooms), "--source", "bluemarble", "--encoder", enc_name,
+    argv_build = ["--zoom", *map(str, a.zooms), "--source", a.source, "--encoder", enc_name,
                   "--batch-size", str(a.batch_size), "--device", a.device, "--quiet"]
     if a.workers:
         argv_build += ["--workers", str(a.workers)]
@@ -137,9 +141,11 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     workers = a.workers or loader_threads(cpu_cores())  # what build_index chooses
     prof = cProfile.Profile() if a.profile else None
 
-    def build(index: Path) -> tuple[float, float, int]:
-        """Seconds end to end, seconds in build_level, tiles built."""
+    def build(index: Path) -> tuple[float, float, int, float, float]:
+        """Seconds end to end, seconds in build_level, tiles built, CPU seconds of this process and of the
+        loader processes (children, counted once the pool has joined them)."""
         cfg = build_index.parse_args([*argv_build, "--index", str(index)])
+        before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         if prof:
             prof.enable()
@@ -147,20 +153,27 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         if prof:
             prof.disable()
         seconds = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = [b.ru_utime + b.ru_stime - (a.ru_utime + a.ru_stime) for a, b in zip(before, after)]
         shutil.rmtree(index, ignore_errors=True)
-        return seconds, sum(s.seconds for s in summaries), sum(s.planned for s in summaries)
+        return seconds, sum(s.seconds for s in summaries), sum(s.planned for s in summaries), cpu[0], cpu[1]
 
     print(f"{len(tiles)} tiles, {a.rounds} rounds", file=sys.stderr)
-    encode_s = [encode_only(encoder, pixels, a.batch_size)]
+    def timed_encode() -> tuple[float, float]:
+        cpu = time.process_time()
+        return encode_only(encoder, pixels, a.batch_size), time.process_time() - cpu
+
+    encodes = [timed_encode()]
     builds = []
     try:
         for r in range(a.rounds):
             print(f"round {r + 1}: build, then encode-only...", file=sys.stderr)
             builds.append(build(work / f"index-{r}"))
-            encode_s.append(encode_only(encoder, pixels, a.batch_size))
+            encodes.append(timed_encode())
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    build_s, level_s, built = (list(x) for x in zip(*builds))
+    build_s, level_s, built, main_cpu, loader_cpu = (list(x) for x in zip(*builds))
+    encode_s, encode_cpu = [e[0] for e in encodes], [e[1] for e in encodes]
 
     n = len(tiles)
     rounds = []
@@ -172,6 +185,12 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
             "efficiency": built[r] / build_s[r] / reference,
             "efficiency_build_level": built[r] / level_s[r] / reference,
             "setup_s": build_s[r] - level_s[r],
+            # CPU ms per tile, which the other processes on the machine hardly change (wall time they do):
+            # the encode-only pass, and a build's own process (encoder, batching, writing) and its loaders
+            "cpu_ms_per_tile": {"encode_only": 1e3 * (encode_cpu[r] + encode_cpu[r + 1]) / 2 / n,
+                                "build_main": 1e3 * main_cpu[r] / built[r],
+                                "build_loaders": 1e3 * loader_cpu[r] / built[r]},
+            "cores_busy": (main_cpu[r] + loader_cpu[r]) / build_s[r],
         })
 
     def median(key: str) -> float:
@@ -185,7 +204,13 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         **{key: median(key) for key in ("encode_only_tiles_per_s", "build_tiles_per_s", "build_level_tiles_per_s",
                                         "efficiency", "efficiency_build_level", "setup_s")},
         "efficiency_range": [min(x["efficiency"] for x in rounds), max(x["efficiency"] for x in rounds)],
+        "cpu_ms_per_tile_build": {k: float(statistics.median(x["cpu_ms_per_tile"][k] for x in rounds))
+                                  for k in ("encode_only", "build_main", "build_loaders")},
+        "cores_busy": median("cores_busy"),
     }
+    cpu = res["cpu_ms_per_tile_build"]
+    # with every core busy, a build can reach at most the encoder's CPU over all the CPU it spends per tile
+    res["cpu_efficiency"] = cpu["encode_only"] / (cpu["build_main"] + cpu["build_loaders"])
     table = markdown_table(
         ["round", "tiles", "batch", "encode-only tiles/s (mean of the passes either side)", "build_index tiles/s",
          "efficiency", "build_level only tiles/s", "efficiency (build_level)", "setup s (encoder, raster, manifest)"],
@@ -200,9 +225,15 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         f"{stages['preprocess']:.2f}, encode {stages['encode']:.2f}. Reading and preprocessing share the cores "
         f"with the encoder, so efficiency cannot exceed encode / (render + preprocess + encode) = "
         f"{res['efficiency_ceiling']:.2f} unless the loaders had cores of their own.",
-        f"Tiles: zoom(s) {a.zooms} of {'bbox ' + str(a.bbox) if a.bbox else 'the world'}, from the embedded Blue "
-        f"Marble raster (RasterSource renders each tile); device {a.device}, batch {a.batch_size}, "
-        f"{workers} loader threads, torch {torch.get_num_threads()} threads.",
+        f"Tiles: zoom(s) {a.zooms} of {'bbox ' + str(a.bbox) if a.bbox else 'the world'}, from "
+        + ("the embedded Blue Marble raster (RasterSource renders each tile)" if a.source == "bluemarble"
+           else f"--source {a.source}") + f"; device {a.device}, batch {a.batch_size}, "
+        f"{workers} loader processes, torch {torch.get_num_threads()} threads.",
+        f"CPU per tile (medians; process CPU time, which other jobs on the machine change far less than wall "
+        f"time): encode-only pass {cpu['encode_only']:.1f} ms; a build {cpu['build_main']:.1f} ms in its own "
+        f"process (encoder, uint8 -> input, batching, parquet and FAISS) + {cpu['build_loaders']:.1f} ms in its "
+        f"loader processes; encode-only / build CPU = {res['cpu_efficiency']:.3f}, the efficiency a build "
+        f"would reach with every core its own; cores busy during the builds {res['cores_busy']:.2f}.",
         f"{a.rounds} rounds: encode-only passes (encode_tensor over the same tiles' preprocessed pixels, "
         "rendering and preprocessing untimed) alternate with builds (pipelines.build_index.run end to end, "
         "each into a fresh folder); each build's reference is the mean of the passes either side of it, and "

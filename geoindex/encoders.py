@@ -581,7 +581,13 @@ class ImageEncoder:
             raise ConfigError(f"encoder {self.spec.name!r} has a custom preprocessing ({prep!r}); "
                               "uint8 pixels need ResizeCropNormalize: use encode_tensor")
         device = self._input_device()
-        if all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
+        on_host = all(isinstance(p, np.ndarray) for p in pixels)
+        if device.type == "cpu" and on_host and all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
+            # the crops of a build's loaders, for a CPU network: the lookup table in numpy, with no torch operator
+            # (whose OpenMP threads spin on the cores the forward pass needs next), bit for bit normalize_pixels
+            x = torch.from_numpy(prep.normalize(np.asarray(pixels) if isinstance(pixels, np.ndarray)
+                                                else np.stack(list(pixels))))
+        elif all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
             # one copy: the loaders' arrays may be read-only; JPEGs decoded on the device are tensors there
             batch = torch.stack([as_uint8_tensor(p, device) for p in pixels]) if any(
                 isinstance(p, torch.Tensor) for p in pixels) else torch.from_numpy(np.stack(list(pixels)))

@@ -67,12 +67,14 @@ class ResizeCropNormalize:
         return np.asarray(img)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        s = self.size
-        rgb = self.crop(img)
-        x = np.empty((3, s, s), dtype=np.float32)
+        return torch.from_numpy(self.normalize(self.crop(img)[None])[0])
+
+    def normalize(self, rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """uint8 crops (n, S, S, 3) -> float32 (n, 3, S, S), ToTensor + Normalize by the table (one gather a value)."""
+        x = np.empty((rgb.shape[0], 3, *rgb.shape[1:3]), dtype=np.float32)
         for c in range(3):
-            np.take(self._table[c], rgb[:, :, c], out=x[c])
-        return torch.from_numpy(x)
+            np.take(self._table[c], rgb[..., c], out=x[:, c])
+        return x
 
 
 def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
