@@ -191,7 +191,8 @@ class _Searcher:
                 return e
 
         if decode and not prior and self.photo_encoder.decodes_jpeg_on_device:
-            batch_in = [attempt(read_image_bytes, image) for image in batch]
+            batch_in = [attempt(read_image_bytes if isinstance(image, (str, os.PathLike, bytes)) else load_image, image)
+                        for image in batch]
         else:
             batch_in = [attempt(load_image, image) for image in batch] if decode else list(batch)
         def prepare(pair: tuple[Any, str | None]) -> torch.Tensor:

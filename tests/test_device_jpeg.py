@@ -188,3 +188,28 @@ def test_gpu_benchmarks_decode_figures_run_on_cpu(cpu_decodes, jpeg_folder):
     assert out["tile_pixels"]["max_abs_diff"] <= 2 and out["embedding_cosine_min"] > 0.9999
     assert all(v > 0 for v in [*out["tile_ms"].values(), *(ms for p in out["photo_ms"].values() for ms in p.values()),
                                out["encode_torch"]["tiles_per_s"], out["encode_torch-nvjpeg"]["tiles_per_s"]])
+
+
+def test_search_reads_files_once_and_decodes_them_on_the_device(small_index, cpu_decodes, tmp_path):
+    """geoindex.search with an encoder that decodes JPEGs on its device: files are read as bytes (their EXIF
+    GPS read from them), arrays and PNGs decoded on the host; the answers are the host path's."""
+    import geoindex
+
+    index = geoindex.open_index(small_index)
+    exif = Image.Exif()
+    gps = exif.get_ifd(0x8825)
+    gps.update({1: "N", 2: (10.0, 30.0, 0.0), 3: "E", 4: (20.0, 0.0, 0.0)})
+    jpeg = tmp_path / "gps.jpg"
+    jpeg.write_bytes(_jpeg(_photo(640, 480, seed=9), exif=exif.tobytes()))
+    png = tmp_path / "p.png"
+    _photo(320, 240, seed=2).save(png)
+    photos = [jpeg, png, np.asarray(_photo(200, 150, seed=5))]
+    index.photo_encoder = index.photo_encoder.with_precision("fp32", preprocessing="torch")
+    want = index.search(photos, k=4)
+    index.photo_encoder = index.photo_encoder.with_precision("fp32", preprocessing="torch-nvjpeg")
+    got = index.search(photos, k=4)
+    assert [(r.lat, r.lon) for r in got] == [(r.lat, r.lon) for r in want]
+    assert got[0].exif is not None and abs(got[0].exif[0] - 10.5) < 1e-6 and got[0].exif == want[0].exif
+    assert got[1].exif is None and got[2].exif is None
+    with pytest.raises(Exception, match="missing.jpg"):
+        index.search(tmp_path / "missing.jpg")
