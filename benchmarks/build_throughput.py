@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -34,6 +35,33 @@ import torch
 from benchmarks._common import BenchRun, Report, benchmark_parser, markdown_table, resolve_encoder, run_benchmark
 
 NAME = "build_throughput"
+
+
+# build tiles/s over the bare encoder's: issue 25 asks 0.85 of EfficientNet-Lite0 (its loaders' CPU is a
+# fifth of its encoder's), earlier issues 0.9 of the ViT
+GOALS = {"efficientnet-lite0": 0.85}
+
+
+def why_below(res: dict[str, Any], goal: float) -> list[str]:
+    """Where a build's time goes beside the encoder's, from the CPU each part took (not the wall time, which
+    the machine's other jobs move): what bounds the efficiency on these cores, and by how much it misses."""
+    cpu, stages = res["cpu_ms_per_tile_build"], res["cpu_ms_per_tile"]
+    why = [f"measured {res['efficiency']:.3f}: {100 * (1 - res['efficiency'] / goal):.1f} % short of {goal}"
+           if res["efficiency"] < goal else f"measured {res['efficiency']:.3f} >= {goal}"]
+    why.append(f"CPU per tile: the encoder alone {cpu['encode_only']:.1f} ms; a build {cpu['build_main']:.1f} ms in "
+               f"its own process and {cpu['build_loaders']:.1f} ms in its loaders, so on cores it shares with "
+               f"them it can reach {res['cpu_efficiency']:.3f} of the encoder at most")
+    extra = cpu["build_main"] - cpu["encode_only"]
+    why.append(f"the build's own process spends {extra:.1f} ms per tile more than the encoder alone: the uint8 "
+               "crops made the network's input, receiving the loaders' arrays, the first batch of a fresh "
+               "encoder (ONNX Runtime's first run of a shape: about 1 s of CPU, once per build), parquet and FAISS")
+    why.append(f"one thread, per tile: reading {stages['render']:.2f} ms, resizing and normalising "
+               f"{stages['preprocess']:.2f} ms against {stages['encode']:.2f} ms of encoding "
+               f"(ceiling {res['efficiency_ceiling']:.2f})")
+    if res["cores_busy"] < 1.8:
+        why.append(f"the builds kept {res['cores_busy']:.2f} of the 2 cores busy: the rest went to other jobs "
+                   "(see the load average), which the encode-only passes between them met at other moments")
+    return why
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -246,9 +274,11 @@ def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(25)
         print(s.getvalue(), file=sys.stderr)
     lo, hi = res["efficiency_range"]
-    targets = (("build efficiency >= 0.9", f"{res['efficiency']:.3f} end to end (median of {a.rounds} rounds, "
-                f"{lo:.3f}-{hi:.3f}); {res['efficiency_build_level']:.3f} for build_level alone",
-                res["efficiency"] >= 0.9),)
+    goal = GOALS.get(enc_name, 0.9)
+    res["why"] = why_below(res, goal)
+    targets = ((f"build efficiency >= {goal}", f"{res['efficiency']:.3f} end to end (median of {a.rounds} rounds, "
+                f"{lo:.3f}-{hi:.3f}); {res['efficiency_build_level']:.3f} for build_level alone; "
+                f"{res['cpu_efficiency']:.3f} by CPU time", res["efficiency"] >= goal),)
     return bench.report("build throughput", enc_name, res, (table,), notes, targets)
 
 
