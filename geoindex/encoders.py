@@ -491,8 +491,10 @@ class ImageEncoder:
         BatchNorm folded, then ONNX Runtime where ``runtime`` says so; int8: Linear layers
         quantised), rebuilt when the weights change; the live network while any weight is trained."""
         if self._visual is None and self._lazy is not None and self.runtime == "onnxruntime":
-            if self._inference is None:  # opened from the cached graph: nothing can have changed the weights
-                self._inference = ((), onnx_runtime.OnnxNetwork(
+            # opened from the cached graph: nothing can have changed the weights, but the threads can (a build's
+            # build_threads after a one-thread first use): the session is made again for a new count
+            if self._inference is None or self._inference[0] != (torch.get_num_threads(),):
+                self._inference = ((torch.get_num_threads(),), onnx_runtime.OnnxNetwork(
                     lambda: FAMILIES[self.spec.family].for_inference(self.visual),
                     weights=self._lazy[1].graph_fingerprint, threads=torch.get_num_threads(),
                     cache=onnx_runtime.onnx_cache_dir()))
