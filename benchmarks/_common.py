@@ -271,12 +271,26 @@ class Report:
             "machine": self.machine,
             "results": self.results,
             "targets": [{"target": t, "measured": v, "met": ok} for t, v, ok in self.targets],
+            **goal_and_verdict(self.targets),
             "notes": list(self.notes),
         }
         atomic_write_text(Path(results_dir) / f"{self.name}.json", json.dumps(_jsonable(payload), indent=2) + "\n")
         results_md = Path(results_md)
         old = results_md.read_text() if results_md.is_file() else _RESULTS_HEADER
         atomic_write_text(results_md, old.rstrip() + "\n\n" + self.markdown())
+
+
+def goal_and_verdict(targets: Sequence[tuple[str, str, bool | None]]) -> dict[str, Any]:
+    """``goal`` (the targets' wording) and ``verdict`` (met, missed, or which of them were met, with what was
+    measured) for a result file; nothing for a benchmark without targets."""
+    judged = [(t, v, ok) for t, v, ok in targets if ok is not None]
+    if not judged:
+        return {}
+    met = [t for t, _, ok in judged if ok]
+    verdict = ("met" if len(met) == len(judged) else "missed" if not met
+               else f"partly met ({len(met)} of {len(judged)})")
+    return {"goal": [t for t, _, _ in judged],
+            "verdict": verdict + ": " + "; ".join(f"{t}: {v} ({'met' if ok else 'missed'})" for t, v, ok in judged)}
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ In one run, on one CUDA device (skipped, with the reason, where there is none):
 * one photo: ``index.search(photo, k=64)`` on the index opened with ``device="cuda"`` (CUDA-graph
   replay of the batch-1 forward pass, torch search), p50 / p95 ms; beside the batch-1 forward pass alone.
 * batched: ``index.search(photos, k=64)`` photos/s for ``--photos`` views; beside the network at that batch.
+* JPEG decoding on the host (PIL) against the device (``preprocessing="torch-nvjpeg"``, nvjpeg):
+  per tile, per photo, pixel differences, and the JPEG folder's tiles encoded both ways
+  (:func:`decode_figures`).
 
 Writes benchmarks/results/gpu.json. On the GPU machine (see ../shared/tools/gpu/prepare.sh):
 ``bash .gpu/run.sh python3 -m benchmarks.gpu --results-dir $OUT --results-md $OUT/RESULTS.md``.
@@ -18,6 +21,8 @@ Writes benchmarks/results/gpu.json. On the GPU machine (see ../shared/tools/gpu/
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import shutil
 import sys
 import tempfile
@@ -111,6 +116,83 @@ def network_ceiling(encoder: Any, batch: int, reps: int) -> float:
     return batch * reps / (time.perf_counter() - t)
 
 
+def _synced(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _p50_ms(fn: Any, reps: int, device: str) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        _synced(device)
+        times.append(time.perf_counter() - t)
+    return pct(times, 50) * 1e3
+
+
+def decode_figures(root: Path, zoom: int, enc_name: str, device: str, batch: int, *, max_tiles: int, reps: int,
+                   seed: int) -> dict[str, Any]:
+    """JPEG decoding on the host (PIL, one core) against the device (``torch-nvjpeg``: nvjpeg on CUDA).
+
+    Per tile (a batch of the folder's tiles, decoded together on the device) and per photo (640 x 480
+    and 4000 x 3000 JPEGs, to ``load_image``'s 1,024-px bound), p50 ms; pixel differences between the
+    two decoders; and the folder's zoom-``zoom`` tiles encoded both ways through the build's loaders
+    (``encode_tile_batches`` with ``loader_pool``: worker processes, pool start included), tiles/s and
+    the smallest cosine between the two ways' embeddings.
+    """
+    from PIL import Image
+
+    from geoindex import device_jpeg
+    from geoindex.encoders import create_encoder
+    from geoindex.imagery import MAX_IMAGE_PIXELS, decode_tile, load_image
+    from geoindex.sources import DirectorySource, RasterSource
+    from geoindex.tile_encoding import encode_tile_batches, loader_pool
+
+    source = DirectorySource(root)
+    xs, ys = source.tiles(zoom=zoom)
+    tiles = [mercantile.Tile(int(x), int(y), zoom) for x, y in zip(xs, ys)][:max_tiles]
+    datas = [source.path(t).read_bytes() for t in tiles[:batch]]  # type: ignore[union-attr]
+    out: dict[str, Any] = {"on_device": device_jpeg.can_decode_on(device), "zoom": zoom, "tiles": len(tiles)}
+    host = [np.asarray(decode_tile(d)) for d in datas]
+    dev = device_jpeg.decode_jpegs(datas, device, max_side=4096, max_pixels=MAX_IMAGE_PIXELS)
+    diff = np.concatenate([np.abs(h.astype(np.int16) - d.cpu().numpy().astype(np.int16)).ravel()
+                           for h, d in zip(host, dev) if d is not None])
+    out["tile_pixels"] = {"decoded_on_device": sum(d is not None for d in dev), "of": len(dev),
+                          "mean_abs_diff": float(diff.mean()), "max_abs_diff": int(diff.max()),
+                          "fraction_differing": float((diff > 0).mean())}
+    out["tile_ms"] = {
+        "host": _p50_ms(lambda: [np.asarray(decode_tile(d)) for d in datas], reps, device) / len(datas),
+        "device": _p50_ms(lambda: device_jpeg.decode_jpegs(datas, device, max_side=4096,
+                                                           max_pixels=MAX_IMAGE_PIXELS), reps, device) / len(datas)}
+    rng = np.random.default_rng(seed)
+    view = RasterSource().render_view(float(rng.uniform(-50, 50)), float(rng.uniform(-180, 180)), zoom=6.0, size=480)
+    out["photo_ms"] = {}
+    for w, h in ((640, 480), (4000, 3000)):
+        buf = io.BytesIO()
+        view.resize((w, h), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
+        photo = buf.getvalue()
+        out["photo_ms"][f"{w}x{h}"] = {
+            "host": _p50_ms(lambda: np.asarray(load_image(photo)), reps, device),  # noqa: B023
+            "device": _p50_ms(lambda: device_jpeg.decode_photos([photo], device), reps, device)}  # noqa: B023
+    base = create_encoder(enc_name, device=device, preprocessing="torch")
+    embeddings = {}
+    for prep in ("torch", "torch-nvjpeg"):
+        encoder = base.with_precision(base.precision, preprocessing=prep)
+        embs = []
+        t = time.perf_counter()
+        with loader_pool(source, encoder, os.cpu_count() or 2) as pool:
+            for b in encode_tile_batches(source, tiles, encoder, batch_size=batch, pool=pool):
+                embs.append(b.emb)
+        _synced(device)
+        seconds = time.perf_counter() - t
+        embeddings[prep] = np.concatenate(embs)
+        out[f"encode_{prep}"] = {"seconds": seconds, "tiles_per_s": len(tiles) / seconds}
+    out["embedding_cosine_min"] = float(np.min(np.sum(embeddings["torch"] * embeddings["torch-nvjpeg"], axis=1)))
+    return out
+
+
 def build(index: Path, source: str, enc_name: str, a: argparse.Namespace) -> tuple[float, int]:
     """Seconds and tiles of ``build_index`` over the world z2..max_zoom on the device."""
     from pipelines import build_index
@@ -149,6 +231,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report | None:
         for label, source in (("raster", "bluemarble"), ("jpeg", f"dir:{work / 'jpeg'}")):
             seconds, built = build(work / f"index-{label}", source, enc_name, a)
             res[f"build_{label}"] = {"seconds": seconds, "tiles": built, "tiles_per_s": built / seconds}
+        res["jpeg_decode"] = decode_figures(work / "jpeg", zooms[-1], enc_name, a.device, a.batch_size,
+                                            max_tiles=16_384, reps=a.reps // 10 + 3, seed=a.seed)
         index = geoindex.open_index(work / "index-raster", device=a.device)
         res["search_backend"] = index.search_backend
         raster = RasterSource()
@@ -184,6 +268,15 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report | None:
          f"{res['network_batched_per_s']:.0f} images/s", res["batched_photos_per_s"] / res["network_batched_per_s"]],
     ]
     table = markdown_table(["what", "measured", "bare network (ceiling)", "fraction"], rows)
+    dec = res["jpeg_decode"]
+    decode_rows = [
+        ["JPEG tile (256 px), in a batch of " + str(a.batch_size), dec["tile_ms"]["host"], dec["tile_ms"]["device"]],
+        *[[f"JPEG photo {size}", ms["host"], ms["device"]] for size, ms in dec["photo_ms"].items()],
+        [f"encode z{dec['zoom']} JPEG folder ({dec['tiles']} tiles), tiles/s", dec["encode_torch"]["tiles_per_s"],
+         dec["encode_torch-nvjpeg"]["tiles_per_s"]],
+    ]
+    decode_table = markdown_table(["JPEG decoding", "host (PIL), ms or tiles/s", "device (torch-nvjpeg)"],
+                                  decode_rows)
     targets = [
         ("build from the embedded raster >= 10,000 tiles/s", f"{res['build_raster']['tiles_per_s']:.0f}",
          res["build_raster"]["tiles_per_s"] >= 10_000),
@@ -198,8 +291,20 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report | None:
         f"world z{zooms[0]}..z{zooms[-1]} step 2, --batch-size {a.batch_size}, build_index's default --workers.",
         f"Photos: {len(views)} views (480 px, zoom 5.5-6.5) of random places rendered from the embedded raster; "
         f"search backend {res['search_backend']}. Ceilings: the network alone on uint8 already on the device.",
+        f"JPEG decoding (geoindex/device_jpeg.py; nvjpeg on the device: {dec['on_device']}): p50 per tile of a "
+        "batch decoded together, per photo to load_image's 1,024-px bound, host = PIL on one core. Tile pixels, "
+        f"device against PIL: mean |diff| {dec['tile_pixels']['mean_abs_diff']:.3f} grey levels, max "
+        f"{dec['tile_pixels']['max_abs_diff']}, {pct_text(dec['tile_pixels']['fraction_differing'])} of values "
+        f"differ; embeddings of the two ways: smallest cosine {dec['embedding_cosine_min']:.5f}. The encode rows "
+        "run encode_tile_batches through build's loaders (worker processes, pool start included) with "
+        "preprocessing torch (PIL decodes in the workers) and torch-nvjpeg (workers only read bytes).",
     ]
-    return bench.report("GPU data path: builds, one photo, batched photos", enc_name, res, (table,), notes, targets)
+    return bench.report("GPU data path: builds, one photo, batched photos", enc_name, res, (table, decode_table),
+                        notes, targets)
+
+
+def pct_text(fraction: float) -> str:
+    return f"{100 * fraction:.2f} %"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

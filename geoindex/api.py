@@ -17,9 +17,9 @@ from geoindex.beam import PriorMode, PriorOptions, TilePrior, beam_search, beam_
 from geoindex.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.coverage import Coverage
 from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
-from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError
+from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
-from geoindex.imagery import ImageInput, load_image
+from geoindex.imagery import ImageInput, load_image, read_image_bytes
 from geoindex.levels import Level
 from geoindex.levels.faiss import FaissLevel
 from geoindex.levels.lazy import LazyLevel, open_lazy_levels
@@ -43,7 +43,8 @@ def _name(image: ImageInput) -> str | None:
 
 def _with_exif(result: SearchResult, image: Any) -> SearchResult:
     """``result`` with the EXIF GPS position of the photo's decoded image (``load_image`` keeps the EXIF
-    block; an array's image has none), so the file is not opened a second time."""
+    block; an array's image has none) or of the bytes the encoder decoded, so the file is not opened a
+    second time."""
     gps = read_gps(image)  # never raises for an opened image: a bad EXIF block means "no position"
     return dataclasses.replace(result, exif=gps) if gps is not None else result
 
@@ -151,7 +152,8 @@ class _Searcher:
         loaded = get_prior(prior) if prior is not None else None
         batch = cast(list[ImageInput], [images] if not isinstance(images, (list, tuple)) else list(images))
         # decoded once: the prior and the EXIF position read the same PIL images as the encoder
-        batch_in, pixels = self._preprocess(batch, on_error, decode=loaded is not None or read_exif)
+        batch_in, pixels = self._preprocess(batch, on_error, decode=loaded is not None or read_exif,
+                                            prior=loaded is not None)
         good = [i for i, p in enumerate(pixels) if isinstance(p, torch.Tensor)]
         out: list[SearchResult | GeoIndexError | None] = [
             p if isinstance(p, GeoIndexError) else None for p in pixels
@@ -166,10 +168,12 @@ class _Searcher:
         return out if isinstance(images, (list, tuple)) else out[0]  # type: ignore[return-value]  # all filled
 
     def _preprocess(
-        self, batch: list[ImageInput], on_error: OnError, *, decode: bool
+        self, batch: list[ImageInput], on_error: OnError, *, decode: bool, prior: bool = False
     ) -> tuple[list[ImageInput | GeoIndexError], list[torch.Tensor | GeoIndexError]]:
         """Each image as the encoder's input, or the error that made it unreadable (``on_error="raise"``:
-        raised). ``decode``: open them first (for the prior and the EXIF position) and return those."""
+        raised). ``decode``: open them first (for the prior and the EXIF position) and return those;
+        where the encoder decodes JPEGs on its device and no ``prior`` needs PIL images, files are
+        only read (their bytes carry the EXIF block) and the device decodes them."""
         def attempt(step: Callable[[Any], Any], item: Any) -> Any:
             if isinstance(item, GeoIndexError):
                 return item
@@ -180,8 +184,22 @@ class _Searcher:
                     raise
                 return e
 
-        batch_in = [attempt(load_image, image) for image in batch] if decode else list(batch)
-        pixels = [attempt(lambda im: self.photo_encoder.preprocess_images([im])[0], item) for item in batch_in]
+        if decode and not prior and self.photo_encoder.decodes_jpeg_on_device:
+            batch_in = [attempt(read_image_bytes if isinstance(image, (str, os.PathLike, bytes)) else load_image, image)
+                        for image in batch]
+        else:
+            batch_in = [attempt(load_image, image) for image in batch] if decode else list(batch)
+        def prepare(pair: tuple[Any, str | None]) -> torch.Tensor:
+            item, name = pair
+            try:
+                return self.photo_encoder.preprocess_images([item])[0]
+            except ImageError as e:  # bytes read from a file above: name the file
+                if name is None or not isinstance(item, bytes):
+                    raise
+                raise ImageError(f"{name}: {e}") from e
+
+        pixels = [attempt(prepare, (item, _name(image))) if not isinstance(item, GeoIndexError) else item
+                  for item, image in zip(batch_in, batch)]
         return batch_in, pixels
 
 

@@ -34,14 +34,20 @@ import numpy.typing as npt
 import torch
 from PIL import Image
 
-from geoindex import onnx_runtime
+from geoindex import device_jpeg, onnx_runtime
 from geoindex.cuda_graphs import GraphedNetwork
 from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
 from geoindex.families import FAMILIES, HEADS, Split, efficientnet_key_map
 from geoindex.files import atomic_path, atomic_write_bytes, file_sha256
 from geoindex.imagery import ImageInput, load_image, to_rgb
 from geoindex.manifest import PRECISIONS
-from geoindex.pixels import ResizeCropNormalize, fast_preprocess, normalize_pixels, resize_crop_normalize
+from geoindex.pixels import (
+    ResizeCropNormalize,
+    as_uint8_tensor,
+    fast_preprocess,
+    normalize_pixels,
+    resize_crop_normalize,
+)
 
 __all__ = [
     "AUTO_ENCODER",
@@ -49,6 +55,7 @@ __all__ = [
     "ENCODER_CHOICES",
     "HEADS",
     "PRECISIONS",
+    "DEVICE_RESIZE",
     "PREPROCESSING",
     "EncoderSpec",
     "ImageEncoder",
@@ -72,8 +79,11 @@ _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Where images are resized: ``pil`` (PIL's bicubic on the host, in the tile loaders: torchvision's
 # pipeline bit for bit) or ``torch`` (antialiased bicubic as tensor operations on the encoder's
-# device, ``pixels.resize_crop_normalize``: not bit-identical, so it is part of the identity).
-PREPROCESSING = ("pil", "torch")
+# device, ``pixels.resize_crop_normalize``: not bit-identical, so it is part of the identity);
+# ``torch-nvjpeg``: as ``torch``, and on CUDA JPEG tiles and photos are decoded there too
+# (``geoindex.device_jpeg``; nvjpeg's pixels are not libjpeg-turbo's, so it is an identity of its own).
+PREPROCESSING = ("pil", "torch", "torch-nvjpeg")
+DEVICE_RESIZE = ("torch", "torch-nvjpeg")  # the preprocessings that resize on the encoder's device
 
 
 @dataclass(frozen=True)
@@ -325,7 +335,8 @@ class ImageEncoder:
         precision: the arithmetic of ``encode``: fp32, bf16 or fp16 (autocast), or int8 (dynamically
             quantised Linear layers, open_clip ViTs only). Training always runs the fp32 weights.
         preprocessing: where ``encode`` and the tile loaders resize (``PREPROCESSING``): ``pil`` on
-            the host, or ``torch`` on the encoder's device (recorded in ``identity``).
+            the host, or ``torch`` on the encoder's device; ``torch-nvjpeg`` also decodes JPEGs there
+            where it is a CUDA device with nvjpeg (recorded in ``identity``).
     """
 
     def __init__(
@@ -365,9 +376,9 @@ class ImageEncoder:
         self._runtime = runtime
         if preprocessing not in PREPROCESSING:
             raise ConfigError(f"unknown preprocessing {preprocessing!r}; choose one of {', '.join(PREPROCESSING)}")
-        if preprocessing == "torch" and not isinstance(preprocess, ResizeCropNormalize):
-            raise ConfigError(f"preprocessing 'torch' resizes, crops and normalises as ResizeCropNormalize does; "
-                              f"encoder {spec.name!r} has {preprocess!r}")
+        if preprocessing in DEVICE_RESIZE and not isinstance(preprocess, ResizeCropNormalize):
+            raise ConfigError(f"preprocessing {preprocessing!r} resizes, crops and normalises as "
+                              f"ResizeCropNormalize does; encoder {spec.name!r} has {preprocess!r}")
         self.preprocessing = preprocessing
         self._inference: tuple[tuple[Any, ...], Callable[[torch.Tensor], torch.Tensor]] | None = None
         self._tensors: tuple[torch.nn.Module, list[torch.nn.Parameter], list[torch.Tensor]] | None = None
@@ -480,8 +491,10 @@ class ImageEncoder:
         BatchNorm folded, then ONNX Runtime where ``runtime`` says so; int8: Linear layers
         quantised), rebuilt when the weights change; the live network while any weight is trained."""
         if self._visual is None and self._lazy is not None and self.runtime == "onnxruntime":
-            if self._inference is None:  # opened from the cached graph: nothing can have changed the weights
-                self._inference = ((), onnx_runtime.OnnxNetwork(
+            # opened from the cached graph: nothing can have changed the weights, but the threads can (a build's
+            # build_threads after a one-thread first use): the session is made again for a new count
+            if self._inference is None or self._inference[0] != (torch.get_num_threads(),):
+                self._inference = ((torch.get_num_threads(),), onnx_runtime.OnnxNetwork(
                     lambda: FAMILIES[self.spec.family].for_inference(self.visual),
                     weights=self._lazy[1].graph_fingerprint, threads=torch.get_num_threads(),
                     cache=onnx_runtime.onnx_cache_dir()))
@@ -513,11 +526,21 @@ class ImageEncoder:
     def preprocess_images(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Load and preprocess images into a float tensor of shape (n, 3, S, S): on the host with PIL
         (``pil``), or from their uint8 pixels on the device the network reads from (``torch``)."""
-        if self.preprocessing == "torch":
+        if self.preprocessing in DEVICE_RESIZE:
             prep = cast(ResizeCropNormalize, self.preprocess)
-            return resize_crop_normalize([np.asarray(to_rgb(load_image(im))) for im in images], prep.size,
-                                         prep.mean, prep.std, device=self._input_device())
+            device = self._input_device()
+            decoded: list[torch.Tensor | None] = [None] * len(images)
+            if self.decodes_jpeg_on_device:
+                decoded = device_jpeg.decode_photos(images, device)
+            pixels = [d if d is not None else np.asarray(to_rgb(load_image(im))) for d, im in zip(decoded, images)]
+            return resize_crop_normalize(pixels, prep.size, prep.mean, prep.std, device=device)
         return torch.stack([self.preprocess(load_image(im)) for im in images])
+
+    @property
+    def decodes_jpeg_on_device(self) -> bool:
+        """Whether JPEG photos and tiles are decoded on this encoder's device (``torch-nvjpeg`` on a
+        CUDA device whose torchvision has nvjpeg); elsewhere PIL decodes them on the host."""
+        return self.preprocessing == "torch-nvjpeg" and device_jpeg.can_decode_on(self.device)
 
     def _input_device(self) -> torch.device:
         """Where the network's input is made: the CPU for ONNX Runtime, else the network's device."""
@@ -534,15 +557,20 @@ class ImageEncoder:
         """What a tile loader does to a tile's RGB image before ``encode_pixels``: the PIL resize and crop
         to uint8 (S, S, 3) (``pil`` preprocessing), only the uint8 array (``torch``: resized on the
         device), or, for a custom preprocessing, all of it (a float tensor for ``encode_tensor``)."""
-        if self.preprocessing == "torch":
+        if self.decodes_jpeg_on_device:
+            return device_jpeg.KeepJpeg(self.device)
+        if self.preprocessing in DEVICE_RESIZE:
             return np.asarray
         if isinstance(self.preprocess, ResizeCropNormalize):
             return self.preprocess.crop
         return self.preprocess
 
     @torch.inference_mode()
-    def encode_pixels(self, pixels: Sequence[npt.NDArray[np.uint8]] | npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+    def encode_pixels(self, pixels: Sequence[npt.NDArray[np.uint8] | torch.Tensor] | npt.NDArray[np.uint8]
+                      ) -> npt.NDArray[np.float32]:
         """uint8 RGB images (H, W, 3) (a list, or an array (n, H, W, 3)) -> L2-normalised embeddings (n, d) float32.
+
+        Images may also be uint8 tensors already on the encoder's device (JPEGs decoded there).
 
         The uint8 bytes go to the encoder's device (pinned on CUDA) and become the network's input
         there: ``pixels.normalize_pixels`` where they are already the S x S crop (``loader_step`` of
@@ -555,8 +583,16 @@ class ImageEncoder:
             raise ConfigError(f"encoder {self.spec.name!r} has a custom preprocessing ({prep!r}); "
                               "uint8 pixels need ResizeCropNormalize: use encode_tensor")
         device = self._input_device()
-        if all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
-            batch = torch.from_numpy(np.stack(list(pixels)))  # one copy: the loaders' arrays may be read-only
+        on_host = all(isinstance(p, np.ndarray) for p in pixels)
+        if device.type == "cpu" and on_host and all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
+            # the crops of a build's loaders, for a CPU network: the lookup table in numpy, with no torch operator
+            # (whose OpenMP threads spin on the cores the forward pass needs next), bit for bit normalize_pixels
+            x = torch.from_numpy(prep.normalize(np.asarray(pixels) if isinstance(pixels, np.ndarray)
+                                                else np.stack(list(pixels))))
+        elif all(p.shape[:2] == (prep.size, prep.size) for p in pixels):
+            # one copy: the loaders' arrays may be read-only; JPEGs decoded on the device are tensors there
+            batch = torch.stack([as_uint8_tensor(p, device) for p in pixels]) if any(
+                isinstance(p, torch.Tensor) for p in pixels) else torch.from_numpy(np.stack(list(pixels)))
             x = normalize_pixels(batch, prep.mean, prep.std, device=device)
         else:
             x = resize_crop_normalize(list(pixels), prep.size, prep.mean, prep.std, device=device)
@@ -603,7 +639,8 @@ def create_encoder(
         device: torch device to place the model on.
         precision: ``auto`` (see :func:`resolve_precision`), fp32, bf16, fp16 (CUDA) or int8 (ViT).
         preprocessing: where images are resized (``PREPROCESSING``); ``auto``: ``torch`` (on the device)
-            on CUDA, where PIL on the host would hold the GPU back, ``pil`` on a CPU (bit-identical to
+            on CUDA, where PIL on the host would hold the GPU back, ``torch-nvjpeg`` there where
+            torchvision has nvjpeg (JPEGs decoded on the GPU too), ``pil`` on a CPU (bit-identical to
             torchvision, and as fast there).
 
     Raises:
@@ -636,7 +673,9 @@ def create_encoder(
                             preprocessing="pil")
     visual, preprocess = build()
     if preprocessing == "auto":
-        preprocessing = "torch" if cuda and isinstance(preprocess, ResizeCropNormalize) else "pil"
+        device_resize = cuda and isinstance(preprocess, ResizeCropNormalize)
+        preprocessing = ("torch-nvjpeg" if device_resize and device_jpeg.can_decode_on(device)
+                         else "torch" if device_resize else "pil")
     encoder = ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision,
                            preprocessing=preprocessing)
     if record is not None and isinstance(preprocess, ResizeCropNormalize):

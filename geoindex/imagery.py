@@ -24,6 +24,7 @@ __all__ = [
     "decode_tile",
     "describe_os_error",
     "load_image",
+    "read_image_bytes",
     "to_rgb",
 ]
 
@@ -179,6 +180,18 @@ def load_image(
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageError(f"{name}: cannot decode image ({e})") from e
+
+
+def read_image_bytes(src: ImageInput) -> ImageInput:
+    """A path's encoded bytes, read once (ImageError naming the file where it cannot be); any other input as it is."""
+    if not isinstance(src, (str, os.PathLike)):
+        return src
+    path = Path(src)
+    check_image_path(path)
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ImageError(f"{os.fspath(src)}: {describe_os_error(path, e)}") from e
 
 
 def _arrayto_rgb(arr: np.ndarray, name: str) -> Image.Image:

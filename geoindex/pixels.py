@@ -27,7 +27,8 @@ from PIL import Image
 
 from geoindex.errors import ConfigError
 
-__all__ = ["ResizeCropNormalize", "fast_preprocess", "normalize_pixels", "output_size", "resize_crop_normalize"]
+__all__ = ["ResizeCropNormalize", "as_uint8_tensor", "fast_preprocess", "normalize_pixels", "output_size",
+           "resize_crop_normalize"]
 
 
 class ResizeCropNormalize:
@@ -66,12 +67,14 @@ class ResizeCropNormalize:
         return np.asarray(img)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        s = self.size
-        rgb = self.crop(img)
-        x = np.empty((3, s, s), dtype=np.float32)
+        return torch.from_numpy(self.normalize(self.crop(img)[None])[0])
+
+    def normalize(self, rgb: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        """uint8 crops (n, S, S, 3) -> float32 (n, 3, S, S), ToTensor + Normalize by the table (one gather a value)."""
+        x = np.empty((rgb.shape[0], 3, *rgb.shape[1:3]), dtype=np.float32)
         for c in range(3):
-            np.take(self._table[c], rgb[:, :, c], out=x[c])
-        return torch.from_numpy(x)
+            np.take(self._table[c], rgb[..., c], out=x[:, c])
+        return x
 
 
 def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], *,
@@ -92,6 +95,13 @@ def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[
     m = torch.tensor(mean, dtype=torch.float32, device=target).view(1, 3, 1, 1)
     sd = torch.tensor(std, dtype=torch.float32, device=target).view(1, 3, 1, 1)
     return x.div_(255.0).sub_(m).div_(sd)
+
+
+def as_uint8_tensor(image: npt.NDArray[np.uint8] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An image's uint8 pixels as a tensor on ``device``: a tensor moved, an array copied (PIL's are read-only)."""
+    if isinstance(image, torch.Tensor):
+        return image.to(device)
+    return torch.from_numpy(np.array(image, copy=True)).to(device)
 
 
 def output_size(w: int, h: int, size: int) -> tuple[int, int]:
@@ -125,8 +135,10 @@ def resize_crop_normalize(
         groups.setdefault(tuple(im.shape), []).append(i)
     for (h, w, _), members in groups.items():
         group = [images[i] for i in members]
-        batch = (torch.stack(group) if isinstance(group[0], torch.Tensor)  # type: ignore[arg-type]
-                 else torch.from_numpy(np.stack(group)))  # one copy: PIL's arrays are read-only
+        if any(isinstance(im, torch.Tensor) for im in group):  # JPEGs decoded on the device, maybe beside arrays
+            batch = torch.stack([as_uint8_tensor(im, target) for im in group])
+        else:
+            batch = torch.from_numpy(np.stack(group))  # one copy: PIL's arrays are read-only
         if target.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()
         x = batch.to(target, non_blocking=True).permute(0, 3, 1, 2)

@@ -30,10 +30,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from geoindex.device_jpeg import TILE_MAX_SIDE, KeepJpeg, decode_jpegs, read_header
 from geoindex.encoders import ImageEncoder
-from geoindex.errors import GeoIndexError, TileNotFoundError, TileSourceError
-from geoindex.imagery import to_rgb
-from geoindex.sources import TileSource, is_local_spec, source_spec
+from geoindex.errors import GeoIndexError, ImageError, TileNotFoundError, TileSourceError
+from geoindex.imagery import MAX_IMAGE_PIXELS, check_image_path, decode_tile, to_rgb
+from geoindex.sources import ByteTileSource, DirectorySource, TileSource, is_local_spec, source_spec
 from geoindex.tiles import tile_xy_of_code_array
 
 __all__ = ["PREFETCH_BATCHES", "EncodedBatch", "TileLoad", "TileProcessPool", "embed_tiles", "encode_tile_batches",
@@ -49,22 +50,49 @@ class TileLoad:
 
     :func:`read_tile` gives uint8 RGB ``pixels`` (H, W, 3) where the encoder's ``loader_step`` stops
     there (the S x S crop for ``pil`` preprocessing, the whole tile for ``torch``), else the float
-    ``tensor`` (3, S, S) of a custom preprocessing; :func:`load_tile` always the ``tensor``.
+    ``tensor`` (3, S, S) of a custom preprocessing; :func:`load_tile` always the ``tensor``. For an
+    encoder that decodes JPEGs on its device (``device_jpeg.KeepJpeg``), a JPEG tile's loader gives its
+    encoded ``data``, which :func:`read_tile_batches` turns into ``pixels``: a uint8 tensor on that device.
     """
 
-    __slots__ = ("error", "pixels", "size", "tensor")
+    __slots__ = ("data", "error", "pixels", "size", "tensor")
 
     def __init__(self, tensor: torch.Tensor | None, size: tuple[int, int] | None = None,
-                 error: GeoIndexError | None = None, pixels: npt.NDArray[np.uint8] | None = None) -> None:
-        self.tensor, self.size, self.error, self.pixels = tensor, size, error, pixels
+                 error: GeoIndexError | None = None, pixels: npt.NDArray[np.uint8] | torch.Tensor | None = None,
+                 data: bytes | None = None) -> None:
+        self.tensor, self.size, self.error, self.pixels, self.data = tensor, size, error, pixels, data
 
     @property
     def found(self) -> bool:
-        return self.tensor is not None or self.pixels is not None
+        return self.tensor is not None or self.pixels is not None or self.data is not None
+
+
+def _encoded(source: TileSource, tile: mercantile.Tile) -> bytes | None:
+    """The tile's encoded bytes where the source keeps them (a folder's file, MBTiles, a server), else None.
+
+    Raises what ``source.get`` raises for a missing or unreadable tile.
+    """
+    if isinstance(source, DirectorySource):
+        path = source.path(tile)
+        if path is None:
+            return None  # get() names the missing tile
+        try:
+            check_image_path(path)
+            return path.read_bytes()
+        except (ImageError, OSError) as e:
+            raise TileSourceError(f"{path}: stored tile is damaged ({e}); delete it and fetch again") from e
+    if isinstance(source, ByteTileSource):
+        return source.fetch_bytes(tile)
+    return None
 
 
 def _read(source: TileSource, tile: mercantile.Tile, prepare: Callable[[Any], Any]) -> TileLoad:
     try:
+        if isinstance(prepare, KeepJpeg):
+            data = _encoded(source, tile)
+            header = read_header(data, max_side=TILE_MAX_SIDE) if data is not None else None
+            if data is not None and header is not None:  # decoded on the device by read_tile_batches
+                return TileLoad(None, (header.width, header.height), data=data)
         img = source.get(tile)
         out = prepare(to_rgb(img))
         return TileLoad(None, img.size, pixels=out) if isinstance(out, np.ndarray) else TileLoad(out, img.size)
@@ -198,7 +226,8 @@ def read_tile_batches(
     n = len(tiles)
     if pool is None:
         for start in range(0, n, batch_size):
-            yield start, [read_tile(source, step, t) for t in tiles[start : start + batch_size]]
+            batch = [read_tile(source, step, t) for t in tiles[start : start + batch_size]]
+            yield start, _decode_on_device(batch, step)
         return
     if isinstance(pool, TileProcessPool) and (pool.source is not source or pool.step != step):
         raise GeoIndexError(f"this TileProcessPool reads {pool.source.name!r} for another encoder or preprocessing, "
@@ -222,7 +251,26 @@ def read_tile_batches(
         nxt = next(starts, None)
         if nxt is not None:
             ahead.append(submit(nxt))
-        yield start, [load for f in futures for load in _result(f)]
+        yield start, _decode_on_device([load for f in futures for load in _result(f)], step)
+
+
+def _decode_on_device(loads: list[TileLoad], step: Callable[[Any], Any]) -> list[TileLoad]:
+    """The JPEG tiles the loaders handed back encoded (``data``), decoded in one batch on the step's
+    device into ``pixels``; one the device cannot decode is decoded on the host (or gets its error)."""
+    todo = [load for load in loads if load.data is not None]
+    if not todo or not isinstance(step, KeepJpeg):
+        return loads
+    decoded = decode_jpegs([load.data for load in todo if load.data is not None], step.device,
+                           max_side=TILE_MAX_SIDE, max_pixels=MAX_IMAGE_PIXELS)
+    for load, pixels in zip(todo, decoded):
+        assert load.data is not None
+        load.pixels, data, load.data = pixels, load.data, None
+        if pixels is None:
+            try:
+                load.pixels = step(to_rgb(decode_tile(data, what="tile")))
+            except ImageError as e:
+                load.error = TileSourceError(f"{e}; the stored tile is damaged: delete it and fetch again")
+    return loads
 
 
 def encode_tile_batches(

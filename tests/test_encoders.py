@@ -274,6 +274,11 @@ def test_photo_encoder_opens_from_its_exported_graph_without_building_the_networ
     lazy = create_encoder("efficientnet-lite0")
     image = (np.arange(90 * 120 * 3) % 251).astype(np.uint8).reshape(90, 120, 3)
     np.testing.assert_array_equal(lazy.encode([image])[0], np.float32(first["emb"]))
+    # threads changed after the first use (a build's build_threads): the session is made again at the new count
+    assert lazy._inference_network().threads == torch.get_num_threads()
+    torch.set_num_threads(torch.get_num_threads() + 1)  # the autouse fixture restores it
+    assert lazy._inference_network().threads == torch.get_num_threads()
+    np.testing.assert_allclose(lazy.encode([image])[0], first["emb"], atol=1e-6)
     # the network built on first use inside encode (inference mode) is an ordinary, trainable network
     built_in_encode = create_encoder("efficientnet-lite0").with_precision("fp32", runtime="torch")
     np.testing.assert_allclose(built_in_encode.encode([image])[0], first["emb"], atol=1e-4)

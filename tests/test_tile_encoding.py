@@ -116,3 +116,20 @@ def test_normalize_pixels_equals_the_table_bit_for_bit():
         assert got.device.type == "cuda" and torch.equal(got.cpu(), want)
     else:
         print("no CUDA here: the on-device normalisation is checked on the CPU only")
+
+
+def test_encode_pixels_on_a_cpu_normalizes_as_normalize_pixels(tiny_encoder):
+    """The numpy table a CPU network's crops are normalised with (no torch operator) gives normalize_pixels' tensor."""
+    from unittest import mock
+
+    from geoindex import encoders
+    from geoindex.pixels import normalize_pixels
+
+    prep = tiny_encoder.preprocess
+    rgb = np.random.default_rng(7).integers(0, 256, (5, prep.size, prep.size, 3), dtype=np.uint8)
+    assert torch.equal(torch.from_numpy(prep.normalize(rgb)), normalize_pixels(torch.from_numpy(rgb), prep.mean,
+                                                                               prep.std))
+    seen = []
+    with mock.patch.object(encoders.ImageEncoder, "_forward", lambda self, x: seen.append(x)):
+        tiny_encoder.encode_pixels(list(rgb))
+    assert torch.equal(seen[0], normalize_pixels(torch.from_numpy(rgb), prep.mean, prep.std))
