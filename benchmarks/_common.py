@@ -355,7 +355,7 @@ def publish_slim(path: Path, manifest: Any) -> Any:
     does once a level is finished, and save the manifest with the slimmer shards; returns it."""
     import dataclasses
 
-    from geoindex.store import FIRST_LEVEL_CODEC, drop_embeddings
+    from geoindex.storage.store import FIRST_LEVEL_CODEC, drop_embeddings
 
     levels = tuple(drop_embeddings(path, lv.zoom, lv, codec=manifest.codec if i else FIRST_LEVEL_CODEC)
                    for i, lv in enumerate(manifest.levels))
@@ -388,9 +388,9 @@ def build_synthetic_index(
     its ancestors and the beam search does real work. Queries are leaves plus noise of norm
     about ``query_noise``.
     """
-    from geoindex.manifest import EncoderIdentity, Manifest
-    from geoindex.store import finish_level, shard_path, write_shard
-    from geoindex.tiles import LevelSchedule, child_offsets_array
+    from geoindex.geometry.tiles import LevelSchedule, child_offsets_array
+    from geoindex.storage.manifest import EncoderIdentity, Manifest
+    from geoindex.storage.store import finish_level, shard_path, write_shard
 
     schedule = schedule or LevelSchedule(4, 16, 2)
     zooms = schedule.zooms

@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 from benchmarks._common import BenchRun, Report, benchmark_parser, markdown_table, resolve_encoder, run_benchmark
 
 if TYPE_CHECKING:
-    from geoindex.build import BuildSummary
+    from geoindex.storage.build import BuildSummary
 
 NAME = "build_engines"
 
@@ -76,12 +76,12 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     import ray
     import torch
 
-    from geoindex.build import build_level
-    from geoindex.coverage import Coverage
-    from geoindex.distributed import EncoderRecipe, RayOptions, build_level_ray, init_ray
-    from geoindex.encoders import create_encoder
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import RasterSource
-    from geoindex.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
+    from geoindex.storage.distributed import EncoderRecipe, RayOptions, build_level_ray, init_ray
 
     bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a)

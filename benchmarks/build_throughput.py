@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--bbox", type=float, nargs=4, metavar=("W", "S", "E", "N"), help="coverage (default: world)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int,
-                   help="build_index's tile-loading threads (default: its own, geoindex.threads.loader_threads)")
+                   help="build_index's tile-loading threads (default: its own, geoindex.models.threads.loader_threads)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--source", default="bluemarble",
                    help="tiles, as build_index's --source (default: the embedded Blue Marble raster, rendered per "
@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _tiles(a: argparse.Namespace) -> list[mercantile.Tile]:
-    from geoindex.coverage import Coverage
+    from geoindex.geometry.coverage import Coverage
 
     cov = Coverage.from_bbox(*a.bbox) if a.bbox else Coverage.world()
     out = []
@@ -113,7 +113,7 @@ def encode_only(encoder, pixels: torch.Tensor, batch_size: int) -> float:  # typ
 
 def cpu_ms_per_tile(source, encoder, tiles: list[mercantile.Tile]) -> dict[str, float]:  # type: ignore[no-untyped-def]
     """CPU ms per tile of each stage of a build, one thread: render (the source), preprocess, encode."""
-    from geoindex.threads import build_threads
+    from geoindex.models.threads import build_threads
 
     with build_threads(1):  # restores the previous counts
         encoder.encode_tensor(encoder.preprocess(source.get(tiles[0]))[None])  # its 1-thread inference graph
@@ -135,17 +135,17 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     makes, the build's too), restored afterwards: tests run this in their own process."""
     from unittest import mock
 
-    from geoindex.onnx_runtime import RUNTIME_ENV
+    from geoindex.models.onnx_runtime import RUNTIME_ENV
 
     with mock.patch.dict(os.environ, {RUNTIME_ENV: a.runtime}):
         return measure(a, argv)
 
 
 def measure(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    from geoindex.encoders import create_encoder
-    from geoindex.malloc import keep_freed_memory
+    from geoindex.models.encoders import create_encoder
+    from geoindex.models.malloc import keep_freed_memory
+    from geoindex.models.threads import cpu_cores, loader_threads
     from geoindex.sources import open_source
-    from geoindex.threads import cpu_cores, loader_threads
     from pipelines import build_index
 
     bench = BenchRun.start(NAME, argv)

@@ -38,10 +38,10 @@ from PIL import Image
 
 import geoindex
 from benchmarks._common import REPO, BenchRun, Report, benchmark_parser, markdown_table, run_benchmark
-from geoindex.calibrate import DEFAULT_COUNT, DEFAULT_K, DEFAULT_SEED, calibration_source, fit_calibration
-from geoindex.calibration import RADIUS_LEVELS, expected_calibration_error, kept_probabilities, radii_km
-from geoindex.metrics import great_circle_km
-from geoindex.results import SearchResult, areas, final_level
+from geoindex.geometry.metrics import great_circle_km
+from geoindex.retrieval.calibration import RADIUS_LEVELS, expected_calibration_error, kept_probabilities, radii_km
+from geoindex.retrieval.results import SearchResult, areas, final_level
+from geoindex.training.calibrate import DEFAULT_COUNT, DEFAULT_K, DEFAULT_SEED, calibration_source, fit_calibration
 
 NAME = "calibration"
 PHOTOS = REPO.parent / "shared" / "data" / "photos" / "photos.csv"
@@ -150,7 +150,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
 def _judge(a: argparse.Namespace, index: geoindex.GeoIndex) -> dict[str, Any]:
     """One index: fit in memory, judge on held-out views and photos; results, tables, notes, targets."""
-    from geoindex.calibrate import photo_queries, view_queries
+    from geoindex.training.calibrate import photo_queries, view_queries
 
     source = calibration_source(index.manifest)
     encoder = index.manifest.photo_encoder.name

@@ -1,4 +1,4 @@
-"""Every registered codec (``geoindex.codecs``): bytes per tile on disk and agreement of the final tile with ``flat``.
+"""Every registered codec (``geoindex.storage.codecs``): bytes per tile on disk and final-tile agreement with ``flat``.
 
 Indexes built once with fp16, then given each codec from the vectors of their FAISS files (a
 finished level keeps its vectors once, there):
@@ -42,7 +42,7 @@ from benchmarks._common import (
     run_benchmark,
 )
 from benchmarks.latency import build_region_index, make_photos, region_coverage
-from geoindex.codecs import REGISTRY
+from geoindex.storage.codecs import REGISTRY
 
 NAME = "codecs"
 KINDS = ("parquet", "faiss", "rerank")  # the files of a level, as level_bytes sorts them
@@ -72,8 +72,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def with_codec(src: Path, dst: Path, codec: str) -> None:
     """Copy an index and rebuild every IVF level with ``codec`` from the vectors kept in its FAISS file."""
     from benchmarks._common import publish_slim
-    from geoindex.manifest import Manifest
-    from geoindex.store import finish_level
+    from geoindex.storage.manifest import Manifest
+    from geoindex.storage.store import finish_level
 
     shutil.copytree(src, dst)
     manifest = Manifest.load(dst)
@@ -88,8 +88,8 @@ def with_codec(src: Path, dst: Path, codec: str) -> None:
 
 def level_bytes(path: Path) -> list[dict]:
     """Per level (top first): rows and the bytes of every file its manifest lists, by kind."""
-    from geoindex.manifest import Manifest
-    from geoindex.store import FAISS_FILE
+    from geoindex.storage.manifest import Manifest
+    from geoindex.storage.store import FAISS_FILE
 
     out = []
     for lv in Manifest.load(path).levels:
@@ -103,10 +103,10 @@ def level_bytes(path: Path) -> list[dict]:
 
 def evaluate(paths: dict[str, Path], xq: np.ndarray, ks: Sequence[int]) -> dict[str, dict]:
     """Per codec: bytes per tile on disk (every file) and in one FAISS entry, and final-tile agreement with flat."""
-    from geoindex.beam import beam_search
-    from geoindex.codecs import get_codec
-    from geoindex.levels.faiss import FaissLevel
-    from geoindex.store import list_shards, open_store, read_embeddings
+    from geoindex.retrieval.beam import beam_search
+    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.storage.codecs import get_codec
+    from geoindex.storage.store import list_shards, open_store, read_embeddings
 
     finals: dict[tuple[str, int], np.ndarray] = {}
     scores: dict[tuple[str, int], np.ndarray] = {}
@@ -180,12 +180,12 @@ def with_every_codec(base: Path, work: Path, prefix: str) -> dict[str, Path]:
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    from geoindex.codecs import get_codec
-    from geoindex.codecs.pq import TRAIN_SAMPLE
-    from geoindex.coverage import Coverage
-    from geoindex.encoders import create_encoder
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import DirectorySource, RasterSource
-    from geoindex.tiles import LevelSchedule
+    from geoindex.storage.codecs import get_codec
+    from geoindex.storage.codecs.pq import TRAIN_SAMPLE
 
     bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a)

@@ -88,7 +88,7 @@ def write_jpeg_folder(root: Path, zooms: Sequence[int]) -> int:
 
 def network_ceiling(encoder: Any, batch: int, reps: int) -> float:
     """Images/s of the encoder alone: uint8 (batch, S, S, 3) already on the device -> embeddings on the device."""
-    from geoindex.pixels import normalize_pixels
+    from geoindex.models.pixels import normalize_pixels
 
     size = encoder.preprocess.size
     pixels = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=encoder.device)
@@ -144,11 +144,11 @@ def decode_figures(root: Path, zoom: int, enc_name: str, device: str, batch: int
     """
     from PIL import Image
 
-    from geoindex import device_jpeg
-    from geoindex.encoders import create_encoder
     from geoindex.imagery import MAX_IMAGE_PIXELS, decode_tile, load_image
+    from geoindex.models import device_jpeg
+    from geoindex.models.encoders import create_encoder
+    from geoindex.models.tile_encoding import encode_tile_batches, loader_pool
     from geoindex.sources import DirectorySource, RasterSource
-    from geoindex.tile_encoding import encode_tile_batches, loader_pool
 
     source = DirectorySource(root)
     xs, ys = source.tiles(zoom=zoom)
@@ -207,7 +207,7 @@ def build(index: Path, source: str, enc_name: str, a: argparse.Namespace) -> tup
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report | None:
     import geoindex
-    from geoindex.encoders import create_encoder
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import RasterSource
 
     reason = skip_reason(a.device)
@@ -291,7 +291,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report | None:
         f"world z{zooms[0]}..z{zooms[-1]} step 2, --batch-size {a.batch_size}, build_index's default --workers.",
         f"Photos: {len(views)} views (480 px, zoom 5.5-6.5) of random places rendered from the embedded raster; "
         f"search backend {res['search_backend']}. Ceilings: the network alone on uint8 already on the device.",
-        f"JPEG decoding (geoindex/device_jpeg.py; nvjpeg on the device: {dec['on_device']}): p50 per tile of a "
+        f"JPEG decoding (geoindex/models/device_jpeg.py; nvjpeg on the device: {dec['on_device']}): p50 per tile of a "
         "batch decoded together, per photo to load_image's 1,024-px bound, host = PIL on one core. Tile pixels, "
         f"device against PIL: mean |diff| {dec['tile_pixels']['mean_abs_diff']:.3f} grey levels, max "
         f"{dec['tile_pixels']['max_abs_diff']}, {pct_text(dec['tile_pixels']['fraction_differing'])} of values "

@@ -93,8 +93,8 @@ class _StubEncoder:
 def count_onthefly_tiles(ks: Sequence[int], dim: int, queries: int = 3) -> dict[int, list[int]]:
     """Tiles the paper's on-the-fly search encodes per photo over the world at z4..z16, per k (counted)."""
     from geoindex.api import OnTheFlySearcher
+    from geoindex.geometry.tiles import LevelSchedule
     from geoindex.sources import MemorySource
-    from geoindex.tiles import LevelSchedule
 
     blank = Image.new("RGB", (1, 1))
     source = MemorySource(lambda t: blank, name="stub")
@@ -112,7 +112,7 @@ def count_onthefly_tiles(ks: Sequence[int], dim: int, queries: int = 3) -> dict[
 
 def region_coverage(n_tiles: int):  # type: ignore[no-untyped-def]
     """``n_tiles`` (1..4) zoom-4 tiles from ROOT, as a bbox shrunk so that no neighbour touches it."""
-    from geoindex.coverage import Coverage
+    from geoindex.geometry.coverage import Coverage
 
     tiles = [ROOT, mercantile.Tile(ROOT.x + 1, ROOT.y, 4), mercantile.Tile(ROOT.x, ROOT.y + 1, 4),
              mercantile.Tile(ROOT.x + 1, ROOT.y + 1, 4)][:n_tiles]
@@ -124,7 +124,7 @@ def region_coverage(n_tiles: int):  # type: ignore[no-untyped-def]
 
 def build_region_index(path, source, encoder, coverage, schedule, **build_args) -> float:  # type: ignore[no-untyped-def]
     """Build every level of ``schedule`` over ``coverage`` from real tiles and a real encoder; seconds taken."""
-    from geoindex.build import build_level
+    from geoindex.storage.build import build_level
 
     t = time.perf_counter()
     for zoom in schedule.zooms:
@@ -148,9 +148,9 @@ def make_photos(source, bounds, n: int, seed: int) -> list[Image.Image]:  # type
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     import geoindex
     from geoindex.api import OnTheFlySearcher
-    from geoindex.encoders import create_encoder
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import RasterSource
-    from geoindex.tiles import LevelSchedule
 
     bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a)

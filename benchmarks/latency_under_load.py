@@ -6,7 +6,7 @@ background processes as there are cores (pure-Python loops, started and stopped 
 each bounded by --load-seconds). Policies:
 
 * ``default``: torch's and FAISS's own thread count (one per core; they share one OpenMP runtime);
-* ``tuned``: what ``geoindex.threads.configure_query_threads()`` sets for ``locate`` and ``serve``.
+* ``tuned``: what ``geoindex.models.threads.configure_query_threads()`` sets for ``locate`` and ``serve``.
 
 Writes benchmarks/results/latency_under_load.json:
 ``{"results": {"quiet": {"p50_ms", "p95_ms"}, "loaded": {"p50_ms", "p95_ms"}, "by_policy": {...}}}``
@@ -70,12 +70,12 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
     import geoindex
     from benchmarks.latency import make_photos, region_coverage
-    from geoindex.build import build_level
-    from geoindex.coverage import Coverage
-    from geoindex.encoders import create_encoder
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import create_encoder
+    from geoindex.models.threads import configure_query_threads
     from geoindex.sources import RasterSource
-    from geoindex.threads import configure_query_threads
-    from geoindex.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     bench = BenchRun.start(NAME, argv)
     enc_name = resolve_encoder(a, "tiny")

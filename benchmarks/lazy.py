@@ -90,12 +90,12 @@ def _views(source, tiles: list[mercantile.Tile], seed: int) -> list[Image.Image]
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from geoindex.api import GeoIndex
-    from geoindex.build import build_level
-    from geoindex.coverage import Coverage
-    from geoindex.encoders import create_encoder
-    from geoindex.lazy_store import declare_lazy
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import RasterSource
-    from geoindex.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
+    from geoindex.storage.lazy_store import declare_lazy
 
     bench = BenchRun.start(NAME, argv)
     enc_name = a.encoder or ("tiny" if (a.quick or a.smoke) else "efficientnet-lite0")

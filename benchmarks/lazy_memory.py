@@ -2,7 +2,7 @@
 
 A lazy level scores each photo against the float16 embeddings of up to 16k candidate tiles. It used
 to gather them all at once as float32 (photos x 16k x d: 16 photos at k=2048, d=1280 is 2.7 GB, and
-the float16 gather and einsum add to it); ``geoindex.levels.lazy.score_rows`` gathers ``SCORE_BLOCK`` values
+the float16 gather and einsum add to it); ``geoindex.retrieval.levels.lazy.score_rows`` gathers ``SCORE_BLOCK`` values
 at a time. Each variant runs in a fresh process over the same synthetic rows (float16, sorted codes,
 as a lazy level holds them); the figure is the process's VmHWM growth over the scoring call, read
 from /proc. Run: ``.venv/bin/python benchmarks/lazy_memory.py``.
@@ -29,8 +29,8 @@ _CHILD = """
 import json, sys, time
 from pathlib import Path
 import numpy as np
-from geoindex.lazy_store import Rows
-from geoindex.levels import lazy
+from geoindex.storage.lazy_store import Rows
+from geoindex.retrieval.levels import lazy
 
 def hwm():
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -86,7 +86,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
          for r in rows],
     )
     notes = ("gather = geoindex.lazy before issue 28 (one float32 gather of every candidate, then einsum); "
-             "blocks = geoindex.levels.lazy.score_rows (SCORE_BLOCK values at a time). Same rows and queries; the "
+             "blocks = geoindex.retrieval.levels.lazy.score_rows (SCORE_BLOCK values at a time). Same rows and "
+             "queries; the "
              "scores agree (checksums in the JSON). The rows themselves (n x 16k x d float16) are held by both "
              "and not counted.",)
     return bench.report("lazy_memory: peak memory of lazy-level scoring", "synthetic", rows, (table,), notes)

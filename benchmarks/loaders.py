@@ -55,7 +55,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 @contextlib.contextmanager
 def _pool(mode: str, source: Any, step: Callable[[Any], Any]) -> Iterator[Any]:
-    from geoindex.tile_encoding import TileProcessPool
+    from geoindex.models.tile_encoding import TileProcessPool
 
     if mode == "in-process":
         yield None
@@ -79,7 +79,7 @@ def time_mode(mode: str, source: Any, tiles: list[mercantile.Tile], step: Callab
     from creating the pool to every worker having read a tile. Pool start-up (fork) is inside the first
     figure, except for the ``steady`` modes: their pool is started and warmed first, as a build's pool is
     for every batch after its first (one pool serves a whole level)."""
-    from geoindex.tile_encoding import read_tile_batches
+    from geoindex.models.tile_encoding import read_tile_batches
 
     steady = mode.endswith(", steady")
     t = time.perf_counter()
@@ -130,8 +130,8 @@ def write_jpeg_folder(source: Any, tiles: list[mercantile.Tile], root: Path) -> 
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    from geoindex.families import _IMAGENET_MEAN, _IMAGENET_STD
-    from geoindex.pixels import ResizeCropNormalize
+    from geoindex.models.families import _IMAGENET_MEAN, _IMAGENET_STD
+    from geoindex.models.pixels import ResizeCropNormalize
     from geoindex.sources import DirectorySource, RasterSource
 
     bench = BenchRun.start(NAME, argv)

@@ -38,7 +38,7 @@ from benchmarks._common import (
 NAME = "open_time"
 WORKER = """
 import json, sys, time
-from geoindex.store import open_store
+from geoindex.storage.store import open_store
 times = []
 for _ in range(int(sys.argv[2])):
     t = time.perf_counter()

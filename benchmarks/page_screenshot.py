@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from geoindex.service import create_app
+    from geoindex.interfaces.service import create_app
     from geoindex.sources import RasterSource
     from tests.conftest import serving
     from tests.test_service_page import chromium, foreign_requests

@@ -61,7 +61,7 @@ def parquet_tile_bytes() -> tuple[float, str]:
 
 def tile_bytes(dim: int, parquet: float) -> dict[str, float]:
     """Bytes per tile on disk of a level of every registered codec: FAISS entry + re-rank code + parquet tiles."""
-    from geoindex.codecs import REGISTRY
+    from geoindex.storage.codecs import REGISTRY
 
     return {name: c.code_bytes(dim) + 8 + c.rerank_bytes(dim) + parquet for name, c in REGISTRY.items()}
 
@@ -90,7 +90,7 @@ def encode_rate(name: str, n: int) -> float:
     """Tiles per second of ``name`` on this process's torch threads (batch 64, after one warm-up batch)."""
     import torch
 
-    from geoindex.encoders import create_encoder
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import RasterSource
 
     enc = create_encoder(name)
@@ -109,7 +109,7 @@ def encode_rate(name: str, n: int) -> float:
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     import torch
 
-    from geoindex.codecs import get_codec
+    from geoindex.storage.codecs import get_codec
 
     bench = BenchRun.start(NAME, argv)
     machine = bench.machine

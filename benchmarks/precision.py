@@ -62,9 +62,9 @@ BEFORE = "fp32-before"  # torch fp32 as encoders ran before issue 15: the live n
 def variants(name: str, only: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
     """label -> (precision, runtime) measured for an encoder; runtime ``eager`` and ``openvino`` are
     this benchmark's own (see ``_encoder``)."""
-    from geoindex import onnx_runtime
-    from geoindex.encoders import ENCODERS as REGISTRY
-    from geoindex.families import FAMILIES
+    from geoindex.models import onnx_runtime
+    from geoindex.models.encoders import ENCODERS as REGISTRY
+    from geoindex.models.families import FAMILIES
 
     out = {BASELINE: ("fp32", "torch")}
     exports = FAMILIES[REGISTRY[name].family].exports_onnx
@@ -108,7 +108,7 @@ class _OpenVinoNetwork:
     def _compile(self, sample: torch.Tensor):  # type: ignore[no-untyped-def]
         import openvino as ov
 
-        from geoindex import onnx_runtime
+        from geoindex.models import onnx_runtime
 
         model = ov.Core().read_model(io.BytesIO(onnx_runtime._export(self.graph, sample)))
         compiled = ov.Core().compile_model(model, "CPU", {
@@ -127,7 +127,7 @@ def _encoder(base, variant: tuple[str, str]):  # type: ignore[no-untyped-def]
     """``base`` at a variant. ``eager``: the live network and torchvision's own preprocessing, as
     before issue 15; ``openvino``: the folded network under OpenVINO (benchmark only); a
     ``+torch-preprocessing`` suffix: the encoder's ``preprocessing="torch"`` (resized in torch, not PIL)."""
-    from geoindex.families import FAMILIES
+    from geoindex.models.families import FAMILIES
 
     precision, runtime = variant
     runtime, _, preprocessing = runtime.partition("+")
@@ -152,7 +152,7 @@ def time_cost(name: str, reps: int, seed: int, only: Sequence[str] | None = None
     import torch
     from PIL import Image
 
-    from geoindex.encoders import create_encoder
+    from geoindex.models.encoders import create_encoder
 
     base = create_encoder(name, precision="fp32")
     encoders = {label: _encoder(base, v) for label, v in variants(name, only).items()}
@@ -206,11 +206,11 @@ def quality(name: str, n_queries: int, seed: int, work: Path,
             only: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     """Final-tile agreement with fp32 and true-tile recall, per precision, on a world z4+z6 index."""
     import geoindex
-    from geoindex.build import build_level
-    from geoindex.coverage import Coverage
-    from geoindex.encoders import create_encoder
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule, tile_of_array
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import RasterSource
-    from geoindex.tiles import LevelSchedule, tile_of_array
+    from geoindex.storage.build import build_level
 
     images, lat, lon = views(n_queries, seed)
     tx, ty = tile_of_array(lat, lon, zoom=6)
@@ -247,8 +247,8 @@ def quality(name: str, n_queries: int, seed: int, work: Path,
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    from geoindex.encoders import ENCODERS as REGISTRY
-    from geoindex.malloc import keep_freed_memory
+    from geoindex.models.encoders import ENCODERS as REGISTRY
+    from geoindex.models.malloc import keep_freed_memory
 
     bench = BenchRun.start(NAME, argv)
     keep_freed_memory()  # batches of 64 would otherwise page-fault their activations in on every call
@@ -307,12 +307,13 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "the baseline of the table's ratios); `fp32-before` is torch fp32 as encoders ran before issue 15 (the live "
         "network, unfolded, channels-last, torchvision's preprocessing); `fp32-onnxruntime` the folded network "
         "under ONNX Runtime; `-torch-preprocessing`: the same, with the encoder's preprocessing='torch' (images and "
-        "tiles resized by torch's antialiased bicubic, geoindex.pixels.resize_crop_normalize, instead of PIL's; the "
+        "tiles resized by torch's antialiased bicubic, geoindex.models.pixels.resize_crop_normalize, instead of "
+        "PIL's; the "
         "index is built that way too); `fp32-openvino` / `bf16-openvino` the folded network under OpenVINO "
         "(LATENCY hint; "
         "measured only where `openvino` is installed, it is not a dependency); bf16 = torch autocast; int8 = "
         "dynamically quantised Linear layers (ViT). Every variant but fp32-before and the -torch-preprocessing "
-        "ones preprocesses with geoindex.pixels' PIL path (bit-identical to torchvision's).",
+        "ones preprocesses with geoindex.models.pixels' PIL path (bit-identical to torchvision's).",
         "Photo ms = preprocessing (PIL's bicubic resize of the 640x480 photo to 298x224, crop, normalise; on "
         "one core) + the forward pass of one image, each also timed alone (photo_preprocess_ms_p50, "
         "photo_forward_ms_p50); -torch-preprocessing variants resize in torch instead. Preprocessing is the same "
@@ -332,8 +333,8 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
 
 def default_variant(name: str) -> str:
     """The variant ``create_encoder(name)`` runs on this machine (precision auto, runtime auto)."""
-    from geoindex.encoders import ENCODERS as REGISTRY
-    from geoindex.encoders import create_encoder, resolve_precision
+    from geoindex.models.encoders import ENCODERS as REGISTRY
+    from geoindex.models.encoders import create_encoder, resolve_precision
 
     precision = resolve_precision("auto", spec=REGISTRY[name])
     runtime = create_encoder(name, precision=precision).runtime

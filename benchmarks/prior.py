@@ -34,8 +34,8 @@ import torch
 
 import geoindex
 from benchmarks._common import Report, add_common_args, command_line, machine_info, markdown_table
-from geoindex import prior as gp
-from geoindex.beam import PriorOptions
+from geoindex.retrieval import prior as gp
+from geoindex.retrieval.beam import PriorOptions
 from geoindex.sources import RasterSource
 
 NAME = "prior"

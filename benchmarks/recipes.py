@@ -4,7 +4,7 @@
 
 EfficientNet-Lite0 on the Blue Marble zoom-6 tiles (../shared/data/bluemarble). Cached under
 ``--cache`` on the first run: the frozen network's features of every zoom-6 tile up to the head
-convolution, and three views (``geoindex.views``) of every tile with |lat| < 70, encoded by the
+convolution, and three views (``geoindex.training.views``) of every tile with |lat| < 70, encoded by the
 photo encoder. Places (seeded): 128 evaluation tiles, the most textured of 1,024, split into 64
 trained on and 64 never trained on; 4 regions of 2x2 zoom-4 tiles held out whole (their 64 most
 textured tiles evaluated). Each recipe trains a copy of the head convolution and its BatchNorm
@@ -39,11 +39,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from geoindex.encoders import create_encoder  # noqa: E402
-from geoindex.metrics import great_circle_km  # noqa: E402
+from geoindex.geometry.metrics import great_circle_km  # noqa: E402
+from geoindex.geometry.tiles import tile_center_array  # noqa: E402
+from geoindex.models.encoders import create_encoder  # noqa: E402
 from geoindex.sources import open_source  # noqa: E402
-from geoindex.tiles import tile_center_array  # noqa: E402
-from geoindex.views import random_views  # noqa: E402
+from geoindex.training.views import random_views  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "bluemarble"

@@ -3,7 +3,7 @@
 For each size: write a real index (parquet shards, FAISS files, manifest) with synthetic,
 tree-structured embeddings (``_common.build_synthetic_index``: a compact region, 16 children per
 parent, children near their parent), then open it in a fresh subprocess (FAISS files
-memory-mapped, as ``geoindex.store.open_store`` does) and time one-query searches over all levels
+memory-mapped, as ``geoindex.storage.store.open_store`` does) and time one-query searches over all levels
 at k = 64. Run: ``.venv/bin/python benchmarks/scale.py`` (``--quick`` for small sizes).
 """
 
@@ -84,11 +84,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def search_worker(index_dir: Path, queries_file: Path, k: int, warmup: int, setting: str) -> dict:
     """Open the index, search one query at a time; timings and this process's memory as a dict."""
     before_import = proc_status()
-    from geoindex.beam import beam_search
-    from geoindex.levels.faiss import FaissLevel
-    from geoindex.results import make_results
-    from geoindex.store import open_store
-    from geoindex.threads import configure_query_threads
+    from geoindex.models.threads import configure_query_threads
+    from geoindex.retrieval.beam import beam_search
+    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.retrieval.results import make_results
+    from geoindex.storage.store import open_store
 
     resident, threads = SETTINGS[setting]
     if threads is not None:
@@ -156,7 +156,9 @@ def _run_worker(index_dir: Path, queries_file: Path, k: int, warmup: int, settin
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    from geoindex.store import mem_available_bytes  # here: the search worker measures RSS before importing geoindex
+    from geoindex.storage.store import (
+        mem_available_bytes,  # here: the search worker measures RSS before importing geoindex
+    )
 
     bench = BenchRun.start(NAME, argv)
     rows, notes = [], []
@@ -245,12 +247,13 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         "Each index is searched in a fresh process per setting. `mapped`: open_store(resident=False), every FAISS "
         "file memory-mapped, torch/OpenMP default threads (how this was measured before). `resident`: "
         "open_store(resident='auto') reads the upper levels' FAISS files into RAM (up to 2 GB or a quarter of free "
-        "memory) and maps the rest, with one query thread (geoindex.threads.configure_query_threads), as locate and "
+        "memory) and maps the rest, with one query thread (geoindex.models.threads.configure_query_threads), as "
+        "locate and "
         "serve now run. `all-in-ram` (when asked for): open_store(resident=True), every FAISS file read into RAM, "
         "one thread. The page cache is warm from the build. "
         "RSS = VmRSS after the searches: anonymous memory plus the file pages of the "
         "memory-mapped index the queries touched (shared, reclaimable page cache). RSS before open is the "
-        "process with numpy, faiss, pyarrow and torch imported (geoindex.beam imports torch via encoders).",
+        "process with numpy, faiss, pyarrow and torch imported (geoindex.retrieval.beam imports torch via encoders).",
         "candidates/query: rows scored per query over all levels. Small indexes have fewer than k rows in their "
         "upper levels, so they score fewer candidates than large ones.",
         *notes,

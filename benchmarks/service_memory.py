@@ -104,11 +104,11 @@ def _png(side: int) -> bytes:
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
     from PIL import Image
 
-    from geoindex.build import build_level
-    from geoindex.coverage import Coverage
-    from geoindex.encoders import create_encoder
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import MemorySource
-    from geoindex.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     def render_tile(t):  # any distinct image per tile: the index only has to exist
         return Image.new("RGB", (64, 64), ((t.x * 37) % 256, (t.y * 59) % 256, (t.z * 83) % 256))

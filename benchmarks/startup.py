@@ -49,11 +49,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _smoke_index(workdir: Path) -> Path:
     """A two-level index of the tiny encoder, for the smoke test (no make demo there)."""
-    from geoindex.build import build_level
-    from geoindex.coverage import Coverage
-    from geoindex.encoders import create_encoder
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import RasterSource
-    from geoindex.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     path, schedule, encoder = workdir / "index", LevelSchedule(1, 2, 1), create_encoder("tiny")
     for zoom in schedule.zooms:
@@ -94,7 +94,7 @@ def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
         if not (index / "manifest.json").is_file():
             raise SystemExit(f"no index at {index}: run `make demo` first, or pass --index")
         photo = _photo(a, work).resolve()
-        from geoindex.manifest import Manifest
+        from geoindex.storage.manifest import Manifest
 
         encoder = Manifest.load(index).photo_encoder.name
         before = work / "before"

@@ -31,10 +31,10 @@ from geoindex.errors import (
 
 if TYPE_CHECKING:
     from geoindex.api import GeoIndex, OnTheFlySearcher, open_index, search
-    from geoindex.coverage import Coverage
-    from geoindex.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
-    from geoindex.results import Candidate, LevelTrace, SearchResult
-    from geoindex.tiles import LevelSchedule
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
+    from geoindex.retrieval.results import Candidate, LevelTrace, SearchResult
 
 __version__ = "0.1.0"
 
@@ -44,15 +44,15 @@ _LAZY = {
     "OnTheFlySearcher": "geoindex.api",
     "open_index": "geoindex.api",
     "search": "geoindex.api",
-    "Coverage": "geoindex.coverage",
-    "ENCODERS": "geoindex.encoders",
-    "ImageEncoder": "geoindex.encoders",
-    "create_encoder": "geoindex.encoders",
-    "load_map_encoder": "geoindex.encoders",
-    "Candidate": "geoindex.results",
-    "LevelTrace": "geoindex.results",
-    "SearchResult": "geoindex.results",
-    "LevelSchedule": "geoindex.tiles",
+    "Coverage": "geoindex.geometry.coverage",
+    "ENCODERS": "geoindex.models.encoders",
+    "ImageEncoder": "geoindex.models.encoders",
+    "create_encoder": "geoindex.models.encoders",
+    "load_map_encoder": "geoindex.models.encoders",
+    "Candidate": "geoindex.retrieval.results",
+    "LevelTrace": "geoindex.retrieval.results",
+    "SearchResult": "geoindex.retrieval.results",
+    "LevelSchedule": "geoindex.geometry.tiles",
 }
 
 

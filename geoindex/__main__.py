@@ -1,8 +1,8 @@
-"""``python -m geoindex`` and the ``geoindex`` console script: see :mod:`geoindex.cli`."""
+"""``python -m geoindex`` and the ``geoindex`` console script: see :mod:`geoindex.interfaces.cli`."""
 
 from __future__ import annotations
 
-from geoindex.cli import main
+from geoindex.interfaces.cli import main
 
 __all__ = ["main"]
 

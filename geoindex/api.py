@@ -13,24 +13,24 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from geoindex.beam import PriorMode, PriorOptions, TilePrior, beam_search, beam_width
-from geoindex.calibration import Calibration, ood_scores, read_embeddings
-from geoindex.coverage import Coverage
-from geoindex.encoders import ImageEncoder, create_encoder, load_map_encoder
 from geoindex.errors import ConfigError, EncoderMismatchError, GeoIndexError, ImageError
 from geoindex.exif import read_gps
+from geoindex.geometry.coverage import Coverage
+from geoindex.geometry.tiles import LevelSchedule
 from geoindex.imagery import ImageInput, load_image, read_image_bytes
-from geoindex.levels import Level
-from geoindex.levels.faiss import FaissLevel
-from geoindex.levels.lazy import LazyLevel, open_lazy_levels
-from geoindex.levels.onthefly import OnTheFlyLevel
-from geoindex.levels.torch import TorchLevel
-from geoindex.manifest import DEFAULT_INDEX, INDEX_ENV, Manifest, short_id
-from geoindex.prior import GeoCLIPPrior, get_prior
-from geoindex.results import SearchResult, make_results
+from geoindex.models.encoders import ImageEncoder, create_encoder, load_map_encoder
+from geoindex.retrieval.beam import PriorMode, PriorOptions, TilePrior, beam_search, beam_width
+from geoindex.retrieval.calibration import Calibration, ood_scores, read_embeddings
+from geoindex.retrieval.levels import Level
+from geoindex.retrieval.levels.faiss import FaissLevel
+from geoindex.retrieval.levels.lazy import LazyLevel, open_lazy_levels
+from geoindex.retrieval.levels.onthefly import OnTheFlyLevel
+from geoindex.retrieval.levels.torch import TorchLevel
+from geoindex.retrieval.prior import GeoCLIPPrior, get_prior
+from geoindex.retrieval.results import SearchResult, make_results
 from geoindex.sources import TileSource
-from geoindex.store import StoredLevel, level_embeddings, open_store
-from geoindex.tiles import LevelSchedule
+from geoindex.storage.manifest import DEFAULT_INDEX, INDEX_ENV, Manifest, short_id
+from geoindex.storage.store import StoredLevel, level_embeddings, open_store
 
 __all__ = ["DEFAULT_INDEX", "GeoIndex", "OnTheFlySearcher", "RegionSearcher", "open_index", "search"]
 
@@ -139,7 +139,7 @@ class _Searcher:
             on_error: ``raise`` the first unreadable image's ImageError, or ``return`` it in that
                 image's place so that the rest of the batch is still answered.
             prior: ``"geoclip"`` or a loaded ``GeoCLIPPrior``: GeoCLIP's belief joins the search.
-            prior_mode, prior_weight: how (:class:`geoindex.beam.PriorOptions`).
+            prior_mode, prior_weight: how (:class:`geoindex.retrieval.beam.PriorOptions`).
             read_exif: read each photo's EXIF GPS into ``SearchResult.exif`` (paths, bytes and PIL
                 images; arrays have none), so that ``error_km`` says how far the answer is.
 
@@ -207,7 +207,7 @@ class GeoIndex(_Searcher):
     """An index opened for search: manifest checked, FAISS files memory-mapped, photo encoder loaded.
 
     Thread-safe for concurrent searches. Use :func:`open_index` to create one. Lazy levels
-    (``geoindex.levels.lazy``) follow the built ones: ``lazy_source`` overrides the tile source named in
+    (``geoindex.retrieval.levels.lazy``) follow the built ones: ``lazy_source`` overrides the tile source named in
     ``lazy.json``; ``read_only`` never writes to the index (missing tiles are then encoded on the
     fly, and each result's trace says so); ``retry_missing`` asks the source again for tiles it
     lacked before (else that happens after lazy.json's ``retry_missing_after_s``).
@@ -367,13 +367,13 @@ def search(
             ``indexes/default``. Directories are opened once and cached.
         top_n: number of final candidates to report.
         prior: ``"geoclip"`` (needs ``pip install -e '.[geoclip]'`` in the checkout and a local CLIP ViT-L/14,
-            see ``geoindex.prior.load_geoclip_prior``) or a loaded ``GeoCLIPPrior``: GeoCLIP's
+            see ``geoindex.retrieval.prior.load_geoclip_prior``) or a loaded ``GeoCLIPPrior``: GeoCLIP's
             belief about the photo's location joins the search. None: retrieval only.
         prior_mode: ``inject`` (the paper's Table 3: the tile holding GeoCLIP's top-1 location
             joins the k kept tiles at every level, so up to k + 1 descend) or ``rerank`` (each
             level ranks its candidates by ``(1 - w) * score + w * 0.01 * log(mass + 1e-6)``,
             ``mass`` = GeoCLIP's probability of the tile's area; scores in the result are then
-            these combined scores). See ``geoindex.beam.PriorOptions``.
+            these combined scores). See ``geoindex.retrieval.beam.PriorOptions``.
         prior_weight: ``w`` of ``rerank`` in [0, 1]; 0 equals no prior. Untuned default 0.5.
         read_exif: read the photo's EXIF GPS position into ``exif`` (see Returns).
 

@@ -10,8 +10,8 @@ from typing import Protocol, TypeVar
 
 from tqdm import tqdm
 
-from geoindex.cli import run_command
-from geoindex.malloc import keep_freed_memory
+from geoindex.interfaces.cli import run_command
+from geoindex.models.malloc import keep_freed_memory
 
 
 def setup_logging(quiet: bool) -> None:

@@ -12,7 +12,8 @@ imagery is on this machine (`--no-calibrate` skips it).
 
 `--all --lazy-from 12` builds the levels above zoom 12 and declares 12 and deeper lazy: their tiles
 are fetched from `--source` and encoded the first time a query needs them, then kept in the index
-(geoindex.levels.lazy, geoindex.lazy_store). `--compact` folds a lazy index's appended rows into sorted parts.
+(geoindex.retrieval.levels.lazy, geoindex.storage.lazy_store). `--compact` folds a lazy index's appended rows
+into sorted parts.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from geoindex.build import BuildSummary, build_level
-from geoindex.calibrate import DEFAULT_COUNT, DEFAULT_SEED, calibrate_index
-from geoindex.cli import resolve_device
-from geoindex.coverage import Coverage
-from geoindex.encoders import (
+from geoindex.errors import ConfigError, GeoIndexError, IndexWriteError
+from geoindex.files import index_write_lock
+from geoindex.geometry.coverage import Coverage
+from geoindex.geometry.tiles import LevelSchedule
+from geoindex.interfaces.cli import resolve_device
+from geoindex.models.encoders import (
     AUTO_ENCODER,
     ENCODER_CHOICES,
     ENCODERS,
@@ -40,13 +42,13 @@ from geoindex.encoders import (
     create_encoder,
     load_map_encoder,
 )
-from geoindex.errors import ConfigError, GeoIndexError, IndexWriteError
-from geoindex.files import index_write_lock
-from geoindex.lazy_store import compact, declare_lazy
-from geoindex.manifest import CODECS, MANIFEST, PRECISION_HELP, Manifest
+from geoindex.models.precision import PRECISION_HELP
+from geoindex.models.threads import build_threads, check_threads
 from geoindex.sources import open_source
-from geoindex.threads import build_threads, check_threads
-from geoindex.tiles import LevelSchedule
+from geoindex.storage.build import BuildSummary, build_level
+from geoindex.storage.lazy_store import compact, declare_lazy
+from geoindex.storage.manifest import CODECS, MANIFEST, Manifest
+from geoindex.training.calibrate import DEFAULT_COUNT, DEFAULT_SEED, calibrate_index
 from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.build_index")
@@ -69,8 +71,8 @@ class Config:
     batch_size: int = 64
     codec: str = "fp16"
     shard_size: int = 8192
-    workers: int | None = None  # None: geoindex.threads.loader_threads of the encoder threads
-    threads: int | None = None  # None: every core (geoindex.threads.cpu_cores)
+    workers: int | None = None  # None: geoindex.models.threads.loader_threads of the encoder threads
+    threads: int | None = None  # None: every core (geoindex.models.threads.cpu_cores)
     schedule: LevelSchedule = LevelSchedule()
     bbox: tuple[float, float, float, float] | None = None
     geojson: Path | None = None
@@ -327,7 +329,7 @@ def _run(cfg: Config) -> list[BuildSummary]:
 
 
 def _ray_engine(cfg: Config, coverage: Coverage) -> Callable[..., BuildSummary]:
-    from geoindex.distributed import EncoderRecipe, RayOptions, build_level_ray
+    from geoindex.storage.distributed import EncoderRecipe, RayOptions, build_level_ray
 
     options = RayOptions(cfg.ray_address, cfg.ray_actors, cfg.ray_gpus_per_actor, cfg.ray_cpus_per_actor)
 
@@ -344,7 +346,7 @@ def _ray_engine(cfg: Config, coverage: Coverage) -> Callable[..., BuildSummary]:
 def _run_levels(cfg: Config, build: Callable[..., BuildSummary]) -> list[BuildSummary]:
     started_ray = False
     if cfg.engine == "ray":
-        from geoindex.distributed import init_ray, shutdown_ray
+        from geoindex.storage.distributed import init_ray, shutdown_ray
 
         started_ray = init_ray(cfg.ray_address, quiet=cfg.quiet)
     try:

@@ -23,11 +23,11 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 import geoindex
 from geoindex.api import OnTheFlySearcher
-from geoindex.encoders import ENCODERS, choose_encoder, create_encoder, resolve_weights
 from geoindex.errors import WeightsNotFoundError
-from geoindex.metrics import great_circle_km, random_tile_errors_km
-from geoindex.shipped import SHIPPED_ROOT, shipped_encoders
+from geoindex.geometry.metrics import great_circle_km, random_tile_errors_km
+from geoindex.models.encoders import ENCODERS, choose_encoder, create_encoder, resolve_weights
 from geoindex.sources import RasterSource
+from geoindex.training.shipped import SHIPPED_ROOT, shipped_encoders
 from pipelines import build_index
 from pipelines._cli import pipeline_main
 
@@ -86,7 +86,7 @@ def make_view(raster: RasterSource, lat: float, lon: float) -> Image.Image:
 
 def _choose_encoder(requested: str, weights: str | None) -> tuple[str, str]:
     """The encoder to run and why, in words: ``auto`` is CLIP where its weights are found, else
-    EfficientNet-Lite0 (:func:`geoindex.encoders.choose_encoder`), else the tiny random-init one."""
+    EfficientNet-Lite0 (:func:`geoindex.models.encoders.choose_encoder`), else the tiny random-init one."""
     if requested != "auto":
         return requested, "asked for with --encoder"
     name, why = choose_encoder(weights)

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from geoindex.api import OnTheFlySearcher, open_index
-from geoindex.beam import PriorOptions
-from geoindex.dataset import read_photo_csv
-from geoindex.encoders import PRECISIONS
 from geoindex.errors import ConfigError
-from geoindex.evaluate import EvalReport, Predictions, evaluate
 from geoindex.files import atomic_write_bytes
-from geoindex.manifest import PRECISION_HELP
+from geoindex.models.encoders import PRECISIONS
+from geoindex.models.precision import PRECISION_HELP
+from geoindex.retrieval.beam import PriorOptions
 from geoindex.sources import open_source
+from geoindex.training.dataset import read_photo_csv
+from geoindex.training.evaluate import EvalReport, Predictions, evaluate
 from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.evaluate")
@@ -127,7 +127,7 @@ def run(cfg: Config) -> EvalReport:
     query_batch = cfg.query_batch or (256 if cfg.mode == "indexed" else 1)
     prior, prior_options = None, None
     if cfg.prior is not None:
-        from geoindex.prior import load_geoclip_prior
+        from geoindex.retrieval.prior import load_geoclip_prior
 
         prior = load_geoclip_prior(cfg.geoclip_backbone, device=cfg.device)
         prior_options = PriorOptions(cfg.prior_mode, cfg.prior_weight)  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ EfficientNet-Lite0; `--encoder tiny` runs the same mechanics with a random-init 
    out (no view of them is ever trained on); ``--regions`` blocks of 2x2 neighbouring zoom-4
    tiles are held out whole, with their most textured tiles evaluated; with ``--train-tiles all``
    every other tile of the level contributes ``--train-views`` training views;
-2. renders views with known centres (``geoindex.views``: off-grid, zoom 5.4-6.6, any rotation,
+2. renders views with known centres (``geoindex.training.views``: off-grid, zoom 5.4-6.6, any rotation,
    colour and blur changes);
 3. builds an index (zoom 4 and 6, whole world) with the untrained encoders and evaluates four
    splits: ``heldout`` (other views of trained tiles), ``heldout_tiles`` (tiles never trained
@@ -49,13 +49,13 @@ import mercantile
 import numpy as np
 import torch
 
-from geoindex.dataset import PhotoTable, write_photo_csv
-from geoindex.encoders import ENCODERS, HEADS, PRECISIONS, resolve_precision
 from geoindex.errors import ConfigError, TileNotFoundError
-from geoindex.evaluate import EvalReport, KResult
 from geoindex.files import atomic_write_bytes
+from geoindex.models.encoders import ENCODERS, HEADS, PRECISIONS, resolve_precision
 from geoindex.sources import TileSource, open_source
-from geoindex.views import random_views
+from geoindex.training.dataset import PhotoTable, write_photo_csv
+from geoindex.training.evaluate import EvalReport, KResult
+from geoindex.training.views import random_views
 from pipelines import build_index, evaluate, train
 from pipelines._cli import pipeline_main, progress_bar
 

@@ -18,10 +18,10 @@ import mercantile
 import numpy as np
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from geoindex.coverage import Coverage
 from geoindex.errors import ConfigError
+from geoindex.geometry.coverage import Coverage
+from geoindex.geometry.tiles import MAX_ZOOM
 from geoindex.sources import FetchSummary, fetch_to_directory, open_source
-from geoindex.tiles import MAX_ZOOM
 from pipelines._cli import progress_bar, run_main, setup_logging
 
 log = logging.getLogger("pipelines.fetch_tiles")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from geoindex.dataset import PhotoTable, write_photo_csv
 from geoindex.errors import ConfigError, ImageError
 from geoindex.exif import read_gps
 from geoindex.files import atomic_write_bytes
+from geoindex.training.dataset import PhotoTable, write_photo_csv
 from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.make_dataset")

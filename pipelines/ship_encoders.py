@@ -27,10 +27,10 @@ from typing import Any
 import mercantile
 import numpy as np
 
-from geoindex.encoders import create_encoder, load_map_encoder
 from geoindex.files import atomic_path, atomic_write_bytes, file_sha256
-from geoindex.shipped import MANIFEST, SHIPPED_ROOT, CheckSet, check_top1
+from geoindex.models.encoders import create_encoder, load_map_encoder
 from geoindex.sources import open_source
+from geoindex.training.shipped import MANIFEST, SHIPPED_ROOT, CheckSet, check_top1
 from pipelines import experiment
 from pipelines._cli import pipeline_main
 

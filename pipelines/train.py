@@ -1,6 +1,6 @@
 """Train the per-zoom map encoders with the paper's recipe: `python -m pipelines.train --photos photos.csv`.
 
-Input: a CSV of photos (path, lat, lon; MP-16 / YFCC layout, see geoindex.dataset) and a tile
+Input: a CSV of photos (path, lat, lon; MP-16 / YFCC layout, see geoindex.training.dataset) and a tile
 source. The photos are split 10:1:1 into train/val/test (seeded, by photo; a `split` column in
 the CSV overrides it) and embedded once with the frozen photo encoder (cached under --out).
 Each level's map encoder is then trained contrastively, finest zoom first, each coarser level
@@ -19,14 +19,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from geoindex.coverage import Coverage
-from geoindex.dataset import SPLITS, photo_embeddings, read_photo_csv, table_splits, write_photo_csv
-from geoindex.encoders import AUTO_ENCODER, ENCODER_CHOICES, HEADS, create_encoder
 from geoindex.errors import ConfigError
+from geoindex.geometry.coverage import Coverage
+from geoindex.geometry.tiles import LevelSchedule, tile_code_array
+from geoindex.models.encoders import AUTO_ENCODER, ENCODER_CHOICES, HEADS, create_encoder
+from geoindex.models.threads import cpu_cores
 from geoindex.sources import open_source
-from geoindex.threads import cpu_cores
-from geoindex.tiles import LevelSchedule, tile_code_array
-from geoindex.train import LevelResult, TrainConfig, train_levels
+from geoindex.training.dataset import SPLITS, photo_embeddings, read_photo_csv, table_splits, write_photo_csv
+from geoindex.training.train import LevelResult, TrainConfig, train_levels
 from pipelines._cli import pipeline_main, progress_bar
 
 log = logging.getLogger("pipelines.train")

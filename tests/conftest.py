@@ -37,8 +37,8 @@ def png_claiming(width: int, height: int) -> bytes:
 
 def relist(index_dir: Path) -> None:
     """Record the files' current sizes and checksums in the manifest, as a consistent-looking index would."""
-    from geoindex.manifest import Manifest
-    from geoindex.store import _file_info, level_dir
+    from geoindex.storage.manifest import Manifest
+    from geoindex.storage.store import _file_info, level_dir
 
     manifest = Manifest.load(index_dir)
     levels = []
@@ -57,7 +57,7 @@ def render_tile(tile: mercantile.Tile, size: int = 64) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_encoder():
-    from geoindex.encoders import create_encoder
+    from geoindex.models.encoders import create_encoder
 
     return create_encoder("tiny")
 
@@ -71,7 +71,7 @@ def rendered_source():
 
 @pytest.fixture(scope="session")
 def world():
-    from geoindex.coverage import Coverage
+    from geoindex.geometry.coverage import Coverage
 
     return Coverage.world()
 
@@ -79,8 +79,8 @@ def world():
 @pytest.fixture(scope="session")
 def small_index(tmp_path_factory, tiny_encoder, rendered_source, world) -> Path:
     """An index over the whole world at zoom 1, 2, 3 (step 1: 4, 16, 64 tiles), fp16 codec."""
-    from geoindex.build import build_level
-    from geoindex.tiles import LevelSchedule
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     path = tmp_path_factory.mktemp("small_index")
     schedule = LevelSchedule(1, 3, 1)
@@ -168,13 +168,13 @@ def _private_cache_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _restore_thread_count():
-    """``locate`` and ``serve`` set the process's thread count (geoindex.threads); tests that run them
+    """``locate`` and ``serve`` set the process's thread count (geoindex.models.threads); tests that run them
     in-process must not change it for the tests after them (builds compare bytes across processes)."""
     import torch
 
     before = torch.get_num_threads()
     yield
     if torch.get_num_threads() != before:
-        from geoindex.threads import configure_query_threads
+        from geoindex.models.threads import configure_query_threads
 
         configure_query_threads(before)

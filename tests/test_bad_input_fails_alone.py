@@ -15,8 +15,8 @@ from faiss.contrib.ivf_tools import add_preassigned
 
 import geoindex
 from geoindex.errors import IndexFormatError
-from geoindex.manifest import Manifest
-from geoindex.store import (
+from geoindex.storage.manifest import Manifest
+from geoindex.storage.store import (
     FAISS_FILE,
     level_dir,
     list_shards,
@@ -141,7 +141,7 @@ def test_faiss_ids_are_checked_on_open_without_checksums(index_copy, change):
 
 
 def test_faiss_ids_fast_path_agrees_with_faiss(small_index):
-    from geoindex.store import _ivf_ids_fast, _ivf_ids_slow
+    from geoindex.storage.store import _ivf_ids_fast, _ivf_ids_slow
 
     for zoom in (2, 3):
         path = level_dir(small_index, zoom) / FAISS_FILE
@@ -154,7 +154,7 @@ def test_faiss_ids_fast_path_agrees_with_faiss(small_index):
 
 @pytest.mark.parametrize("nonempty", [[1, 4, 7], list(range(9))], ids=["sparse", "full"])
 def test_faiss_ids_fast_path_reads_both_list_layouts(tmp_path, nonempty):
-    from geoindex.store import _ivf_ids_fast, _ivf_ids_slow
+    from geoindex.storage.store import _ivf_ids_fast, _ivf_ids_slow
 
     d, nlist = 6, 10  # code size 12: not a multiple of 8, the byte-gather path
     parents = np.sort(np.repeat(np.array(nonempty), 3)).astype(np.int64)
@@ -172,7 +172,7 @@ def test_faiss_ids_fast_path_reads_both_list_layouts(tmp_path, nonempty):
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    from geoindex.cli import main
+    from geoindex.interfaces.cli import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()
@@ -201,7 +201,7 @@ def _photo(path: Path, tile=(5, 2, 3)) -> Path:
 
 
 def test_cli_verify_checks_checksums_on_large_indexes(index_copy, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("geoindex.store.VERIFY_AUTO_BYTES", 0)  # as if the index were large
+    monkeypatch.setattr("geoindex.storage.store.VERIFY_AUTO_BYTES", 0)  # as if the index were large
     shard = list_shards(index_copy, 3)[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF  # an embedding byte: same size, other content
@@ -214,7 +214,7 @@ def test_cli_verify_checks_checksums_on_large_indexes(index_copy, tmp_path, caps
 
 def test_search_refuses_ids_beyond_the_level(small_index):
     """A last guard: an id past the rows raises a typed error instead of IndexError (file changed after open)."""
-    from geoindex.levels.faiss import FaissLevel
+    from geoindex.retrieval.levels.faiss import FaissLevel
 
     index = geoindex.open_index(small_index)
     level = FaissLevel(index.stored[1])
@@ -465,7 +465,7 @@ def client_for(small_index):
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from geoindex.service import create_app
+    from geoindex.interfaces.service import create_app
 
     index = geoindex.open_index(small_index)
 
@@ -525,7 +525,7 @@ def test_service_bounds_concurrent_decodes_with_503(client_for):
 
 def test_service_arguments_are_checked(small_index):
     from geoindex.errors import ConfigError
-    from geoindex.service import create_app
+    from geoindex.interfaces.service import create_app
 
     index = geoindex.open_index(small_index)
     for kw, match in [({"max_upload_bytes": -1}, "max-upload-mb"), ({"max_pixels": 0}, "max-megapixels"),

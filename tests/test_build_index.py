@@ -21,7 +21,7 @@ import pytest
 
 import geoindex
 from geoindex.errors import ConfigError, EncoderMismatchError, IndexMismatchError
-from geoindex.store import list_shards, shard_path
+from geoindex.storage.store import list_shards, shard_path
 from pipelines import build_index
 from tests.conftest import render_tile
 
@@ -80,7 +80,7 @@ def test_refuses_to_mix_encoders(tmp_path, tile_dir, monkeypatch):
     _build(["--zoom", "1", "--index", str(tmp_path), "--source", str(tile_dir)])
     import dataclasses
 
-    from geoindex.encoders import ENCODERS
+    from geoindex.models.encoders import ENCODERS
     monkeypatch.setitem(ENCODERS, "tiny-other", dataclasses.replace(ENCODERS["tiny"], name="tiny-other", seed=7))
     argv = ["--zoom", "2", "--index", str(tmp_path), "--source", str(tile_dir), "--quiet", *SCHEDULE]
     cfg = build_index.parse_args(argv + ["--encoder", "tiny"])
@@ -255,7 +255,7 @@ def test_children_of_missing_parents_are_counted_and_explained(tmp_path, caplog)
 
 
 def test_a_build_of_a_few_tiles_does_not_report_zero_tiles_per_second():
-    from geoindex.build import BuildSummary
+    from geoindex.storage.build import BuildSummary
 
     assert BuildSummary(2, 1, 1, 0, 1, 0, seconds=4.0).rate_text == "0.25 tiles/s"
     assert BuildSummary(4, 256, 256, 0, 1, 0, seconds=10.0).rate_text == "26 tiles/s"
@@ -275,14 +275,14 @@ def test_real_landsat_deep_level_counts_tiles_without_a_parent(tmp_path, shared_
 
 def _no_clip_here(monkeypatch) -> None:
     """As on a fresh machine: no CLIP weights in the caches (the installed EfficientNet-Lite0 stays)."""
-    from geoindex.encoders import find_cached_weights
+    from geoindex.models.encoders import find_cached_weights
 
-    monkeypatch.setattr("geoindex.encoders.find_cached_weights",
+    monkeypatch.setattr("geoindex.models.encoders.find_cached_weights",
                         lambda spec: None if spec.family == "open_clip" else find_cached_weights(spec))
 
 
 def test_encoder_auto_is_the_default_and_falls_back_to_efficientnet_without_clip(monkeypatch, tmp_path):
-    from geoindex.encoders import choose_encoder
+    from geoindex.models.encoders import choose_encoder
     from pipelines import train
 
     monkeypatch.delenv("GEOINDEX_CLIP_WEIGHTS", raising=False)
@@ -309,7 +309,7 @@ def test_encoder_auto_extends_an_index_with_its_own_encoder(tmp_path, tile_dir, 
 
 
 def test_create_encoder_auto_says_which_and_why(monkeypatch, caplog):
-    from geoindex.encoders import create_encoder
+    from geoindex.models.encoders import create_encoder
 
     monkeypatch.delenv("GEOINDEX_CLIP_WEIGHTS", raising=False)
     _no_clip_here(monkeypatch)

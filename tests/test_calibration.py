@@ -1,4 +1,4 @@
-"""Calibrated probabilities, uncertainty radii and "no confident match" (geoindex.calibration, geoindex.calibrate)."""
+"""Calibrated probabilities, uncertainty radii and "no confident match" (retrieval.calibration, training.calibrate)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 import geoindex
-from geoindex.calibrate import KnownQueries, fit_calibration, photo_queries, save_calibration, view_queries
-from geoindex.calibration import (
+from geoindex.errors import ConfigError, IndexFormatError
+from geoindex.geometry.metrics import circle_points, great_circle_km
+from geoindex.interfaces.outputs import REGISTRY, result_to_dict
+from geoindex.interfaces.outputs.geojson import to_geojson
+from geoindex.retrieval.calibration import (
     EMBEDDINGS_FILE,
     EVERYWHERE_KM,
     Calibration,
@@ -27,11 +30,8 @@ from geoindex.calibration import (
     radii_km,
     required_mass,
 )
-from geoindex.errors import ConfigError, IndexFormatError
-from geoindex.manifest import Manifest
-from geoindex.metrics import circle_points, great_circle_km
-from geoindex.outputs import REGISTRY, result_to_dict
-from geoindex.outputs.geojson import to_geojson
+from geoindex.storage.manifest import Manifest
+from geoindex.training.calibrate import KnownQueries, fit_calibration, photo_queries, save_calibration, view_queries
 from tests.conftest import SHARED_DATA, render_tile
 
 T = mercantile.Tile
@@ -94,13 +94,13 @@ def test_radii_are_monotone_and_in_km():
     tiles = [T(x, y, 6) for x in range(30, 34) for y in range(28, 32)]
     for _ in range(50):
         p = rng.dirichlet(np.ones(len(tiles))) * rng.uniform(0.3, 1.0)
-        lat, lon = geoindex.tiles.tile_center(tiles[int(np.argmax(p))])
+        lat, lon = geoindex.geometry.tiles.tile_center(tiles[int(np.argmax(p))])
         r = radii_km(lat, lon, tiles, p, (0.1, 0.5, 0.9, 0.99))
         assert list(r) == sorted(r)
         assert all(x <= EVERYWHERE_KM for x in r)
     # One zoom-6 tile on the equator holding all the mass: the radius reaches its corners (~442 km).
     t = T(32, 31, 6)
-    lat, lon = geoindex.tiles.tile_center(t)
+    lat, lon = geoindex.geometry.tiles.tile_center(t)
     b = mercantile.bounds(t)
     corner = float(great_circle_km(lat, lon, b.north, b.west))
     assert radii_km(lat, lon, [t], [1.0], (0.5, 0.9)) == pytest.approx((corner, corner))
@@ -225,7 +225,7 @@ def test_build_index_calibrate_fits_on_photos_from_a_csv(tmp_path, small_index):
         w.writerow(["file", "lat", "lon"])
         for i, t in enumerate([T(x, y, 3) for x in range(0, 8, 2) for y in range(1, 7, 2)]):
             render_tile(t, size=96).save(tmp_path / f"{i}.png")
-            lat, lon = geoindex.tiles.tile_center(t)
+            lat, lon = geoindex.geometry.tiles.tile_center(t)
             w.writerow([f"{i}.png", lat, lon])
     assert build_index.main(["--calibrate", "--index", str(path), "--calibrate-photos",
                              str(tmp_path / "photos.csv"), "--encoder", "tiny"]) == 0
@@ -258,11 +258,11 @@ def test_ground_photos_are_flagged_on_a_real_index(tmp_path):
     photos = SHARED_DATA / "photos"
     if not photos.is_dir():
         pytest.skip(f"real photos not present at {photos} (only on the project's dev machines)")
-    from geoindex.build import build_level
-    from geoindex.coverage import Coverage
-    from geoindex.encoders import create_encoder
+    from geoindex.geometry.coverage import Coverage
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import RasterSource
-    from geoindex.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     encoder = create_encoder("efficientnet-lite0")
     source = RasterSource()
@@ -282,7 +282,7 @@ def test_ground_photos_are_flagged_on_a_real_index(tmp_path):
 
 
 def test_remote_imagery_is_not_rendered_from(small_index):
-    from geoindex.calibrate import calibration_source
+    from geoindex.training.calibrate import calibration_source
 
     manifest = dataclasses.replace(Manifest.load(small_index), imagery="https://tiles.example/{z}/{x}/{y}.png",
                                    imagery_spec="https://tiles.example/{z}/{x}/{y}.png")

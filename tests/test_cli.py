@@ -16,11 +16,11 @@ from PIL import ExifTags, Image
 from PIL.TiffImagePlugin import IFDRational as R
 
 import geoindex
-from geoindex.cli import expand_inputs, main
-from geoindex.coverage import Coverage
 from geoindex.errors import ConfigError
-from geoindex.metrics import great_circle_km
-from geoindex.store import list_shards, read_embeddings, read_level_columns
+from geoindex.geometry.coverage import Coverage
+from geoindex.geometry.metrics import great_circle_km
+from geoindex.interfaces.cli import expand_inputs, main
+from geoindex.storage.store import list_shards, read_embeddings, read_level_columns
 from tests.conftest import render_tile
 
 T = mercantile.Tile
@@ -132,7 +132,7 @@ def test_locate_shows_exif_gps_and_distance_unless_ignored(capsys, small_index, 
 def test_python_result_carries_what_the_json_has(small_index, tmp_path):
     """One result type for every output: probability, areas and EXIF are fields of SearchResult, and the JSON is
     made from them (result_to_dict needs no EXIF of its own)."""
-    from geoindex.outputs import result_to_dict
+    from geoindex.interfaces.outputs import result_to_dict
 
     path = _save(T(5, 2, 3), tmp_path / "gps.jpg", gps=(-33.85678, 151.21528))
     index = geoindex.open_index(small_index, device="cpu")
@@ -202,7 +202,7 @@ def test_table_cuts_long_file_names_in_the_middle(capsys, small_index, tmp_path,
 
 
 def test_clip_keeps_short_names_and_fits_the_width():
-    from geoindex.outputs import clip as _clip
+    from geoindex.interfaces.outputs import clip as _clip
 
     assert _clip("a.png", 32) == "a.png"
     for text in ("/very/long/folder/name/that/goes/on/and/on/photo.jpg", "x" * 100, "/" + "y" * 100):
@@ -218,9 +218,9 @@ def test_help_and_bare_import_load_no_heavy_library():
     """`geoindex --help` must answer at once: torch, FAISS, fastapi, timm, open_clip, onnx load only when used."""
     heavy = ["torch", "faiss", "fastapi", "timm", "open_clip", "onnx", "onnxruntime", "pyarrow", "requests"]
     code = ("import sys, io, contextlib\n"
-            "import geoindex, geoindex.cli\n"
+            "import geoindex, geoindex.interfaces.cli\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
-            "    try:\n        geoindex.cli.main(['--help'])\n    except SystemExit:\n        pass\n"
+            "    try:\n        geoindex.interfaces.cli.main(['--help'])\n    except SystemExit:\n        pass\n"
             "assert 'locate' in out.getvalue()\n"
             f"print([m for m in {heavy!r} if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
@@ -231,13 +231,13 @@ def test_help_and_bare_import_load_no_heavy_library():
 def test_public_names_still_resolve_lazily():
     for name in geoindex.__all__:
         assert getattr(geoindex, name) is not None
-    assert geoindex.SearchResult.__module__ == "geoindex.results"
+    assert geoindex.SearchResult.__module__ == "geoindex.retrieval.results"
 
 
 def test_slow_loading_is_announced_on_stderr(capsys):
     import time
 
-    from geoindex.cli import _loading
+    from geoindex.interfaces.cli import _loading
 
     with _loading("the thing", quiet=False, after=0.05):
         time.sleep(0.3)
@@ -338,8 +338,8 @@ def test_narrow_region_search_equals_the_reference_beam(small_index):
 
 
 def test_region_outside_the_index_is_a_clear_error(tmp_path, tiny_encoder, rendered_source):
-    from geoindex.build import build_level
-    from geoindex.tiles import LevelSchedule
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     schedule = LevelSchedule(1, 2, 1)
     for zoom in schedule.zooms:
@@ -374,7 +374,7 @@ def test_locate_with_bbox_and_region_file(capsys, small_index, photos, tmp_path)
 
 def test_prior_without_geoclip_backbone_fails_clearly(small_index, tmp_path, capsys, monkeypatch):
     """--prior geoclip offline: exit 2 and a message naming how to supply GeoCLIP or its backbone."""
-    from geoindex.cli import main
+    from geoindex.interfaces.cli import main
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("GEOINDEX_GEOCLIP_BACKBONE", raising=False)

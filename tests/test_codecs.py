@@ -11,13 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geoindex.beam import beam_search
-from geoindex.build import build_level
-from geoindex.codecs import CODEC_NAMES, REGISTRY, Codec, get_codec
 from geoindex.errors import ConfigError, IndexFormatError
-from geoindex.levels.faiss import FaissLevel
-from geoindex.manifest import CODECS, EncoderIdentity, Manifest
-from geoindex.store import (
+from geoindex.geometry.tiles import LevelSchedule, children_array
+from geoindex.retrieval.beam import beam_search
+from geoindex.retrieval.levels.faiss import FaissLevel
+from geoindex.storage.build import build_level
+from geoindex.storage.codecs import CODEC_NAMES, REGISTRY, Codec, get_codec
+from geoindex.storage.manifest import CODECS, EncoderIdentity, Manifest
+from geoindex.storage.store import (
     FAISS_FILE,
     drop_embeddings,
     finish_level,
@@ -27,7 +28,6 @@ from geoindex.store import (
     shard_path,
     write_shard,
 )
-from geoindex.tiles import LevelSchedule, children_array
 
 D = 40
 

@@ -1,4 +1,4 @@
-"""Tests for geoindex.coverage: tiles and intersects against brute force, JSON, GeoJSON, errors."""
+"""Tests for geoindex.geometry.coverage: tiles and intersects against brute force, JSON, GeoJSON, errors."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geoindex.coverage import Coverage
 from geoindex.errors import ConfigError
-from geoindex.tiles import MAX_LATITUDE, quadkey_int_array
+from geoindex.geometry.coverage import Coverage
+from geoindex.geometry.tiles import MAX_LATITUDE, quadkey_int_array
 
 
 def all_tiles(zoom: int) -> tuple[np.ndarray, np.ndarray]:

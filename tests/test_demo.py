@@ -6,8 +6,8 @@ import statistics
 
 import mercantile
 
-from geoindex.metrics import great_circle_km, random_tile_errors_km
-from geoindex.tiles import tile_center
+from geoindex.geometry.metrics import great_circle_km, random_tile_errors_km
+from geoindex.geometry.tiles import tile_center
 from pipelines import demo
 
 

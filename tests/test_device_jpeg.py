@@ -1,4 +1,4 @@
-"""JPEG decoding on the encoder's device (``geoindex.device_jpeg``, ``preprocessing="torch-nvjpeg"``).
+"""JPEG decoding on the encoder's device (``geoindex.models.device_jpeg``, ``preprocessing="torch-nvjpeg"``).
 
 No GPU is needed: with ``device="cpu"`` the same code runs torchvision's CPU decoder, and the check
 that says whether a device can decode (``can_decode_on``) is monkeypatched to let the CPU in, so the
@@ -17,10 +17,10 @@ import torch
 from conftest import render_tile
 from PIL import Image
 
-from geoindex import device_jpeg
-from geoindex.device_jpeg import KeepJpeg, decode_jpegs, decode_photos, read_header, thumbnail_size
 from geoindex.errors import TileSourceError
 from geoindex.imagery import MAX_IMAGE_PIXELS, load_image
+from geoindex.models import device_jpeg
+from geoindex.models.device_jpeg import KeepJpeg, decode_jpegs, decode_photos, read_header, thumbnail_size
 
 
 def _jpeg(img: Image.Image, **kw: object) -> bytes:
@@ -153,8 +153,8 @@ def jpeg_folder(tmp_path):
 
 @pytest.mark.parametrize("processes", [0, 2])
 def test_tiles_from_a_folder_encode_as_the_host_path_does(tiny_encoder, cpu_decodes, jpeg_folder, processes):
+    from geoindex.models.tile_encoding import TileProcessPool, encode_tile_batches, read_tile_batches
     from geoindex.sources import DirectorySource
-    from geoindex.tile_encoding import TileProcessPool, encode_tile_batches, read_tile_batches
 
     source = DirectorySource(jpeg_folder)
     tiles = [mercantile.Tile(x, y, 2) for x in range(4) for y in range(4) if (x, y) != (3, 3)]

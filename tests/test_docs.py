@@ -105,8 +105,8 @@ def test_every_precision_option_says_the_same_thing_about_auto():
     import contextlib
     import io
 
-    from geoindex.cli import build_parser
-    from geoindex.manifest import PRECISION_HELP
+    from geoindex.interfaces.cli import build_parser
+    from geoindex.models.precision import PRECISION_HELP
     from pipelines import build_index, evaluate
 
     helps = []

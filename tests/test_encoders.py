@@ -12,15 +12,15 @@ import open_clip
 import pytest
 import torch
 
-from geoindex import encoders
-from geoindex.encoders import (
+from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
+from geoindex.models import encoders
+from geoindex.models.encoders import (
     ENCODERS,
     create_encoder,
     load_map_encoder,
     mark_trainable,
     save_map_checkpoint,
 )
-from geoindex.errors import ConfigError, EncoderMismatchError, WeightsNotFoundError
 
 
 def test_unknown_encoder_names_choices():
@@ -183,9 +183,9 @@ def test_reduced_precisions_stay_close_and_are_recorded(tiny_encoder):
 
 
 def test_levels_record_the_precision_they_were_encoded_at(tmp_path, tiny_encoder, rendered_source, world):
-    from geoindex.build import build_level
-    from geoindex.manifest import Manifest
-    from geoindex.tiles import LevelSchedule
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
+    from geoindex.storage.manifest import Manifest
 
     schedule = LevelSchedule(1, 2, 1)
     build_level(tmp_path, 1, source=rendered_source, encoder=tiny_encoder.with_precision("bf16"), coverage=world,
@@ -198,7 +198,7 @@ def test_levels_record_the_precision_they_were_encoded_at(tmp_path, tiny_encoder
 def test_query_threads_are_one_unless_asked():
     import faiss
 
-    from geoindex.threads import configure_query_threads
+    from geoindex.models.threads import configure_query_threads
 
     before = torch.get_num_threads()
     try:
@@ -212,8 +212,8 @@ def test_query_threads_are_one_unless_asked():
 def test_build_threads_use_every_core_and_are_restored(monkeypatch):
     import faiss
 
-    from geoindex import threads
-    from geoindex.threads import build_threads, configure_query_threads, loader_threads
+    from geoindex.models import threads
+    from geoindex.models.threads import build_threads, configure_query_threads, loader_threads
 
     before = torch.get_num_threads()
     try:
@@ -233,7 +233,7 @@ def test_build_threads_use_every_core_and_are_restored(monkeypatch):
 _OPEN_AND_ENCODE = """
 import json, sys
 import numpy as np
-from geoindex.encoders import create_encoder
+from geoindex.models.encoders import create_encoder
 enc = create_encoder("efficientnet-lite0")
 image = (np.arange(90 * 120 * 3) % 251).astype(np.uint8).reshape(90, 120, 3)
 emb = enc.encode([image])[0]
@@ -291,7 +291,7 @@ def test_photo_encoder_opens_from_its_exported_graph_without_building_the_networ
 def test_cuda_graph_wrapper_runs_the_network_as_is_where_it_cannot_capture(tiny_encoder, monkeypatch):
     """On a CPU the wrapper is a pass-through; where a capture fails it runs that shape eagerly, and does not
     try again."""
-    from geoindex.cuda_graphs import GraphedNetwork
+    from geoindex.models.cuda_graphs import GraphedNetwork
 
     x = torch.randn(1, 3, 64, 64)
     network = tiny_encoder.visual
@@ -315,7 +315,7 @@ def test_cuda_graph_wrapper_runs_the_network_as_is_where_it_cannot_capture(tiny_
 def test_one_photo_on_cuda_replays_a_captured_graph_with_the_eager_answer():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device here: graph capture is checked where one is (the CPU fallback is tested above)")
-    from geoindex.cuda_graphs import GraphedNetwork
+    from geoindex.models.cuda_graphs import GraphedNetwork
 
     enc = create_encoder("tiny", device="cuda", precision="fp32")
     photo = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)

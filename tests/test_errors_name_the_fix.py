@@ -13,7 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from geoindex.api import GeoIndex
-from geoindex.coverage import Coverage
 from geoindex.errors import (
     ConfigError,
     IndexFormatError,
@@ -21,8 +20,9 @@ from geoindex.errors import (
     LazyLevelError,
     TileNotFoundError,
 )
-from geoindex.lazy_store import LAZY_FILE, compact, declare_lazy
+from geoindex.geometry.coverage import Coverage
 from geoindex.sources import MemorySource
+from geoindex.storage.lazy_store import LAZY_FILE, compact, declare_lazy
 from tests.conftest import relist, render_tile
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _lazy_index(path: Path, encoder, source, world, *, spec: str = "rendered") -> Path:
     """z1..3 step 1 with z1 built and z2, z3 lazy."""
-    from geoindex.build import build_level
-    from geoindex.tiles import LevelSchedule
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     build_level(path, 1, source=source, encoder=encoder, coverage=world, schedule=LevelSchedule(1, 3, 1),
                 shard_size=16)
@@ -172,8 +172,8 @@ def test_failing_lazy_source_message_is_bounded(tmp_path, tiny_encoder, rendered
 
 
 def test_lazy_scoring_is_chunked_and_equals_the_einsum(monkeypatch):
-    from geoindex.lazy_store import Rows
-    from geoindex.levels import lazy
+    from geoindex.retrieval.levels import lazy
+    from geoindex.storage.lazy_store import Rows
 
     rng = np.random.default_rng(0)
     emb = rng.standard_normal((50, 8)).astype(np.float16)
@@ -208,7 +208,7 @@ def test_zero_width_bbox_at_the_antimeridian_is_empty():
 
 @pytest.mark.parametrize("threads", [0, 100_000])
 def test_thread_counts_are_bounded(threads):
-    from geoindex.threads import build_threads, configure_query_threads
+    from geoindex.models.threads import build_threads, configure_query_threads
 
     with pytest.raises(ConfigError, match=rf"--threads {threads}: must be in 1\.\.1024"):
         configure_query_threads(threads, apply=False)
@@ -218,7 +218,7 @@ def test_thread_counts_are_bounded(threads):
 
 
 def test_locate_refuses_huge_thread_counts(small_index, tmp_path, capsys):
-    from geoindex.cli import main
+    from geoindex.interfaces.cli import main
 
     photo = tmp_path / "p.png"
     render_tile(mercantile.Tile(1, 1, 2)).save(photo)
@@ -251,7 +251,7 @@ def test_train_argument_errors_are_usage_errors(tmp_path, capsys):
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf")])
 def test_train_refuses_a_learning_rate_that_is_not_finite(lr):
-    from geoindex.train import TrainConfig
+    from geoindex.training.train import TrainConfig
 
     with pytest.raises(ConfigError, match="--lr"):
         TrainConfig(lr=lr)
@@ -264,7 +264,7 @@ def _csv(path: Path, text: str, encoding: str) -> Path:
 
 @pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
 def test_photo_csv_from_spreadsheets_is_read(tmp_path, encoding):
-    from geoindex.dataset import read_photo_csv
+    from geoindex.training.dataset import read_photo_csv
 
     table = read_photo_csv(_csv(tmp_path / "p.csv", "path,lat,lon\na.jpg,1.5,2.5\n", encoding))
     assert table.lat.tolist() == [1.5] and table.paths[0].endswith("a.jpg")
@@ -273,7 +273,7 @@ def test_photo_csv_from_spreadsheets_is_read(tmp_path, encoding):
 @pytest.mark.parametrize("body,match", [(b"path,lat,lon\n\xe9t\xe9.jpg,1,2\n", "not UTF-8.*CSV UTF-8"),
                                         (b"path,lat,lon\n" + b"a" * 200_000 + b",1,2\n", r"p.csv:2: not a photo CSV")])
 def test_unreadable_photo_csv_is_a_config_error(tmp_path, body, match):
-    from geoindex.dataset import read_photo_csv
+    from geoindex.training.dataset import read_photo_csv
 
     path = tmp_path / "p.csv"
     path.write_bytes(body)
@@ -283,7 +283,7 @@ def test_unreadable_photo_csv_is_a_config_error(tmp_path, body, match):
 
 def test_lazy_rows_keep_their_time_when_a_segment_lacks_it(tmp_path, tiny_encoder, rendered_source, world):
     """Segments written before rows carried a time take the file's mtime."""
-    from geoindex.lazy_store import LazyStore
+    from geoindex.storage.lazy_store import LazyStore
 
     path = _lazy_index(tmp_path, tiny_encoder, rendered_source, world)
     store = LazyStore(path, 2, tiny_encoder.dim)
@@ -312,7 +312,7 @@ def _client(index, **kw):
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
 
-    from geoindex.service import create_app
+    from geoindex.interfaces.service import create_app
 
     return TestClient(create_app(index, default_k=3, **kw))
 
@@ -335,7 +335,7 @@ def test_service_lazy_source_failure_is_a_bounded_503(tmp_path, tiny_encoder, re
 @pytest.mark.parametrize("stage", ["search", "map"])
 def test_service_searches_and_draws_maps_inside_the_slot(small_index, stage, monkeypatch):
     """With one slot, a request arriving while another searches or draws its map waits, then gets 503."""
-    import geoindex.outputs.map_image as map_image
+    import geoindex.interfaces.outputs.map_image as map_image
 
     index = GeoIndex(small_index)
     client = _client(index, max_concurrent=1, busy_timeout_s=0.1, map_source=MemorySource(render_tile))
@@ -358,7 +358,7 @@ def test_service_closes_slow_bodies(small_index):
     import socket
     import time
 
-    from geoindex.service import create_app
+    from geoindex.interfaces.service import create_app
     from tests.conftest import serving
 
     app = create_app(GeoIndex(small_index), body_timeout_s=1.0)
@@ -380,8 +380,8 @@ def test_service_closes_slow_bodies(small_index):
 
 @pytest.fixture(scope="module")
 def pq_index(tmp_path_factory, tiny_encoder, rendered_source, world) -> Path:
-    from geoindex.build import build_level
-    from geoindex.tiles import LevelSchedule
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     path = tmp_path_factory.mktemp("pq_index")
     schedule = LevelSchedule(1, 2, 1)
@@ -407,8 +407,8 @@ def _earlier_layout(src: Path, dst: Path) -> Path:
     import dataclasses
     import shutil
 
-    from geoindex.manifest import FileInfo, Manifest
-    from geoindex.store import EXACT_FILE, RERANK_CODEBOOK, RERANK_FILE, list_shards, read_embeddings
+    from geoindex.storage.manifest import FileInfo, Manifest
+    from geoindex.storage.store import EXACT_FILE, RERANK_CODEBOOK, RERANK_FILE, list_shards, read_embeddings
 
     shutil.copytree(src, dst)
     ldir = dst / "z02"
@@ -426,8 +426,8 @@ def _earlier_layout(src: Path, dst: Path) -> Path:
 
 
 def test_an_index_of_the_earlier_layout_reranks_from_exact_npy(pq_index, tmp_path):
-    from geoindex.levels.faiss import FaissLevel
-    from geoindex.store import EXACT_FILE, open_store
+    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.storage.store import EXACT_FILE, open_store
 
     path = _earlier_layout(pq_index, tmp_path / "earlier")
     _, stored = open_store(path, verify=True)
@@ -444,7 +444,7 @@ def test_an_index_of_the_earlier_layout_reranks_from_exact_npy(pq_index, tmp_pat
     (lambda shape: b"{garbage", r"unreadable .npy header"),
 ])
 def test_exact_npy_header_is_checked_without_checksums(pq_index, tmp_path, header, match):
-    from geoindex.store import EXACT_FILE, open_store
+    from geoindex.storage.store import EXACT_FILE, open_store
 
     path = _earlier_layout(pq_index, tmp_path / "copy")
     npy = path / "z02" / EXACT_FILE
@@ -463,7 +463,7 @@ def test_exact_npy_header_is_checked_without_checksums(pq_index, tmp_path, heade
 def test_rerank_code_header_is_checked_without_checksums(pq_index, tmp_path, header, match):
     import shutil
 
-    from geoindex.store import RERANK_FILE, open_store
+    from geoindex.storage.store import RERANK_FILE, open_store
 
     path = tmp_path / "copy"
     shutil.copytree(pq_index, path)
@@ -478,7 +478,7 @@ def test_rerank_code_header_is_checked_without_checksums(pq_index, tmp_path, hea
 def test_parquet_column_types_are_checked_without_checksums(small_index, tmp_path):
     import shutil
 
-    from geoindex.store import list_shards, open_store
+    from geoindex.storage.store import list_shards, open_store
 
     path = tmp_path / "copy"
     shutil.copytree(small_index, path)
@@ -530,8 +530,8 @@ def test_second_writer_of_an_index_is_refused(tmp_path, tile_dir, capsys, argv):
 
 
 def test_build_api_takes_the_index_lock(tmp_path, tiny_encoder, rendered_source, world):
-    from geoindex.build import build_level
     from geoindex.errors import IndexBusyError
+    from geoindex.storage.build import build_level
 
     proc = _hold_lock(tmp_path)
     try:
@@ -543,7 +543,7 @@ def test_build_api_takes_the_index_lock(tmp_path, tiny_encoder, rendered_source,
 
 @pytest.mark.parametrize("code,hint", [(28, "the disk is full"), (30, "read-only"), (27, "file-size limit")])
 def test_refused_writes_are_one_line_and_lose_nothing(tmp_path, tile_dir, capsys, monkeypatch, code, hint):
-    import geoindex.build
+    import geoindex.storage.build
     from geoindex.api import GeoIndex as Index
     from pipelines import build_index
 
@@ -554,7 +554,7 @@ def test_refused_writes_are_one_line_and_lose_nothing(tmp_path, tile_dir, capsys
     def refuse(path, **_):
         raise OSError(code, os.strerror(code), str(path))
 
-    monkeypatch.setattr(geoindex.build, "write_shard", refuse)
+    monkeypatch.setattr(geoindex.storage.build, "write_shard", refuse)
     assert build_index.main(["--zoom", "2", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: build_index --zoom 2: cannot write") and hint in err and "part-00000" in err
@@ -565,7 +565,7 @@ def test_refused_writes_are_one_line_and_lose_nothing(tmp_path, tile_dir, capsys
 
 
 def test_refused_compaction_is_one_line(tmp_path, tile_dir, capsys, monkeypatch):
-    from geoindex.lazy_store import LazyStore
+    from geoindex.storage.lazy_store import LazyStore
     from pipelines import build_index
 
     index = tmp_path / "i"

@@ -9,11 +9,11 @@ import mercantile
 import numpy as np
 import pytest
 
-from geoindex.dataset import PhotoTable, write_photo_csv
-from geoindex.evaluate import error_summary, level_stats, predict
-from geoindex.levels import LevelHits
-from geoindex.metrics import EARTH_RADIUS_KM, THRESHOLDS_KM, accuracy_at, great_circle_km
-from geoindex.tiles import tile_center
+from geoindex.geometry.metrics import EARTH_RADIUS_KM, THRESHOLDS_KM, accuracy_at, great_circle_km
+from geoindex.geometry.tiles import tile_center
+from geoindex.retrieval.levels import LevelHits
+from geoindex.training.dataset import PhotoTable, write_photo_csv
+from geoindex.training.evaluate import error_summary, level_stats, predict
 from pipelines import evaluate as evaluate_pipeline
 from tests.conftest import render_tile
 

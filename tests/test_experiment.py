@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from geoindex.dataset import read_photo_csv
+from geoindex.geometry.tiles import tile_of
 from geoindex.sources import MemorySource
-from geoindex.tiles import tile_of
+from geoindex.training.dataset import read_photo_csv
 from pipelines.experiment import Config, _prepare, parse_args, plan_places
 
 

@@ -6,11 +6,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geoindex.cli import main
 from geoindex.errors import ConfigError
-from geoindex.export import export_level
-from geoindex.store import list_shards, read_embeddings, read_level_columns
-from geoindex.tiles import tile_center_array
+from geoindex.geometry.tiles import tile_center_array
+from geoindex.interfaces.cli import main
+from geoindex.storage.export import export_level
+from geoindex.storage.store import list_shards, read_embeddings, read_level_columns
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

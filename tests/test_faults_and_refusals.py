@@ -17,8 +17,6 @@ import pytest
 from PIL import Image
 
 import geoindex
-from geoindex.build import BuildIncompleteError, build_level
-from geoindex.encoders import ENCODERS
 from geoindex.errors import (
     ConfigError,
     EncoderMismatchError,
@@ -27,8 +25,10 @@ from geoindex.errors import (
     IndexFormatError,
     IndexNotFoundError,
 )
+from geoindex.geometry.tiles import LevelSchedule
+from geoindex.models.encoders import ENCODERS
 from geoindex.sources import DirectorySource
-from geoindex.tiles import LevelSchedule
+from geoindex.storage.build import BuildIncompleteError, build_level
 from tests.conftest import png_claiming, render_tile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_other_photo_encoder_weights_are_refused(index_copy, monkeypatch):
 
 
 def test_mismatched_map_checkpoint_is_refused(index_copy, tmp_path, monkeypatch):
-    from geoindex.encoders import create_encoder, save_map_checkpoint
+    from geoindex.models.encoders import create_encoder, save_map_checkpoint
 
     monkeypatch.setitem(ENCODERS, "tiny-seed9", dataclasses.replace(ENCODERS["tiny"], name="tiny-seed9", seed=9))
     ckpt = tmp_path / "z02.pt"
@@ -244,7 +244,7 @@ def test_bad_arguments_name_the_valid_range(call, match):
 
 @pytest.mark.parametrize("bbox", [(10, 5, 10, 6), (0, 10, 5, 0), (0, 86, 5, 89), (0, -95, 5, 0)])
 def test_bad_bboxes(bbox):
-    from geoindex.coverage import Coverage
+    from geoindex.geometry.coverage import Coverage
 
     with pytest.raises(ConfigError):
         Coverage.from_bbox(*bbox)

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from geoindex.errors import ConfigError, GeoIndexError, ImageError, TileNotFoundError, TileSourceError
+from geoindex.geometry.tiles import tile_center
 from geoindex.imagery import DEFAULT_MAX_SIDE, decode_tile, load_image
 from geoindex.sources import DirectorySource, MemorySource, RasterSource, TileSource
-from geoindex.tiles import tile_center
 
 
 def pixels(img: Image.Image) -> np.ndarray:

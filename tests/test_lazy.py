@@ -13,8 +13,8 @@ import pytest
 
 from geoindex.api import GeoIndex
 from geoindex.errors import ConfigError, LazyLevelError, TileSourceError
-from geoindex.lazy_store import LAZY_FILE, compact, declare_lazy
 from geoindex.sources import MemorySource
+from geoindex.storage.lazy_store import LAZY_FILE, compact, declare_lazy
 from tests.conftest import render_tile
 
 K = 3
@@ -22,8 +22,8 @@ K = 3
 
 def _lazy_index(path: Path, encoder, source, world, *, from_zoom: int = 2) -> Path:
     """The small_index fixture's schedule (z1..3, step 1) with only the levels above ``from_zoom`` built."""
-    from geoindex.build import build_level
-    from geoindex.tiles import LevelSchedule
+    from geoindex.geometry.tiles import LevelSchedule
+    from geoindex.storage.build import build_level
 
     schedule = LevelSchedule(1, 3, 1)
     for zoom in schedule.zooms:
@@ -66,7 +66,7 @@ def test_lazy_equals_built(tmp_path, small_index, tiny_encoder, rendered_source,
     np.testing.assert_allclose(_scores(first), _scores(want), atol=1e-5)  # same scores
     assert _encoded(lazy) > 0
     assert all(lt.note and "appended" in lt.note for lt in first[0].trace if lt.zoom >= from_zoom)
-    from geoindex.outputs import result_to_dict
+    from geoindex.interfaces.outputs import result_to_dict
 
     assert "appended" in result_to_dict(first[0], trace=True)["trace"][-1]["note"]  # the JSON trace says it too
     # repeated: nothing encoded; a freshly opened index (another process) reads the appended rows
@@ -132,7 +132,7 @@ def test_lazy_threads_encode_each_tile_once(tmp_path, tiny_encoder, rendered_sou
 
 def _search_in_process(path: str, queue) -> None:  # runs in a spawned process
     from geoindex.api import GeoIndex as _GeoIndex
-    from geoindex.encoders import create_encoder
+    from geoindex.models.encoders import create_encoder
     from geoindex.sources import MemorySource as _Memory
 
     index = _GeoIndex(path, lazy_source=_Memory(render_tile, name="rendered"))
@@ -172,7 +172,7 @@ def test_crash_during_append_loses_nothing_committed(tmp_path, tiny_encoder, ren
     seg_dir = lazy.lazy[0].store.dir
     (seg_dir / "seg-99999999999999999999-1-deadbeef.parquet.1234abcd.tmp").write_bytes(b"PAR1 half a file")
 
-    import geoindex.lazy_store as lazy_mod
+    import geoindex.storage.lazy_store as lazy_mod
 
     def die(*a, **k):
         raise KeyboardInterrupt  # the process is interrupted while writing the next segment
@@ -198,7 +198,7 @@ def test_read_only_index_falls_back_to_on_the_fly(tmp_path, small_index, tiny_en
     assert all(lt.note.startswith("on-the-fly: opened read-only") for lt in res[0].trace[1:])
     assert not any(lv.store.files() for lv in ro.lazy)  # nothing written
     # a write that fails (read-only filesystem, permissions) falls back the same way, and says why
-    import geoindex.lazy_store as lazy_mod
+    import geoindex.storage.lazy_store as lazy_mod
 
     def refuse(self, rows):
         raise PermissionError(13, "Permission denied", str(self.dir))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from geoindex.dataset import (
+from geoindex.errors import ConfigError
+from geoindex.training.dataset import (
     PhotoTable,
     photo_embeddings,
     read_photo_csv,
@@ -16,7 +17,6 @@ from geoindex.dataset import (
     table_splits,
     write_photo_csv,
 )
-from geoindex.errors import ConfigError
 from pipelines import make_dataset
 
 

@@ -12,7 +12,7 @@ import pytest
 _PROBE = """
 import resource, sys
 sys.path.insert(0, {repo!r})
-from geoindex.malloc import keep_freed_memory
+from geoindex.models.malloc import keep_freed_memory
 if {keep} and not keep_freed_memory():
     print(-1)  # not glibc: nothing to tune
     raise SystemExit

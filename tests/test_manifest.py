@@ -8,8 +8,8 @@ import json
 import pytest
 
 from geoindex.errors import IndexFormatError, IndexNotFoundError
-from geoindex.manifest import EncoderIdentity, FileInfo, LevelInfo, Manifest, short_id
-from geoindex.tiles import LevelSchedule
+from geoindex.geometry.tiles import LevelSchedule
+from geoindex.storage.manifest import EncoderIdentity, FileInfo, LevelInfo, Manifest, short_id
 
 BASE = "ab" * 32
 CKPT = "cd" * 32

@@ -15,9 +15,9 @@ import mercantile
 import pytest
 from PIL import Image
 
-from geoindex.cli import main
 from geoindex.errors import ConfigError
-from geoindex.outputs import (
+from geoindex.interfaces.cli import main
+from geoindex.interfaces.outputs import (
     REGISTRY,
     Encoded,
     FileInputs,
@@ -28,7 +28,7 @@ from geoindex.outputs import (
     register,
     stream_formats,
 )
-from geoindex.results import Candidate, SearchResult
+from geoindex.retrieval.results import Candidate, SearchResult
 from tests.conftest import render_tile
 
 
@@ -140,7 +140,7 @@ def _client(index, **kw):
     pytest.importorskip("multipart")
     from fastapi.testclient import TestClient
 
-    from geoindex.service import create_app
+    from geoindex.interfaces.service import create_app
 
     return TestClient(create_app(index, default_k=4, device="cpu", **kw))
 

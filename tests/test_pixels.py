@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from geoindex.encoders import create_encoder
-from geoindex.families import FAMILIES
-from geoindex.pixels import ResizeCropNormalize, fast_preprocess
+from geoindex.models.encoders import create_encoder
+from geoindex.models.families import FAMILIES
+from geoindex.models.pixels import ResizeCropNormalize, fast_preprocess
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # portrait, landscape, square, already the crop size, one pixel off, odd ratios, tiny and huge ratios
@@ -74,7 +74,7 @@ def test_other_pipelines_are_left_alone():
 def test_torch_resize_is_bit_identical_without_resampling_and_within_a_grey_level_with_it():
     """``resize_crop_normalize`` (tensor operations, for the device): an image already S x S gives
     ResizeCropNormalize's tensor bit for bit; resized ones stay within PIL's rounding of it."""
-    from geoindex.pixels import resize_crop_normalize
+    from geoindex.models.pixels import resize_crop_normalize
 
     rng = np.random.default_rng(3)
     prep = ResizeCropNormalize(224, MEAN, STD)

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import geoindex
-from geoindex import onnx_runtime
 from geoindex.api import OnTheFlySearcher
-from geoindex.build import build_level
-from geoindex.encoders import (
+from geoindex.errors import ConfigError, WeightsNotFoundError
+from geoindex.geometry.tiles import LevelSchedule
+from geoindex.models import onnx_runtime
+from geoindex.models.encoders import (
     ENCODERS,
     create_encoder,
     efficientnet_key_map,
@@ -28,8 +29,7 @@ from geoindex.encoders import (
     resolve_weights,
     save_map_checkpoint,
 )
-from geoindex.errors import ConfigError, WeightsNotFoundError
-from geoindex.tiles import LevelSchedule
+from geoindex.storage.build import build_level
 from tests.conftest import render_tile
 
 NAME = "efficientnet-lite0"
@@ -106,7 +106,7 @@ def _pixels(encoder):
 def test_folded_batchnorm_is_the_same_function(effnet):
     """The inference graph folds every BatchNorm into its convolution: the same function of the pixels
     as the trained network (the slow, obvious path), to fp32 reassociation error."""
-    from geoindex.families import FAMILIES
+    from geoindex.models.families import FAMILIES
 
     folded = FAMILIES["timm"].for_inference(effnet.visual)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())

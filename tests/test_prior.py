@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 import geoindex
-from geoindex import prior as gp
 from geoindex.api import OnTheFlySearcher
-from geoindex.beam import PriorOptions
 from geoindex.errors import ConfigError, WeightsNotFoundError
-from geoindex.tiles import tile_of
+from geoindex.geometry.tiles import tile_of
+from geoindex.retrieval import prior as gp
+from geoindex.retrieval.beam import PriorOptions
 from tests.conftest import render_tile
 from tests.test_search import _queries
 
@@ -89,7 +89,8 @@ class TilePriorAt:
 
 
 def test_importing_geoindex_does_not_import_geoclip():
-    code = "import sys, geoindex, geoindex.prior, geoindex.api; assert 'geoclip' not in sys.modules, 'geoclip'"
+    code = ("import sys, geoindex, geoindex.retrieval.prior, geoindex.api; "
+            "assert 'geoclip' not in sys.modules, 'geoclip'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -270,7 +271,7 @@ def test_inject_indexed_equals_on_the_fly(small_index, rendered_source, fixed_pr
 
 
 def test_inject_skips_tiles_outside_a_region(small_index):
-    from geoindex.coverage import Coverage
+    from geoindex.geometry.coverage import Coverage
 
     index = geoindex.open_index(small_index)
     west = index.within(Coverage.from_bbox(-180, -85, -1, 85))
@@ -340,10 +341,10 @@ def test_search_api_with_a_loaded_prior(small_index, pooled_prior, tmp_path):
 
 def test_evaluate_with_prior(small_index, pooled_prior, tmp_path):
     """evaluate(prior=...): rerank with weight 0 scores exactly like no prior; inject runs every k."""
-    from geoindex.beam import PriorOptions
-    from geoindex.dataset import PhotoTable
-    from geoindex.evaluate import evaluate
-    from geoindex.tiles import tile_center
+    from geoindex.geometry.tiles import tile_center
+    from geoindex.retrieval.beam import PriorOptions
+    from geoindex.training.dataset import PhotoTable
+    from geoindex.training.evaluate import evaluate
 
     paths, lat, lon = [], [], []
     for i, img in enumerate(_queries(6, zoom=3, seed=11)):

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import geoindex
-from geoindex.build import BuildIncompleteError
 from geoindex.errors import ConfigError
-from geoindex.store import list_shards, read_embeddings
+from geoindex.storage.build import BuildIncompleteError
+from geoindex.storage.store import list_shards, read_embeddings
 from pipelines import build_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def ray_local():
     pytest.importorskip("ray.data", reason=RAY_MISSING)
     import ray
 
-    from geoindex.distributed import init_ray
+    from geoindex.storage.distributed import init_ray
 
     if ray.is_initialized():
         ray.shutdown()
@@ -159,7 +159,7 @@ def test_failed_shard_is_reported_then_resumed(tmp_path, tile_dir, local_index, 
 
 def test_worker_errors_keep_their_type(tmp_path, tile_dir, ray_local, monkeypatch):
     """An encoder the driver has but the workers lack: the driver raises the workers' ConfigError."""
-    from geoindex.encoders import ENCODERS
+    from geoindex.models.encoders import ENCODERS
 
     monkeypatch.setitem(ENCODERS, "tiny-driver-only", dataclasses.replace(ENCODERS["tiny"], name="tiny-driver-only"))
     cfg = build_index.parse_args(["--zoom", "1", "--index", str(tmp_path), "--source", str(tile_dir), "--quiet",
@@ -170,7 +170,7 @@ def test_worker_errors_keep_their_type(tmp_path, tile_dir, ray_local, monkeypatc
 
 def test_worker_that_does_not_see_the_index_refuses(tmp_path):
     """No Ray needed: an actor whose node lacks the index folder fails every shard with an actionable error."""
-    from geoindex.distributed import EncoderRecipe, _ShardEncoder
+    from geoindex.storage.distributed import EncoderRecipe, _ShardEncoder
 
     # The actor sets process-wide state (torch threads, a root-log filter); other tests' builds depend on it.
     threads, filters = torch.get_num_threads(), list(logging.getLogger().filters)
@@ -189,7 +189,7 @@ def test_worker_that_does_not_see_the_index_refuses(tmp_path):
 
 def test_pool_size_follows_cluster_resources():
     pytest.importorskip("ray.data", reason=RAY_MISSING)
-    from geoindex.distributed import RayOptions
+    from geoindex.storage.distributed import RayOptions
 
     assert RayOptions().pool_size({"CPU": 8.0}, shards=100) == 8
     assert RayOptions(cpus_per_actor=3).pool_size({"CPU": 8.0}, shards=100) == 2
@@ -205,7 +205,7 @@ def test_pool_size_follows_cluster_resources():
 
 def test_ray_is_optional(tmp_path, capsys, monkeypatch):
     """geoindex never imports ray by itself; without it --engine ray says how to install it."""
-    code = ("import sys, geoindex, geoindex.build, geoindex.distributed, pipelines.build_index; "
+    code = ("import sys, geoindex, geoindex.storage.build, geoindex.storage.distributed, pipelines.build_index; "
             "assert 'ray' not in sys.modules, 'ray imported at module import time'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
     for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:

@@ -10,14 +10,14 @@ import pytest
 from PIL import Image
 
 import geoindex
-from geoindex.beam import DEFAULT_TEMPERATURE
 from geoindex.errors import TileNotFoundError
-from geoindex.outputs import result_to_dict
-from geoindex.outputs.geojson import to_geojson
-from geoindex.render import basemap_tile, draw_map
-from geoindex.results import Candidate, LevelTrace, SearchResult, areas, tile_probabilities
+from geoindex.geometry.tiles import tile_center
+from geoindex.interfaces.outputs import result_to_dict
+from geoindex.interfaces.outputs.geojson import to_geojson
+from geoindex.interfaces.render import basemap_tile, draw_map
+from geoindex.retrieval.beam import DEFAULT_TEMPERATURE
+from geoindex.retrieval.results import Candidate, LevelTrace, SearchResult, areas, tile_probabilities
 from geoindex.sources import MemorySource, RasterSource
-from geoindex.tiles import tile_center
 from tests.conftest import render_tile
 
 T = mercantile.Tile

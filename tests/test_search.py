@@ -9,10 +9,10 @@ from PIL import Image
 
 import geoindex
 from geoindex.api import OnTheFlySearcher
-from geoindex.build import build_level
 from geoindex.errors import ConfigError
+from geoindex.geometry.tiles import LevelSchedule
 from geoindex.sources import MemorySource
-from geoindex.tiles import LevelSchedule
+from geoindex.storage.build import build_level
 from tests.conftest import render_tile
 
 
@@ -165,7 +165,7 @@ def test_bad_k(small_index, k):
 
 
 def test_k_is_checked_once_per_call(small_index, monkeypatch):
-    from geoindex import beam
+    from geoindex.retrieval import beam
 
     calls = []
     check_k = beam.check_k
@@ -183,10 +183,10 @@ def test_k_is_checked_once_per_call(small_index, monkeypatch):
 
 
 def test_levels_that_take_an_injected_prior_declare_it(small_index):
-    from geoindex.levels import PriorLevel
-    from geoindex.levels.faiss import FaissLevel
-    from geoindex.levels.lazy import LazyLevel
-    from geoindex.levels.onthefly import OnTheFlyLevel
+    from geoindex.retrieval.levels import PriorLevel
+    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.retrieval.levels.lazy import LazyLevel
+    from geoindex.retrieval.levels.onthefly import OnTheFlyLevel
 
     index = geoindex.open_index(small_index)
     assert all(isinstance(level, PriorLevel) for level in index.levels)
@@ -206,9 +206,9 @@ def test_build_and_on_the_fly_read_rgba_tiles_alike(tiny_encoder):
     step (tile_encoding), so both composite over white and give the same embeddings."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from geoindex.build import encode_tiles
-    from geoindex.levels.onthefly import OnTheFlyLevel
-    from geoindex.tiles import tile_code_array
+    from geoindex.geometry.tiles import tile_code_array
+    from geoindex.retrieval.levels.onthefly import OnTheFlyLevel
+    from geoindex.storage.build import encode_tiles
 
     rng = np.random.default_rng(0)
     tiles = [mercantile.Tile(x, y, 2) for x in range(4) for y in range(4)]
@@ -243,7 +243,7 @@ def test_index_search_and_geoindex_search_agree_on_one_image_and_on_lists(small_
 
 
 def _hits(levels, xq, k):
-    from geoindex.beam import beam_search
+    from geoindex.retrieval.beam import beam_search
 
     return beam_search(xq, levels, k)
 
@@ -252,9 +252,9 @@ def _hits(levels, xq, k):
 def test_torch_search_gives_faiss_tiles_and_scores(small_index, k):
     """The batched torch search (CPU tensors here) keeps the same ids at every level as FAISS, with the same
     scores, also under a region's mask and where the beam is wider than a level."""
-    from geoindex.levels.faiss import FaissLevel
-    from geoindex.levels.torch import TorchLevel
-    from geoindex.store import level_embeddings
+    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.retrieval.levels.torch import TorchLevel
+    from geoindex.storage.store import level_embeddings
 
     index = geoindex.open_index(small_index)
     xq = index.embed(_queries(16, zoom=3, seed=k))
@@ -312,9 +312,9 @@ def test_faiss_gpu_search_gives_faiss_tiles_and_scores(small_index, monkeypatch,
     """The faiss-gpu path gathers each query's children (allowed rows only) and searches them with knn_gpu:
     the same ids and scores as FAISS on the CPU at every level, also under a region's mask and where the
     beam is wider than a level; the trace says faiss-gpu ran."""
-    from geoindex.levels.faiss import FaissLevel
-    from geoindex.levels.torch import TorchLevel
-    from geoindex.store import level_embeddings
+    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.retrieval.levels.torch import TorchLevel
+    from geoindex.storage.store import level_embeddings
 
     calls = _stand_in_faiss_gpu(monkeypatch)
     index = geoindex.open_index(small_index, search_backend="faiss")

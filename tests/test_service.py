@@ -17,9 +17,9 @@ pytest.importorskip("multipart")
 from PIL import ExifTags, Image  # noqa: E402
 from PIL.TiffImagePlugin import IFDRational as R  # noqa: E402
 
-from geoindex.coverage import Coverage  # noqa: E402
 from geoindex.errors import ConfigError  # noqa: E402
-from geoindex.service import create_app  # noqa: E402
+from geoindex.geometry.coverage import Coverage  # noqa: E402
+from geoindex.interfaces.service import create_app  # noqa: E402
 from tests.conftest import render_tile, serving  # noqa: E402
 
 T = mercantile.Tile
@@ -111,7 +111,7 @@ def basemap_server(tmp_path_factory, small_index, rendered_source) -> Iterator[s
     import dataclasses
     import shutil
 
-    from geoindex.manifest import Manifest
+    from geoindex.storage.manifest import Manifest
 
     path = tmp_path_factory.mktemp("basemap") / "index"
     shutil.copytree(small_index, path)

@@ -25,7 +25,7 @@ pytest.importorskip("multipart")
 from PIL import ExifTags, Image  # noqa: E402
 from PIL.TiffImagePlugin import IFDRational as R  # noqa: E402
 
-from geoindex.service import create_app  # noqa: E402
+from geoindex.interfaces.service import create_app  # noqa: E402
 from tests.conftest import render_tile, serving  # noqa: E402
 
 T = mercantile.Tile
@@ -310,8 +310,8 @@ def strict_server(tmp_path_factory, small_index, rendered_source) -> Iterator[st
     import dataclasses
 
     from geoindex import open_index
-    from geoindex.calibrate import fit_calibration, save_calibration, view_queries
-    from geoindex.manifest import Manifest
+    from geoindex.storage.manifest import Manifest
+    from geoindex.training.calibrate import fit_calibration, save_calibration, view_queries
 
     path = tmp_path_factory.mktemp("strict") / "index"
     shutil.copytree(small_index, path)

@@ -7,10 +7,10 @@ import shutil
 
 import pytest
 
-from geoindex.encoders import create_encoder, load_map_encoder
 from geoindex.errors import EncoderMismatchError
-from geoindex.shipped import MANIFEST, SHIPPED_ROOT, check_top1, shipped_encoders
+from geoindex.models.encoders import create_encoder, load_map_encoder
 from geoindex.sources import open_source
+from geoindex.training.shipped import MANIFEST, SHIPPED_ROOT, check_top1, shipped_encoders
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

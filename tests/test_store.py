@@ -7,11 +7,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geoindex.beam import beam_search
 from geoindex.errors import ConfigError, IndexFormatError
-from geoindex.levels.faiss import FaissLevel
-from geoindex.manifest import EncoderIdentity, Manifest
-from geoindex.store import (
+from geoindex.geometry.tiles import LevelSchedule, children_array, quadkey_int_array
+from geoindex.retrieval.beam import beam_search
+from geoindex.retrieval.levels.faiss import FaissLevel
+from geoindex.storage.manifest import EncoderIdentity, Manifest
+from geoindex.storage.store import (
     FAISS_FILE,
     RERANK_CODEBOOK,
     RERANK_FILE,
@@ -26,7 +27,6 @@ from geoindex.store import (
     shard_path,
     write_shard,
 )
-from geoindex.tiles import LevelSchedule, children_array, quadkey_int_array
 
 
 def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
@@ -187,11 +187,11 @@ def test_pq_level_reranks_from_its_rerank_copy(tmp_path, children, codec):
 
 
 def test_resident_levels_fill_ram_from_the_top(monkeypatch):
-    monkeypatch.setattr("geoindex.store.mem_available_bytes", lambda: 64 << 30)
+    monkeypatch.setattr("geoindex.storage.store.mem_available_bytes", lambda: 64 << 30)
     mib = 1 << 20
     assert resident_levels([mib, 10 * mib, 1 << 30, 20 << 30], "auto") == [True, True, True, False]
     assert resident_levels([mib, 3 << 30, mib], "auto") == [True, False, False]  # never below a mapped level
-    monkeypatch.setattr("geoindex.store.mem_available_bytes", lambda: 8 * mib)  # a quarter of free RAM at most
+    monkeypatch.setattr("geoindex.storage.store.mem_available_bytes", lambda: 8 * mib)  # a quarter of free RAM at most
     assert resident_levels([mib, mib, 4 * mib], "auto") == [True, True, False]
     assert resident_levels([mib, 20 << 30], True) == [True, True]
     assert resident_levels([mib, mib], False) == [False, False]
@@ -216,7 +216,7 @@ def test_column_to_numpy_matches_pyarrow_on_sliced_chunks_and_refuses_nulls():
     """Reading a column from its buffers (pyarrow's to_numpy imports pandas) gives what pyarrow gives."""
     import pyarrow as pa
 
-    from geoindex.store import column_to_numpy
+    from geoindex.storage.store import column_to_numpy
 
     for kind, values in ((pa.int64(), range(10)), (pa.int32(), range(-5, 5)), (pa.float16(), np.linspace(0, 1, 10))):
         whole = pa.array(np.asarray(list(values)), type=kind)

@@ -12,8 +12,8 @@ import torch
 from conftest import render_tile
 
 from geoindex.errors import GeoIndexError
+from geoindex.models.tile_encoding import TileProcessPool, encode_tile_batches, load_tile, loader_pool, read_tile
 from geoindex.sources import DirectorySource, MBTilesSource, MemorySource, write_mbtiles
-from geoindex.tile_encoding import TileProcessPool, encode_tile_batches, load_tile, loader_pool, read_tile
 
 # zoom 3 with two tiles missing from the source, so that batches have gaps
 TILES = [mercantile.Tile(x, y, 3) for x in range(8) for y in range(4)]
@@ -103,7 +103,7 @@ def test_remote_sources_load_in_threads(tiny_encoder):
 
 
 def test_normalize_pixels_equals_the_table_bit_for_bit():
-    from geoindex.pixels import ResizeCropNormalize, normalize_pixels
+    from geoindex.models.pixels import ResizeCropNormalize, normalize_pixels
 
     rgb = ((np.arange(32 * 32 * 8)[:, None] + [0, 77, 155]) % 256).astype(np.uint8).reshape(8, 32, 32, 3)
     prep = ResizeCropNormalize(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -122,8 +122,8 @@ def test_encode_pixels_on_a_cpu_normalizes_as_normalize_pixels(tiny_encoder):
     """The numpy table a CPU network's crops are normalised with (no torch operator) gives normalize_pixels' tensor."""
     from unittest import mock
 
-    from geoindex import encoders
-    from geoindex.pixels import normalize_pixels
+    from geoindex.models import encoders
+    from geoindex.models.pixels import normalize_pixels
 
     prep = tiny_encoder.preprocess
     rgb = np.random.default_rng(7).integers(0, 256, (5, prep.size, prep.size, 3), dtype=np.uint8)

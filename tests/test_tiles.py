@@ -1,4 +1,4 @@
-"""Property tests for geoindex.tiles: agreement with mercantile and with the paper's eq. 1-6."""
+"""Property tests for geoindex.geometry.tiles: agreement with mercantile and with the paper's eq. 1-6."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from geoindex.errors import ConfigError
-from geoindex.tiles import (
+from geoindex.geometry.tiles import (
     MAX_LATITUDE,
     MAX_ZOOM,
     LevelSchedule,
@@ -518,7 +518,7 @@ def test_level_schedule_replace_validates() -> None:
 
 @given(z=st.integers(0, 30), data=st.data())
 def test_tile_codes_round_trip(z, data):
-    from geoindex.tiles import tile_code, tile_code_array, tile_of_code, tile_xy_of_code_array
+    from geoindex.geometry.tiles import tile_code, tile_code_array, tile_of_code, tile_xy_of_code_array
 
     x = data.draw(st.integers(0, (1 << z) - 1))
     y = data.draw(st.integers(0, (1 << z) - 1))

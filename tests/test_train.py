@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from geoindex.dataset import tile_codes
-from geoindex.encoders import load_map_encoder, mark_trainable
 from geoindex.errors import ConfigError
-from geoindex.tiles import tile_center
-from geoindex.train import (
+from geoindex.geometry.tiles import tile_center
+from geoindex.models.encoders import load_map_encoder, mark_trainable
+from geoindex.training.dataset import tile_codes
+from geoindex.training.train import (
     TrainConfig,
     batch_targets,
     contrastive_loss,
@@ -95,7 +95,7 @@ def test_a_shared_tile_is_not_a_negative():
 
 
 def test_batch_loader_dedupes_tiles(tiny_encoder, rendered_source):
-    from geoindex.train_batches import TileBatches
+    from geoindex.training.train_batches import TileBatches
 
     codes = np.array([5, 5, 6, 9], dtype=np.int64)
     ds = TileBatches([np.arange(4)], codes, rendered_source, tiny_encoder.preprocess, zoom=2)
@@ -105,7 +105,7 @@ def test_batch_loader_dedupes_tiles(tiny_encoder, rendered_source):
 
 
 def test_batch_loader_adds_level_negatives_and_skips_cached_tiles(tiny_encoder, rendered_source):
-    from geoindex.train_batches import TileBatches
+    from geoindex.training.train_batches import TileBatches
 
     codes = np.array([5, 5, 6], dtype=np.int64)
     pool = np.arange(16, dtype=np.int64)  # every zoom-2 tile
@@ -124,7 +124,7 @@ def test_batch_loader_adds_level_negatives_and_skips_cached_tiles(tiny_encoder, 
 
 def test_trunk_cache_gives_the_features_of_the_whole_network(tiny_encoder, rendered_source):
     """Head over cached trunk outputs == the full network on the tiles, in any mix of cached and fresh."""
-    from geoindex.train_batches import TileBatches, TrunkCache
+    from geoindex.training.train_batches import TileBatches, TrunkCache
 
     enc = init_map_encoder(tiny_encoder, None)
     trunk, head = enc.split()
@@ -207,7 +207,7 @@ def test_only_intended_parameters_change(tmp_path, tiny_encoder, rendered_source
     assert changed and changed <= intended
     assert any(k.startswith("transformer.resblocks.") for k in changed) and "proj" in changed
     # The photo encoder is frozen: untouched by training.
-    from geoindex.encoders import _state_fingerprint
+    from geoindex.models.encoders import _state_fingerprint
 
     assert _state_fingerprint(tiny_encoder.visual) == fingerprint
     assert all(torch.equal(v, base_state[k]) for k, v in tiny_encoder.visual.state_dict().items())
@@ -288,7 +288,7 @@ def test_config_is_validated():
 
 
 def test_train_pipeline_end_to_end(tmp_path, tiny_encoder, caplog):
-    from geoindex.dataset import PhotoTable, read_photo_csv, write_photo_csv
+    from geoindex.training.dataset import PhotoTable, read_photo_csv, write_photo_csv
     from pipelines import train as train_pipeline
 
     tiles_dir = tmp_path / "tiles"

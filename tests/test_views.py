@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 
 from geoindex.errors import ConfigError
+from geoindex.geometry.tiles import tile_of
 from geoindex.sources import MemorySource
-from geoindex.tiles import tile_of
-from geoindex.views import Mosaic, ViewStyle, random_views
+from geoindex.training.views import Mosaic, ViewStyle, random_views
 
 
 def _flat_colour(tile: mercantile.Tile) -> tuple[int, int, int]:

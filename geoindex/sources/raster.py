@@ -16,9 +16,9 @@ import numpy.typing as npt
 from PIL import Image, UnidentifiedImageError
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError
+from geoindex.geometry.tiles import merc_latlon_array, view_merc_grid
 from geoindex.imagery import to_rgb
 from geoindex.sources.base import Scheme, SourceKind, after_colon
-from geoindex.tiles import merc_latlon_array, view_merc_grid
 
 __all__ = ["KIND", "RasterSource", "embedded_world_raster", "open_raster"]
 

@@ -1,0 +1,1 @@
+"""Encoders: the registry, families, runtimes and preprocessing, and tiles -> embeddings."""

@@ -1,0 +1,1 @@
+"""Answering a query: the level kinds, the beam search, priors, calibrated results."""

@@ -1,0 +1,120 @@
+"""Level kinds of the hierarchy: what the beam search asks one zoom level, and the helper every kind shares.
+
+A level answers one question: given query embeddings ``xq`` (n, d) and, per query, the ids kept at
+the level above (n, w; -1 pads), return the top-k (D, I) among their children. The kinds:
+
+- ``levels.faiss.FaissLevel``: a stored level searched with FAISS on the CPU (restricted IVF search);
+- ``levels.torch.TorchLevel``: a stored level searched on a device (torch, or faiss-gpu where installed);
+- ``levels.onthefly.OnTheFlyLevel``: tiles encoded at query time from a tile source (the paper's inference);
+- ``levels.lazy.LazyLevel``: tiles encoded on first use and appended to the index.
+
+This module holds only the protocols and ``children_codes``: it imports no level kind, so the beam
+search (``geoindex.retrieval.beam``) and every kind can import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from geoindex.geometry.tiles import children_array, tile_code_array, tile_xy_of_code_array
+
+__all__ = ["KeepFn", "Level", "LevelHits", "PriorLevel", "children_codes", "code_tiles"]
+
+KeepFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # coverage filter: tiles (x, y) -> bool array
+
+
+class Level(Protocol):
+    """One zoom level of the hierarchy, as the beam search sees it.
+
+    ``tiles_encoded`` counts the tiles the level encoded while answering (on-the-fly and lazy
+    levels; 0 for stored ones), and ``trace_note`` says how the last search was answered, for the
+    result's trace (None when there is nothing to say).
+    """
+
+    zoom: int
+    tiles_encoded: int
+
+    def trace_note(self) -> str | None:
+        """How the last search was answered (lazy: stored, encoded or on the fly), or None."""
+        ...
+
+    def search(
+        self, xq: npt.NDArray[np.float32], k: int, parents: npt.NDArray[np.int64] | None
+    ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
+        """Top-k children of ``parents`` (n, w) for each query (n, d); None = the whole level.
+
+        Returns D (n, k) float32 scores, best first, and I (n, k) int64 ids, -1 where fewer exist.
+        """
+        ...
+
+    def tiles(self, ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Tile (x, y) of each id, same shape as ids; -1 where the id is -1."""
+        ...
+
+
+@runtime_checkable
+class PriorLevel(Level, Protocol):
+    """A level that can take a prior's tile (``inject``): it finds a tile's row and scores one given row."""
+
+    def ids_of(self, x: npt.NDArray[np.int64], y: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Id of each tile (x, y) at this level, same shape; -1 where the level lacks it."""
+        ...
+
+    def score_ids(
+        self, xq: npt.NDArray[np.float32], ids: npt.NDArray[np.int64], parents: npt.NDArray[np.int64] | None
+    ) -> npt.NDArray[np.float32]:
+        """Score (n,) of one given id per query, as ``search`` would report it; NEG where it cannot be returned."""
+        ...
+
+
+@dataclass(frozen=True)
+class LevelHits:
+    """What one level kept for a batch of queries: scores D, ids I and tiles x, y, all (n, k)."""
+
+    zoom: int
+    D: npt.NDArray[np.float32]
+    I: npt.NDArray[np.int64]  # noqa: E741 - FAISS's name
+    x: npt.NDArray[np.int64]
+    y: npt.NDArray[np.int64]
+    note: str | None = field(default=None, kw_only=True)  # how the level answered (lazy levels: stored or encoded)
+
+
+def children_codes(
+    px: npt.NDArray[np.int64], py: npt.NDArray[np.int64], *, zoom: int, step: int, keep: KeepFn | None = None
+) -> npt.NDArray[np.int64]:
+    """Tile codes at ``zoom`` of the children of parent tiles (px, py) at ``zoom - step``.
+
+    Args:
+        px, py: (n, w) int64 parent tiles per query; -1 pads.
+        zoom: the children's zoom.
+        step: zooms between parent and children (each parent has ``4**step`` children).
+        keep: optional coverage filter, called once on the 1-d (x, y) of the children of valid parents.
+
+    Returns:
+        (n, w * 4**step) int64 codes ``(y << zoom) | x``, a parent's children contiguous in
+        ``children_array``'s order; -1 under a padding parent and where ``keep`` drops the tile.
+    """
+    px = np.asarray(px, dtype=np.int64)
+    py = np.asarray(py, dtype=np.int64)
+    valid = px >= 0
+    n = px.shape[0]
+    cx, cy = children_array(np.where(valid, px, 0).ravel(), np.where(valid, py, 0).ravel(),
+                            zoom=zoom - step, step=step)
+    cx = cx.reshape(n, -1)
+    cy = cy.reshape(n, -1)
+    ok = np.repeat(valid, 4**step, axis=1)
+    if keep is not None and ok.any():
+        ok[ok] = np.asarray(keep(cx[ok], cy[ok]), dtype=bool)
+    return np.where(ok, tile_code_array(cx, cy, zoom=zoom), -1)
+
+
+def code_tiles(ids: npt.NDArray[np.int64], *, zoom: int) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Tile (x, y) of each id of a level whose ids are tile codes (on-the-fly, lazy); -1 where the id is -1."""
+    valid = ids >= 0
+    x, y = tile_xy_of_code_array(ids, zoom=zoom)
+    return np.where(valid, x, -1), np.where(valid, y, -1)

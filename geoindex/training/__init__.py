@@ -1,0 +1,2 @@
+"""Training and judging the map encoders: photo datasets, views, batches, evaluation, calibration fitting,
+the encoders that ship."""
