@@ -37,8 +37,11 @@ from benchmarks._common import (
 
 NAME = "open_time"
 WORKER = """
-import json, sys, time
-from geoindex.storage.store import open_store
+import json, os, sys, time
+if os.path.isdir("geoindex/storage"):  # the tree's own layout: subpackages, or the flat one before them
+    from geoindex.storage.store import open_store
+else:
+    from geoindex.store import open_store
 times = []
 for _ in range(int(sys.argv[2])):
     t = time.perf_counter()
