@@ -130,12 +130,12 @@ def write_jpeg_folder(source: Any, tiles: list[mercantile.Tile], root: Path) -> 
 
 
 def run(a: argparse.Namespace, argv: Sequence[str] | None) -> Report:
-    from geoindex.models.families import _IMAGENET_MEAN, _IMAGENET_STD
+    from geoindex.models.families import IMAGENET_MEAN, IMAGENET_STD
     from geoindex.models.pixels import ResizeCropNormalize
     from geoindex.sources import DirectorySource, RasterSource
 
     bench = BenchRun.start(NAME, argv)
-    step = ResizeCropNormalize(224, _IMAGENET_MEAN, _IMAGENET_STD).crop  # EfficientNet-Lite0's loader step
+    step = ResizeCropNormalize(224, IMAGENET_MEAN, IMAGENET_STD).crop  # EfficientNet-Lite0's loader step
     side = 1 << a.zoom
     tiles = [mercantile.Tile(x, y, a.zoom) for y in range(side) for x in range(side)]
     raster = RasterSource()

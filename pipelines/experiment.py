@@ -321,7 +321,7 @@ def make_views(cfg: Config, source: TileSource, plan: Plan) -> dict[str, PhotoTa
     return tables
 
 
-def _prepare(cfg: Config, source: TileSource) -> tuple[Plan, dict[str, int]]:
+def prepare(cfg: Config, source: TileSource) -> tuple[Plan, dict[str, int]]:
     """The plan and views, made once per plan identity (``<out>/plan.json`` is written last)."""
     plan_file = cfg.out / "plan.json"
     identity = cfg.plan_identity()
@@ -401,7 +401,7 @@ def run(cfg: Config) -> dict[str, EvalReport]:
     source_spec = cfg.source or (str(SHARED_BLUEMARBLE) if SHARED_BLUEMARBLE.is_dir() else "bluemarble")
     source = open_source(source_spec)
     t0 = time.perf_counter()
-    plan, counts = _prepare(cfg, source)
+    plan, counts = prepare(cfg, source)
     timings = {"places + views": time.perf_counter() - t0}
     log.info("views: %s", ", ".join(f"{v} {k}" for k, v in counts.items()))
 

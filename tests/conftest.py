@@ -38,13 +38,13 @@ def png_claiming(width: int, height: int) -> bytes:
 def relist(index_dir: Path) -> None:
     """Record the files' current sizes and checksums in the manifest, as a consistent-looking index would."""
     from geoindex.storage.manifest import Manifest
-    from geoindex.storage.store import _file_info, level_dir
+    from geoindex.storage.store import file_info, level_dir
 
     manifest = Manifest.load(index_dir)
     levels = []
     for lv in manifest.levels:
         ldir = level_dir(index_dir, lv.zoom)
-        levels.append(dataclasses.replace(lv, files=tuple(_file_info(ldir / f.name) for f in lv.files)))
+        levels.append(dataclasses.replace(lv, files=tuple(file_info(ldir / f.name) for f in lv.files)))
     dataclasses.replace(manifest, levels=tuple(levels)).save(index_dir)
 
 

@@ -141,20 +141,20 @@ def test_faiss_ids_are_checked_on_open_without_checksums(index_copy, change):
 
 
 def test_faiss_ids_fast_path_agrees_with_faiss(small_index):
-    from geoindex.storage.store import _ivf_ids_fast, _ivf_ids_slow
+    from geoindex.storage.store import ivf_ids_fast, ivf_ids_slow
 
     for zoom in (2, 3):
         path = level_dir(small_index, zoom) / FAISS_FILE
         index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-        sizes, slow = _ivf_ids_slow(index)
-        fast = _ivf_ids_fast(path, index, sizes)
+        sizes, slow = ivf_ids_slow(index)
+        fast = ivf_ids_fast(path, index, sizes)
         assert fast is not None  # the layout was recognised, so large indexes take the fast path
         assert np.array_equal(fast, slow) and np.array_equal(slow, np.arange(index.ntotal))
 
 
 @pytest.mark.parametrize("nonempty", [[1, 4, 7], list(range(9))], ids=["sparse", "full"])
 def test_faiss_ids_fast_path_reads_both_list_layouts(tmp_path, nonempty):
-    from geoindex.storage.store import _ivf_ids_fast, _ivf_ids_slow
+    from geoindex.storage.store import ivf_ids_fast, ivf_ids_slow
 
     d, nlist = 6, 10  # code size 12: not a multiple of 8, the byte-gather path
     parents = np.sort(np.repeat(np.array(nonempty), 3)).astype(np.int64)
@@ -166,8 +166,8 @@ def test_faiss_ids_fast_path_reads_both_list_layouts(tmp_path, nonempty):
     path = tmp_path / "ivf.faiss"
     write_faiss(ivf, path)
     index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
-    sizes, slow = _ivf_ids_slow(index)
-    fast = _ivf_ids_fast(path, index, sizes)
+    sizes, slow = ivf_ids_slow(index)
+    fast = ivf_ids_fast(path, index, sizes)
     assert fast is not None and np.array_equal(fast, slow) and np.array_equal(fast, ids)
 
 

@@ -237,13 +237,13 @@ def test_public_names_still_resolve_lazily():
 def test_slow_loading_is_announced_on_stderr(capsys):
     import time
 
-    from geoindex.interfaces.cli import _loading
+    from geoindex.interfaces.cli import loading_notice
 
-    with _loading("the thing", quiet=False, after=0.05):
+    with loading_notice("the thing", quiet=False, after=0.05):
         time.sleep(0.3)
-    with _loading("the quick thing", quiet=False, after=5.0):
+    with loading_notice("the quick thing", quiet=False, after=5.0):
         pass
-    with _loading("the quiet thing", quiet=True, after=0.05):
+    with loading_notice("the quiet thing", quiet=True, after=0.05):
         time.sleep(0.2)
     err = capsys.readouterr().err
     assert err == "loading the thing ...\n"

@@ -137,7 +137,7 @@ def test_download_only_when_asked(weights_server, monkeypatch, tmp_path):
     assert hits == []  # nothing was fetched without asking
     enc = create_encoder("tiny-hub", download=True)
     assert hits == ["/tiny.pt"]
-    expected = encoders._state_fingerprint(model.visual)
+    expected = encoders.state_fingerprint(model.visual)
     assert enc.base_fingerprint == expected
     again = create_encoder("tiny-hub")  # now found in the cache, no request
     assert again.base_fingerprint == expected and hits == ["/tiny.pt"]

@@ -10,7 +10,7 @@ from PIL import Image
 from geoindex.geometry.tiles import tile_of
 from geoindex.sources import MemorySource
 from geoindex.training.dataset import read_photo_csv
-from pipelines.experiment import Config, _prepare, parse_args, plan_places
+from pipelines.experiment import Config, parse_args, plan_places, prepare
 
 
 def _textured(tile: mercantile.Tile) -> Image.Image:
@@ -47,7 +47,7 @@ def test_heldout_tiles_and_regions_are_disjoint_from_training(tmp_path, source):
 
 def test_views_of_heldout_places_never_reach_the_training_csv(tmp_path, source):
     cfg = _cfg(tmp_path, candidates=32, tiles=8, regions=1, train_tiles="eval")
-    plan, counts = _prepare(cfg, source)
+    plan, counts = prepare(cfg, source)
     training = read_photo_csv(tmp_path / "views-training.csv")
     trained_tiles = {tile_of(a, o, zoom=6) for a, o in zip(training.lat, training.lon)}
     assert trained_tiles == set(plan.trained) | set(plan.extra)
@@ -58,7 +58,7 @@ def test_views_of_heldout_places_never_reach_the_training_csv(tmp_path, source):
     # Other views of trained tiles are held out by view: the training CSV marks them test.
     heldout = read_photo_csv(tmp_path / "views-heldout.csv")
     assert set(heldout.paths) <= {p for p, s in zip(training.paths, training.split) if s == "test"}
-    again = _prepare(cfg, source)  # same identity: reused, not rendered again
+    again = prepare(cfg, source)  # same identity: reused, not rendered again
     assert again == (plan, counts)
 
 

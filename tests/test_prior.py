@@ -18,7 +18,7 @@ from geoindex.geometry.tiles import tile_of
 from geoindex.retrieval import prior as gp
 from geoindex.retrieval.beam import PriorOptions
 from tests.conftest import render_tile
-from tests.test_search import _queries
+from tests.test_search import random_queries
 
 GALLERY_STRIDE = 100  # every 100th of GeoCLIP's 100k points: 1,000 real points, embedded in about a second
 
@@ -229,7 +229,7 @@ def test_tile_mass_is_the_probability_of_the_tiles_area(pooled_prior):
 
 def test_inject_puts_geoclips_tile_in_the_beam_at_every_level(small_index, fixed_prior):
     index = geoindex.open_index(small_index)
-    queries = _queries(12, zoom=3, seed=11)
+    queries = random_queries(12, zoom=3, seed=11)
     plain = index.search(queries, k=1)
     injected = index.search(queries, k=1, prior=fixed_prior, prior_mode="inject")
     lat, lon = fixed_prior.predict(queries[:1]).top_location()
@@ -249,7 +249,7 @@ def test_inject_puts_geoclips_tile_in_the_beam_at_every_level(small_index, fixed
 
 def test_injected_tile_carries_its_true_score(small_index, tiny_encoder, rendered_source):
     index = geoindex.open_index(small_index)
-    queries = _queries(6, zoom=3, seed=12)
+    queries = random_queries(6, zoom=3, seed=12)
     xq = index.embed(queries)
     target = mercantile.Tile(7, 6, 3)
     results = index.search_embeddings(xq, k=1, prior=TilePriorAt(target, len(xq)))
@@ -265,7 +265,7 @@ def test_injected_tile_carries_its_true_score(small_index, tiny_encoder, rendere
 def test_inject_indexed_equals_on_the_fly(small_index, rendered_source, fixed_prior):
     index = geoindex.open_index(small_index)
     otf = OnTheFlySearcher.for_index(index, rendered_source)
-    queries = _queries(8, zoom=3, seed=13)
+    queries = random_queries(8, zoom=3, seed=13)
     for a, b in zip(index.search(queries, k=2, prior=fixed_prior), otf.search(queries, k=2, prior=fixed_prior)):
         assert [t.tiles for t in a.trace] == [t.tiles for t in b.trace]
 
@@ -275,7 +275,7 @@ def test_inject_skips_tiles_outside_a_region(small_index):
 
     index = geoindex.open_index(small_index)
     west = index.within(Coverage.from_bbox(-180, -85, -1, 85))
-    xq = index.embed(_queries(4, zoom=3, seed=14))
+    xq = index.embed(random_queries(4, zoom=3, seed=14))
     east_tile = mercantile.Tile(6, 3, 3)
     for r in west.search_embeddings(xq, k=1, prior=TilePriorAt(east_tile, len(xq))):
         assert all(t.x < (1 << t.z) // 2 for level in r.trace for t in level.tiles)
@@ -286,7 +286,7 @@ def test_inject_skips_tiles_outside_a_region(small_index):
 
 def test_rerank_with_weight_zero_equals_plain_search(small_index, pooled_prior):
     index = geoindex.open_index(small_index)
-    queries = _queries(10, zoom=3, seed=15)
+    queries = random_queries(10, zoom=3, seed=15)
     for k in (1, 3):
         plain = index.search(queries, k=k)
         reranked = index.search(queries, k=k, prior=pooled_prior, prior_mode="rerank", prior_weight=0.0)
@@ -298,7 +298,7 @@ def test_rerank_with_weight_zero_equals_plain_search(small_index, pooled_prior):
 def test_rerank_with_a_wide_beam_equals_the_exact_combined_ranking(small_index, pooled_prior, tiny_encoder,
                                                                     rendered_source):
     index = geoindex.open_index(small_index)
-    queries = _queries(6, zoom=3, seed=16)
+    queries = random_queries(6, zoom=3, seed=16)
     xq = index.embed(queries)
     belief = pooled_prior.predict(queries)
     options = PriorOptions("rerank", weight=0.3)
@@ -317,7 +317,7 @@ def test_rerank_with_a_wide_beam_equals_the_exact_combined_ranking(small_index, 
 
 def test_rerank_with_weight_one_follows_the_prior(small_index):
     index = geoindex.open_index(small_index)
-    xq = index.embed(_queries(5, zoom=3, seed=17))
+    xq = index.embed(random_queries(5, zoom=3, seed=17))
     target = mercantile.Tile(2, 5, 3)
     for r in index.search_embeddings(xq, k=2, prior=TilePriorAt(target, len(xq)),
                                      prior_options=PriorOptions("rerank", weight=1.0, pool=4)):
@@ -347,7 +347,7 @@ def test_evaluate_with_prior(small_index, pooled_prior, tmp_path):
     from geoindex.training.evaluate import evaluate
 
     paths, lat, lon = [], [], []
-    for i, img in enumerate(_queries(6, zoom=3, seed=11)):
+    for i, img in enumerate(random_queries(6, zoom=3, seed=11)):
         p = tmp_path / f"q{i}.png"
         Image.fromarray(img).save(p)
         paths.append(str(p))

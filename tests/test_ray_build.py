@@ -170,12 +170,12 @@ def test_worker_errors_keep_their_type(tmp_path, tile_dir, ray_local, monkeypatc
 
 def test_worker_that_does_not_see_the_index_refuses(tmp_path):
     """No Ray needed: an actor whose node lacks the index folder fails every shard with an actionable error."""
-    from geoindex.storage.distributed import EncoderRecipe, _ShardEncoder
+    from geoindex.storage.distributed import EncoderRecipe, ShardEncoder
 
     # The actor sets process-wide state (torch threads, a root-log filter); other tests' builds depend on it.
     threads, filters = torch.get_num_threads(), list(logging.getLogger().filters)
     try:
-        actor = _ShardEncoder(index_dir=str(tmp_path / "elsewhere"), zoom=1, plan_file="_plan-x.npy",
+        actor = ShardEncoder(index_dir=str(tmp_path / "elsewhere"), zoom=1, plan_file="_plan-x.npy",
                               identity={"zoom": 1}, shard_size=4, source="bluemarble", encoder=EncoderRecipe("tiny"),
                               device="cpu", threads=1, batch_size=4, workers=1)
         out = actor({"shard": np.array([0, 1])})

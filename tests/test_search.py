@@ -16,7 +16,7 @@ from geoindex.storage.build import build_level
 from tests.conftest import render_tile
 
 
-def _queries(n: int, zoom: int, seed: int = 0) -> list:
+def random_queries(n: int, zoom: int, seed: int = 0) -> list:
     """Rendered tiles of the deepest level, lightly perturbed so that no query is an exact copy."""
     rng = np.random.default_rng(seed)
     side = 1 << zoom
@@ -42,7 +42,7 @@ def _brute_force(index: geoindex.GeoIndex, encoder, source, xq: np.ndarray, zoom
 def test_indexed_equals_on_the_fly(small_index, rendered_source):
     index = geoindex.open_index(small_index)
     otf = OnTheFlySearcher.for_index(index, rendered_source)
-    queries = _queries(24, zoom=3)
+    queries = random_queries(24, zoom=3)
     indexed = index.search(queries, k=3)
     onthefly = otf.search(queries, k=3)
     assert len(indexed) == len(onthefly) == 24
@@ -61,7 +61,7 @@ def test_indexed_equals_on_the_fly_with_paper_step(tmp_path, tiny_encoder, rende
                     schedule=schedule, shard_size=100)
     index = geoindex.open_index(tmp_path)
     assert [s.rows for s in index.stored] == [1, 16, 256]
-    queries = _queries(20, zoom=4, seed=1)
+    queries = random_queries(20, zoom=4, seed=1)
     otf = OnTheFlySearcher.for_index(index, rendered_source)
     for a, b in zip(index.search(queries, k=2), otf.search(queries, k=2)):
         assert _trace_tiles(a) == _trace_tiles(b)
@@ -69,7 +69,7 @@ def test_indexed_equals_on_the_fly_with_paper_step(tmp_path, tiny_encoder, rende
 
 def test_wide_beam_equals_exhaustive(small_index, tiny_encoder, rendered_source):
     index = geoindex.open_index(small_index)
-    queries = _queries(20, zoom=3, seed=2)
+    queries = random_queries(20, zoom=3, seed=2)
     xq = index.embed(queries)
     results = index.search_embeddings(xq, k=64)  # 64 >= rows of every level
     assert [r.tile for r in results] == _brute_force(index, tiny_encoder, rendered_source, xq, 3)
@@ -77,7 +77,7 @@ def test_wide_beam_equals_exhaustive(small_index, tiny_encoder, rendered_source)
 
 def test_narrow_beam_scores_fewer_candidates_but_stays_consistent(small_index):
     index = geoindex.open_index(small_index)
-    xq = index.embed(_queries(5, zoom=3, seed=3))
+    xq = index.embed(random_queries(5, zoom=3, seed=3))
     for result in index.search_embeddings(xq, k=1):
         first, second, third = result.trace
         assert len(first.tiles) == len(second.tiles) == len(third.tiles) == 1
@@ -89,7 +89,7 @@ def test_narrow_beam_scores_fewer_candidates_but_stays_consistent(small_index):
 def test_padding_when_beam_exceeds_level(small_index):
     """k = 10 > 4 rows at zoom 1: FAISS pads with -1; the trace holds only real tiles."""
     index = geoindex.open_index(small_index)
-    result = index.search(_queries(1, zoom=3, seed=4), k=10)[0]
+    result = index.search(random_queries(1, zoom=3, seed=4), k=10)[0]
     assert len(result.trace[0].tiles) == 4
     assert len(result.trace[1].tiles) == 10
     assert all(t.x >= 0 and t.y >= 0 for level in result.trace for t in level.tiles)
@@ -111,7 +111,7 @@ def test_empty_child_lists(tmp_path, tiny_encoder, world):
         build_level(tmp_path, zoom, source=source, encoder=tiny_encoder, coverage=world, schedule=schedule)
     index = geoindex.open_index(tmp_path)
     assert [s.rows for s in index.stored] == [4, 12, 48]
-    queries = _queries(10, zoom=3, seed=5)
+    queries = random_queries(10, zoom=3, seed=5)
     xq = index.embed(queries)
     results = index.search_embeddings(xq, k=4)
     for r in results:
@@ -125,7 +125,7 @@ def test_empty_child_lists(tmp_path, tiny_encoder, world):
 
 def test_batch_equals_one_by_one(small_index):
     index = geoindex.open_index(small_index)
-    queries = _queries(8, zoom=3, seed=6)
+    queries = random_queries(8, zoom=3, seed=6)
     batch = index.search(queries, k=3)
     for q, r in zip(queries, batch):
         single = index.search(q, k=3)
@@ -154,14 +154,14 @@ def test_result_fields(small_index, tmp_path):
 
 
 def test_list_input_returns_list(small_index):
-    results = geoindex.search(_queries(2, zoom=3), k=2, index=small_index)
+    results = geoindex.search(random_queries(2, zoom=3), k=2, index=small_index)
     assert isinstance(results, list) and len(results) == 2
 
 
 @pytest.mark.parametrize("k", [0, -1, 2049, 1.5, True])
 def test_bad_k(small_index, k):
     with pytest.raises(ConfigError, match="1..2048"):
-        geoindex.search(_queries(1, zoom=3)[0], k=k, index=small_index)
+        geoindex.search(random_queries(1, zoom=3)[0], k=k, index=small_index)
 
 
 def test_k_is_checked_once_per_call(small_index, monkeypatch):
@@ -176,8 +176,8 @@ def test_k_is_checked_once_per_call(small_index, monkeypatch):
 
     monkeypatch.setattr(beam, "check_k", counting)  # every check goes through beam.beam_width
     index = geoindex.open_index(small_index)
-    geoindex.search(_queries(1, zoom=3)[0], k=3, index=index)
-    index.search(_queries(2, zoom=3), k=3)
+    geoindex.search(random_queries(1, zoom=3)[0], k=3, index=index)
+    index.search(random_queries(2, zoom=3), k=3)
     index.search_embeddings(np.zeros((1, index.photo_encoder.dim), np.float32), k=3)
     assert calls == [3, 3, 3]
 
@@ -233,7 +233,7 @@ def test_build_and_on_the_fly_read_rgba_tiles_alike(tiny_encoder):
 def test_index_search_and_geoindex_search_agree_on_one_image_and_on_lists(small_index):
     """One image in, one result out; a list in, a list out: the same for the method and the function."""
     index = geoindex.open_index(small_index)
-    photo = _queries(1, zoom=3)[0]
+    photo = random_queries(1, zoom=3)[0]
     one, function_one = index.search(photo, k=3), geoindex.search(photo, k=3, index=index)
     assert isinstance(one, geoindex.SearchResult) and _trace_tiles(one) == _trace_tiles(function_one)
     many = index.search([photo, photo], k=3)
@@ -257,7 +257,7 @@ def test_torch_search_gives_faiss_tiles_and_scores(small_index, k):
     from geoindex.storage.store import level_embeddings
 
     index = geoindex.open_index(small_index)
-    xq = index.embed(_queries(16, zoom=3, seed=k))
+    xq = index.embed(random_queries(16, zoom=3, seed=k))
     allowed = [np.arange(s.rows) % 3 != 1 for s in index.stored]
     for masks in (None, allowed):
         faiss_levels, torch_levels = [], []
@@ -276,7 +276,7 @@ def test_index_opened_with_the_torch_backend_answers_as_faiss(small_index):
     torch_index = geoindex.open_index(small_index, search_backend="torch")
     assert torch_index.search_backend == "torch" and faiss_index.search_backend == "faiss"
     assert geoindex.open_index(small_index).search_backend == "faiss"  # auto on a CPU
-    queries = _queries(8, zoom=3, seed=11)
+    queries = random_queries(8, zoom=3, seed=11)
     for a, b in zip(faiss_index.search(queries, k=3), torch_index.search(queries, k=3), strict=True):
         assert _trace_tiles(a) == _trace_tiles(b)
         np.testing.assert_allclose(a.score, b.score, atol=1e-5)
@@ -318,7 +318,7 @@ def test_faiss_gpu_search_gives_faiss_tiles_and_scores(small_index, monkeypatch,
 
     calls = _stand_in_faiss_gpu(monkeypatch)
     index = geoindex.open_index(small_index, search_backend="faiss")
-    xq = index.embed(_queries(16, zoom=3, seed=k))
+    xq = index.embed(random_queries(16, zoom=3, seed=k))
     allowed = [np.arange(s.rows) % 3 != 1 for s in index.stored]
     for masks in (None, allowed):
         faiss_levels, gpu_levels = [], []
@@ -338,7 +338,7 @@ def test_faiss_gpu_backend_answers_as_faiss_and_falls_back_to_torch(small_index,
     instead, with the same answers, and every level's trace says so."""
     import faiss
 
-    queries = _queries(8, zoom=3, seed=13)
+    queries = random_queries(8, zoom=3, seed=13)
     want = geoindex.open_index(small_index, search_backend="faiss").search(queries, k=3)
     assert all(lt.note is None for lt in want[0].trace)
     calls = _stand_in_faiss_gpu(monkeypatch)
@@ -365,7 +365,7 @@ def test_torch_search_on_cuda_matches_the_cpu(small_index):
     on_gpu = geoindex.open_index(small_index, device="cuda")
     assert on_gpu.search_backend == "torch"
     on_cpu = geoindex.open_index(small_index, search_backend="faiss")
-    queries = _queries(8, zoom=3, seed=12)
+    queries = random_queries(8, zoom=3, seed=12)
     xq = on_cpu.embed(queries)
     for a, b in zip(on_cpu.search_embeddings(xq, k=3), on_gpu.search_embeddings(xq, k=3), strict=True):
         assert _trace_tiles(a) == _trace_tiles(b)
@@ -384,7 +384,7 @@ def test_indexed_equals_on_the_fly_with_torch_preprocessing(tmp_path, tiny_encod
     index = geoindex.open_index(tmp_path)
     assert all(level.encoder.preprocessing == "torch" for level in index.manifest.levels)
     otf = OnTheFlySearcher.for_index(index, rendered_source)
-    queries = _queries(12, zoom=3, seed=21)
+    queries = random_queries(12, zoom=3, seed=21)
     for a, b in zip(index.search(queries, k=3), otf.search(queries, k=3), strict=True):
         assert _trace_tiles(a) == _trace_tiles(b)
     with pytest.raises(EncoderMismatchError):

@@ -457,7 +457,7 @@ def _bilinear_reference(pixels: np.ndarray, rows: np.ndarray, cols: np.ndarray) 
 def test_raster_sampling_equals_the_direct_formula(tmp_path):
     """Tiles and rotated views of a raster, sampled through packed pixels, are bit-identical to the
     plain bilinear formula, edges (clamped) included."""
-    from geoindex.sources.raster import _bilinear_points
+    from geoindex.sources.raster import bilinear_points
 
     rng = np.random.default_rng(7)
     pixels = rng.integers(0, 256, (90, 180, 3), dtype=np.uint8)
@@ -465,7 +465,7 @@ def test_raster_sampling_equals_the_direct_formula(tmp_path):
     source = RasterSource(tmp_path / "world.png")
     for rows, cols in [(rng.uniform(-3, 93, (64, 1)), rng.uniform(-3, 183, (1, 48))),
                        (rng.uniform(-3, 93, (40, 40)), rng.uniform(-3, 183, (40, 40)))]:
-        np.testing.assert_array_equal(_bilinear_points(source._words, source._shape, rows, cols),
+        np.testing.assert_array_equal(bilinear_points(source._words, source._shape, rows, cols),
                                       _bilinear_reference(pixels, rows, cols))
     tile = mercantile.Tile(1, 1, 2)
     t = (np.arange(256) + 0.5) / 256

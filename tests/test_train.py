@@ -207,9 +207,9 @@ def test_only_intended_parameters_change(tmp_path, tiny_encoder, rendered_source
     assert changed and changed <= intended
     assert any(k.startswith("transformer.resblocks.") for k in changed) and "proj" in changed
     # The photo encoder is frozen: untouched by training.
-    from geoindex.models.encoders import _state_fingerprint
+    from geoindex.models.encoders import state_fingerprint
 
-    assert _state_fingerprint(tiny_encoder.visual) == fingerprint
+    assert state_fingerprint(tiny_encoder.visual) == fingerprint
     assert all(torch.equal(v, base_state[k]) for k, v in tiny_encoder.visual.state_dict().items())
     hist = result.history
     assert [h.epoch for h in hist] == [0, 1, 2] and hist[0].loss is None and hist[1].loss is not None

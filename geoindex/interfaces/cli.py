@@ -217,7 +217,7 @@ def _batches(items: Sequence[str], size: int) -> Iterator[list[str]]:
 
 
 @contextlib.contextmanager
-def _loading(what: str, *, quiet: bool, after: float = 1.0) -> Iterator[None]:
+def loading_notice(what: str, *, quiet: bool, after: float = 1.0) -> Iterator[None]:
     """Say on stderr what is loading if it takes longer than ``after`` seconds (importing torch, opening an index).
 
     A SIGALRM timer, not a thread: importing torch holds the GIL for seconds at a time, so a timer
@@ -331,7 +331,7 @@ def _locate(args: argparse.Namespace) -> int:
     outputs = _file_outputs(args, images)
     region = _region(args)
 
-    with _loading(f"the index {args.index} and its photo encoder", quiet=args.quiet):
+    with loading_notice(f"the index {args.index} and its photo encoder", quiet=args.quiet):
         index = open_index(args.index, weights=args.weights, download=args.download, device=device,
                            verify=args.verify or None, precision=args.precision,
                            resident=_RESIDENT[args.resident], retry_missing=args.retry_missing)
@@ -443,7 +443,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not 0 < args.body_timeout < math.inf:
         raise ConfigError(f"--body-timeout must be a positive number of seconds, got {args.body_timeout}")
     check_k(args.k)
-    with _loading("torch, FAISS, the web framework and the search code", quiet=args.quiet):
+    with loading_notice("torch, FAISS, the web framework and the search code", quiet=args.quiet):
         import uvicorn
 
         from geoindex.interfaces.service import create_app
@@ -452,7 +452,7 @@ def _serve(args: argparse.Namespace) -> int:
     limits: dict[str, Any] = {"max_pixels": max(1, int(args.max_megapixels * 1e6)), "max_photos": args.max_photos}
     if args.max_concurrent is not None:
         limits["max_concurrent"] = args.max_concurrent
-    with _loading(f"the index {args.index} and its photo encoder", quiet=args.quiet):
+    with loading_notice(f"the index {args.index} and its photo encoder", quiet=args.quiet):
         app = create_app(args.index, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), default_k=args.k, **limits,
                          body_timeout_s=args.body_timeout,
                          weights=args.weights, download=args.download, device=device,
@@ -653,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = [c for c in COMMANDS if argv[:1] == [c]]
     # A command's options name its output formats, whose module imports the search code (torch, FAISS).
-    with _loading("torch, FAISS and the search code", quiet=not commands or "-q" in argv or "--quiet" in argv):
+    with loading_notice("torch, FAISS and the search code", quiet=not commands or "-q" in argv or "--quiet" in argv):
         parser = build_parser(commands)
     args = parser.parse_args(argv)
     _setup_logging(args.quiet)

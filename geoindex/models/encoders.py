@@ -267,7 +267,7 @@ def resolve_precision(precision: str, device: str | torch.device = "cpu", spec: 
     return precision
 
 
-def _state_fingerprint(module: torch.nn.Module) -> str:
+def state_fingerprint(module: torch.nn.Module) -> str:
     """sha256 over a module's tensors (names, shapes, dtypes, bytes): identifies a set of weights."""
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -289,8 +289,8 @@ class CachedGraph:
     weights file, named by the file's sha256; the network is built on first use of ``ImageEncoder.visual``.
     """
 
-    base_fingerprint: str  # _state_fingerprint of the built network, as the manifest records it
-    graph_fingerprint: str  # _state_fingerprint of its inference graph: names the ONNX file
+    base_fingerprint: str  # state_fingerprint of the built network, as the manifest records it
+    graph_fingerprint: str  # state_fingerprint of its inference graph: names the ONNX file
     dim: int
     size: int  # ResizeCropNormalize's S
     mean: tuple[float, ...]
@@ -509,7 +509,7 @@ class ImageEncoder:
                 network = torch.ao.quantization.quantize_dynamic(
                     copy.deepcopy(graph).cpu(), {torch.nn.Linear}, dtype=torch.qint8)
             elif self.runtime == "onnxruntime":
-                network = onnx_runtime.OnnxNetwork(graph, weights=_state_fingerprint(graph),
+                network = onnx_runtime.OnnxNetwork(graph, weights=state_fingerprint(graph),
                                                    threads=torch.get_num_threads(),
                                                    cache=onnx_runtime.onnx_cache_dir())
             if self.device.type == "cuda":
@@ -676,11 +676,11 @@ def create_encoder(
         device_resize = cuda and isinstance(preprocess, ResizeCropNormalize)
         preprocessing = ("torch-nvjpeg" if device_resize and device_jpeg.can_decode_on(device)
                          else "torch" if device_resize else "pil")
-    encoder = ImageEncoder(spec, visual, preprocess, _state_fingerprint(visual), precision=precision,
+    encoder = ImageEncoder(spec, visual, preprocess, state_fingerprint(visual), precision=precision,
                            preprocessing=preprocessing)
     if record is not None and isinstance(preprocess, ResizeCropNormalize):
         graph = FAMILIES[spec.family].for_inference(visual)
-        CachedGraph(encoder.base_fingerprint, _state_fingerprint(graph), encoder.dim, preprocess.size,
+        CachedGraph(encoder.base_fingerprint, state_fingerprint(graph), encoder.dim, preprocess.size,
                     preprocess.mean, preprocess.std).write(record)
     return encoder
 

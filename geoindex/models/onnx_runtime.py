@@ -88,7 +88,7 @@ class OnnxNetwork:
     Args:
         network: a frozen network on the CPU (eval mode, no weight being trained); not modified. Or a
             function that builds it, called only when the graph must be exported (not found in ``cache``).
-        weights: a fingerprint of ``network``'s tensors (``encoders._state_fingerprint``): names the cached graph.
+        weights: a fingerprint of ``network``'s tensors (``encoders.state_fingerprint``): names the cached graph.
         threads: ONNX Runtime's intra-op threads (the caller passes torch's, so one knob sets both).
         cache: folder for exported graphs; None exports in memory every time.
     """

@@ -111,7 +111,7 @@ class RasterSource:
         if tb.east <= west or tb.west >= east or tb.north <= south or tb.south >= north:
             raise TileNotFoundError(f"{self.name}: tile {tuple(tile)} lies outside the raster's bounds {self.bounds}")
         rows, cols = self._pixel_of(lat[:, None], lon[None, :])  # a separable grid
-        return Image.fromarray(_bilinear_points(self._words, self._shape, rows, cols), "RGB")
+        return Image.fromarray(bilinear_points(self._words, self._shape, rows, cols), "RGB")
 
     def _pixel_of(self, lat: np.ndarray, lon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Fractional (row, col) in the raster of points in degrees; 0 is a pixel's centre."""
@@ -131,10 +131,10 @@ class RasterSource:
         fx, fy = view_merc_grid(lat, lon, zoom=zoom, size=size, rotation_deg=rotation_deg)
         lats, lons = merc_latlon_array(fx % 1.0, np.clip(fy, 0.0, 1.0))
         rows, cols = self._pixel_of(lats, lons)
-        return Image.fromarray(_bilinear_points(self._words, self._shape, rows, cols), "RGB")
+        return Image.fromarray(bilinear_points(self._words, self._shape, rows, cols), "RGB")
 
 
-def _bilinear_points(
+def bilinear_points(
     words: npt.NDArray[np.uint32], shape: tuple[int, int], rows: np.ndarray, cols: np.ndarray
 ) -> npt.NDArray[np.uint8]:
     """Sample an image at points (rows, cols broadcast together), edge-clamped bilinear -> (..., 3) uint8.

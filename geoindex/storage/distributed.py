@@ -190,7 +190,7 @@ def _plan_file(job: LevelJob) -> Path:
     return path
 
 
-class _ShardEncoder:
+class ShardEncoder:
     """A Ray Data actor: builds the encoder and tile source once, then encodes and writes whole shards.
 
     A setup error (index folder not shared, other weights, unknown source) does not kill the actor,
@@ -340,7 +340,7 @@ def _run_pool(
     except TypeError:  # Ray < 2.10 names it parallelism
         shards = ray.data.from_items(items, parallelism=len(items))
     encoded = shards.map_batches(
-        _ShardEncoder,
+        ShardEncoder,
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=2),
         num_cpus=options.cpus_per_actor,

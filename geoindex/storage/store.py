@@ -82,7 +82,7 @@ VERIFY_AUTO_BYTES = 256 << 20  # checksum every file on open below this total si
 RESIDENT_AUTO_BYTES = 2 << 30  # resident="auto": at most this much FAISS data read into RAM (and 1/4 of free RAM)
 
 
-def _file_info(path: Path) -> FileInfo:
+def file_info(path: Path) -> FileInfo:
     return FileInfo(path.name, path.stat().st_size, file_sha256(path))
 
 
@@ -472,8 +472,8 @@ def finish_level(index_dir: Path, zoom: int, *, n_parents: int | None, codec: st
         (ldir / stale).unlink(missing_ok=True)
     write_faiss(index, ldir / FAISS_FILE)
     (ldir / EXACT_FILE).unlink(missing_ok=True)  # the earlier layout's re-ranking copy
-    files = (tuple(_file_info(p) for p in list_shards(index_dir, zoom)) + (_file_info(ldir / FAISS_FILE),)
-             + tuple(_file_info(p) for p in rerank))
+    files = (tuple(file_info(p) for p in list_shards(index_dir, zoom)) + (file_info(ldir / FAISS_FILE),)
+             + tuple(file_info(p) for p in rerank))
     return LevelInfo(zoom=zoom, rows=int(index.ntotal), encoder=None, files=files)
 
 
@@ -499,7 +499,7 @@ def drop_embeddings(index_dir: Path, zoom: int, info: LevelInfo, *, codec: str) 
         slim = table.replace_schema_metadata(home.metadata())
         with atomic_path(shard) as tmp:
             pq.write_table(slim, tmp)
-        new[shard.name] = _file_info(shard)
+        new[shard.name] = file_info(shard)
     return dataclasses.replace(info, files=tuple(new.get(f.name, f) for f in info.files))
 
 
@@ -551,7 +551,7 @@ def _check_files(index_dir: Path, info: LevelInfo, *, verify: bool) -> None:
                 f"{path}: {size} bytes, the manifest says {f.size}; the file is partial or was changed: "
                 f"{_rebuild_hint(info.zoom)}"
             )
-        if verify and _file_info(path).sha256 != f.sha256:
+        if verify and file_info(path).sha256 != f.sha256:
             raise IndexFormatError(f"{path}: checksum differs from the manifest; rebuild level z{info.zoom}")
 
 
@@ -594,7 +594,7 @@ def _check_tiles(
         )
 
 
-def _ivf_ids_fast(path: Path, index: faiss.IndexIVF, sizes: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | None:
+def ivf_ids_fast(path: Path, index: faiss.IndexIVF, sizes: npt.NDArray[np.int64]) -> npt.NDArray[np.int64] | None:
     """The ids of every inverted list, concatenated in list order, read straight from the file.
 
     ``write_index`` ends an IVF file with its ArrayInvertedLists: ``ilar``, nlist, code_size, the
@@ -641,7 +641,7 @@ def _ivf_ids_fast(path: Path, index: faiss.IndexIVF, sizes: npt.NDArray[np.int64
     return out
 
 
-def _ivf_ids_slow(index: faiss.IndexIVF) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+def ivf_ids_slow(index: faiss.IndexIVF) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """(list sizes, ids concatenated in list order) asked of FAISS one list at a time."""
     invlists = cast(faiss.InvertedLists, index.invlists)
     sizes = np.array([invlists.list_size(p) for p in range(index.nlist)], dtype=np.int64)
@@ -659,10 +659,10 @@ def _check_ivf_ids(path: Path, zoom: int, index: faiss.IndexIVF, parent_row: npt
     """
     sizes = np.bincount(parent_row, minlength=index.nlist).astype(np.int64) if len(parent_row) else \
         np.zeros(index.nlist, dtype=np.int64)
-    ids = _ivf_ids_fast(path, index, sizes) if len(sizes) == index.nlist else None
+    ids = ivf_ids_fast(path, index, sizes) if len(sizes) == index.nlist else None
     if ids is None:
         log.info("%s: list layout not recognised; checking the ids list by list", path)
-        stored_sizes, ids = _ivf_ids_slow(index)
+        stored_sizes, ids = ivf_ids_slow(index)
         if not np.array_equal(stored_sizes, sizes):
             p = int(np.flatnonzero(stored_sizes != sizes)[0]) if len(stored_sizes) == len(sizes) else 0
             raise IndexFormatError(
