@@ -549,3 +549,21 @@ def test_every_source_module_declares_its_kind_and_the_scheme_table_is_built_fro
         for form in kind.forms.split("'"):
             if form.endswith(":PATH"):
                 assert form.partition(":")[0] in kind.schemes, form  # the message names schemes the kind opens
+
+
+def test_a_spec_without_a_scheme_is_guessed_mbtiles_then_folder_then_provider(tmp_path, monkeypatch):
+    """The order does not depend on module names: a folder named like an archive is still an archive path."""
+    import geoindex.sources as sources
+    from geoindex.sources import DirectorySource, HttpSource, open_source
+
+    assert [k.guess_rank for k in sorted(sources.KINDS, key=lambda k: k.guess_rank) if k.guess][:3] == [10, 20, 30]
+    archive_dir = tmp_path / "tiles.mbtiles"
+    archive_dir.mkdir()
+    with pytest.raises(ConfigError):  # an .mbtiles spec is opened as an archive, never as a folder
+        open_source(str(archive_dir))
+    folder = tmp_path / "Esri.WorldImagery"  # a folder named like a provider is the folder
+    (folder / "0" / "0").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / "0" / "0" / "0.png")
+    assert isinstance(open_source(str(folder)), DirectorySource)
+    monkeypatch.chdir(tmp_path / "..")
+    assert isinstance(open_source("Esri.WorldImagery"), HttpSource)  # no such path here: the provider

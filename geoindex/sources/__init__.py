@@ -66,7 +66,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KINDS: list[SourceKind] = list(discover(__name__, __path__, "KIND", skip={"base", "fetch"}).values())
-"""Every kind of source, in module-name order (the order scheme-less specs are guessed in)."""
+"""Every kind of source, in module-name order (scheme-less specs are guessed in ``guess_rank`` order)."""
 SCHEMES: dict[str, Scheme] = {scheme: entry for kind in KINDS for scheme, entry in kind.schemes.items()}
 """Spec scheme (the part before the first ``:``, or the whole of a bare spec) -> how it opens."""
 
@@ -87,8 +87,9 @@ def is_local_spec(spec: str) -> bool:
 
 
 def _guess(spec: str, http_options: Mapping[str, Any]) -> TileSource:
-    """Specs without a scheme, recognised by their shape: a .mbtiles path, a folder, a provider name."""
-    for kind in KINDS:
+    """Specs without a scheme, recognised by their shape, tried in ``guess_rank`` order: a ``.mbtiles``
+    path, then an existing folder, then a provider name."""
+    for kind in sorted(KINDS, key=lambda k: k.guess_rank):
         source = kind.guess(spec, http_options) if kind.guess is not None else None
         if source is not None:
             return source

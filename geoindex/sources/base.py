@@ -61,11 +61,14 @@ class SourceKind:
         forms: how this kind's specs look, for the error that lists every accepted form.
         guess: opens a spec without a scheme when its shape is this kind's (a ``.mbtiles`` path, a
             folder, a provider name), else returns None.
+        guess_rank: when ``guess`` is tried, lowest first: a more specific shape (a ``.mbtiles``
+            suffix) goes before a broader one (an existing folder, then a provider name).
     """
 
     schemes: Mapping[str, Scheme]
     forms: str = ""
     guess: Callable[[str, Mapping[str, Any]], TileSource | None] | None = None
+    guess_rank: int = 100
 
 
 def after_colon(spec: str) -> str:

@@ -130,5 +130,6 @@ def stored_tile_path(root: Path, tile: mercantile.Tile) -> Path | None:
 KIND = SourceKind(
     schemes={"dir": Scheme(lambda spec, _: open_directory(after_colon(spec)), local=True)},
     forms="an existing {z}/{x}/{y}.{ext} directory (or 'dir:PATH')",
-    guess=lambda spec, _: open_directory(spec) if Path(spec).is_dir() and not spec.endswith(".mbtiles") else None,
+    guess=lambda spec, _: open_directory(spec) if Path(spec).is_dir() else None,
+    guess_rank=20,
 )

@@ -386,4 +386,5 @@ KIND = SourceKind(
            "'xyz:PROVIDER?apikey=KEY')"),
     guess=lambda spec, options: (open_provider(spec, options) if not Path(spec).exists()
                                  and query_provider(spec.partition("?")[0]) is not None else None),
+    guess_rank=30,
 )

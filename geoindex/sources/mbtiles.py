@@ -138,4 +138,5 @@ KIND = SourceKind(
     schemes={"mbtiles": Scheme(lambda spec, _: MBTilesSource(after_colon(spec)), local=True)},
     forms="a path ending in .mbtiles (or 'mbtiles:PATH')",
     guess=lambda spec, _: MBTilesSource(spec) if spec.endswith(".mbtiles") else None,
+    guess_rank=10,
 )
