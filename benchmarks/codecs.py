@@ -104,7 +104,7 @@ def level_bytes(path: Path) -> list[dict]:
 def evaluate(paths: dict[str, Path], xq: np.ndarray, ks: Sequence[int]) -> dict[str, dict]:
     """Per codec: bytes per tile on disk (every file) and in one FAISS entry, and final-tile agreement with flat."""
     from geoindex.retrieval.beam import beam_search
-    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.retrieval.levels.stored import FaissLevel
     from geoindex.storage.codecs import get_codec
     from geoindex.storage.store import list_shards, open_store, read_embeddings
 

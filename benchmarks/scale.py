@@ -86,7 +86,7 @@ def search_worker(index_dir: Path, queries_file: Path, k: int, warmup: int, sett
     before_import = proc_status()
     from geoindex.models.threads import configure_query_threads
     from geoindex.retrieval.beam import beam_search
-    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.retrieval.levels.stored import FaissLevel
     from geoindex.retrieval.results import make_results
     from geoindex.storage.store import open_store
 

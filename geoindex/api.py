@@ -22,10 +22,10 @@ from geoindex.models.encoders import ImageEncoder, create_encoder, load_map_enco
 from geoindex.retrieval.beam import PriorMode, PriorOptions, TilePrior, beam_search, beam_width
 from geoindex.retrieval.calibration import Calibration, ood_scores, read_embeddings
 from geoindex.retrieval.levels import Level
-from geoindex.retrieval.levels.faiss import FaissLevel
+from geoindex.retrieval.levels.device import TorchLevel
 from geoindex.retrieval.levels.lazy import LazyLevel, open_lazy_levels
 from geoindex.retrieval.levels.onthefly import OnTheFlyLevel
-from geoindex.retrieval.levels.torch import TorchLevel
+from geoindex.retrieval.levels.stored import FaissLevel
 from geoindex.retrieval.prior import GeoCLIPPrior, get_prior
 from geoindex.retrieval.results import SearchResult, make_results
 from geoindex.sources import TileSource

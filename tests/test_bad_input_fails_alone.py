@@ -214,7 +214,7 @@ def test_cli_verify_checks_checksums_on_large_indexes(index_copy, tmp_path, caps
 
 def test_search_refuses_ids_beyond_the_level(small_index):
     """A last guard: an id past the rows raises a typed error instead of IndexError (file changed after open)."""
-    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.retrieval.levels.stored import FaissLevel
 
     index = geoindex.open_index(small_index)
     level = FaissLevel(index.stored[1])

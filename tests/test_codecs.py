@@ -14,7 +14,7 @@ import pytest
 from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.geometry.tiles import LevelSchedule, children_array
 from geoindex.retrieval.beam import beam_search
-from geoindex.retrieval.levels.faiss import FaissLevel
+from geoindex.retrieval.levels.stored import FaissLevel
 from geoindex.storage.build import build_level
 from geoindex.storage.codecs import CODEC_NAMES, REGISTRY, Codec, get_codec
 from geoindex.storage.manifest import CODECS, EncoderIdentity, Manifest

@@ -426,7 +426,7 @@ def _earlier_layout(src: Path, dst: Path) -> Path:
 
 
 def test_an_index_of_the_earlier_layout_reranks_from_exact_npy(pq_index, tmp_path):
-    from geoindex.retrieval.levels.faiss import FaissLevel
+    from geoindex.retrieval.levels.stored import FaissLevel
     from geoindex.storage.store import EXACT_FILE, open_store
 
     path = _earlier_layout(pq_index, tmp_path / "earlier")

@@ -184,9 +184,9 @@ def test_k_is_checked_once_per_call(small_index, monkeypatch):
 
 def test_levels_that_take_an_injected_prior_declare_it(small_index):
     from geoindex.retrieval.levels import PriorLevel
-    from geoindex.retrieval.levels.faiss import FaissLevel
     from geoindex.retrieval.levels.lazy import LazyLevel
     from geoindex.retrieval.levels.onthefly import OnTheFlyLevel
+    from geoindex.retrieval.levels.stored import FaissLevel
 
     index = geoindex.open_index(small_index)
     assert all(isinstance(level, PriorLevel) for level in index.levels)
@@ -252,8 +252,8 @@ def _hits(levels, xq, k):
 def test_torch_search_gives_faiss_tiles_and_scores(small_index, k):
     """The batched torch search (CPU tensors here) keeps the same ids at every level as FAISS, with the same
     scores, also under a region's mask and where the beam is wider than a level."""
-    from geoindex.retrieval.levels.faiss import FaissLevel
-    from geoindex.retrieval.levels.torch import TorchLevel
+    from geoindex.retrieval.levels.device import TorchLevel
+    from geoindex.retrieval.levels.stored import FaissLevel
     from geoindex.storage.store import level_embeddings
 
     index = geoindex.open_index(small_index)
@@ -312,8 +312,8 @@ def test_faiss_gpu_search_gives_faiss_tiles_and_scores(small_index, monkeypatch,
     """The faiss-gpu path gathers each query's children (allowed rows only) and searches them with knn_gpu:
     the same ids and scores as FAISS on the CPU at every level, also under a region's mask and where the
     beam is wider than a level; the trace says faiss-gpu ran."""
-    from geoindex.retrieval.levels.faiss import FaissLevel
-    from geoindex.retrieval.levels.torch import TorchLevel
+    from geoindex.retrieval.levels.device import TorchLevel
+    from geoindex.retrieval.levels.stored import FaissLevel
     from geoindex.storage.store import level_embeddings
 
     calls = _stand_in_faiss_gpu(monkeypatch)

@@ -10,7 +10,7 @@ import pytest
 from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.geometry.tiles import LevelSchedule, children_array, quadkey_int_array
 from geoindex.retrieval.beam import beam_search
-from geoindex.retrieval.levels.faiss import FaissLevel
+from geoindex.retrieval.levels.stored import FaissLevel
 from geoindex.storage.manifest import EncoderIdentity, Manifest
 from geoindex.storage.store import (
     FAISS_FILE,

@@ -3,8 +3,8 @@
 A level answers one question: given query embeddings ``xq`` (n, d) and, per query, the ids kept at
 the level above (n, w; -1 pads), return the top-k (D, I) among their children. The kinds:
 
-- ``levels.faiss.FaissLevel``: a stored level searched with FAISS on the CPU (restricted IVF search);
-- ``levels.torch.TorchLevel``: a stored level searched on a device (torch, or faiss-gpu where installed);
+- ``levels.stored.FaissLevel``: a stored level searched with FAISS on the CPU (restricted IVF search);
+- ``levels.device.TorchLevel``: a stored level searched on a device (torch, or faiss-gpu where installed);
 - ``levels.onthefly.OnTheFlyLevel``: tiles encoded at query time from a tile source (the paper's inference);
 - ``levels.lazy.LazyLevel``: tiles encoded on first use and appended to the index.
 

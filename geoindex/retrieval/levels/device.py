@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from geoindex.errors import ConfigError
 from geoindex.retrieval.beam import NEG
-from geoindex.retrieval.levels.faiss import FaissLevel
+from geoindex.retrieval.levels.stored import FaissLevel
 from geoindex.storage.store import StoredLevel
 
 __all__ = ["TorchLevel", "faiss_gpu_available"]
