@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from geoindex.models.encoders import ENCODERS, ImageEncoder, create_encoder, load_map_encoder
     from geoindex.retrieval.results import Candidate, LevelTrace, SearchResult
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # public name -> the module that defines it, imported when the name is first read
 _LAZY = {
