@@ -48,6 +48,19 @@ def relist(index_dir: Path) -> None:
     dataclasses.replace(manifest, levels=tuple(levels)).save(index_dir)
 
 
+def write_tiles(root: Path, zooms: tuple[int, ...], *, skip: frozenset | set = frozenset()) -> Path:
+    """Every tile of ``zooms`` rendered into ``root`` as {z}/{x}/{y}.png, but those in ``skip``; returns root."""
+    for z in zooms:
+        for x in range(1 << z):
+            for y in range(1 << z):
+                if mercantile.Tile(x, y, z) in skip:
+                    continue
+                path = root / str(z) / str(x) / f"{y}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                render_tile(mercantile.Tile(x, y, z)).save(path)
+    return root
+
+
 def render_tile(tile: mercantile.Tile, size: int = 64) -> Image.Image:
     """A deterministic, distinct image per tile: a 4x4 block pattern seeded by (z, x, y)."""
     seed = int.from_bytes(hashlib.sha256(f"{tile.z}/{tile.x}/{tile.y}".encode()).digest()[:4], "little")
@@ -93,16 +106,7 @@ def small_index(tmp_path_factory, tiny_encoder, rendered_source, world) -> Path:
 @pytest.fixture(scope="session")
 def tile_dir(tmp_path_factory) -> Path:
     """Rendered tiles of zoom 1..3 as {z}/{x}/{y}.png; tile (3, 5, 3) is absent (a gap in coverage)."""
-    root = tmp_path_factory.mktemp("tiles")
-    for z in (1, 2, 3):
-        for x in range(1 << z):
-            for y in range(1 << z):
-                if (x, y, z) == (3, 5, 3):
-                    continue
-                path = root / str(z) / str(x) / f"{y}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                render_tile(mercantile.Tile(x, y, z)).save(path)
-    return root
+    return write_tiles(tmp_path_factory.mktemp("tiles"), (1, 2, 3), skip={mercantile.Tile(3, 5, 3)})
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ from geoindex.storage.store import (
     read_level_columns,
     write_faiss,
 )
-from tests.conftest import png_claiming, relist
+from tests.conftest import png_claiming, relist, write_tiles
 
 
 @pytest.fixture
@@ -585,16 +585,7 @@ def test_corrupt_build_plan_is_rebuilt_not_a_traceback(tmp_path, tile_dir, caplo
 
 @pytest.fixture
 def bad_tiles(tmp_path) -> tuple[Path, list[Path]]:
-    import mercantile
-
-    from tests.conftest import render_tile
-
-    root = tmp_path / "tiles"
-    for x in range(2):
-        for y in range(2):
-            p = root / "1" / str(x) / f"{y}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            render_tile(mercantile.Tile(x, y, 1)).save(p)
+    root = write_tiles(tmp_path / "tiles", (1,))
     bad = [root / "1" / "0" / "1.png", root / "1" / "1" / "0.png", root / "1" / "1" / "1.png"]
     for p in bad:
         p.write_bytes(p.read_bytes()[:40])

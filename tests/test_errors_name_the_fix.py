@@ -23,7 +23,7 @@ from geoindex.errors import (
 from geoindex.geometry.coverage import Coverage
 from geoindex.sources import MemorySource
 from geoindex.storage.lazy_store import LAZY_FILE, compact, declare_lazy
-from tests.conftest import relist, render_tile
+from tests.conftest import relist, render_tile, write_tiles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,6 +41,20 @@ def _lazy_index(path: Path, encoder, source, world, *, spec: str = "rendered") -
 
 def _query(encoder, tile=(5, 3, 3)) -> np.ndarray:
     return encoder.encode([render_tile(mercantile.Tile(*tile))])
+
+
+class _Broken:
+    """A lazy source whose every tile fails with a long server message."""
+
+    name = "rendered"
+
+    def __init__(self, padding: int) -> None:
+        self.padding = padding
+
+    def get(self, tile):
+        from geoindex.errors import TileSourceError
+
+        raise TileSourceError(f"tile {tuple(tile)}: the server said 503 " + "x" * self.padding)
 
 
 class _Switchable:
@@ -157,15 +171,7 @@ def test_lazy_source_gone_still_answers_built_levels(tmp_path, tiny_encoder, ren
 
 
 def test_failing_lazy_source_message_is_bounded(tmp_path, tiny_encoder, rendered_source, world):
-    from geoindex.errors import TileSourceError
-
-    class Broken:
-        name = "rendered"
-
-        def get(self, tile):
-            raise TileSourceError(f"tile {tuple(tile)}: the server said 503 " + "x" * 100)
-
-    index = GeoIndex(_lazy_index(tmp_path, tiny_encoder, rendered_source, world), lazy_source=Broken())
+    index = GeoIndex(_lazy_index(tmp_path, tiny_encoder, rendered_source, world), lazy_source=_Broken(padding=100))
     with pytest.raises(LazyLevelError) as info:
         index.search_embeddings(_query(tiny_encoder), 3)
     assert len(str(info.value)) < 1000
@@ -318,15 +324,7 @@ def _client(index, **kw):
 
 
 def test_service_lazy_source_failure_is_a_bounded_503(tmp_path, tiny_encoder, rendered_source, world):
-    from geoindex.errors import TileSourceError
-
-    class Broken:
-        name = "rendered"
-
-        def get(self, tile):
-            raise TileSourceError(f"tile {tuple(tile)}: the server said 503 " + "x" * 200)
-
-    index = GeoIndex(_lazy_index(tmp_path, tiny_encoder, rendered_source, world), lazy_source=Broken())
+    index = GeoIndex(_lazy_index(tmp_path, tiny_encoder, rendered_source, world), lazy_source=_Broken(padding=200))
     r = _client(index).post("/locate", files={"image": ("a.png", _png())})
     assert r.status_code == 503 and r.headers["Retry-After"] == "30"
     assert "tile source" in r.json()["detail"] and len(r.json()["detail"]) < 700
@@ -584,12 +582,7 @@ def test_refused_compaction_is_one_line(tmp_path, tile_dir, capsys, monkeypatch)
 
 @pytest.fixture
 def odd_tiles(tmp_path) -> tuple[Path, list[Path]]:
-    root = tmp_path / "tiles"
-    for x in range(4):
-        for y in range(4):
-            p = root / "2" / str(x) / f"{y}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            render_tile(mercantile.Tile(x, y, 2)).save(p)
+    root = write_tiles(tmp_path / "tiles", (2,))
     odd = [root / "2" / "1" / f"{y}.png" for y in range(4)] + [root / "2" / "2" / "0.png"]
     for p in odd:
         p.unlink()

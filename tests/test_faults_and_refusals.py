@@ -29,7 +29,7 @@ from geoindex.geometry.tiles import LevelSchedule
 from geoindex.models.encoders import ENCODERS
 from geoindex.sources import DirectorySource
 from geoindex.storage.build import BuildIncompleteError, build_level
-from tests.conftest import png_claiming, render_tile
+from tests.conftest import png_claiming, render_tile, write_tiles
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,12 +110,7 @@ def test_exif_rotation_is_applied_before_encoding(small_index, tmp_path):
 
 
 def test_build_with_a_damaged_tile_keeps_other_shards_and_resumes(tmp_path, tiny_encoder, world):
-    tiles = tmp_path / "tiles"
-    for x in range(2):
-        for y in range(2):
-            p = tiles / "1" / str(x) / f"{y}.png"
-            p.parent.mkdir(parents=True, exist_ok=True)
-            render_tile(mercantile.Tile(x, y, 1)).save(p)
+    tiles = write_tiles(tmp_path / "tiles", (1,))
     broken = tiles / "1" / "1" / "1.png"
     good_bytes = broken.read_bytes()
     broken.write_bytes(good_bytes[:40])  # truncated

@@ -253,22 +253,32 @@ def test_torch_search_gives_faiss_tiles_and_scores(small_index, k):
     """The batched torch search (CPU tensors here) keeps the same ids at every level as FAISS, with the same
     scores, also under a region's mask and where the beam is wider than a level."""
     from geoindex.retrieval.levels.device import TorchLevel
-    from geoindex.retrieval.levels.stored import FaissLevel
     from geoindex.storage.store import level_embeddings
 
     index = geoindex.open_index(small_index)
     xq = index.embed(random_queries(16, zoom=3, seed=k))
+    pairs = _against_faiss(index, xq, k, lambda s, m: TorchLevel(
+        s, *level_embeddings(small_index, s.zoom), device="cpu", allowed=m,
+        block=64))  # a small block: queries are searched in several chunks
+    for a, b, unmasked in pairs:
+        assert np.array_equal(a.I, b.I), (a.zoom, unmasked)
+        np.testing.assert_allclose(a.D, b.D, rtol=0, atol=1e-5)
+
+
+def _against_faiss(index, xq, k, make_level) -> list:
+    """(FAISS's hits, the other kind's hits, unmasked) per level, searched over the whole index and under a
+    region's mask (every third row left out); ``make_level(stored, allowed)`` builds the other kind."""
+    from geoindex.retrieval.levels.stored import FaissLevel
+
     allowed = [np.arange(s.rows) % 3 != 1 for s in index.stored]
+    pairs = []
     for masks in (None, allowed):
-        faiss_levels, torch_levels = [], []
-        for i, s in enumerate(index.stored):
-            m = None if masks is None else masks[i]
-            faiss_levels.append(FaissLevel(s, allowed=m))
-            torch_levels.append(TorchLevel(s, *level_embeddings(small_index, s.zoom), device="cpu", allowed=m,
-                                           block=64))  # a small block: queries are searched in several chunks
-        for a, b in zip(_hits(faiss_levels, xq, k), _hits(torch_levels, xq, k), strict=True):
-            assert np.array_equal(a.I, b.I), (a.zoom, masks is None)
-            np.testing.assert_allclose(a.D, b.D, rtol=0, atol=1e-5)
+        kept = masks if masks is not None else [None] * len(index.stored)
+        faiss_levels = [FaissLevel(s, allowed=m) for s, m in zip(index.stored, kept, strict=True)]
+        other_levels = [make_level(s, m) for s, m in zip(index.stored, kept, strict=True)]
+        pairs += [(a, b, masks is None)
+                  for a, b in zip(_hits(faiss_levels, xq, k), _hits(other_levels, xq, k), strict=True)]
+    return pairs
 
 
 def test_index_opened_with_the_torch_backend_answers_as_faiss(small_index):
@@ -313,23 +323,17 @@ def test_faiss_gpu_search_gives_faiss_tiles_and_scores(small_index, monkeypatch,
     the same ids and scores as FAISS on the CPU at every level, also under a region's mask and where the
     beam is wider than a level; the trace says faiss-gpu ran."""
     from geoindex.retrieval.levels.device import TorchLevel
-    from geoindex.retrieval.levels.stored import FaissLevel
     from geoindex.storage.store import level_embeddings
 
     calls = _stand_in_faiss_gpu(monkeypatch)
     index = geoindex.open_index(small_index, search_backend="faiss")
     xq = index.embed(random_queries(16, zoom=3, seed=k))
-    allowed = [np.arange(s.rows) % 3 != 1 for s in index.stored]
-    for masks in (None, allowed):
-        faiss_levels, gpu_levels = [], []
-        for i, s in enumerate(index.stored):
-            m = None if masks is None else masks[i]
-            faiss_levels.append(FaissLevel(s, allowed=m))
-            gpu_levels.append(TorchLevel(s, *level_embeddings(small_index, s.zoom), allowed=m, faiss_gpu=True))
-        for a, b in zip(_hits(faiss_levels, xq, k), _hits(gpu_levels, xq, k), strict=True):
-            assert np.array_equal(a.I, b.I), (a.zoom, masks is None)
-            np.testing.assert_allclose(a.D, b.D, rtol=0, atol=1e-5)
-            assert b.note is not None and b.note.startswith("faiss-gpu")
+    pairs = _against_faiss(index, xq, k, lambda s, m: TorchLevel(s, *level_embeddings(small_index, s.zoom),
+                                                                  allowed=m, faiss_gpu=True))
+    for a, b, unmasked in pairs:
+        assert np.array_equal(a.I, b.I), (a.zoom, unmasked)
+        np.testing.assert_allclose(a.D, b.D, rtol=0, atol=1e-5)
+        assert b.note is not None and b.note.startswith("faiss-gpu")
     assert set(calls) == {1, len(xq)} and calls.count(len(xq)) == 2  # per mask: first level one call, then per query
 
 

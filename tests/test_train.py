@@ -21,7 +21,7 @@ from geoindex.training.train import (
     train_levels,
     train_step,
 )
-from tests.conftest import render_tile
+from tests.conftest import render_tile, write_tiles
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -291,12 +291,7 @@ def test_train_pipeline_end_to_end(tmp_path, tiny_encoder, caplog):
     from geoindex.training.dataset import PhotoTable, read_photo_csv, write_photo_csv
     from pipelines import train as train_pipeline
 
-    tiles_dir = tmp_path / "tiles"
-    for z in (1, 2):
-        for x in range(2**z):
-            for y in range(2**z):
-                (tiles_dir / str(z) / str(x)).mkdir(parents=True, exist_ok=True)
-                render_tile(mercantile.Tile(x, y, z)).save(tiles_dir / str(z) / str(x) / f"{y}.png")
+    tiles_dir = write_tiles(tmp_path / "tiles", (1, 2))
     rng = np.random.default_rng(1)
     paths, lat, lon = [], [], []
     for i in range(36):
