@@ -213,3 +213,30 @@ def test_search_reads_files_once_and_decodes_them_on_the_device(small_index, cpu
     assert got[1].exif is None and got[2].exif is None
     with pytest.raises(Exception, match="missing.jpg"):
         index.search(tmp_path / "missing.jpg")
+
+
+def test_a_byte_source_tile_that_is_not_jpeg_is_fetched_once(tiny_encoder, cpu_decodes):
+    """A server's PNG tile is decoded on the host from the bytes the loader already fetched, not requested again."""
+    from geoindex.imagery import decode_tile
+    from geoindex.models.tile_encoding import read_tile
+
+    class CountingServer:
+        name = "counting"
+
+        def __init__(self) -> None:
+            self.requests = 0
+
+        def fetch_bytes(self, tile):
+            self.requests += 1
+            buf = io.BytesIO()
+            render_tile(tile, size=256).save(buf, "PNG")
+            return buf.getvalue()
+
+        def get(self, tile):
+            return decode_tile(self.fetch_bytes(tile), what="counting")
+
+    server = CountingServer()
+    step = tiny_encoder.with_precision("fp32", preprocessing="torch-nvjpeg").loader_step
+    load = read_tile(server, step, mercantile.Tile(1, 1, 2))
+    assert server.requests == 1 and load.data is None and load.size == (256, 256)
+    np.testing.assert_array_equal(load.pixels, np.asarray(render_tile(mercantile.Tile(1, 1, 2), size=256)))

@@ -29,6 +29,7 @@ import mercantile
 import numpy as np
 import numpy.typing as npt
 import torch
+from PIL import Image
 
 from geoindex.errors import GeoIndexError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.geometry.tiles import tile_xy_of_code_array
@@ -87,13 +88,17 @@ def _encoded(source: TileSource, tile: mercantile.Tile) -> bytes | None:
 
 
 def _read(source: TileSource, tile: mercantile.Tile, prepare: Callable[[Any], Any]) -> TileLoad:
+    img: Image.Image | None = None
     try:
         if isinstance(prepare, KeepJpeg):
             data = _encoded(source, tile)
             header = read_header(data, max_side=TILE_MAX_SIDE) if data is not None else None
             if data is not None and header is not None:  # decoded on the device by read_tile_batches
                 return TileLoad(None, (header.width, header.height), data=data)
-        img = source.get(tile)
+            if data is not None and isinstance(source, ByteTileSource):  # not a JPEG: decoded here, not fetched again
+                img = decode_tile(data, what=f"{source.name} tile {tuple(tile)}")
+        if img is None:
+            img = source.get(tile)
         out = prepare(to_rgb(img))
         return TileLoad(None, img.size, pixels=out) if isinstance(out, np.ndarray) else TileLoad(out, img.size)
     except TileNotFoundError:
