@@ -7,7 +7,6 @@ itself is :func:`geoindex.interfaces.render.draw_map`.
 
 from __future__ import annotations
 
-import base64
 import io
 from collections.abc import Sequence
 
@@ -37,23 +36,17 @@ def encode_map(
     return buf.getvalue(), picture.size
 
 
-def _encode(results: Sequence[SearchResult], inputs: FileInputs, image_format: str | None = None) -> Encoded:
+def _encode(results: Sequence[SearchResult], inputs: FileInputs) -> Encoded:
     (result,) = results  # per_result: one map per file
-    if image_format is None:
-        Image.init()
-        image_format = Image.registered_extensions()[(inputs.suffix or ".png").lower()]
+    Image.init()
+    image_format = Image.registered_extensions()[(inputs.suffix or ".png").lower()]
     data, (width, height) = encode_map(result, inputs.source("map"), image_format=image_format,
                                        truth=inputs.truth(0, result), photo=inputs.photo(0))
     return Encoded(data, f"{width}x{height}")
 
 
-def _data_url(result: SearchResult, inputs: FileInputs) -> str:
-    png = _encode([result], inputs, "PNG").data
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
 FORMAT = OutputFormat(
     "map", "the map (PNG)", "image/png", ".png", encode=_encode, per_result=True, needs_imagery=True,
-    field="map_png", to_json=_data_url, metavar="PNG", download="-map.png",
+    field="map_png", metavar="PNG", download="-map.png",
     help="draw the answer and its per-level trace (PNG, JPEG or WebP by the file's extension)",
 )
