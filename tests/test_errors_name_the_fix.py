@@ -352,6 +352,23 @@ def test_service_searches_and_draws_maps_inside_the_slot(small_index, stage, mon
     assert r.status_code == 200 and inner == [503]
 
 
+def test_service_draws_a_map_file_inside_the_slot(small_index, monkeypatch):
+    """POST /locate/map draws the map (which decodes the upload again) in the photo's slot too."""
+    import geoindex.interfaces.outputs.map_image as map_image
+
+    client = _client(GeoIndex(small_index), max_concurrent=1, busy_timeout_s=0.1, map_source=MemorySource(render_tile))
+    inner: list = []
+    real_map = map_image.encode_map
+
+    def nested(*a, **kw):
+        inner.append(client.post("/locate", files={"image": ("b.png", _png())}).status_code)
+        return real_map(*a, **kw)
+
+    monkeypatch.setattr(map_image, "encode_map", nested)
+    r = client.post("/locate/map", files={"image": ("a.png", _png())})
+    assert r.status_code == 200 and r.content.startswith(b"\x89PNG") and inner == [503]
+
+
 def test_service_closes_slow_bodies(small_index):
     import socket
     import time

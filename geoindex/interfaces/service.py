@@ -346,12 +346,13 @@ class _Served:
         # The basemap's zoom range: the index's levels (lazy ones included) are zooms its imagery has.
         self.basemap_zooms = (index.stored[0].zoom, max(lv.zoom for lv in index.levels))
         self._imagery: TileSource | None = None
+        self._imagery_lock = threading.Lock()  # not self.lock: a basemap tile must not wait for a region's masks
         self._region_searcher = functools.lru_cache(maxsize=_REGION_CACHE)(index.within)
         self.basemap_jpeg = functools.lru_cache(maxsize=_BASEMAP_CACHE)(self._basemap_jpeg)
 
     def imagery(self) -> TileSource:
         """The tile source of maps and basemap tiles, opened once."""
-        with self.lock:
+        with self._imagery_lock:
             if self._imagery is None:
                 if self.map_source is not None:
                     self._imagery = self.map_source
@@ -615,11 +616,17 @@ class _Locator:
                 writer.result(found.result, found.gps)
             writer.close()
             return out.getvalue().encode()
-        if fmt.per_result and len(uploads) > 1:
-            raise HTTPException(422, f"format {fmt.name!r} draws one photo per file: send one photo per request")
+        if fmt.per_result:  # one photo, drawn inside its decode slot (a map decodes the upload again)
+            if len(uploads) > 1:
+                raise HTTPException(422, f"format {fmt.name!r} draws one photo per file: send one photo per request")
+            ((upload, data),) = uploads
+            return self.find(upload, data, searcher, options, lambda found: self._encoded(fmt, [found], [data]))[0]
         found_all = [self.find(upload, data, searcher, options, lambda found: found)[1] for upload, data in uploads]
-        inputs = FileInputs(exif=[f.gps for f in found_all], photos=[data for _, data in uploads],
-                            imagery=self.served.imagery)
+        return self._encoded(fmt, found_all, [data for _, data in uploads])
+
+    def _encoded(self, fmt: OutputFormat, found_all: list[_Found], photos: list[bytes]) -> bytes:
+        """The file of ``fmt`` for the photos found; 503 when its imagery cannot be read."""
+        inputs = FileInputs(exif=[f.gps for f in found_all], photos=photos, imagery=self.served.imagery)
         assert fmt.encode is not None
         try:
             return fmt.encode([f.result for f in found_all], inputs).data
