@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import mercantile
 
-from geoindex.geometry.metrics import circle_points, great_circle_km
+from geoindex.geometry.metrics import circle_points
 from geoindex.interfaces.outputs.base import Encoded, FileInputs, OutputFormat
 from geoindex.interfaces.outputs.record import tile_json
 from geoindex.interfaces.render import colormap
@@ -53,7 +54,7 @@ def to_geojson(
         truth = exif[i] if exif is not None else result.exif
         if truth is not None:
             features.append(_feature(_point(*truth), {
-                **base, "kind": "exif", "error_km": float(great_circle_km(*truth, result.lat, result.lon)),
+                **base, "kind": "exif", "error_km": dataclasses.replace(result, exif=truth).error_km,
                 "marker-color": "#4daf4a",
             }))
     return {"type": "FeatureCollection", "features": features}

@@ -8,12 +8,12 @@ that touch (:func:`geoindex.retrieval.results.areas`), which is the confidence a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import mercantile
 
-from geoindex.geometry.metrics import great_circle_km
 from geoindex.retrieval.calibration import RADIUS_LEVELS
 from geoindex.retrieval.results import LatLon, SearchResult
 
@@ -89,10 +89,12 @@ def result_to_dict(
 
 def _exif_record(result: SearchResult, exif: LatLon) -> dict[str, Any]:
     """The photo's GPS position, its great-circle distance to the prediction and whether each radius holds it."""
-    error = float(great_circle_km(exif[0], exif[1], result.lat, result.lon))
+    located = dataclasses.replace(result, exif=exif)  # SearchResult measures the error against its own exif
+    inside = located.inside_radius
+    assert inside is not None
     return {
         "lat": exif[0],
         "lon": exif[1],
-        "error_km": error,
-        "inside_radius": {level_key(q): error <= r for q, r in zip(RADIUS_LEVELS, result.radius_km, strict=True)},
+        "error_km": located.error_km,
+        "inside_radius": {level_key(q): held for q, held in zip(RADIUS_LEVELS, inside, strict=True)},
     }
