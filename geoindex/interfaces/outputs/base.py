@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from geoindex.errors import ConfigError
 from geoindex.imagery import ImageInput
-from geoindex.interfaces.outputs.record import result_to_dict
+from geoindex.interfaces.outputs.record import exif_record
 from geoindex.retrieval.results import Candidate, LatLon, SearchResult
 from geoindex.sources import TileSource
 
@@ -32,9 +32,9 @@ class ResultWriter:
 
     def result(self, result: SearchResult, gps: LatLon | None = None) -> None:
         """Write one located image; ``gps`` is its EXIF position (default: ``result.exif``)."""
-        d = result_to_dict(result, exif=gps, top_n=self.top_n, trace=self.trace)
+        position = gps if gps is not None else result.exif
+        exif = exif_record(result, position) if position is not None else None
         area_of = {t: a.probability for a in result.areas for t in a.tiles}
-        exif = d.get("exif")
         for rank, c in enumerate(result.candidates[: self.top_n], start=1):
             self.row(result, rank, c, area_of.get(c.tile, c.probability), exif if rank == 1 else None)
         self.note(result)

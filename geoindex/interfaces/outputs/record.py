@@ -17,7 +17,7 @@ import mercantile
 from geoindex.retrieval.calibration import RADIUS_LEVELS
 from geoindex.retrieval.results import LatLon, SearchResult
 
-__all__ = ["level_key", "result_to_dict", "tile_json"]
+__all__ = ["exif_record", "level_key", "result_to_dict", "tile_json"]
 
 
 def level_key(q: float) -> str:
@@ -77,7 +77,7 @@ def result_to_dict(
         ],
     }
     if exif is not None:
-        out["exif"] = _exif_record(result, exif)
+        out["exif"] = exif_record(result, exif)
     if trace:
         out["trace"] = [
             {"zoom": lv.zoom, "tiles": [tile_json(t) for t in lv.tiles], "scores": list(lv.scores),
@@ -87,7 +87,7 @@ def result_to_dict(
     return out
 
 
-def _exif_record(result: SearchResult, exif: LatLon) -> dict[str, Any]:
+def exif_record(result: SearchResult, exif: LatLon) -> dict[str, Any]:
     """The photo's GPS position, its great-circle distance to the prediction and whether each radius holds it."""
     located = dataclasses.replace(result, exif=exif)  # SearchResult measures the error against its own exif
     inside = located.inside_radius
