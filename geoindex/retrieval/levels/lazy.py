@@ -24,7 +24,7 @@ from geoindex.errors import ConfigError, GeoIndexError, IndexFormatError, LazyLe
 from geoindex.models.encoders import ImageEncoder, load_map_encoder
 from geoindex.models.tile_encoding import embed_tiles
 from geoindex.retrieval.beam import top_k
-from geoindex.retrieval.levels import KeepFn, children_codes, code_tiles
+from geoindex.retrieval.levels import GATHER_BLOCK, KeepFn, children_codes, code_tiles, gathered_scores
 from geoindex.sources import TileSource
 from geoindex.storage.lazy_store import LAZY_FILE, RETRY_MISSING_AFTER_S, LazyConfig, LazyStore, Rows
 from geoindex.storage.manifest import Manifest
@@ -33,9 +33,7 @@ __all__ = ["SCORE_BLOCK", "LazyLevel", "open_lazy_levels", "score_rows"]
 
 log = logging.getLogger(__name__)
 
-# Scoring gathers candidates' embeddings in blocks of this many float32 values (16 MB), not all of
-# them at once: 16 photos at k=2048 with 1280-d embeddings would otherwise need 6 GB.
-SCORE_BLOCK = 1 << 22
+SCORE_BLOCK = GATHER_BLOCK  # how many float32 values the lazy level's scoring gathers at a time
 _REASON_CHARS = 400  # a failing source's message (every bad tile) is cut here in LazyLevelError
 
 
@@ -78,22 +76,9 @@ def score_rows(
 
     Gathers at most SCORE_BLOCK values at a time. Rows < 0 score 0 (callers mask them).
     """
-    n, c = rows.shape
-    scores = np.zeros((n, c), dtype=np.float32)
-    if not len(table.codes) or not c:
-        return scores
-    d = table.emb.shape[1]
-    if c * d <= SCORE_BLOCK:  # several queries per block
-        qstep = SCORE_BLOCK // (c * d)
-        for lo in range(0, n, qstep):
-            emb = table.emb[np.maximum(rows[lo : lo + qstep], 0)].astype(np.float32)
-            scores[lo : lo + qstep] = np.einsum("qcd,qd->qc", emb, xq[lo : lo + qstep])
-        return scores
-    step = max(1, SCORE_BLOCK // d)  # part of one query's candidates per block
-    for q in range(n):
-        for lo in range(0, c, step):
-            scores[q, lo : lo + step] = table.emb[np.maximum(rows[q, lo : lo + step], 0)].astype(np.float32) @ xq[q]
-    return scores
+    if not len(table.codes):
+        return np.zeros(rows.shape, dtype=np.float32)
+    return gathered_scores(table.emb, rows, xq, block=SCORE_BLOCK)
 
 
 class LazyLevel:

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from geoindex.errors import ConfigError, IndexFormatError
 from geoindex.geometry.tiles import tile_code_array
 from geoindex.retrieval.beam import NEG, top_k
-from geoindex.retrieval.levels import PriorLevel
+from geoindex.retrieval.levels import PriorLevel, gathered_scores
 from geoindex.storage.codecs.base import RerankRows
 from geoindex.storage.store import StoredLevel
 
@@ -78,8 +78,7 @@ class FaissLevel(PriorLevel):
     def _exact_scores(self, xq: npt.NDArray[np.float32], I: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:  # noqa: E741
         """Inner products (n, m) of each query with its rows ``I`` (n, m) from the float16 embeddings."""
         assert self._exact is not None
-        emb = np.asarray(self._exact[np.maximum(I, 0).ravel()], dtype=np.float32)
-        return np.einsum("qmd,qd->qm", emb.reshape(*I.shape, -1), xq).astype(np.float32)
+        return gathered_scores(self._exact, I, xq)  # in blocks: k x rerank rows per photo can be large
 
     tiles_encoded = 0  # a stored level encodes nothing
 
