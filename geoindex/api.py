@@ -256,7 +256,7 @@ class GeoIndex(_Searcher):
     def level(self, stored: StoredLevel, allowed: npt.NDArray[np.bool_] | None = None) -> FaissLevel:
         """The searcher of one stored level on this index's backend (``allowed``: a region's rows)."""
         if self.search_backend in ("torch", "faiss-gpu"):
-            emb, parent_row = level_embeddings(self.path, stored.zoom)
+            emb, parent_row = level_embeddings(self.path, stored.zoom, opened=stored)
             return TorchLevel(stored, emb, parent_row, device=self.device, allowed=allowed,
                               faiss_gpu=self.search_backend == "faiss-gpu")
         return FaissLevel(stored, allowed=allowed)

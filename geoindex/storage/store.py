@@ -271,7 +271,7 @@ def shard_vectors(shard: Path) -> npt.NDArray[np.float16] | npt.NDArray[np.float
     home = VectorHome.of(shard)
     if home is None:
         return _own_embeddings(shard)
-    parents = _read_shard(shard, ["parent_row"]).column("parent_row").to_numpy()
+    parents = column_to_numpy(_read_shard(shard, ["parent_row"]).column("parent_row"))
     return _open_level_vectors(shard.parent, home.sha256).rows(home.first_row, parents)
 
 
@@ -338,12 +338,24 @@ def _open_level_vectors(ldir: Path, sha256: str) -> _LevelVectors:
     return _LevelVectors(index, rerank)
 
 
-def level_embeddings(index_dir: Path, zoom: int) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.int64]]:
-    """A whole level's float16 embeddings (rows, d) and parent rows (rows,), in row order (= FAISS ids)."""
+def level_embeddings(index_dir: Path, zoom: int, *, opened: StoredLevel | None = None,
+                     ) -> tuple[npt.NDArray[np.float16], npt.NDArray[np.int64]]:
+    """A whole level's float16 embeddings (rows, d) and parent rows (rows,), in row order (= FAISS ids).
+
+    ``opened``: the level as :func:`open_store` opened it; its vectors are read from that FAISS index
+    rather than from the file opened (and hashed) again.
+    """
+    vectors = _LevelVectors(opened.index, opened.exact) if opened is not None else None
     embs, parents = [], []
     for shard in list_shards(index_dir, zoom):
-        embs.append(read_embeddings(shard))
-        parents.append(_read_shard(shard, ["parent_row"]).column("parent_row").to_numpy().astype(np.int64))
+        parent_row = column_to_numpy(_read_shard(shard, ["parent_row"]).column("parent_row")).astype(np.int64)
+        home = VectorHome.of(shard)
+        if home is None:
+            embs.append(_own_embeddings(shard))
+        else:
+            level = vectors if vectors is not None else _open_level_vectors(shard.parent, home.sha256)
+            embs.append(level.rows(home.first_row, parent_row).astype(np.float16))
+        parents.append(parent_row)
     if not embs:
         raise IndexFormatError(f"{level_dir(index_dir, zoom)}: no shards; rebuild level z{zoom}")
     return np.concatenate(embs), np.concatenate(parents)
@@ -357,7 +369,7 @@ def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.flo
                 f"{shard}: its vectors are kept only as {home.codec} codes, which do not give the embeddings back; "
                 f"re-encode level z{zoom} (`python -m pipelines.build_index --zoom {zoom} --overwrite`)")
         emb = shard_vectors(shard).astype(np.float32)
-        parents = _read_shard(shard, ["parent_row"]).column("parent_row").to_numpy()
+        parents = column_to_numpy(_read_shard(shard, ["parent_row"]).column("parent_row"))
         yield emb, parents
 
 
