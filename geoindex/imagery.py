@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from geoindex.errors import ImageError, ImageTooLargeError
 
 __all__ = [
+    "TILE_MAX_SIDE",
     "ImageInput",
     "check_image_path",
     "decode_tile",
@@ -34,6 +35,7 @@ ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
 """What the public API accepts as one image: a path, encoded bytes, a PIL image or an HxWxC array."""
 
 DEFAULT_MAX_SIDE = 1024  # encoders see 224 px; decoding more only costs memory.
+TILE_MAX_SIDE = 4096  # the largest tile side decoded: map tiles are 256-512 px, anything far larger is not a tile
 # Pillow refuses images above 2 * MAX_IMAGE_PIXELS as decompression bombs; keep its default guard
 # but make the limit explicit so that the error message can state it.
 MAX_IMAGE_PIXELS = 178_956_970
@@ -210,7 +212,7 @@ def _arrayto_rgb(arr: np.ndarray, name: str) -> Image.Image:
 
 def decode_tile(data: bytes, *, what: str = "tile") -> Image.Image:
     """Decode and fully validate encoded tile bytes; ImageError if they are not a complete image."""
-    return load_image(data, max_side=4096) if data else _raise_empty(what)
+    return load_image(data, max_side=TILE_MAX_SIDE) if data else _raise_empty(what)
 
 
 def _raise_empty(what: str) -> Image.Image:

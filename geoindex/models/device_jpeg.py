@@ -35,7 +35,7 @@ from PIL import Image
 from geoindex.errors import ImageError
 from geoindex.imagery import DEFAULT_MAX_SIDE, MAX_IMAGE_PIXELS, ImageInput, check_image_path
 
-__all__ = ["TILE_MAX_SIDE", "JpegHeader", "KeepJpeg", "can_decode_on", "decode_jpegs", "decode_photos", "is_jpeg",
+__all__ = ["JpegHeader", "KeepJpeg", "can_decode_on", "decode_jpegs", "decode_photos", "is_jpeg",
            "orient", "read_header", "thumbnail_size"]
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 _SOI = b"\xff\xd8\xff"  # start of image + the first marker's prefix
 _EOI = b"\xff\xd9"
 _ORIENTATION = 0x0112
-TILE_MAX_SIDE = 4096  # what tile sources decode with (imagery.decode_tile, DirectorySource)
 
 
 def is_jpeg(data: bytes) -> bool:

@@ -33,8 +33,8 @@ from PIL import Image
 
 from geoindex.errors import GeoIndexError, ImageError, TileNotFoundError, TileSourceError
 from geoindex.geometry.tiles import tile_xy_of_code_array
-from geoindex.imagery import MAX_IMAGE_PIXELS, check_image_path, decode_tile, to_rgb
-from geoindex.models.device_jpeg import TILE_MAX_SIDE, KeepJpeg, decode_jpegs, read_header
+from geoindex.imagery import MAX_IMAGE_PIXELS, TILE_MAX_SIDE, check_image_path, decode_tile, to_rgb
+from geoindex.models.device_jpeg import KeepJpeg, decode_jpegs, read_header
 from geoindex.models.encoders import ImageEncoder
 from geoindex.sources import ByteTileSource, DirectorySource, TileSource, is_local_spec, source_spec
 

@@ -12,7 +12,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from geoindex.errors import ConfigError, ImageError, TileNotFoundError, TileSourceError
-from geoindex.imagery import load_image
+from geoindex.imagery import TILE_MAX_SIDE, load_image
 from geoindex.sources.base import TILE_EXTENSIONS, Scheme, SourceKind, after_colon
 
 __all__ = ["KIND", "DirectorySource", "open_directory", "stored_tile_path"]
@@ -74,7 +74,7 @@ class DirectorySource:
             pattern = f"{tile.y}.{self.ext or '{' + ','.join(self.EXTENSIONS) + '}'}"
             raise TileNotFoundError(f"{self.root / str(tile.z) / str(tile.x) / pattern}: no such tile")
         try:
-            return load_image(path, max_side=4096)
+            return load_image(path, max_side=TILE_MAX_SIDE)
         except ImageError as e:
             raise TileSourceError(f"{path}: stored tile is damaged ({e}); delete it and fetch again") from e
 
