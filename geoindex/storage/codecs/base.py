@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -14,7 +14,7 @@ from geoindex.errors import ConfigError
 if TYPE_CHECKING:
     import faiss
 
-__all__ = ["Codec", "IvfFactory", "RerankRows", "rerank_encode", "train_rerank_codebook"]
+__all__ = ["Codec", "IvfFactory", "RerankRows", "pq_bits", "rerank_encode", "train_pq", "train_rerank_codebook"]
 
 IvfFactory = Callable[["faiss.Index", int, int, "npt.NDArray[np.float32] | None"], "faiss.IndexIVF"]
 """(empty coarse quantizer, d, nlist, training sample or None) -> an IVF index ready for ``add_preassigned``."""
@@ -67,17 +67,29 @@ class Codec:
         return self.rerank_subquantizers(dim) if self.rerank_subquantizers is not None else 0
 
 
+def pq_bits(rows: int) -> int:
+    """Bits per sub-vector of a product quantizer trained on ``rows`` rows: 8 (256 centroids) from 256 rows,
+    fewer for tiny samples."""
+    return int(min(8, max(1, np.floor(np.log2(max(rows, 2))))))
+
+
+def train_pq(pq: Any, sample: npt.NDArray[np.float32]) -> None:
+    """Train a FAISS ProductQuantizer on ``sample``: quietly on small samples (re-ranking makes up for
+    coarse codebooks), and from a one-row sample too (two rows are needed for two centroids)."""
+    pq.cp.min_points_per_centroid = 1
+    if len(sample) < 2:
+        sample = np.repeat(sample, 2, axis=0)
+    pq.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+
 def train_rerank_codebook(sample: npt.NDArray[np.float32], m: int) -> npt.NDArray[np.float32]:
     """Codebooks (m, K, d / m) float32 of a product quantizer over ``sample`` (n, d); K = 256 (fewer: tiny samples)."""
     import faiss
 
     n, dim = sample.shape
-    nbits = int(min(8, max(1, np.floor(np.log2(max(n, 2))))))
-    if n < 2:
-        sample = np.repeat(sample, 2, axis=0)
+    nbits = pq_bits(n)
     pq = faiss.ProductQuantizer(dim, m, nbits)
-    pq.cp.min_points_per_centroid = 1
-    pq.train(np.ascontiguousarray(sample, dtype=np.float32))
+    train_pq(pq, sample)
     return faiss.vector_to_array(pq.centroids).reshape(m, 1 << nbits, dim // m).astype(np.float32)
 
 

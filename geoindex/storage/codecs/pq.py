@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from geoindex.storage.codecs.base import Codec
+from geoindex.storage.codecs.base import Codec, pq_bits, train_pq
 
 if TYPE_CHECKING:
     import faiss
@@ -44,14 +44,10 @@ def make_ivf_pq(quantizer: faiss.Index, dim: int, nlist: int, sample: npt.NDArra
     import faiss
 
     assert sample is not None
-    # 8 bits per sub-vector (256 centroids) need 256 training rows; tiny levels get fewer bits.
-    nbits = int(min(8, max(1, np.floor(np.log2(max(len(sample), 2))))))
-    index = faiss.IndexIVFPQ(quantizer, dim, nlist, subquantizers(dim), nbits, faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexIVFPQ(quantizer, dim, nlist, subquantizers(dim), pq_bits(len(sample)),
+                             faiss.METRIC_INNER_PRODUCT)
     index.by_residual = False
-    index.pq.cp.min_points_per_centroid = 1  # small levels: quiet; re-ranking makes up for coarse codebooks
-    if len(sample) < 2:  # one row cannot make the two centroids of a 1-bit codebook
-        sample = np.repeat(sample, 2, axis=0)
-    index.pq.train(np.ascontiguousarray(sample, dtype=np.float32))  # not index.train: no k-means of lists
+    train_pq(index.pq, sample)  # not index.train: no k-means of lists
     return index
 
 
