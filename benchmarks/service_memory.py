@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import REPO, BenchRun, Report, benchmark_parser, markdown_table, run_benchmark
+from pipelines.serving import serving_subprocess
 
 NAME = "service_memory"
 
@@ -57,25 +57,9 @@ def _rss(pid: int) -> dict[str, float]:
 def _measure(tree: Path, index: Path, png: bytes, a: argparse.Namespace) -> dict[str, object]:
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "geoindex", "serve", "--index", str(index), "--device", "cpu",
-                             "--port", str(port), "-k", "4", "-q"], cwd=tree, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError(f"server in {tree} did not start: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.3)
+    with serving_subprocess(index, cwd=tree, env=env, options=("--device", "cpu", "-k", "4", "-q"),
+                            timeout=120) as (base, proc):
         httpx.post(f"{base}/locate", files={"image": ("warm.png", _png(64))}, timeout=60)
         baseline = _rss(proc.pid)
         started = time.perf_counter()
@@ -86,11 +70,8 @@ def _measure(tree: Path, index: Path, png: bytes, a: argparse.Namespace) -> dict
         seconds = time.perf_counter() - started
         time.sleep(2.0)
         after = _rss(proc.pid)
-        return {"baseline_mb": baseline["VmRSS"], "peak_mb": after["VmHWM"], "after_mb": after["VmRSS"],
-                "statuses": sorted(set(codes)), "answered": codes.count(200), "seconds": seconds}
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    return {"baseline_mb": baseline["VmRSS"], "peak_mb": after["VmHWM"], "after_mb": after["VmRSS"],
+            "statuses": sorted(set(codes)), "answered": codes.count(200), "seconds": seconds}
 
 
 def _png(side: int) -> bytes:

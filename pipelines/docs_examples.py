@@ -21,17 +21,15 @@ Nothing is written unless every requested example ran: a failed command leaves t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from typing import Any
 from geoindex.errors import ConfigError
 from geoindex.files import atomic_write_bytes
 from pipelines._cli import pipeline_main
+from pipelines.serving import serving_subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 # The photos the examples show, under short names (file in --photos -> name in the transcript).
@@ -54,7 +53,7 @@ class Config:
     index: Path = ROOT / "indexes" / "demo"
     photos: Path = ROOT.parent / "shared" / "data" / "photos"
     skip: tuple[str, ...] = ()
-    quiet: bool = False
+    quiet: bool = False  # pipeline_main's logging: the examples print only their transcripts
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -125,38 +124,10 @@ def _json_line(value: Any) -> str:
     return text.replace('"[...]"', "[...]").replace('"{...}"', "{...}")
 
 
-@contextlib.contextmanager
-def _serving(cwd: Path) -> Iterator[str]:
-    """``geoindex serve --index indexes/demo`` on a free port, until the block ends."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "geoindex", "serve", "--index", "indexes/demo", "--port",
-                               str(port)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        import requests
-
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if requests.get(f"{base}/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise ConfigError(f"geoindex serve did not start:\n{server.stderr.read() if server.stderr else ''}")
-            time.sleep(0.5)
-        yield base
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def _serve_example(cwd: Path, cfg: Config) -> str:
+def _serve_example(cwd: Path) -> str:
     import requests
 
-    with _serving(cwd) as base:
+    with serving_subprocess("indexes/demo", cwd=cwd) as (base, _):
         health = requests.get(f"{base}/health", timeout=30).json()
         with open(cwd / "photos" / "berlin.jpg", "rb") as f:
             answer = requests.post(f"{base}/locate", files={"image": ("berlin.jpg", f)}, data={"top_n": "2"},
@@ -170,7 +141,7 @@ def _serve_example(cwd: Path, cfg: Config) -> str:
             f"{_json_line(abbreviate(answer, keep=('exif', 'radius_km', 'tile', 'bbox')))}\n")
 
 
-def _demo_example(cwd: Path, cfg: Config) -> str:
+def _demo_example(cwd: Path) -> str:
     """``make demo``'s transcript: the demo built into a scratch index (the one the examples use stays)."""
     argv = [sys.executable, "-m", "pipelines.demo", "--index", str(cwd / "demo-index"), "--quiet"]
     done = subprocess.run(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
@@ -180,11 +151,11 @@ def _demo_example(cwd: Path, cfg: Config) -> str:
         done.stdout.replace(str(cwd / "demo-index"), "indexes/demo")
 
 
-EXAMPLES: dict[str, Callable[[Path, Config], str]] = {
-    "locate-one": lambda cwd, cfg: _run(cwd, "geoindex locate photos/berlin.jpg --index indexes/demo --top-n 3"),
-    "locate-folder": lambda cwd, cfg: _run(cwd, "geoindex locate photos/ --index indexes/demo --top-n 1",
-                                           exit_status=True),
-    "locate-bbox": lambda cwd, cfg: _run(
+EXAMPLES: dict[str, Callable[[Path], str]] = {
+    "locate-one": lambda cwd: _run(cwd, "geoindex locate photos/berlin.jpg --index indexes/demo --top-n 3"),
+    "locate-folder": lambda cwd: _run(cwd, "geoindex locate photos/ --index indexes/demo --top-n 1",
+                                      exit_status=True),
+    "locate-bbox": lambda cwd: _run(
         cwd, "geoindex locate photos/berlin.jpg --index indexes/demo --top-n 3 --bbox -12 34 35 72"),
     "serve": _serve_example,
     "demo": _demo_example,
@@ -222,7 +193,7 @@ def run(cfg: Config) -> int:
         outputs = {}
         for name in wanted:
             started = time.perf_counter()
-            outputs[name] = EXAMPLES[name](cwd, cfg).replace(tmp, ".").replace(f"{ROOT}/", "")
+            outputs[name] = EXAMPLES[name](cwd).replace(tmp, ".").replace(f"{ROOT}/", "")
             print(f"example {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
         atomic_write_bytes(cfg.readme, replace_blocks(readme, outputs).encode("utf-8"))
         print(f"wrote {len(outputs)} examples to {cfg.readme}", file=sys.stderr)
