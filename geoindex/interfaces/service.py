@@ -485,10 +485,10 @@ class _Options:
 
 @dataclasses.dataclass(frozen=True)
 class _Found:
-    """One photo's result, its EXIF GPS position, and when its reading, encoding and search ended."""
+    """One photo's result (its EXIF GPS position in ``result.exif``), and when its reading, encoding and search
+    ended."""
 
     result: SearchResult
-    gps: tuple[float, float] | None
     marks: tuple[float, float, float]
 
 
@@ -527,7 +527,7 @@ class _Locator:
             xq, gps = self._embed(upload, name, data, searcher, options.ignore_exif)
             encoded_s = time.perf_counter()
             result = self._search(name, searcher, xq, options)
-            found = _Found(result, gps, (read_s, encoded_s, time.perf_counter()))
+            found = _Found(dataclasses.replace(result, exif=gps), (read_s, encoded_s, time.perf_counter()))
             return then(found), found
 
     @contextlib.contextmanager
@@ -581,11 +581,11 @@ class _Locator:
 
     def _record(self, found: _Found, data: bytes, options: _Options) -> dict[str, Any]:
         """The JSON answer of one photo, with the file formats it asked for (their times in ``_drawn_ms``)."""
-        out = result_to_dict(found.result, exif=found.gps, top_n=options.top_n, trace=True)
-        if found.gps is not None:
-            out["exif"]["in_coverage"] = self.served.covers(found.gps)
+        out = result_to_dict(found.result, top_n=options.top_n, trace=True)
+        if found.result.exif is not None:
+            out["exif"]["in_coverage"] = self.served.covers(found.result.exif)
         out["k"] = options.k
-        inputs = FileInputs(exif=[found.gps], photos=[data], imagery=self.served.imagery)
+        inputs = FileInputs(photos=[data], imagery=self.served.imagery)
         drawn: dict[str, float] = {}
         for fmt in options.include:
             began = time.perf_counter()
@@ -613,7 +613,7 @@ class _Locator:
                         raise
                     writer.failure(upload.filename or "upload", str(e.detail))
                     continue
-                writer.result(found.result, found.gps)
+                writer.result(found.result)
             writer.close()
             return out.getvalue().encode()
         if fmt.per_result:  # one photo, drawn inside its decode slot (a map decodes the upload again)
@@ -626,7 +626,7 @@ class _Locator:
 
     def _encoded(self, fmt: OutputFormat, found_all: list[_Found], photos: list[bytes]) -> bytes:
         """The file of ``fmt`` for the photos found; 503 when its imagery cannot be read."""
-        inputs = FileInputs(exif=[f.gps for f in found_all], photos=photos, imagery=self.served.imagery)
+        inputs = FileInputs(photos=photos, imagery=self.served.imagery)
         assert fmt.encode is not None
         try:
             return fmt.encode([f.result for f in found_all], inputs).data
