@@ -497,7 +497,6 @@ class _Locator:
 
     def __init__(self, served: _Served) -> None:
         self.served = served
-        self.limits = served.limits
 
     def answer(self, upload: UploadFile, data: bytes, searcher: Any, options: _Options,
                started: float) -> dict[str, Any]:
@@ -532,14 +531,14 @@ class _Locator:
 
     @contextlib.contextmanager
     def _slot(self, data: bytes) -> Iterator[None]:
-        if not self.served.slots.acquire(timeout=self.limits.busy_timeout_s):
-            raise HTTPException(503, f"busy: {self.limits.max_concurrent} photos are being decoded and encoded; "
+        if not self.served.slots.acquire(timeout=self.served.limits.busy_timeout_s):
+            raise HTTPException(503, f"busy: {self.served.limits.max_concurrent} photos are being decoded and encoded; "
                                      "retry shortly", headers={"Retry-After": "1"})
         pixels = _declared_pixels(data)
         try:
             yield
         finally:
-            if _TRIM_AFTER_PIXELS <= pixels <= self.limits.max_pixels:
+            if _TRIM_AFTER_PIXELS <= pixels <= self.served.limits.max_pixels:
                 # Each request thread frees its decode buffers into its own malloc arena, where they stay:
                 # without this, 8 threads each keep their largest image's memory after the burst.
                 _trim_heap()
@@ -550,7 +549,7 @@ class _Locator:
         """The photo's embedding and EXIF GPS position; HTTPException 400 or 413 when it cannot be read."""
         gps = None
         try:
-            photo = load_image(data, max_pixels=self.limits.max_pixels)
+            photo = load_image(data, max_pixels=self.served.limits.max_pixels)
             xq = searcher.embed([photo])
             del photo
             if not ignore_exif:
@@ -649,7 +648,8 @@ _LOCATE_RESPONSES: dict[int | str, dict[str, Any]] = {
 def _add_locate_routes(app: FastAPI, locator: _Locator) -> None:
     """``POST /locate`` (the JSON answer, with ``include_<format>`` for each file format) and
     ``POST /locate/{format}`` (the answer in any registered format)."""
-    served, limits = locator.served, locator.limits
+    served = locator.served
+    limits = served.limits
     includes = {f"include_{f.name}": f for f in file_formats()}
 
     def prepare(image: list[UploadFile], bbox: str | None) -> Any:
