@@ -21,11 +21,9 @@ import functools
 import io
 import logging
 import math
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -33,7 +31,7 @@ import torch
 from PIL import Image
 
 from geoindex.errors import ImageError
-from geoindex.imagery import DEFAULT_MAX_SIDE, MAX_IMAGE_PIXELS, ImageInput, check_image_path
+from geoindex.imagery import DEFAULT_MAX_SIDE, MAX_IMAGE_PIXELS, ImageInput, read_image_bytes
 
 __all__ = ["JpegHeader", "KeepJpeg", "can_decode_on", "decode_jpegs", "decode_photos", "is_jpeg",
            "orient", "read_header", "thumbnail_size"]
@@ -209,14 +207,11 @@ def decode_photos(images: Sequence[ImageInput], device: torch.device | str) -> l
     datas: list[bytes] = []
     where: list[int] = []
     for i, im in enumerate(images):
-        data: bytes | None = im if isinstance(im, bytes) else None
-        if isinstance(im, (str, os.PathLike)):
-            try:
-                check_image_path(Path(im))
-                data = Path(im).read_bytes()
-            except (ImageError, OSError):
-                data = None
-        if data is not None and is_jpeg(data):
+        try:
+            data = read_image_bytes(im)
+        except ImageError:
+            continue  # the host path names what is wrong with the file
+        if isinstance(data, bytes) and is_jpeg(data):
             datas.append(data)
             where.append(i)
     out: list[torch.Tensor | None] = [None] * len(images)
