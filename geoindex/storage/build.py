@@ -49,6 +49,7 @@ from geoindex.storage.store import (
     FAISS_FILE,
     FIRST_LEVEL_CODEC,
     VectorHome,
+    column_to_numpy,
     drop_embeddings,
     finish_level,
     level_dir,
@@ -401,13 +402,13 @@ def _shard_problem(
         except GeoIndexError as e:
             return str(e)
         assert home is not None
-        if not home.exact:
-            return f"its vectors are kept only as {home.codec} codes, which do not give the embeddings back"
+        if home.not_exact:
+            return home.not_exact
         if faiss_sha() != home.sha256:
             return f"its vectors were in a {FAISS_FILE} that is missing or was replaced since"
-    sx = table.column("x").to_numpy().astype(np.int64)
-    sy = table.column("y").to_numpy().astype(np.int64)
-    sp = table.column("parent_row").to_numpy().astype(np.int64)
+    sx = column_to_numpy(table.column("x")).astype(np.int64)
+    sy = column_to_numpy(table.column("y")).astype(np.int64)
+    sp = column_to_numpy(table.column("parent_row")).astype(np.int64)
     # The shard must hold planned rows of its slice, in plan order (tiles the source lacks left out).
     planned = tile_code_array(x, y, zoom=zoom)
     order = np.argsort(planned, kind="stable")

@@ -257,6 +257,12 @@ class VectorHome:
         """The FAISS file gives these vectors back unchanged, so a rebuild may read them from it."""
         return get_codec(self.codec).exact
 
+    @property
+    def not_exact(self) -> str | None:
+        """Why these vectors cannot be read back as embeddings (a lossy codec's codes), or None when they can."""
+        return None if self.exact else f"its vectors are kept only as {self.codec} codes, which do not give the " \
+            "embeddings back"
+
 
 def shard_vectors(shard: Path) -> npt.NDArray[np.float16] | npt.NDArray[np.float32]:
     """The (n, d) vectors of one shard's rows, wherever they are kept.
@@ -364,10 +370,9 @@ def level_embeddings(index_dir: Path, zoom: int, *, opened: StoredLevel | None =
 def _iter_level(index_dir: Path, zoom: int) -> Iterator[tuple[npt.NDArray[np.float32], np.ndarray]]:
     for shard in list_shards(index_dir, zoom):
         home = VectorHome.of(shard)
-        if home is not None and not home.exact:
-            raise IndexFormatError(
-                f"{shard}: its vectors are kept only as {home.codec} codes, which do not give the embeddings back; "
-                f"re-encode level z{zoom} (`python -m pipelines.build_index --zoom {zoom} --overwrite`)")
+        if home is not None and home.not_exact:
+            raise IndexFormatError(f"{shard}: {home.not_exact}; re-encode level z{zoom} "
+                                   f"(`python -m pipelines.build_index --zoom {zoom} --overwrite`)")
         emb = shard_vectors(shard).astype(np.float32)
         parents = column_to_numpy(_read_shard(shard, ["parent_row"]).column("parent_row"))
         yield emb, parents
